@@ -1,0 +1,323 @@
+"""QueueStore: durable insert, leasing, outcomes, the `queue` commands' views; queue IDs."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trio_mta.queue.ids import host_tag_for, is_queue_id, new_queue_id
+from trio_mta.queue.store import (
+    NewMessage,
+    NewRecipient,
+    QueueError,
+    QueueStore,
+    RecipientUpdate,
+)
+
+NOW = 1_800_000_000.0
+DATA = b"Received: from client\r\nSubject: hello\r\n\r\nbody line\r\n"
+
+
+def local(name: str, domain: str = "example.test") -> NewRecipient:
+    return NewRecipient(f"{name}@{domain}", f"{name}@{domain}", name)
+
+
+def remote(address: str) -> NewRecipient:
+    return NewRecipient(address, address, None)
+
+
+def message(*rcpts: NewRecipient, sender: str = "s@example.org", data: bytes = DATA) -> NewMessage:
+    return NewMessage(sender, rcpts, data, {"client": "192.0.2.1", "helo": "client.test"})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[QueueStore]:
+    s = QueueStore(tmp_path / "state" / "queue.sqlite3")
+    yield s
+    s.close()
+
+
+# -- queue IDs ---------------------------------------------------------------------
+
+
+def test_queue_ids_are_unique_sorted_and_safe() -> None:
+    tag = host_tag_for("mx1.example.org")
+    ids = [new_queue_id(tag) for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    for qid in ids[:50]:
+        assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{12}-[0-9A-Z]{4}", qid)
+        assert is_queue_id(qid)
+    assert not is_queue_id("../etc/passwd")
+
+
+def test_host_tag_is_stable_and_differs_between_hosts() -> None:
+    assert host_tag_for("MX1.example.org") == host_tag_for("mx1.example.org")
+    assert host_tag_for("mx1.example.org") != host_tag_for("mx2.example.org")
+    assert new_queue_id("AB12").endswith("-AB12")
+    with pytest.raises(ValueError):
+        new_queue_id("a/b")
+
+
+# -- insert / due / leases -----------------------------------------------------------
+
+
+def test_insert_is_visible_to_a_separate_connection_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    store = QueueStore(path)
+    store.insert([("ID1", message(local("alice"), remote("bob@remote.test")))], now=NOW)
+    # Another process (the CLI) reads through its own connection while the server runs.
+    other = QueueStore(path, readonly=True)
+    assert [row["id"] for row in other.list_messages()] == ["ID1"]
+    other.close()
+    store.close()
+    reopened = QueueStore(path)
+    assert reopened.data("ID1") == DATA
+    (mode,) = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()
+    assert mode == "wal"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    reopened.close()
+
+
+def test_insert_is_one_durable_transaction_per_batch(store: QueueStore) -> None:
+    batch = [(f"ID{i}", message(local("alice"))) for i in range(20)]
+    store.insert(batch, now=NOW)
+    assert store.durable_commits == 1
+    assert len(store.list_messages()) == 20
+
+
+def test_failed_insert_stores_nothing(store: QueueStore) -> None:
+    store.insert([("DUP", message(local("alice")))], now=NOW)
+    with pytest.raises(QueueError):
+        store.insert([("NEW", message(local("bob"))), ("DUP", message(local("carol")))], now=NOW)
+    assert [row["id"] for row in store.list_messages()] == ["DUP"]
+
+
+def test_due_returns_fields_filters_by_kind_and_leases(store: QueueStore) -> None:
+    store.insert([("M1", message(local("alice"), remote("bob@remote.test")))], now=NOW)
+    assert store.due(NOW - 1, 10) == []  # not due before it was received
+    (lr,) = store.due(NOW, 10, local=True)
+    assert (lr.message_id, lr.address, lr.mailbox, lr.sender, lr.attempts, lr.received_at) == (
+        "M1",
+        "alice@example.test",
+        "alice",
+        "s@example.org",
+        0,
+        NOW,
+    )
+    # Leased: not handed out again, neither by kind nor unfiltered.
+    assert store.due(NOW, 10, local=True) == []
+    (rr,) = store.due(NOW, 10)
+    assert rr.mailbox is None and rr.address == "bob@remote.test"
+    assert store.due(NOW, 10) == []
+    assert store.next_due() is None
+    store.release([lr.rcpt_id, rr.rcpt_id])
+    assert {r.rcpt_id for r in store.due(NOW, 10)} == {lr.rcpt_id, rr.rcpt_id}
+
+
+def test_due_respects_limit_and_order(store: QueueStore) -> None:
+    store.insert([(f"M{i}", message(local("alice"))) for i in range(5)], now=NOW)
+    first = store.due(NOW, 2)
+    second = store.due(NOW, 10)
+    assert len(first) == 2 and len(second) == 3
+    assert {r.rcpt_id for r in first}.isdisjoint(r.rcpt_id for r in second)
+
+
+def test_bodies_are_read_once_per_message(store: QueueStore) -> None:
+    store.insert([("A", message(local("x"), local("y"))), ("B", message(local("z")))], now=NOW)
+    bodies = store.data_many(["A", "A", "B", "GONE"])
+    assert bodies == {"A": DATA, "B": DATA}
+    with pytest.raises(KeyError):
+        store.data("GONE")
+
+
+# -- outcomes ------------------------------------------------------------------------
+
+
+def test_defer_records_error_attempt_and_next_time(store: QueueStore) -> None:
+    store.insert([("M1", message(remote("bob@remote.test")))], now=NOW)
+    (r,) = store.due(NOW, 10)
+    store.defer(r.rcpt_id, now=NOW + 5, next_attempt=NOW + 600, error="451 4.3.0 try later")
+    assert store.due(NOW + 599, 10) == []
+    assert store.next_due() == NOW + 600
+    (again,) = store.due(NOW + 600, 10)
+    assert again.attempts == 1
+    (row,) = store.list_messages()
+    assert row["recipients"] == [
+        {
+            "address": "bob@remote.test",
+            "status": "deferred",
+            "attempts": 1,
+            "next_attempt": "2027-01-15T08:10:00Z",
+            "last_error": "451 4.3.0 try later",
+        }
+    ]
+
+
+def test_list_json_shape_is_spec_8(store: QueueStore) -> None:
+    store.insert([("M1", message(local("alice"), remote("bob@remote.test")))], now=NOW)
+    rows = store.list_messages()
+    assert json.loads(json.dumps(rows)) == [
+        {
+            "id": "M1",
+            "sender": "s@example.org",
+            "received_at": "2027-01-15T08:00:00Z",
+            "size": len(DATA),
+            "recipients": [
+                {
+                    "address": "alice@example.test",
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt": "2027-01-15T08:00:00Z",
+                    "last_error": None,
+                },
+                {
+                    "address": "bob@remote.test",
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt": "2027-01-15T08:00:00Z",
+                    "last_error": None,
+                },
+            ],
+        }
+    ]
+
+
+def test_fully_delivered_message_is_purged_at_once(store: QueueStore) -> None:
+    store.insert([("M1", message(local("a"), local("b"))), ("M2", message(local("c")))], now=NOW)
+    rcpts = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
+    store.mark_delivered([rcpts["a@example.test"]], now=NOW, detail="2.0.0 ok")
+    (row,) = [r for r in store.list_messages() if r["id"] == "M1"]
+    assert [(r["status"], r["next_attempt"]) for r in row["recipients"]] == [
+        ("delivered", None),
+        ("pending", "2027-01-15T08:00:00Z"),
+    ]
+    store.mark_delivered(
+        [rcpts["b@example.test"], rcpts["c@example.test"]], now=NOW, detail="2.0.0 ok"
+    )
+    assert store.list_messages() == []
+    assert store.show("M1") is None
+    assert store.data_many(["M1", "M2"]) == {}
+
+
+def test_failed_recipients_stay_until_purged(store: QueueStore) -> None:
+    store.insert([("M1", message(local("a"), remote("x@remote.test")))], now=NOW)
+    rcpts = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
+    store.update(
+        [
+            RecipientUpdate(rcpts["a@example.test"], "delivered", "2.0.0 ok"),
+            RecipientUpdate(rcpts["x@remote.test"], "failed", "550 5.1.1 no such user"),
+        ],
+        now=NOW + 1,
+    )
+    assert store.list_messages() == []  # every recipient is delivered or failed
+    info = store.show("M1")
+    assert info is not None
+    assert [r["status"] for r in info["recipients"]] == ["delivered", "failed"]
+    assert store.purge_finished(keep_failed=True) == 0
+    assert store.purge_finished() == 1
+    assert store.show("M1") is None
+
+
+def test_update_releases_leases_and_ignores_deleted_messages(store: QueueStore) -> None:
+    store.insert([("M1", message(local("a"))), ("M2", message(local("b")))], now=NOW)
+    due = {r.message_id: r for r in store.due(NOW, 10)}
+    assert store.leased == 2
+    assert store.delete("M2")
+    store.update(
+        [
+            RecipientUpdate(due["M1"].rcpt_id, "deferred", "4.2.0 busy", NOW + 1),
+            RecipientUpdate(due["M2"].rcpt_id, "delivered", "2.0.0 ok"),
+        ],
+        now=NOW,
+    )
+    assert store.leased == 0
+    assert [r.message_id for r in store.due(NOW + 1, 10)] == ["M1"]
+    with pytest.raises(ValueError):
+        store.update([RecipientUpdate(due["M1"].rcpt_id, "deferred", "x")], now=NOW)
+
+
+# -- administration ----------------------------------------------------------------
+
+
+def test_flush_makes_deferred_due_now(store: QueueStore) -> None:
+    store.insert([("M1", message(local("a"))), ("M2", message(remote("b@remote.test")))], now=NOW)
+    for r in store.due(NOW, 10):
+        store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600, error="4.4.1 no answer")
+    assert store.due(NOW + 10, 10) == []
+    assert store.flush("M1", now=NOW + 10) == 1
+    assert [r.message_id for r in store.due(NOW + 10, 10)] == ["M1"]
+    assert store.flush(now=NOW + 20, local=False) == 1
+    assert [r.message_id for r in store.due(NOW + 20, 10)] == ["M2"]
+    assert store.flush("NOPE", now=NOW) == 0
+
+
+def test_flush_from_another_connection_is_seen(tmp_path: Path, store: QueueStore) -> None:
+    store.insert([("M1", message(local("a")))], now=NOW)
+    (r,) = store.due(NOW, 10)
+    store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600, error="4.2.0 locked")
+    cli = QueueStore(store.path)
+    assert cli.flush(now=NOW + 1) == 1
+    cli.close()
+    assert store.next_due() == NOW + 1
+    assert len(store.due(NOW + 1, 10)) == 1
+
+
+def test_delete(store: QueueStore) -> None:
+    store.insert([("M1", message(local("a")))], now=NOW)
+    assert store.delete("M1") is True
+    assert store.delete("M1") is False
+    assert store.list_messages() == []
+    assert store.due(NOW, 10) == []
+
+
+def test_show_has_envelope_history_and_headers(store: QueueStore) -> None:
+    store.insert(
+        [("M1", message(NewRecipient("alice@example.test", "postmaster@example.test", "alice")))],
+        now=NOW,
+    )
+    (r,) = store.due(NOW, 10)
+    store.defer(r.rcpt_id, now=NOW + 1, next_attempt=NOW + 60, error="4.2.0 mailbox busy")
+    info = store.show("M1")
+    assert info is not None
+    assert info["sender"] == "s@example.org"
+    assert info["meta"] == {"client": "192.0.2.1", "helo": "client.test"}
+    assert info["headers"] == "Received: from client\nSubject: hello\n"
+    (rcpt,) = info["recipients"]
+    assert rcpt["original"] == "postmaster@example.test"
+    assert rcpt["mailbox"] == "alice"
+    assert rcpt["history"] == [
+        {"at": "2027-01-15T08:00:01Z", "outcome": "deferred", "detail": "4.2.0 mailbox busy"}
+    ]
+    assert store.show("NOPE") is None
+
+
+def test_readonly_store_refuses_writes_and_missing_database(tmp_path: Path) -> None:
+    with pytest.raises(QueueError):
+        QueueStore(tmp_path / "absent.sqlite3", readonly=True)
+    QueueStore(tmp_path / "q.sqlite3").close()
+    ro = QueueStore(tmp_path / "q.sqlite3", readonly=True)
+    with pytest.raises(QueueError):
+        ro.insert([("M1", message(local("a")))], now=NOW)
+    assert ro.list_messages() == []
+    ro.close()
+
+
+def test_locked_database_is_a_queue_error(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    store = QueueStore(path, busy_timeout=0.05)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(QueueError, match="locked"):
+        store.insert([("M1", message(local("a")))], now=NOW)
+    blocker.execute("ROLLBACK")
+    store.insert([("M1", message(local("a")))], now=NOW)
+    assert len(store.list_messages()) == 1
+    blocker.close()
+    store.close()
