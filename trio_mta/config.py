@@ -229,7 +229,7 @@ class Config:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
         """Read and check a TOML file; relative paths in it resolve against its folder."""
-        source = Path(path).absolute()
+        source = Path(os.path.abspath(path))  # lexical: "../etc/mta.toml" -> "/x/etc/mta.toml"
         try:
             data = tomllib.loads(source.read_bytes().decode("utf-8"))
         except OSError as exc:
@@ -244,7 +244,7 @@ class Config:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path) -> Config:
         """Check an already parsed TOML document; relative paths resolve against *base_dir*."""
-        return _Loader(base_dir.absolute()).load(data)
+        return _Loader(Path(os.path.abspath(base_dir))).load(data)
 
     @classmethod
     def default(cls) -> Config:
@@ -294,9 +294,9 @@ class Config:
                 errors.append(f"--log-level: {exc}, got {show(log_level)}")
         if log_file is not None:
             log = changes.get("log", self.log)
-            changes["log"] = dataclasses.replace(log, file=Path(log_file).absolute())
+            changes["log"] = dataclasses.replace(log, file=Path(os.path.abspath(log_file)))
         if state_dir is not None:
-            new_state = Path(state_dir).absolute()
+            new_state = Path(os.path.abspath(state_dir))
             changes["state_dir"] = new_state
             if "maildir_root" in self._derived:
                 changes["local"] = dataclasses.replace(self.local, maildir_root=new_state / "mail")

@@ -131,17 +131,18 @@ class MailMaps:
         least one target: a loop of aliases that are not mailboxes would silently eat mail."""
         for key, members in self.aliases.items():
             label = self.alias_names[key]
-            for member in members:
-                problem = self.undeliverable(member)
-                if problem:
-                    self.errors.append(f"{label}: {show(member)} {problem}")
+            problems = [(m, p) for m in members if (p := self.undeliverable(m)) is not None]
+            for member, problem in problems:
+                self.errors.append(f"{label}: {show(member)} {problem}")
+            if problems:
+                continue
             try:
                 finals = expand_aliases(key, self.aliases)
             except AliasExpansionError as exc:
                 self.errors.append(f"{label}: {exc}")
                 continue
             if not any(self.delivers(final) for final in finals):
-                self.errors.append(f"{label}: expands to no mailbox or remote address (a loop)")
+                self.errors.append(f"{label}: expands to no mailbox or remote address")
 
     def delivers(self, final: str) -> bool:
         """Whether a final address (after expansion) gets a copy: remote, or a mailbox."""
