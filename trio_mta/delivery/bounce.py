@@ -52,7 +52,7 @@ _SUBJECTS = {
 _DETAILS = {
     "1.1": "bad destination mailbox address",
     "1.2": "bad destination system address",
-    "1.10": "recipient domain does not accept mail (null MX)",  # RFC 7505 §4.2
+    "1.10": "recipient domain does not accept mail (null MX)",  # RFC 7505 (null MX)
     "2.2": "mailbox full",
     "3.4": "message too big for system",
     "4.1": "no answer from host",
