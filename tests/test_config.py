@@ -7,6 +7,7 @@ import os
 import textwrap
 from ipaddress import ip_network
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -219,6 +220,11 @@ def test_spec_example_loads_with_paths_relative_to_the_file(
     for section in ("relay", "dns", "queue", "limits", "metrics"):
         assert getattr(config, section) == getattr(defaults, section), section
     assert config.log == defaults.log
+
+
+def test_from_mapping_accepts_any_mapping() -> None:
+    data = MappingProxyType({"limits": MappingProxyType({"max_recipients": 5})})
+    assert Config.from_mapping(data, base_dir=BASE).limits.max_recipients == 5
 
 
 def test_absolute_paths_stay_absolute(tmp_path: Path) -> None:

@@ -366,7 +366,7 @@ class _Loader:
     def _listen(self, raw: Any) -> tuple[ListenConfig, ...]:
         if raw is None:
             return DEFAULT_LISTENERS
-        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
             self.errors.append(f"listen: must be an array of [[listen]] tables, got {show(raw)}")
             return ()
         listeners: list[ListenConfig] = []

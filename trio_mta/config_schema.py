@@ -35,7 +35,7 @@ def show(value: object) -> str:
         return repr(value)
     if isinstance(value, list):
         return "an array"
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return "a table"
     return str(value)
 
@@ -221,7 +221,7 @@ class Table:
         self.used: set[str] = set()
         if data is None:
             data = {}
-        elif not isinstance(data, dict):
+        elif not isinstance(data, Mapping):
             self.errors.append(f"{label or 'the configuration'}: must be a table, got {show(data)}")
             data = {}
         self.data: Mapping[str, Any] = data
