@@ -79,11 +79,15 @@ class ListenConfig:
     @classmethod
     def parse(cls, text: str) -> ListenConfig:
         """``ADDR:PORT[/MODE]`` as ``serve --listen`` takes it; raises :class:`ValueError`."""
-        address, slash, mode = text.rpartition("/") if "/" in text else (text, "", "smtp")
-        if slash and mode not in _MODES:
-            raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {show(mode)}")
+        address, slash, mode = text.rpartition("/")
+        if not slash:
+            address, mode = text, "smtp"
+        try:
+            checked = schema.choice(_MODES)(mode)
+        except ValueError as exc:
+            raise ValueError(f"mode {exc}, got {show(mode)}") from None
         host, port = schema.parse_host_port(address)
-        return cls(host, port, schema.choice(_MODES)(mode))
+        return cls(host, port, checked)
 
     def describe(self) -> str:
         return f"{self.address} {self.mode} ({_LISTEN_NOTES[self.mode]})"
