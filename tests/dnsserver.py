@@ -1,0 +1,251 @@
+"""A small authoritative DNS server on 127.0.0.1 for tests (UDP and TCP, same port).
+
+It runs in a daemon thread with plain sockets, so it answers trio tests in this
+process and MTA subprocesses alike, and it speaks real DNS wire format through
+dnspython, so the resolver under test is exercised end to end. Failure modes a
+test needs on demand: SERVFAIL for a name, and silence (timeouts) for a name.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import struct
+import threading
+from types import TracebackType
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from dns.rdtypes.ANY.CNAME import CNAME
+
+TTL = 60
+MAX_CNAME_CHAIN = 8
+_UDP_PLAIN_LIMIT = 512  # RFC 1035 §4.2.1: UDP size without EDNS
+
+
+class DnsServer:
+    """Serves a table of records; names are case-insensitive, the final dot optional.
+
+    A name exists when it owns records or lies above one that does (an empty
+    non-terminal, RFC 8020): other names get NXDOMAIN, an existing name without the
+    asked type gets NOERROR with an empty answer. A CNAME answers every type but
+    CNAME, followed by the target's records when the target is in the table.
+    """
+
+    def __init__(self, records: dict[str, list[tuple[str, str]]] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[dns.name.Name, list[tuple[dns.rdatatype.RdataType, str]]] = {}
+        self._servfail: set[dns.name.Name] = set()
+        self._blackhole: set[dns.name.Name] = set()
+        self.queries: list[tuple[str, str]] = []
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+        self._stopping = False
+        for name, entries in (records or {}).items():
+            for rdtype, rdata in entries:
+                self.add(name, rdtype, rdata)
+
+    # --- the table -------------------------------------------------------------
+
+    def add(self, name: str, rdtype: str, rdata: str) -> None:
+        """Add one record; bad rdata fails here, in the test, not in the server thread."""
+        owner = dns.name.from_text(name)
+        kind = dns.rdatatype.from_text(rdtype)
+        dns.rrset.from_text(owner, TTL, dns.rdataclass.IN, kind, rdata)
+        with self._lock:
+            self._records.setdefault(owner, []).append((kind, rdata))
+
+    def servfail(self, name: str) -> None:
+        """Answer SERVFAIL to every question about *name*."""
+        with self._lock:
+            self._servfail.add(dns.name.from_text(name))
+
+    def blackhole(self, name: str) -> None:
+        """Never answer questions about *name*, so the client times out."""
+        with self._lock:
+            self._blackhole.add(dns.name.from_text(name))
+
+    # --- life cycle --------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Bind UDP and TCP on one free loopback port and start serving."""
+        udp, tcp = _bind_pair()
+        self.address = ("127.0.0.1", udp.getsockname()[1])
+        self._wake = socket.socketpair()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._serve, args=(udp, tcp, self._wake[1]), name="DnsServer", daemon=True
+        )
+        self._thread.start()
+        return self.address
+
+    def stop(self) -> None:
+        if self._thread is None or self._wake is None:
+            return
+        self._stopping = True
+        self._wake[0].send(b"x")
+        self._thread.join(timeout=5)
+        self._wake[0].close()
+        self._thread = None
+        self._wake = None
+
+    def __enter__(self) -> DnsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- answering ---------------------------------------------------------------
+
+    def answer(self, wire: bytes, *, udp: bool) -> bytes | None:
+        """The response to one query in wire format, or None to stay silent.
+
+        Over UDP an answer longer than the client's limit (512 bytes, or its EDNS
+        payload size) is truncated with TC set, so that the client retries over TCP.
+        """
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        if len(query.question) != 1:
+            response = dns.message.make_response(query)
+            response.set_rcode(dns.rcode.FORMERR)
+            return response.to_wire()
+        question = query.question[0]
+        qname, qtype = question.name, dns.rdatatype.RdataType(question.rdtype)
+        self.queries.append((qname.canonicalize().to_text(), qtype.name))
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        with self._lock:
+            if qname in self._blackhole:
+                return None
+            if qname in self._servfail:
+                response.set_rcode(dns.rcode.SERVFAIL)
+            else:
+                self._fill(response, qname, qtype)
+        # Records go out in the order they were added: dnspython would shuffle them
+        # (want_shuffle), which would hide whether the client itself shuffles.
+        if not udp:
+            return response.to_wire(max_size=65535, want_shuffle=False)
+        limit = max(_UDP_PLAIN_LIMIT, query.payload if query.edns >= 0 else 0)
+        return response.to_wire(max_size=limit, prefer_truncation=True, want_shuffle=False)
+
+    def _fill(
+        self, response: dns.message.Message, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
+    ) -> None:
+        """Answer section and rcode for qname/qtype; the caller holds the lock."""
+        name = qname
+        for _ in range(MAX_CNAME_CHAIN):
+            owned = self._records.get(name)
+            if owned is None:
+                if name == qname and not self._exists(name):
+                    response.set_rcode(dns.rcode.NXDOMAIN)
+                return
+            alias = [rdata for kind, rdata in owned if kind == dns.rdatatype.CNAME]
+            if alias and qtype != dns.rdatatype.CNAME:
+                cname = self._rrset(name, dns.rdatatype.CNAME, alias[:1])
+                response.answer.append(cname)
+                target = cname[0]
+                assert isinstance(target, CNAME)
+                name = target.target
+                continue
+            matching = [rdata for kind, rdata in owned if kind == qtype]
+            if matching:
+                response.answer.append(self._rrset(name, qtype, matching))
+            return
+
+    def _exists(self, name: dns.name.Name) -> bool:
+        return any(owner.is_subdomain(name) for owner in self._records)
+
+    @staticmethod
+    def _rrset(
+        name: dns.name.Name, rdtype: dns.rdatatype.RdataType, rdatas: list[str]
+    ) -> dns.rrset.RRset:
+        return dns.rrset.from_text(name, TTL, dns.rdataclass.IN, rdtype, *rdatas)
+
+    # --- the server thread -------------------------------------------------------
+
+    def _serve(self, udp: socket.socket, tcp: socket.socket, wake: socket.socket) -> None:
+        buffers: dict[socket.socket, bytes] = {}
+        with selectors.DefaultSelector() as selector:
+            selector.register(udp, selectors.EVENT_READ)
+            selector.register(tcp, selectors.EVENT_READ)
+            selector.register(wake, selectors.EVENT_READ)
+            try:
+                while not self._stopping:
+                    for key, _ in selector.select():
+                        sock = key.fileobj
+                        assert isinstance(sock, socket.socket)
+                        if sock is udp:
+                            self._udp_once(udp)
+                        elif sock is tcp:
+                            conn, _ = tcp.accept()
+                            buffers[conn] = b""
+                            selector.register(conn, selectors.EVENT_READ)
+                        elif sock is not wake and not self._tcp_once(sock, buffers):
+                            selector.unregister(sock)
+                            del buffers[sock]
+                            sock.close()
+            finally:
+                for sock in [udp, tcp, wake, *buffers]:
+                    sock.close()
+
+    def _udp_once(self, udp: socket.socket) -> None:
+        try:
+            wire, peer = udp.recvfrom(65535)
+        except OSError:
+            return
+        reply = self.answer(wire, udp=True)
+        if reply is not None:
+            udp.sendto(reply, peer)
+
+    def _tcp_once(self, conn: socket.socket, buffers: dict[socket.socket, bytes]) -> bool:
+        """Read what is there, answer every complete query (RFC 1035 §4.2.2 framing)."""
+        try:
+            chunk = conn.recv(65535)
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        data = buffers[conn] + chunk
+        while len(data) >= 2:
+            (length,) = struct.unpack("!H", data[:2])
+            if len(data) < 2 + length:
+                break
+            reply = self.answer(data[2 : 2 + length], udp=False)
+            data = data[2 + length :]
+            if reply is not None:
+                conn.sendall(struct.pack("!H", len(reply)) + reply)
+        buffers[conn] = data
+        return True
+
+
+def _bind_pair() -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same free port: a DNS server address is one port."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen(16)
+        return udp, tcp
+    raise OSError("no loopback port free for both UDP and TCP")
