@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trio_mta.queue.ids import host_tag_for, is_queue_id, new_queue_id
+from trio_mta.queue.report import format_list, format_show
 from trio_mta.queue.store import (
     NewMessage,
     NewRecipient,
@@ -321,3 +322,47 @@ def test_locked_database_is_a_queue_error(tmp_path: Path) -> None:
     assert len(store.list_messages()) == 1
     blocker.close()
     store.close()
+
+
+# -- `queue list` / `queue show` rendering ------------------------------------------------
+
+
+def test_format_list_json_is_the_store_rows(store: QueueStore) -> None:
+    store.insert([("M1", message(local("alice")))], now=NOW)
+    rows = store.list_messages()
+    assert json.loads(format_list(rows, json_output=True)) == rows
+    assert format_list([], json_output=True) == "[]"
+    assert format_list([], json_output=False) == "Mail queue is empty"
+
+
+def test_format_list_human_shows_status_retry_and_error(store: QueueStore) -> None:
+    store.insert([("M1", message(local("alice"), remote("bob@remote.test"), sender=""))], now=NOW)
+    due = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
+    store.defer(
+        due["bob@remote.test"], now=NOW, next_attempt=NOW + 600, error="451 4.3.0 try\x1b[2J later"
+    )
+    text = format_list(store.list_messages(), json_output=False, now=NOW + 300)
+    lines = text.splitlines()
+    assert lines[1].split() == ["M1", "5m", str(len(DATA)), "<>"]
+    assert "pending    <alice@example.test>  attempts 0, next retry now" in text
+    assert "deferred   <bob@remote.test>  attempts 1, next retry 2027-01-15T08:10:00Z (in 5m)" in (
+        text
+    )
+    assert "451 4.3.0 try\\x1b[2J later" in text  # no raw escape reaches the terminal
+    assert "\x1b" not in text
+    assert lines[-1] == f"-- 1 message, {len(DATA)} bytes, 2 recipients waiting"
+
+
+def test_format_show_has_envelope_history_and_headers(store: QueueStore) -> None:
+    rcpt = NewRecipient("alice@example.test", "postmaster@example.test", "alice")
+    store.insert([("M1", message(rcpt, remote("bob@remote.test")))], now=NOW)
+    due = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
+    store.fail(due["bob@remote.test"], now=NOW + 2, error="550 5.1.1 unknown user")
+    text = format_show(store.show("M1") or {}, now=NOW + 7200)
+    assert "Queue ID:  M1" in text
+    assert "Received:  2027-01-15T08:00:00Z (2h ago)" in text
+    assert "Client:    192.0.2.1" in text
+    assert "<alice@example.test>  (mailbox alice, for <postmaster@example.test>)" in text
+    assert "<bob@remote.test>  (remote)" in text
+    assert "2027-01-15T08:00:02Z  failed     550 5.1.1 unknown user" in text
+    assert text.endswith("Headers:\n  Received: from client\n  Subject: hello")

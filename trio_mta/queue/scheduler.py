@@ -1,0 +1,289 @@
+"""The scheduler: hands due recipients to delivery agents and records the outcomes.
+
+One loop task leases due recipients (so none is handed out twice), starts
+delivery batches in its nursery and goes on accepting wake-ups while they run.
+Local recipients go to the local agent in batches of up to `batch_size`, so the
+Maildir agent fsyncs files in parallel and each `new/` folder once per batch;
+remote ones go to the remote agent grouped by message and domain (one SMTP
+transaction each), at most `concurrency` at once.
+
+Outcomes: delivered; failed; deferred with exponential backoff
+(retry_initial * 2**(n-1), capped at retry_max, ±10% jitter so retries to one
+host spread out) until max_age, then failed with 4.4.7 (RFC 3463: delivery time
+expired). The last retry is scheduled at the expiry time itself, so a message
+gets its final attempt exactly at max_age rather than up to retry_max later.
+
+On start every undelivered recipient is made due (startup recovery; leases live
+in memory only). Besides `wake()`, the loop polls the database at least every
+`poll_interval` seconds, so `queue flush` from another process is seen.
+Cancellation leaves recipients pending or deferred: a result is recorded only
+after the agent returned it, and recording it is shielded so it is not lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar
+
+import trio
+
+from trio_mta import log
+from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate
+
+T = TypeVar("T")
+_REMOTE_FETCH_PER_SLOT = 8  # remote recipients looked at per free connection slot
+
+
+@dataclass(frozen=True)
+class DeliveryItem:
+    rcpt: DueRecipient
+    data: bytes  # shared between recipients of one message: fetched once per batch
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Literal["delivered", "deferred", "failed"]
+    detail: str  # reply text with enhanced status code, e.g. "451 4.3.0 try later"
+
+
+class DeliveryAgent(Protocol):
+    async def deliver(self, items: Sequence[DeliveryItem]) -> Sequence[Outcome]:
+        """Deliver each item; return one Outcome per item, in the same order."""
+        ...
+
+
+def backoff_delay(attempts: int, *, initial: float, maximum: float, rng: random.Random) -> float:
+    """Delay after the `attempts`-th failed attempt: initial * 2**(attempts-1), capped, ±10%."""
+    base = min(initial * 2.0 ** min(max(attempts - 1, 0), 64), maximum)
+    return min(base * rng.uniform(0.9, 1.1), maximum)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Scheduler:
+    """Runs deliveries; see the module doc."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        *,
+        local_agent: DeliveryAgent,
+        remote_agent: DeliveryAgent | None,
+        retry_initial: float,
+        retry_max: float,
+        max_age: float,
+        concurrency: int,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = 1.0,
+        batch_size: int = 128,
+        local_batches: int = 2,
+        limiter: trio.CapacityLimiter | None = None,
+        rng: random.Random | None = None,
+        store_in_threads: bool = True,
+    ) -> None:
+        if batch_size < 1 or local_batches < 1 or concurrency < 1:
+            raise ValueError("batch_size, local_batches and concurrency must be at least 1")
+        self.store = store
+        self.local_agent = local_agent
+        self.remote_agent = remote_agent
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.max_age = max_age
+        self.concurrency = concurrency
+        self.clock = clock  # unix time; tests pass a MockClock-based one
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.local_batches = local_batches
+        self.delivered = 0
+        self.deferred = 0
+        self.failed = 0
+        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(4)
+        self._rng = rng if rng is not None else random.Random()
+        # False runs store calls in the trio thread: for tests under an autojump
+        # MockClock, where time would race ahead while a worker thread runs.
+        self._store_in_threads = store_in_threads
+        self._wakeup = trio.Event()
+        self._local_active = 0
+        self._remote_active = 0
+
+    def wake(self) -> None:
+        """Look for due work now (new mail committed, flush requested). Trio thread only."""
+        self._wakeup.set()
+
+    async def _thread(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        call = functools.partial(fn, *args, **kwargs)
+        if not self._store_in_threads:
+            await trio.lowlevel.checkpoint()
+            return call()
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver until cancelled."""
+        only_local = True if self.remote_agent is None else None
+        recovered = await self._thread(self.store.flush, now=self.clock(), local=only_local)
+        if recovered:
+            log.event("queue.recovered", recipients=recovered)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._wakeup = trio.Event()
+                try:
+                    deadline = await self._dispatch(nursery)
+                except QueueError as exc:
+                    log.error("queue.scan_failed", error=str(exc))
+                    deadline = self.clock() + self.poll_interval
+                delay = deadline - self.clock()
+                if delay > 0:
+                    with trio.move_on_after(delay):
+                        await self._wakeup.wait()
+
+    async def _dispatch(self, nursery: trio.Nursery) -> float:
+        """Start what is due; return the unix time at which to look again."""
+        local_free = self.local_batches - self._local_active
+        remote_free = self.concurrency - self._remote_active if self.remote_agent else 0
+        now = self.clock()
+        if local_free <= 0 and remote_free <= 0:
+            return now + self.poll_interval  # a finishing batch wakes us
+        local_due, remote_due, bodies, next_local, next_remote = await self._thread(
+            self._fetch, now, local_free * self.batch_size, remote_free * _REMOTE_FETCH_PER_SLOT
+        )
+        if local_due:
+            if len(local_due) > self.batch_size:
+                # Keep each mailbox in few batches: one new/ fsync per folder per batch.
+                local_due.sort(key=lambda r: (r.mailbox or "", r.message_id))
+            for start in range(0, len(local_due), self.batch_size):
+                chunk = local_due[start : start + self.batch_size]
+                self._local_active += 1
+                nursery.start_soon(self._run_batch, self.local_agent, chunk, bodies, True)
+        if remote_due and self.remote_agent is not None:
+            groups: dict[tuple[str, str], list[DueRecipient]] = {}
+            for r in remote_due:
+                groups.setdefault((r.message_id, _domain(r.address)), []).append(r)
+            spare: list[int] = []
+            for group in groups.values():
+                if self._remote_active < self.concurrency:
+                    self._remote_active += 1
+                    nursery.start_soon(self._run_batch, self.remote_agent, group, bodies, False)
+                else:
+                    spare.extend(r.rcpt_id for r in group)
+            if spare:
+                await self._thread(self.store.release, spare)
+        candidates = [now + self.poll_interval]
+        if next_local is not None and self._local_active < self.local_batches:
+            candidates.append(next_local)
+        if next_remote is not None and self._remote_active < self.concurrency:
+            candidates.append(next_remote)
+        return min(candidates)
+
+    def _fetch(
+        self, now: float, local_want: int, remote_want: int
+    ) -> tuple[
+        list[DueRecipient], list[DueRecipient], dict[str, bytes], float | None, float | None
+    ]:
+        """Worker thread: lease due recipients and read their bodies, once per message."""
+        store = self.store
+        local_due = store.due(now, local_want, local=True) if local_want else []
+        remote_due = store.due(now, remote_want, local=False) if remote_want else []
+        try:
+            bodies = store.data_many([r.message_id for r in (*local_due, *remote_due)])
+            next_local = store.next_due(local=True) if local_want else None
+            next_remote = store.next_due(local=False) if remote_want else None
+        except BaseException:
+            store.release([r.rcpt_id for r in (*local_due, *remote_due)])
+            raise
+        # A message deleted (`queue delete`) between the two reads has no body left.
+        gone = [r.rcpt_id for r in (*local_due, *remote_due) if r.message_id not in bodies]
+        if gone:
+            store.release(gone)
+            local_due = [r for r in local_due if r.message_id in bodies]
+            remote_due = [r for r in remote_due if r.message_id in bodies]
+        return local_due, remote_due, bodies, next_local, next_remote
+
+    async def _run_batch(
+        self,
+        agent: DeliveryAgent,
+        rcpts: list[DueRecipient],
+        bodies: dict[str, bytes],
+        local: bool,
+    ) -> None:
+        items = [DeliveryItem(r, bodies[r.message_id]) for r in rcpts]
+        recorded = False
+        try:
+            outcomes = await self._deliver(agent, items)
+            now = self.clock()
+            updates = [self._update_for(r, o, now) for r, o in zip(rcpts, outcomes, strict=True)]
+            # The agent's work is done (files fsynced, remote said 250): record it
+            # even if we are being cancelled, or it would be delivered twice.
+            with trio.CancelScope(shield=True):
+                await self._thread(self.store.update, updates, now=now)
+            recorded = True
+            self._log(rcpts, updates)
+        except QueueError as exc:
+            recorded = True  # update() released the leases; they will be retried
+            log.error("queue.update_failed", recipients=len(rcpts), error=str(exc))
+        finally:
+            if not recorded:
+                with trio.CancelScope(shield=True):
+                    await self._thread(self.store.release, [r.rcpt_id for r in rcpts])
+            if local:
+                self._local_active -= 1
+            else:
+                self._remote_active -= 1
+            self.wake()
+
+    async def _deliver(self, agent: DeliveryAgent, items: list[DeliveryItem]) -> list[Outcome]:
+        """Call the agent; a crashing or inconsistent agent defers, it never stops the queue."""
+        try:
+            outcomes = list(await agent.deliver(items))
+        except Exception as exc:
+            log.error("delivery.agent_error", agent=type(agent).__name__, error=str(exc))
+            return [Outcome("deferred", f"4.3.0 internal delivery error: {exc}")] * len(items)
+        if len(outcomes) != len(items):
+            log.error(
+                "delivery.agent_error",
+                agent=type(agent).__name__,
+                error=f"{len(outcomes)} outcomes for {len(items)} recipients",
+            )
+            return [Outcome("deferred", "4.3.0 internal delivery error")] * len(items)
+        return outcomes
+
+    def _update_for(self, rcpt: DueRecipient, outcome: Outcome, now: float) -> RecipientUpdate:
+        if outcome.kind == "delivered":
+            return RecipientUpdate(rcpt.rcpt_id, "delivered", outcome.detail)
+        if outcome.kind == "failed":
+            return RecipientUpdate(rcpt.rcpt_id, "failed", outcome.detail)
+        expires = rcpt.received_at + self.max_age
+        if now >= expires:
+            # RFC 3463 4.4.7: delivery time expired; the last error says why.
+            detail = f"4.4.7 message expired after {rcpt.attempts + 1} attempts: {outcome.detail}"
+            return RecipientUpdate(rcpt.rcpt_id, "failed", detail)
+        delay = backoff_delay(
+            rcpt.attempts + 1, initial=self.retry_initial, maximum=self.retry_max, rng=self._rng
+        )
+        return RecipientUpdate(rcpt.rcpt_id, "deferred", outcome.detail, min(now + delay, expires))
+
+    def _log(self, rcpts: Sequence[DueRecipient], updates: Sequence[RecipientUpdate]) -> None:
+        """One line per recipient and attempt, Postfix-style, carrying the queue ID (SPEC §6)."""
+        for r, u in zip(rcpts, updates, strict=True):
+            if u.status == "delivered":
+                self.delivered += 1
+            elif u.status == "deferred":
+                self.deferred += 1
+            else:
+                self.failed += 1
+            event = "queue.expired" if u.detail.startswith("4.4.7 message expired") else None
+            log.event(
+                event or f"queue.{u.status}",
+                id=r.message_id,
+                to=r.address,
+                mailbox=r.mailbox,
+                attempts=r.attempts + 1,
+                next_attempt=u.next_attempt,
+                detail=u.detail,
+            )
