@@ -1,0 +1,211 @@
+"""Local delivery into Maildir (SPEC §5 "Maildir").
+
+Each file is written under tmp/ with a unique name, fsynced, renamed into new/,
+and new/ is fsynced: a reader never sees a partial file, and after a crash a file
+is either in new/ or not at all. To keep fsyncs cheap under load, a batch writes
+its files from several worker threads at once and fsyncs each distinct new/
+folder once, after all its files are in; only then is anything reported
+delivered. Content is "Return-Path:" and "Delivered-To:" followed by the message
+with LF line ends, the form Postfix's local(8) and Dovecot's LDA write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import time
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from trio_mta.queue.scheduler import DeliveryItem, Outcome
+
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_NAME_ATTEMPTS = 8
+
+
+class UnsafeMailbox(ValueError):
+    """A mailbox name that is a path, or that resolves outside the Maildir root."""
+
+
+def check_mailbox_name(name: str) -> str:
+    """Return `name` if it is a single, plain folder name; raise UnsafeMailbox otherwise.
+
+    Routing checks this at RCPT already; delivery re-checks because the queue may
+    hold mail accepted under an older configuration (SPEC §3: a mailbox name is
+    never a path).
+    """
+    if not name or len(name) > 255 or name.startswith("."):
+        raise UnsafeMailbox(f"invalid mailbox name {name!r}")
+    for ch in name:
+        if ch in "/\\%" or unicodedata.category(ch).startswith("C"):
+            raise UnsafeMailbox(f"invalid mailbox name {name!r}")
+    return name
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """`root/name`, refusing names and symlinks that would lead outside `root`."""
+    path = root / check_mailbox_name(name)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != real_root:
+        raise UnsafeMailbox(f"mailbox {name!r} resolves outside the Maildir root")
+    return path
+
+
+def escape_host(hostname: str) -> str:
+    """Host part of a Maildir name: "/" and ":" are escaped as the convention says."""
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: Path) -> None:
+    """mkdir 0700 (parents too), fsyncing each parent whose entries changed."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        _ensure_dir(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+    # The new entry must survive a crash, or new/ could vanish with mail in it.
+    _fsync_dir(path.parent)
+
+
+def _error_detail(mailbox: str, exc: OSError) -> str:
+    """RFC 3463 codes: 4.2.2 mailbox full, 4.3.1 system full, 4.3.0 system, 4.2.0 mailbox."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EDQUOT:
+        return f"4.2.2 mailbox {mailbox} over quota: {reason}"
+    if exc.errno == errno.ENOSPC:
+        return f"4.3.1 mail system full: {reason}"
+    if exc.errno in (errno.EROFS, errno.EIO):
+        return f"4.3.0 mail system error writing to {mailbox}: {reason}"
+    return f"4.2.0 cannot deliver to mailbox {mailbox}: {reason}"
+
+
+class MaildirAgent:
+    """DeliveryAgent for local mailboxes under `root`."""
+
+    def __init__(self, root: Path, hostname: str, *, limiter: trio.CapacityLimiter) -> None:
+        self.root = Path(root)
+        self.hostname = hostname
+        self.files_synced = 0  # for tests and the benchmark's fsync accounting
+        self.dirs_synced = 0
+        self._host = escape_host(hostname)
+        self._limiter = limiter
+        self._counter = itertools.count(1)
+
+    async def deliver(self, items: Sequence[DeliveryItem]) -> list[Outcome]:
+        outcomes: list[Outcome] = [Outcome("deferred", "4.3.0 not attempted")] * len(items)
+        placed: list[Path | None] = [None] * len(items)  # new/ folder of each written file
+        lf_bodies: dict[str, bytes] = {}
+        workers = max(1, min(len(items), int(self._limiter.total_tokens)))
+
+        async def write_share(first: int) -> None:
+            def work() -> None:
+                for i in range(first, len(items), workers):
+                    outcomes[i], placed[i] = self._write(items[i], lf_bodies)
+
+            await trio.to_thread.run_sync(work, limiter=self._limiter)
+
+        async with trio.open_nursery() as nursery:
+            for first in range(workers):
+                nursery.start_soon(write_share, first)
+
+        folders = {folder for folder in placed if folder is not None}
+        self.files_synced += sum(folder is not None for folder in placed)
+
+        async def sync_folder(folder: Path) -> None:
+            try:
+                await trio.to_thread.run_sync(_fsync_dir, folder, limiter=self._limiter)
+                self.dirs_synced += 1
+            except OSError as exc:
+                # The file is in new/ but not durably: retry later (maybe a duplicate).
+                for i, where in enumerate(placed):
+                    if where == folder:
+                        outcomes[i] = Outcome("deferred", _error_detail(folder.parent.name, exc))
+
+        async with trio.open_nursery() as nursery:
+            for folder in folders:
+                nursery.start_soon(sync_folder, folder)
+        return outcomes
+
+    def _write(
+        self, item: DeliveryItem, lf_bodies: dict[str, bytes]
+    ) -> tuple[Outcome, Path | None]:
+        """Worker thread: deliver one file; returns its outcome and new/ folder."""
+        rcpt = item.rcpt
+        if rcpt.mailbox is None:
+            return Outcome("failed", "5.3.5 not a local mailbox"), None
+        try:
+            maildir = safe_join(self.root, rcpt.mailbox)
+        except UnsafeMailbox as exc:
+            return Outcome("failed", f"5.3.5 {exc}"), None
+        body = lf_bodies.get(rcpt.message_id)
+        if body is None:
+            body = lf_bodies[rcpt.message_id] = item.data.replace(b"\r\n", b"\n")
+        head = f"Return-Path: <{rcpt.sender}>\nDelivered-To: {rcpt.address}\n".encode()
+        try:
+            name = self._place(maildir, head, body)
+        except OSError as exc:
+            return Outcome("deferred", _error_detail(rcpt.mailbox, exc)), None
+        return Outcome("delivered", f"2.0.0 delivered to maildir {rcpt.mailbox} as {name}"), (
+            maildir / "new"
+        )
+
+    def _unique_name(self) -> str:
+        seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+        return f"{seconds}.M{nanos // 1000}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+
+    def _open_tmp(self, maildir: Path) -> tuple[int, str]:
+        created = False
+        for _ in range(_NAME_ATTEMPTS):
+            name = self._unique_name()
+            try:
+                return os.open(maildir / "tmp" / name, _FILE_FLAGS, 0o600), name
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                if created:
+                    raise
+                for sub in ("tmp", "new", "cur"):
+                    _ensure_dir(maildir / sub)
+                created = True
+        raise FileExistsError(errno.EEXIST, "no unique file name in tmp/", str(maildir))
+
+    def _place(self, maildir: Path, head: bytes, body: bytes) -> str:
+        fd, name = self._open_tmp(maildir)
+        tmp = maildir / "tmp" / name
+        try:
+            try:
+                for chunk in (head, body):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, maildir / "new" / name)
+        except BaseException:
+            # Never leave a partial file in tmp/.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return name
