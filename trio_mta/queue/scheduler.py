@@ -32,7 +32,7 @@ from typing import Literal, Protocol, TypeVar
 import trio
 
 from trio_mta import log
-from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate
+from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate, iso
 
 T = TypeVar("T")
 _REMOTE_FETCH_PER_SLOT = 8  # remote recipients looked at per free connection slot
@@ -284,6 +284,6 @@ class Scheduler:
                 to=r.address,
                 mailbox=r.mailbox,
                 attempts=r.attempts + 1,
-                next_attempt=u.next_attempt,
+                next_attempt=iso(u.next_attempt),
                 detail=u.detail,
             )
