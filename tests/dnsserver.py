@@ -8,6 +8,7 @@ test needs on demand: SERVFAIL for a name, and silence (timeouts) for a name.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -92,7 +93,10 @@ class DnsServer:
         self._stopping = True
         self._wake[0].send(b"x")
         self._thread.join(timeout=5)
-        self._wake[0].close()
+        # Both ends are closed here, never by the thread: it may see _stopping and
+        # leave before the byte above is sent, and that send must not hit a closed peer.
+        for end in self._wake:
+            end.close()
         self._thread = None
         self._wake = None
 
@@ -200,7 +204,7 @@ class DnsServer:
                             del buffers[sock]
                             sock.close()
             finally:
-                for sock in [udp, tcp, wake, *buffers]:
+                for sock in [udp, tcp, *buffers]:
                     sock.close()
 
     def _udp_once(self, udp: socket.socket) -> None:
@@ -210,7 +214,8 @@ class DnsServer:
             return
         reply = self.answer(wire, udp=True)
         if reply is not None:
-            udp.sendto(reply, peer)
+            with contextlib.suppress(OSError):  # the client is gone: nothing to do
+                udp.sendto(reply, peer)
 
     def _tcp_once(self, conn: socket.socket, buffers: dict[socket.socket, bytes]) -> bool:
         """Read what is there, answer every complete query (RFC 1035 §4.2.2 framing)."""
@@ -228,7 +233,10 @@ class DnsServer:
             reply = self.answer(data[2 : 2 + length], udp=False)
             data = data[2 + length :]
             if reply is not None:
-                conn.sendall(struct.pack("!H", len(reply)) + reply)
+                try:
+                    conn.sendall(struct.pack("!H", len(reply)) + reply)
+                except OSError:  # the client gave up (its timeout) and hung up
+                    return False
         buffers[conn] = data
         return True
 
