@@ -78,6 +78,23 @@ async def test_batch_fsyncs_each_new_folder_once(tmp_path: Path) -> None:
     assert len(set(names)) == 10
 
 
+async def test_parallel_first_deliveries_to_a_new_mailbox(tmp_path: Path) -> None:
+    # Regression: a thread that found tmp/ made by another could rename before new/ existed.
+    for round_ in range(40):
+        root = tmp_path / str(round_)
+        outcomes = await agent(root).deliver([item("fresh") for _ in range(8)])
+        assert [o.kind for o in outcomes] == ["delivered"] * 8, outcomes
+        assert len(files(root / "fresh" / "new")) == 8
+
+
+async def test_half_made_maildir_is_completed(tmp_path: Path) -> None:
+    (tmp_path / "alice" / "tmp").mkdir(parents=True)  # no new/ or cur/
+    [outcome] = await agent(tmp_path).deliver([item("alice")])
+    assert outcome.kind == "delivered"
+    assert len(files(tmp_path / "alice" / "new")) == 1
+    assert (tmp_path / "alice" / "cur").is_dir()
+
+
 async def test_null_sender_and_host_escaping(tmp_path: Path) -> None:
     assert escape_host("a/b:c") == "a\\057b\\072c"
     [outcome] = await agent(tmp_path, "odd/host:name").deliver([item("alice", sender="")])

@@ -88,6 +88,12 @@ def _ensure_dir(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _make_maildir(maildir: Path) -> None:
+    # tmp/ last: a concurrent writer that finds tmp/ can count on new/ being there.
+    for sub in ("new", "cur", "tmp"):
+        _ensure_dir(maildir / sub)
+
+
 def _error_detail(mailbox: str, exc: OSError) -> str:
     """RFC 3463 codes: 4.2.2 mailbox full, 4.3.1 system full, 4.3.0 system, 4.2.0 mailbox."""
     reason = exc.strerror or str(exc)
@@ -185,8 +191,7 @@ class MaildirAgent:
             except FileNotFoundError:
                 if created:
                     raise
-                for sub in ("tmp", "new", "cur"):
-                    _ensure_dir(maildir / sub)
+                _make_maildir(maildir)
                 created = True
         raise FileExistsError(errno.EEXIST, "no unique file name in tmp/", str(maildir))
 
@@ -202,7 +207,13 @@ class MaildirAgent:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, maildir / "new" / name)
+            try:
+                os.rename(tmp, maildir / "new" / name)
+            except FileNotFoundError:
+                # tmp/ existed but new/ did not (made by hand, or half-made by a
+                # concurrent delivery): complete the Maildir and try once more.
+                _make_maildir(maildir)
+                os.rename(tmp, maildir / "new" / name)
         except BaseException:
             # Never leave a partial file in tmp/.
             with contextlib.suppress(OSError):
