@@ -1,0 +1,220 @@
+"""The ``trio-mta`` command line (SPEC §2).
+
+Exit codes: 0 ok, 2 bad configuration or usage (the message names the key
+or flag), 1 any other failure. Errors are one line each, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import log
+from .config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from .mta import MTA
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage; exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_config(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # --config may stand before or after the subcommand (SPEC §2); the
+    # subparser copy must not clobber a value given before it.
+    parser.add_argument(
+        "--config", metavar="FILE",
+        default=None if top else argparse.SUPPRESS,
+        help="configuration file (default: $TRIO_MTA_CONFIG, else built-in defaults)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trio-mta", description="A mail transfer agent on trio.")
+    _add_config(parser, top=True)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the MTA in the foreground (the default)")
+    _add_serve_flags(serve)
+    _add_config(serve, top=False)
+
+    check = sub.add_parser("check-config", help="validate the configuration")
+    _add_config(check, top=False)
+
+    queue = sub.add_parser("queue", help="inspect and manage the queue")
+    _add_config(queue, top=False)
+    qsub = queue.add_subparsers(dest="queue_command", parser_class=_Parser, required=True)
+    qlist = qsub.add_parser("list", help="what is queued")
+    qlist.add_argument("--json", action="store_true", help="JSON array (SPEC §8)")
+    _add_config(qlist, top=False)
+    qshow = qsub.add_parser("show", help="one message in detail")
+    qshow.add_argument("id")
+    _add_config(qshow, top=False)
+    qflush = qsub.add_parser("flush", help="make queued items due now")
+    qflush.add_argument("id", nargs="?")
+    _add_config(qflush, top=False)
+    qdel = qsub.add_parser("delete", help="drop a queued message (no bounce)")
+    qdel.add_argument("id")
+    _add_config(qdel, top=False)
+
+    passwd = sub.add_parser("passwd", help="set a submission password")
+    passwd.add_argument("user")
+    _add_config(passwd, top=False)
+    return parser
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", action="append", metavar="ADDR:PORT[/MODE]",
+                        help="listen here instead of [[listen]] (repeatable)")
+    parser.add_argument("--state-dir", type=Path)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-file", type=Path)
+
+
+def load_config(path: str | None) -> Config:
+    path = path or os.environ.get("TRIO_MTA_CONFIG") or None
+    return Config.load(path) if path else Config.default()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"trio-mta: config: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "serve"
+    if command == "serve":
+        if args.command is None:
+            # plain `trio-mta` takes serve's defaults
+            args = build_parser().parse_args([*argv, "serve"])
+        return _serve(args)
+    config = load_config(args.config)
+    if command == "check-config":
+        return _check_config(config)
+    if command == "queue":
+        from .queue_cli import run_queue_command
+        return run_queue_command(config, args)
+    if command == "passwd":
+        return _passwd(config, args.user)
+    raise UsageError(f"trio-mta: unknown command {command}")
+
+
+def _check_config(config: Config) -> int:
+    from .mta import build_ssl_context
+    from .tls import TLSConfigError
+
+    try:
+        if config.tls.cert is not None or config.tls.key is not None:
+            build_ssl_context(config)
+    except TLSConfigError as exc:
+        print(f"trio-mta: config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    source = config.source or "built-in defaults"
+    print(f"configuration ok ({source})")
+    print(f"hostname: {config.hostname}")
+    for line in config.describe_listeners():
+        print(f"listen: {line}")
+    return EXIT_OK
+
+
+def _passwd(config: Config, user: str) -> int:
+    from .auth import PasswordFile, read_new_password
+
+    try:
+        password = read_new_password(sys.stdin, prompt=f"New password for {user}: ")
+        PasswordFile(config.auth.users_file).set_password(user, password)
+    except ValueError as exc:
+        print(f"trio-mta passwd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"trio-mta passwd: {config.auth.users_file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"password set for {user} in {config.auth.users_file}")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .mta import ListenError
+    from .tls import TLSConfigError
+
+    config = load_config(args.config).with_overrides(
+        listen=args.listen, state_dir=args.state_dir,
+        log_level=args.log_level, log_file=args.log_file)
+    log.setup(config.log.level, config.log.file, config.log.format)
+    try:
+        trio.run(_serve_until_signal, config)
+    except Exception as raw:
+        exc = _sole_exception(raw)
+        if isinstance(exc, ListenError):
+            print(f"trio-mta: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        if isinstance(exc, TLSConfigError):
+            print(f"trio-mta: config: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, OSError):
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"trio-mta: {where}{exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    return EXIT_OK
+
+
+def _sole_exception(exc: BaseException) -> BaseException:
+    """Nurseries wrap errors in groups; a single cause is reported as itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _serve_until_signal(config: Config) -> None:
+    from .mta import serve
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_serve(task_status: trio.TaskStatus[MTA]) -> None:
+                await serve(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # stopped: no more signals to watch
+
+            mta: MTA = await nursery.start(run_serve)
+            nursery.start_soon(_watch_signals, signals, mta, nursery.cancel_scope)
+
+
+async def _watch_signals(signals: AsyncIterator[int], mta: MTA,
+                         scope: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT: graceful stop. A second one while draining: stop now."""
+    stopping = False
+    async for signum in signals:
+        log.event("mta.signal", signal=signal.Signals(signum).name)
+        if stopping:
+            scope.cancel()
+            return
+        stopping = True
+        mta.stop()

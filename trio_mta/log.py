@@ -1,0 +1,96 @@
+"""One line per event (SPEC §6), as text or JSON.
+
+Events are named (``smtpd.accepted``, ``delivery.attempt`` ...) and carry
+key=value fields, so an operator can grep a queue ID through its whole life.
+Passwords never reach this module: callers pass only what may be logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+LOGGER_NAME = "trio_mta"
+_logger = logging.getLogger(LOGGER_NAME)
+_FIELDS = "trio_mta_fields"
+
+
+def _timestamp(created: float) -> str:
+    whole = time.gmtime(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{int(created % 1 * 1000):03d}Z"
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n\r\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-27T20:00:00.123Z info smtpd.accepted id=... code=250``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = getattr(record, _FIELDS, {})
+        parts = [_timestamp(record.created), record.levelname.lower(), record.getMessage()]
+        parts.extend(f"{key}={_text_value(value)}" for key, value in fields.items())
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``{"ts": ..., "level": ..., "event": ..., fields}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = getattr(record, _FIELDS, {})
+        obj: dict[str, object] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        obj.update(fields)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def setup(
+    level: str = "info",
+    file: Path | None = None,
+    fmt: Literal["text", "json"] = "text",
+) -> None:
+    """Route trio_mta's events to stderr or a file, replacing earlier handlers."""
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(file, encoding="utf-8")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for old in list(_logger.handlers):
+        _logger.removeHandler(old)
+        old.close()
+    _logger.addHandler(handler)
+    _logger.setLevel(level.upper())
+    _logger.propagate = False
+
+
+def event(name: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event; ``None`` fields are left out so lines stay short."""
+    if not _logger.isEnabledFor(level):
+        return
+    clean = {key: value for key, value in fields.items() if value is not None}
+    _logger.log(level, name, extra={_FIELDS: clean})
+
+
+def debug(name: str, **fields: Any) -> None:
+    event(name, level=logging.DEBUG, **fields)
+
+
+def warning(name: str, **fields: Any) -> None:
+    event(name, level=logging.WARNING, **fields)
+
+
+def error(name: str, **fields: Any) -> None:
+    event(name, level=logging.ERROR, **fields)

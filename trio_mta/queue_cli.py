@@ -1,0 +1,62 @@
+"""``trio-mta queue ...``: read and edit the SQLite queue directly.
+
+WAL mode lets these run safely beside a live server; ``flush`` only moves
+``next_attempt``, which the running scheduler sees on its next poll.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+
+from .config import Config
+from .queue import QueueStore
+from .queue.report import format_list, format_show
+
+
+def run_queue_command(config: Config, args: argparse.Namespace) -> int:
+    action: str = args.queue_command
+    path = config.queue_path
+    if not path.exists():
+        if action == "list":
+            print("[]" if args.json else "Mail queue is empty")
+            return 0
+        print(f"trio-mta queue: no queue at {path}", file=sys.stderr)
+        return 1
+    try:
+        store = QueueStore(path, readonly=action in ("list", "show"))
+    except (sqlite3.Error, OSError) as exc:
+        print(f"trio-mta queue: cannot open {path}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run(store, action, args)
+    finally:
+        store.close()
+
+
+def _run(store: QueueStore, action: str, args: argparse.Namespace) -> int:
+    if action == "list":
+        print(format_list(store.list_messages(), json_output=args.json))
+        return 0
+    if action == "show":
+        info = store.show(args.id)
+        if info is None:
+            print(f"trio-mta queue: no message {args.id}", file=sys.stderr)
+            return 1
+        print(format_show(info))
+        return 0
+    if action == "flush":
+        count = store.flush(args.id)
+        if args.id and count == 0:
+            print(f"trio-mta queue: no queued recipients for {args.id}", file=sys.stderr)
+            return 1
+        print(f"{count} recipient(s) due now")
+        return 0
+    if action == "delete":
+        if not store.delete(args.id):
+            print(f"trio-mta queue: no message {args.id}", file=sys.stderr)
+            return 1
+        print(f"{args.id} deleted")
+        return 0
+    raise AssertionError(action)

@@ -1,0 +1,58 @@
+"""Per-connection facts (``SessionInfo``) and per-transaction state (``Envelope``).
+
+The split mirrors aiosmtpd's Session/Envelope, which is what embedders know:
+a session outlives many transactions, an envelope lives from MAIL to the end
+of DATA (or RSET).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..routing import Target
+from ..smtp import MailParams, Path, Reply
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What is known about the client when a message is accepted."""
+
+    listener_mode: str
+    client_ip: str
+    client_port: int
+    helo: str | None
+    esmtp: bool
+    tls: str | None
+    auth_user: str | None
+    trusted: bool
+
+
+@dataclass
+class Recipient:
+    """One RCPT as the client wrote it, and where routing sends it."""
+
+    address: str
+    targets: tuple[Target, ...]
+
+
+@dataclass
+class Envelope:
+    sender: Path
+    params: MailParams
+    recipients: list[Recipient] = field(default_factory=list)
+
+    @property
+    def sender_address(self) -> str:
+        return str(self.sender)
+
+
+class MessageSink(Protocol):
+    """Where an accepted message goes: the durable queue, or an application handler.
+
+    ``accept`` returns the reply for the end of DATA. A 250 must only be
+    returned once the message is safe (for the queue: fsynced).
+    """
+
+    async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
+                     queue_id: str) -> Reply: ...

@@ -1,0 +1,53 @@
+"""The default sink: accepted messages go into the durable queue.
+
+The reply to the end of DATA is only ``250`` once the queue writer reports
+the batch holding this message as fsynced (SPEC §4): nothing is acknowledged
+before it is durable.
+"""
+
+from __future__ import annotations
+
+from .. import log
+from ..queue import NewMessage, NewRecipient, QueueError, QueueWriter
+from ..routing import LocalTarget
+from ..smtp import Reply
+from .envelope import Envelope, SessionInfo
+
+
+def queue_recipients(envelope: Envelope) -> tuple[NewRecipient, ...]:
+    """Final delivery targets, one per mailbox or remote address (SPEC §5: one copy each)."""
+    seen: set[tuple[str, str | None]] = set()
+    out: list[NewRecipient] = []
+    for rcpt in envelope.recipients:
+        for target in rcpt.targets:
+            mailbox = target.mailbox if isinstance(target, LocalTarget) else None
+            key = (mailbox or target.address.lower(), mailbox)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(NewRecipient(address=target.address, original=rcpt.address,
+                                    mailbox=mailbox))
+    return tuple(out)
+
+
+class QueueSink:
+    def __init__(self, writer: QueueWriter) -> None:
+        self.writer = writer
+
+    async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
+                     queue_id: str) -> Reply:
+        meta = {
+            "client_ip": session.client_ip,
+            "helo": session.helo or "",
+            "listener": session.listener_mode,
+            "tls": session.tls or "",
+            "auth_user": session.auth_user or "",
+        }
+        message = NewMessage(sender=envelope.sender_address,
+                             recipients=queue_recipients(envelope), data=data, meta=meta)
+        try:
+            await self.writer.submit(message, queue_id=queue_id)
+        except QueueError as exc:
+            log.error("queue.commit_failed", id=queue_id, error=str(exc))
+            return Reply(451, "4.3.0", "Error: queue file write error, try again later")
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

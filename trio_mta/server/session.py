@@ -1,0 +1,331 @@
+"""One SMTP connection: the trio glue around the sans-IO ``ServerConnection``.
+
+The protocol machine decides *what* the conversation means; this module owns
+what needs I/O or policy: timeouts, TLS wrapping, password checks, routing
+verdicts, and handing the message to its sink. Replies are flushed only when
+the machine needs more input, so pipelined commands (RFC 2920) get their
+replies in one write, in order.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import log
+from ..auth import PasswordFile
+from ..config import Config
+from ..queue.ids import new_queue_id
+from ..routing import Router
+from ..smtp import (
+    NEED_DATA,
+    AuthAttempt,
+    BodyChunk,
+    ConnectionClosed,
+    DataStarted,
+    EndOfMessage,
+    Hello,
+    MailFrom,
+    MessageRefused,
+    Quit,
+    RcptTo,
+    Reply,
+    ServerConnection,
+    StartTlsRequest,
+    TransactionReset,
+)
+from ..tls import describe
+from .envelope import Envelope, MessageSink, Recipient, SessionInfo
+from .headers import TraceInfo, received_header, submission_headers
+from .limits import ConnectionLimits
+
+RECEIVE_SIZE = 65536
+MAX_AUTH_FAILURES = 3
+
+
+@dataclass
+class ServerState:
+    """What every session of one server shares; swapped wholesale on reload."""
+
+    config: Config
+    router: Router
+    sink: MessageSink
+    limits: ConnectionLimits
+    ssl_context: ssl.SSLContext | None
+    passwords: PasswordFile | None
+    host_tag: str
+    auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    auth_failure_delay: float = 1.0
+    shutdown_grace: float = 30.0
+    shutting_down: bool = False
+    sessions: set[Session] = field(default_factory=set)
+
+    def begin_shutdown(self) -> None:
+        """Idle sessions leave at once (421 4.3.2); busy ones finish their transaction."""
+        self.shutting_down = True
+        for session in list(self.sessions):
+            session.interrupt_if_idle()
+
+
+class _Timeout(Exception):
+    """The peer went quiet past command_timeout/data_timeout."""
+
+
+class _ShutdownWhileIdle(Exception):
+    """The server is stopping and this session has no transaction in progress."""
+
+
+class Session:
+    """Runs one connection from banner to close."""
+
+    def __init__(self, state: ServerState, stream: trio.abc.Stream, mode: str,
+                 client_ip: str, client_port: int) -> None:
+        self.state = state
+        self.stream = stream
+        self.mode = mode
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.tls: str | None = None
+        self.envelope: Envelope | None = None
+        self.body: list[bytes] = []
+        self.auth_failures = 0
+        self._idle_scope: trio.CancelScope | None = None
+        cfg = state.config
+        self.trusted = state.router.is_trusted(client_ip)
+        self.conn: ServerConnection | None = None
+        self.limits = cfg.limits
+
+    # -- shutdown -------------------------------------------------------------
+
+    def interrupt_if_idle(self) -> None:
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    # -- I/O helpers ----------------------------------------------------------
+
+    async def _flush(self) -> None:
+        assert self.conn is not None
+        out = self.conn.data_to_send()
+        if out:
+            with trio.move_on_after(self.limits.command_timeout) as scope:
+                await self.stream.send_all(out)
+            if scope.cancelled_caught:
+                raise _Timeout("send")
+
+    async def _send_now(self, reply: Reply) -> None:
+        """Write one reply directly, outside the machine (banner refusals, timeouts)."""
+        with trio.move_on_after(5):
+            await self.stream.send_all(reply.format())
+
+    async def _receive(self) -> bytes:
+        assert self.conn is not None
+        timeout = self.limits.data_timeout if self.conn.in_data else self.limits.command_timeout
+        idle = self.envelope is None and not self.conn.in_data
+        if idle and self.state.shutting_down:
+            raise _ShutdownWhileIdle
+        with trio.move_on_after(timeout) as scope:
+            if idle:
+                self._idle_scope = scope
+            try:
+                return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            finally:
+                self._idle_scope = None
+        if self.state.shutting_down and idle:
+            raise _ShutdownWhileIdle
+        raise _Timeout("receive")
+
+    # -- the connection -------------------------------------------------------
+
+    async def run(self) -> None:
+        state = self.state
+        cfg = state.config
+        refusal = state.limits.over_limit(self.client_ip)
+        if refusal is not None:
+            log.warning("smtpd.refused", client=self.client_ip, reason=refusal)
+            await self._send_now(Reply(421, "4.7.0", f"{cfg.hostname} Error: {refusal}"))
+            await self.stream.aclose()
+            return
+        with state.limits.admit(self.client_ip):
+            state.sessions.add(self)
+            try:
+                await self._converse()
+            finally:
+                state.sessions.discard(self)
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self.stream.aclose()
+
+    async def _converse(self) -> None:
+        cfg = self.state.config
+        log.event("smtpd.connect", client=self.client_ip, port=self.client_port, mode=self.mode)
+        try:
+            if self.mode == "smtps" and not await self._handshake():
+                return
+            self.conn = self._new_machine()
+            self.conn.send_reply(Reply(220, None, f"{cfg.hostname} ESMTP trio_mta"))
+            await self._loop()
+        except _Timeout:
+            log.event("smtpd.timeout", client=self.client_ip,
+                      in_data=bool(self.conn and self.conn.in_data))
+            await self._send_now(Reply(421, "4.4.2", f"{cfg.hostname} Error: timeout exceeded"))
+        except _ShutdownWhileIdle:
+            await self._send_now(Reply(421, "4.3.2", f"{cfg.hostname} Service shutting down"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.event("smtpd.lost", client=self.client_ip, error=str(exc) or type(exc).__name__)
+        finally:
+            log.event("smtpd.disconnect", client=self.client_ip)
+
+    def _new_machine(self) -> ServerConnection:
+        cfg = self.state.config
+        tls_possible = self.state.ssl_context is not None
+        return ServerConnection(
+            hostname=cfg.hostname,
+            max_message_size=cfg.limits.max_message_size,
+            max_recipients=cfg.limits.max_recipients,
+            starttls=tls_possible and self.tls is None,
+            tls_active=self.tls is not None,
+            auth_mechanisms=("PLAIN", "LOGIN") if self.state.passwords is not None else (),
+        )
+
+    async def _handshake(self) -> bool:
+        """Wrap the stream in TLS; False (connection over) when the handshake fails."""
+        ctx = self.state.ssl_context
+        if ctx is None:
+            return False
+        tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
+        with trio.move_on_after(self.limits.command_timeout) as scope:
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__ or exc
+                log.warning("smtpd.tls_failed", client=self.client_ip, error=str(cause))
+                return False
+        if scope.cancelled_caught:
+            log.warning("smtpd.tls_failed", client=self.client_ip, error="handshake timeout")
+            return False
+        self.stream = tls_stream
+        self.tls = describe(tls_stream)
+        log.event("smtpd.tls", client=self.client_ip, tls=self.tls)
+        return True
+
+    async def _loop(self) -> None:
+        assert self.conn is not None
+        while True:
+            conn = self.conn
+            event = conn.next_event()
+            if event is NEED_DATA:
+                await self._flush()
+                conn.receive_data(await self._receive())
+            elif isinstance(event, BodyChunk):
+                self.body.append(event.data)
+            elif isinstance(event, Hello):
+                log.debug("smtpd.helo", client=self.client_ip, helo=event.name, esmtp=event.esmtp)
+            elif isinstance(event, MailFrom):
+                conn.send_reply(self._mail(event))
+            elif isinstance(event, RcptTo):
+                conn.send_reply(self._rcpt(event))
+            elif isinstance(event, DataStarted):
+                self.body = []
+            elif isinstance(event, EndOfMessage):
+                conn.send_reply(await self._end_of_message())
+            elif isinstance(event, MessageRefused):
+                log.event("smtpd.reject", client=self.client_ip, code=event.reply.code,
+                          reply=str(event.reply))
+                self._reset()
+            elif isinstance(event, TransactionReset):
+                self._reset()
+            elif isinstance(event, StartTlsRequest):
+                if not await self._starttls():
+                    return
+            elif isinstance(event, AuthAttempt):
+                conn.send_reply(await self._auth(event))
+                if self.auth_failures >= MAX_AUTH_FAILURES:
+                    await self._flush()
+                    await self._send_now(Reply(421, "4.7.0", "Too many failed authentications"))
+                    return
+            elif isinstance(event, (Quit, ConnectionClosed)):
+                await self._flush()
+                return
+
+    def _reset(self) -> None:
+        self.envelope = None
+        self.body = []
+
+    # -- policy -----------------------------------------------------------------
+
+    @property
+    def authenticated(self) -> bool:
+        return self.conn is not None and self.conn.authenticated_user is not None
+
+    def _mail(self, event: MailFrom) -> Reply:
+        if self.mode != "smtp" and not self.authenticated:
+            # SPEC §3: submission and smtps require AUTH before MAIL (RFC 4954 §6).
+            return Reply(530, "5.7.0", "Authentication required")
+        self.envelope = Envelope(sender=event.path, params=event.params)
+        return Reply(250, "2.1.0", "Ok")
+
+    def _rcpt(self, event: RcptTo) -> Reply:
+        assert self.envelope is not None
+        address = str(event.path)
+        verdict = self.state.router.check_recipient(
+            address, client_ip=self.client_ip, authenticated=self.authenticated)
+        if verdict.accepted:
+            self.envelope.recipients.append(Recipient(address, verdict.targets))
+        else:
+            log.event("smtpd.reject", client=self.client_ip, rcpt=address,
+                      code=verdict.reply.code, reply=str(verdict.reply))
+        return verdict.reply
+
+    async def _end_of_message(self) -> Reply:
+        assert self.conn is not None and self.envelope is not None
+        cfg = self.state.config
+        envelope = self.envelope
+        body = b"".join(self.body)
+        self._reset()
+        queue_id = new_queue_id(self.state.host_tag)
+        info = SessionInfo(
+            listener_mode=self.mode, client_ip=self.client_ip, client_port=self.client_port,
+            helo=self.conn.helo_name, esmtp=self.conn.esmtp, tls=self.tls,
+            auth_user=self.conn.authenticated_user, trusted=self.trusted)
+        trace = received_header(TraceInfo(
+            helo=info.helo, client_ip=self.client_ip, hostname=cfg.hostname, queue_id=queue_id,
+            esmtp=info.esmtp, tls=self.tls, auth_user=info.auth_user,
+            recipients=tuple(r.address for r in envelope.recipients)))
+        if self.trusted or self.authenticated:
+            trace += submission_headers(body, queue_id=queue_id, hostname=cfg.hostname)
+        reply = await self.state.sink.accept(envelope, info, trace + body, queue_id)
+        log.event("smtpd.accepted" if reply.code < 400 else "smtpd.reject",
+                  id=queue_id if reply.code < 400 else None, client=self.client_ip,
+                  sender=envelope.sender_address, nrcpt=len(envelope.recipients),
+                  size=len(body), tls=self.tls, auth=info.auth_user, code=reply.code)
+        return reply
+
+    async def _starttls(self) -> bool:
+        assert self.conn is not None
+        if self.state.ssl_context is None or self.tls is not None:
+            self.conn.send_reply(Reply(454, "4.7.0", "TLS not available"))
+            return True
+        self.conn.send_reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        await self._flush()
+        if not await self._handshake():
+            return False
+        # RFC 3207 §4.2: forget everything learned before TLS; EHLO again.
+        self.conn.tls_established()
+        self._reset()
+        return True
+
+    async def _auth(self, event: AuthAttempt) -> Reply:
+        passwords = self.state.passwords
+        ok = passwords is not None and await passwords.verify_async(
+            event.username, event.password, limiter=self.state.auth_limiter)
+        if ok:
+            log.event("smtpd.auth", client=self.client_ip, user=event.username,
+                      mechanism=event.mechanism, result="ok")
+            return Reply(235, "2.7.0", "Authentication successful")
+        self.auth_failures += 1
+        log.warning("smtpd.auth", client=self.client_ip, user=event.username,
+                    mechanism=event.mechanism, result="failed", failures=self.auth_failures)
+        # A growing pause per failure slows password guessing on one connection.
+        await trio.sleep(self.state.auth_failure_delay * self.auth_failures)
+        return Reply(535, "5.7.8", "Authentication credentials invalid")
