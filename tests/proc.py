@@ -1,0 +1,70 @@
+"""Run ``python -m trio_mta`` as a real process and find the ports it bound."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LISTENING = re.compile(r"smtpd\.listening mode=(\w+) address=(\S+)")
+
+
+def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trio_mta", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    ports: dict[str, int] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: Path, *extra: str, wait_for: int = 1,
+              timeout: float = 30) -> ServerProcess:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_mta", "serve", "--config", str(config), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = cls(proc)
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while len(server.ports) < wait_for:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("server did not start:\n" + "".join(server.log)
+                                   + proc.stdout.read())
+            line = proc.stdout.readline()
+            server.log.append(line)
+            match = _LISTENING.search(line)
+            if match:
+                server.ports[match.group(1)] = int(match.group(2).rsplit(":", 1)[1])
+        # Keep draining the log so a chatty server never blocks on a full pipe.
+        threading.Thread(target=server._drain, daemon=True).start()
+        return server
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
