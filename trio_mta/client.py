@@ -1,0 +1,722 @@
+"""The SMTP client on trio: the sans-IO ``ClientConnection`` driven over real sockets.
+
+:class:`SMTPClient` is one connection: TCP connect, greeting, EHLO, STARTTLS
+by policy, optional AUTH, then any number of transactions. What it sends as
+mail data always comes out of the machine's ``dot_stuff`` (strict CRLF,
+dot-stuffed, CRLF.CRLF only at the end), so whatever bytes a client gave us,
+trio_mta can never be the sending half of an SMTP-smuggling chain.
+:func:`send_message` is the one-call API for applications, like aiosmtplib's
+``send``.
+
+TLS modes (``tls=``):
+
+- ``none``: plain text, STARTTLS never tried.
+- ``opportunistic``: STARTTLS whenever offered, certificate not checked
+  (RFC 7435: encryption without authentication beats cleartext). A failed
+  handshake leaves the stream unusable, so the client reconnects to the same
+  address and carries on in plain text.
+- ``required``: never plain text; STARTTLS missing, refused or failing is an
+  :class:`SMTPTLSError` (a temporary failure of this host).
+- ``verify``: like ``required``, and the certificate must chain to a trusted
+  CA and match ``server_hostname`` (the MX host name).
+- ``implicit``: TLS from the first byte (RFC 8314 §3.3, port 465).
+
+Timeouts follow RFC 5321 §4.5.3.2 (see :class:`Timeouts`); each one bounds
+the wait for the replies to one burst of commands, so a server trickling a
+byte at a time cannot hold a connection forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import email.message
+import email.utils
+import socket
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal, TypeVar, get_args
+
+import trio
+
+from trio_mta import log
+from trio_mta.smtp.client import (
+    AuthResult,
+    ClientConnection,
+    ClientEvent,
+    CommandResult,
+    Greeting,
+    HelloResult,
+    StartTlsResult,
+    TransactionResult,
+)
+from trio_mta.smtp.errors import LocalProtocolError, SMTPProtocolError
+from trio_mta.smtp.events import NEED_DATA
+from trio_mta.smtp.replies import Reply
+from trio_mta.tls import client_context, describe
+
+__all__ = [
+    "SMTPAuthError",
+    "SMTPClient",
+    "SMTPClientError",
+    "SMTPConnectError",
+    "SMTPDisconnected",
+    "SMTPResponseError",
+    "SMTPSendError",
+    "SMTPTLSError",
+    "SMTPTimeout",
+    "SendResult",
+    "TLSMode",
+    "Timeouts",
+    "TransactionResult",
+    "send_message",
+]
+
+TLSMode = Literal["none", "opportunistic", "required", "verify", "implicit"]
+_TLS_MODES: Final = frozenset(get_args(TLSMode))
+
+_RECEIVE_SIZE: Final = 65536
+_BLOCK_SIZE: Final = 65536  # one "data block" of RFC 5321 §4.5.3.2.5
+_QUIT_TIMEOUT: Final = 5.0  # a courtesy QUIT never waits the full command timeout
+
+E = TypeVar("E")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """RFC 5321 §4.5.3.2 client timeouts in seconds; tests shrink them.
+
+    ``command`` covers EHLO, STARTTLS and its handshake, AUTH, MAIL, RCPT (all
+    5 minutes in the RFC), RSET and QUIT; with PIPELINING it bounds the wait
+    for the whole MAIL/RCPT/DATA burst.
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0  # §4.5.3.2.1
+    command: float = 300.0  # §4.5.3.2.2, §4.5.3.2.3
+    data_init: float = 120.0  # §4.5.3.2.4
+    data_block: float = 180.0  # §4.5.3.2.5: each send of a block of the message
+    data_end: float = 600.0  # §4.5.3.2.6: the reply to the final dot
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"timeout {name} must be positive, not {value!r}")
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+class SMTPClientError(Exception):
+    """Base of every client failure.
+
+    ``reply`` is the server's reply when one caused the error; ``status`` is
+    an RFC 3463 code describing it (the reply's own code when it had one), so
+    the queue can record a status even for a refused connection.
+    """
+
+    default_status = "4.4.0"  # X.4.0: other network or routing status
+
+    def __init__(self, message: str, *, reply: Reply | None = None, status: str | None = None):
+        super().__init__(message)
+        self.reply = reply
+        if status is None and reply is not None:
+            status = reply.status or f"{reply.code // 100}.0.0"
+        self.status = status or self.default_status
+
+
+class SMTPConnectError(SMTPClientError):
+    """The TCP connection could not be made."""
+
+    default_status = "4.4.1"  # X.4.1: no answer from host
+
+
+class SMTPTimeout(SMTPClientError):
+    """A connect, reply or send exceeded its :class:`Timeouts` value."""
+
+    default_status = "4.4.2"  # X.4.2: bad connection
+
+
+class SMTPDisconnected(SMTPClientError):
+    """The connection broke, or the server's replies stopped making sense."""
+
+    default_status = "4.4.2"
+
+
+class SMTPTLSError(SMTPClientError):
+    """TLS was needed and could not be had (not offered, refused, handshake failed)."""
+
+    default_status = "4.7.5"  # X.7.5: cryptographic failure
+
+
+class SMTPResponseError(SMTPClientError):
+    """The server refused a session step (``stage``: greeting, EHLO, STARTTLS ...)."""
+
+    reply: Reply
+
+    def __init__(self, stage: str, reply: Reply) -> None:
+        super().__init__(f"{stage} refused: {reply}", reply=reply)
+        self.stage = stage
+
+
+class SMTPAuthError(SMTPClientError):
+    """AUTH impossible (no usable mechanism) or refused (``reply`` set)."""
+
+    default_status = "4.7.0"
+
+
+class SMTPSendError(SMTPClientError):
+    """:func:`send_message`: no recipient got the message; ``result`` says why."""
+
+    def __init__(self, message: str, result: SendResult) -> None:
+        refusals = [r for r in result.recipients.values() if not _ok(r)]
+        super().__init__(message, reply=refusals[0] if refusals else result.reply)
+        self.result = result
+
+
+# --- one connection ---------------------------------------------------------------
+
+
+class SMTPClient:
+    """One SMTP connection; build it with :meth:`connect`, end it with :meth:`quit`.
+
+    One step at a time: a second task using the same client at once gets
+    ``trio.BusyResourceError``. After any error the client is not
+    :attr:`usable` and should be closed.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: ClientConnection,
+        *,
+        host: str,
+        address: str,
+        port: int,
+        timeouts: Timeouts,
+        plain_auth_ok: bool,
+    ) -> None:
+        self._stream = stream
+        self._conn = conn
+        self._timeouts = timeouts
+        self._plain_auth_ok = plain_auth_ok
+        self._busy = False
+        self._broken = False
+        self._closed = False
+        self.host = host
+        self.address = address
+        self.port = port
+        self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+        self.tls_fallback = False  # opportunistic TLS failed; this is the plain retry
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int = 25,
+        *,
+        helo_name: str,
+        tls: TLSMode = "opportunistic",
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> SMTPClient:
+        """Connect to ``host`` (name or IP), read the greeting, EHLO, apply ``tls``.
+
+        ``server_hostname`` is the name TLS sends (SNI) and, with a verifying
+        context, checks the certificate against: the MX host name when
+        ``host`` is its address. Without ``ssl_context``, ``opportunistic`` and
+        ``required`` encrypt unverified; ``verify`` and ``implicit`` verify
+        against the system trust store.
+        """
+        if tls not in _TLS_MODES:
+            raise ValueError(f"unknown TLS mode {tls!r}")
+        timeouts = timeouts or Timeouts()
+        context = ssl_context
+        if context is None and tls != "none":
+            context = client_context("verify" if tls == "implicit" else tls, ca_file=None)
+        name = _unbracket(server_hostname or host)
+
+        async def session(implicit: ssl.SSLContext | None) -> SMTPClient:
+            return await cls._session(
+                host,
+                port,
+                helo_name=helo_name,
+                tls_name=name,
+                timeouts=timeouts,
+                implicit=implicit,
+                plain_auth_ok=tls == "none",
+            )
+
+        client = await session(context if tls == "implicit" else None)
+        if tls in ("opportunistic", "required", "verify") and context is not None:
+            try:
+                encrypted = await client._starttls(context, name, required=tls != "opportunistic")
+            except BaseException:
+                await client.aclose()
+                raise
+            if not encrypted:
+                # The failed handshake consumed the stream; RFC 7435 prefers a
+                # cleartext session over none, so start again without STARTTLS.
+                await client.aclose()
+                client = await session(None)
+                client.tls_fallback = True
+        return client
+
+    @classmethod
+    async def _session(
+        cls,
+        host: str,
+        port: int,
+        *,
+        helo_name: str,
+        tls_name: str,
+        timeouts: Timeouts,
+        implicit: ssl.SSLContext | None,
+        plain_auth_ok: bool,
+    ) -> SMTPClient:
+        """TCP (and implicit TLS), greeting and EHLO; closed again on any failure."""
+        stream, address = await _open_tcp(host, port, timeouts.connect)
+        client = cls(
+            stream,
+            ClientConnection(helo_name=helo_name),
+            host=tls_name,
+            address=address,
+            port=port,
+            timeouts=timeouts,
+            plain_auth_ok=plain_auth_ok,
+        )
+        try:
+            if implicit is not None:
+                await client._handshake(implicit, tls_name, required=True)
+            greeting = await client._exchange(Greeting, "greeting", timeouts.greeting)
+            if not _ok(greeting.reply):
+                # RFC 5321 §3.1: after a 554 greeting the client should QUIT; 421 closes.
+                if greeting.reply.code != 421:
+                    await client.quit()
+                raise SMTPResponseError("greeting", greeting.reply)
+            client._conn.ehlo()
+            client._check_hello(await client._exchange(HelloResult, "EHLO", timeouts.command))
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    # --- state ------------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """``mx1.example.org[192.0.2.1]``, the form Postfix logs."""
+        return f"{self.host}[{self.address}]"
+
+    @property
+    def usable(self) -> bool:
+        """False once closed, broken by an error, or told 421 by the server."""
+        return not (self._closed or self._broken or self._conn.closed)
+
+    @property
+    def max_size(self) -> int | None:
+        """The server's RFC 1870 SIZE limit, None when it states none."""
+        return self._conn.max_size
+
+    @property
+    def extensions(self) -> Mapping[str, str]:
+        """EHLO keywords (upper case) and their parameters, as of the last EHLO."""
+        return dict(self._conn.extensions)
+
+    # --- steps --------------------------------------------------------------------
+
+    async def login(self, username: str, password: str) -> Reply:
+        """RFC 4954 AUTH: PLAIN when offered, else LOGIN.
+
+        Credentials never travel in plain text unless the connection was made
+        with ``tls="none"`` on purpose: a STARTTLS downgrade or an
+        opportunistic fallback must not leak a password.
+        """
+        self._check_usable()
+        if self.tls is None and not self._plain_auth_ok:
+            raise SMTPTLSError("refusing to send credentials without TLS", status="4.7.10")
+        offered = self._conn.auth_mechanisms
+        mechanism = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
+        if mechanism is None:
+            shown = " ".join(sorted(offered)) or "none"
+            raise SMTPAuthError(f"no usable AUTH mechanism (offered: {shown})", status="4.7.4")
+        self._conn.authenticate(mechanism, username, password)
+        result = await self._exchange(AuthResult, f"AUTH {mechanism}", self._timeouts.command)
+        if result.reply.code != 235:
+            raise SMTPAuthError(f"AUTH {mechanism} refused: {result.reply}", reply=result.reply)
+        return result.reply
+
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        smtputf8: bool | None = None,
+    ) -> TransactionResult:
+        """One MAIL/RCPT/DATA transaction; ``result.outcomes[i]`` decides recipient i.
+
+        ``sender`` "" is the null reverse-path. The machine refuses locally,
+        without sending anything, a message over the server's SIZE (552 5.3.4,
+        RFC 1870 §6) and non-ASCII addresses to a server without SMTPUTF8
+        (553 5.6.7: RFC 6531 §3.2 forbids sending them, X.6.7 is its §3.5 code).
+        Raises ``ValueError`` for an address that is not a valid path.
+        """
+        self._check_usable()
+        try:
+            self._conn.send_mail(sender, recipients, data, smtputf8=smtputf8)
+        except LocalProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        return await self._exchange(
+            TransactionResult, "MAIL/RCPT/DATA", self._timeouts.command, transaction=True
+        )
+
+    async def rset(self) -> Reply:
+        """RSET (RFC 5321 §4.1.1.5); also proves an idle connection is still alive."""
+        self._check_usable()
+        self._conn.rset()
+        return (await self._exchange(CommandResult, "RSET", self._timeouts.command)).reply
+
+    async def noop(self) -> Reply:
+        self._check_usable()
+        self._conn.noop()
+        return (await self._exchange(CommandResult, "NOOP", self._timeouts.command)).reply
+
+    async def quit(self) -> None:
+        """QUIT (RFC 5321 §4.1.1.10) if possible, then close. Never raises SMTP errors:
+        whatever was sent before is already accepted or refused."""
+        try:
+            if self.usable:
+                self._conn.quit()
+                await self._exchange(
+                    CommandResult, "QUIT", min(self._timeouts.command, _QUIT_TIMEOUT)
+                )
+        except SMTPClientError:
+            pass
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection without QUIT."""
+        if self._closed:
+            return
+        self._closed = True
+        # trio's aclose always closes, even when its graceful part is cut short.
+        with trio.move_on_after(1.0):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._stream.aclose()
+
+    async def __aenter__(self) -> SMTPClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.quit()
+
+    # --- internals ------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if not self.usable:
+            raise SMTPDisconnected(f"connection to {self.peer} is no longer usable")
+
+    def _check_hello(self, hello: HelloResult) -> None:
+        if not _ok(hello.reply):
+            raise SMTPResponseError("EHLO" if hello.esmtp else "EHLO/HELO", hello.reply)
+
+    async def _starttls(self, context: ssl.SSLContext, name: str, *, required: bool) -> bool:
+        """RFC 3207 STARTTLS. False: the handshake failed and the stream is unusable."""
+        conn = self._conn
+        if not conn.starttls:
+            if required:
+                # X.7.10: encryption needed (RFC 5248 registry).
+                raise SMTPTLSError("STARTTLS not offered", status="4.7.10")
+            return True
+        conn.start_tls()
+        answer = await self._exchange(StartTlsResult, "STARTTLS", self._timeouts.command)
+        if answer.reply.code != 220:
+            if required:
+                raise SMTPTLSError(f"STARTTLS refused: {answer.reply}", reply=answer.reply)
+            return True
+        if not await self._handshake(context, name, required=required):
+            return False
+        conn.tls_established()
+        if conn.discarded_plaintext:
+            # Bytes sent after 220 but before the handshake: a STARTTLS injection
+            # attempt (CVE-2011-0411 style); the machine dropped them unread.
+            log.warning(
+                "smtp_client.tls_injection", peer=self.peer, octets=len(conn.discarded_plaintext)
+            )
+        self._check_hello(await self._exchange(HelloResult, "EHLO", self._timeouts.command))
+        return True
+
+    async def _handshake(self, context: ssl.SSLContext, name: str, *, required: bool) -> bool:
+        tls_stream = trio.SSLStream(self._stream, context, server_hostname=name or None)
+        reason = ""
+        try:
+            with trio.fail_after(self._timeouts.command):
+                await tls_stream.do_handshake()
+        except trio.TooSlowError:
+            reason = f"timed out after {self._timeouts.command:g}s"
+        except trio.BrokenResourceError as exc:
+            reason = _tls_reason(exc)
+        except BaseException:
+            self._broken = True
+            raise
+        if reason:
+            self._broken = True
+            if required:
+                raise SMTPTLSError(f"TLS handshake failed: {reason}")
+            log.event("smtp_client.tls_failed", peer=self.peer, error=reason)
+            return False
+        self._stream = tls_stream
+        self.tls = describe(_TLSView(tls_stream))
+        return True
+
+    async def _exchange(
+        self, kind: type[E], what: str, timeout: float, *, transaction: bool = False
+    ) -> E:
+        """Run the machine's current step to its result, mapping failures to our errors."""
+        if self._busy:
+            raise trio.BusyResourceError("another task is using this SMTP connection")
+        self._busy = True
+        try:
+            event = await self._drive(what, timeout, transaction)
+        except SMTPProtocolError as exc:
+            self._broken = True
+            raise SMTPDisconnected(f"{exc} (during {what})") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._broken = True
+            raise SMTPDisconnected(f"connection lost during {what}: {_why(exc)}") from None
+        except BaseException:
+            self._broken = True  # a timeout or cancellation leaves a step half done
+            raise
+        finally:
+            self._busy = False
+        if not isinstance(event, kind):
+            self._broken = True
+            raise SMTPDisconnected(f"unexpected {type(event).__name__} after {what}")
+        return event
+
+    async def _drive(self, what: str, timeout: float, transaction: bool) -> ClientEvent:
+        """The machine's driving loop, with a deadline per burst of commands.
+
+        In a transaction the phase is read off what the machine sends: a lone
+        ``DATA`` (no PIPELINING) waits ``data_init``; the message itself ends
+        in ".\\r\\n", which no MAIL/RCPT/DATA/RSET line does, and its reply
+        waits ``data_end``.
+        """
+        conn = self._conn
+        deadline = trio.current_time() + timeout
+        while True:
+            # next_event() first: feeding it a reply may queue the next command
+            # (RCPT after MAIL without PIPELINING), which must go out before we
+            # wait for more replies.
+            event = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                if transaction and out.endswith(b".\r\n"):
+                    await self._send_message_data(out)
+                    what, timeout = "end of data", self._timeouts.data_end
+                else:
+                    await self._send(out, timeout, what)
+                    if transaction and out == b"DATA\r\n":
+                        what, timeout = "DATA", self._timeouts.data_init
+                deadline = trio.current_time() + timeout
+            if event is not NEED_DATA:
+                return event
+            data: bytes | bytearray = b""
+            with trio.move_on_at(deadline) as scope:
+                data = await self._stream.receive_some(_RECEIVE_SIZE)
+            if scope.cancelled_caught:
+                raise SMTPTimeout(f"no reply to {what} within {timeout:g}s")
+            conn.receive_data(bytes(data))
+
+    async def _send(self, data: bytes | memoryview, timeout: float, what: str) -> None:
+        with trio.move_on_after(timeout) as scope:
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            raise SMTPTimeout(f"sending {what} stalled for {timeout:g}s")
+
+    async def _send_message_data(self, wire: bytes) -> None:
+        view = memoryview(wire)
+        for start in range(0, len(view), _BLOCK_SIZE):
+            await self._send(
+                view[start : start + _BLOCK_SIZE], self._timeouts.data_block, "message data"
+            )
+
+
+class _TLSView:
+    """``version()``/``cipher()`` of a trio SSLStream, typed for :func:`describe`."""
+
+    def __init__(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        self._stream = stream
+
+    def version(self) -> str | None:
+        version: str | None = self._stream.version()
+        return version
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        cipher: tuple[str, str, int] | None = self._stream.cipher()
+        return cipher
+
+
+async def _open_tcp(host: str, port: int, timeout: float) -> tuple[trio.SocketStream, str]:
+    target = _unbracket(host)
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(target, port)
+    except trio.TooSlowError:
+        raise SMTPTimeout(f"connect to {target} port {port} timed out after {timeout:g}s") from None
+    except OSError as exc:
+        raise SMTPConnectError(f"connect to {target} port {port}: {_why(exc)}") from None
+    try:
+        address = str(stream.socket.getpeername()[0])
+    except OSError:
+        address = target
+    return stream, address
+
+
+def _unbracket(host: str) -> str:
+    """``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` (address literals) to the bare address."""
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        return inner[5:] if inner[:5].lower() == "ipv6:" else inner
+    return host
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason: the OS error text, or the SSL/OS cause trio wrapped."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause or exc) or type(cause or exc).__name__
+
+
+def _tls_reason(exc: trio.BrokenResourceError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return _why(exc)
+
+
+def _ok(reply: Reply) -> bool:
+    return 200 <= reply.code < 300
+
+
+# --- one message for applications ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What :func:`send_message` achieved: per recipient the deciding reply."""
+
+    recipients: Mapping[str, Reply]
+    reply: Reply | None  # the reply to the message data; None when DATA was not reached
+    peer: str
+    tls: str | None
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return tuple(rcpt for rcpt, reply in self.recipients.items() if _ok(reply))
+
+    @property
+    def refused(self) -> dict[str, Reply]:
+        return {rcpt: reply for rcpt, reply in self.recipients.items() if not _ok(reply)}
+
+
+async def send_message(
+    message: bytes | email.message.Message,
+    *,
+    sender: str | None = None,
+    recipients: Sequence[str] | None = None,
+    host: str = "localhost",
+    port: int = 25,
+    tls: TLSMode = "opportunistic",
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    helo_name: str | None = None,
+    timeouts: Timeouts | None = None,
+) -> SendResult:
+    """Send one message to ``host:port`` (an MX, a smarthost or a submission server).
+
+    For an ``EmailMessage``, ``sender`` defaults to its Sender or From address
+    and ``recipients`` to every To, Cc and Bcc address; Bcc is removed before
+    sending (RFC 5322 §3.6.3), without changing the caller's object. Raw bytes
+    need both and are sent as given (after CRLF normalisation and
+    dot-stuffing). ``username``/``password`` log in with AUTH, which needs TLS
+    unless ``tls="none"``. ``helo_name`` defaults to this machine's host name.
+
+    Raises an :class:`SMTPClientError` when nothing was delivered (every
+    recipient refused: :class:`SMTPSendError`); otherwise returns the replies,
+    refused recipients included.
+    """
+    data, envelope_from, envelope_to = _prepare(message, sender, recipients)
+    if (username is None) != (password is None):
+        raise ValueError("username and password go together")
+    client = await SMTPClient.connect(
+        host,
+        port,
+        helo_name=helo_name or socket.gethostname(),
+        tls=tls,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        timeouts=timeouts,
+    )
+    async with client:
+        if username is not None and password is not None:
+            await client.login(username, password)
+        transaction = await client.send(envelope_from, envelope_to, data)
+    result = SendResult(
+        recipients=dict(zip(envelope_to, transaction.outcomes, strict=True)),
+        reply=transaction.data_reply,
+        peer=client.peer,
+        tls=client.tls,
+    )
+    if not result.accepted:
+        raise SMTPSendError(f"{client.peer} accepted no recipient", result)
+    return result
+
+
+def _prepare(
+    message: bytes | email.message.Message,
+    sender: str | None,
+    recipients: Sequence[str] | None,
+) -> tuple[bytes, str, list[str]]:
+    """(wire bytes, envelope sender, envelope recipients) for send_message."""
+    if isinstance(message, bytes | bytearray | memoryview):
+        if sender is None or recipients is None:
+            raise ValueError("raw message bytes need sender= and recipients=")
+        data = bytes(message)
+    else:
+        if sender is None:
+            found = _addresses(message, "Sender") or _addresses(message, "From")
+            if not found:
+                raise ValueError("no sender: pass sender= or give the message a From header")
+            sender = found[0]
+        if recipients is None:
+            recipients = list(
+                dict.fromkeys(a for h in ("To", "Cc", "Bcc") for a in _addresses(message, h))
+            )
+        if "Bcc" in message:
+            message = copy.deepcopy(message)
+            del message["Bcc"]
+        data = bytes(message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
+    if not recipients:
+        raise ValueError("no recipients: pass recipients= or give the message To/Cc/Bcc")
+    return data, sender, list(recipients)
+
+
+def _addresses(message: email.message.Message, header: str) -> list[str]:
+    values = [str(value) for value in message.get_all(header, [])]
+    return [address for _, address in email.utils.getaddresses(values) if address]
