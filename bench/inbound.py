@@ -182,7 +182,7 @@ class Target:
     name: str
     port: int
     maildir: Path
-    pid: int | None = None  # only for trio_mta: RSS and CPU are read from it
+    pid: int | None = None  # server process whose CPU (and, for trio_mta, RSS) is read
 
     @property
     def new_dir(self) -> Path:
@@ -296,7 +296,17 @@ class Peer:
             self.started_by_us = False
 
     def target(self) -> Target:
-        return Target(self.name, self.port, self.maildir)
+        return Target(self.name, self.port, self.maildir, self.server_pid())
+
+    def server_pid(self) -> int | None:
+        """aiosmtpd is one process (its pidfile): its CPU per message is comparable."""
+        if self.name != "aiosmtpd":
+            return None  # Postfix is a family of short- and long-lived processes
+        try:
+            pid = int((Path(self.env["PEERS_DIR"]) / "run" / "aiosmtpd.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if cpu_seconds(pid) is not None else None
 
 
 def postfix_main_cf() -> None:
@@ -362,7 +372,7 @@ class Run:
     delivered_s: float | None = None  # until `messages` files sit in new/
     delivered_files: int = 0
     peak_rss_kib: int | None = None
-    cpu_s: float | None = None  # server CPU during the run (trio_mta only)
+    cpu_s: float | None = None  # server process CPU during the run (not Postfix)
     loadgen: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -455,7 +465,8 @@ def measure(target: Target, kind: str, size: int, sessions: int, rep: int, messa
     if target.pid:
         cpu1 = cpu_seconds(target.pid)
         run.cpu_s = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
-        run.peak_rss_kib = proc_status(target.pid).get("VmHWM")
+        if target.name == "trio":  # a fresh process per run: its peak is this run's
+            run.peak_rss_kib = proc_status(target.pid).get("VmHWM")
     run.client_s, run.delivered_s, run.delivered_files = client_s, delivered_s, seen
     problems = []
     if kind == "loadgen":
@@ -683,13 +694,16 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
     say()
     say("Throughput (msg/s). accepted = M / smtp-source wall time (every DATA got 250);")
     say("delivered = M / time from start until M files sit in the Maildir's new/.")
+    say("CPU ms/msg = the server process's user+sys CPU over the run / M (not for Postfix).")
     rows = []
     for size, s in cells(a.sizes, a.sessions):
         for t in targets:
             rows.append([size_label(size), str(s), LABEL[t],
                          fmt(res.med(t, size, s, "accepted"), 1),
-                         fmt(res.med(t, size, s, "delivered"), 1), res.ok_count(t, size, s)])
-    table(rows, ["size", "sessions", "server", "accepted/s", "delivered/s", "runs ok"])
+                         fmt(res.med(t, size, s, "delivered"), 1),
+                         fmt(res.med(t, size, s, "cpu"), 2), res.ok_count(t, size, s)])
+    table(rows, ["size", "sessions", "server", "accepted/s", "delivered/s", "CPU ms/msg",
+                 "runs ok"])
 
     if "trio" in targets:
         say()
