@@ -123,6 +123,16 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def schedstat(pid: int, tid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of one thread."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            on_cpu, waiting, _ = f.read().split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
 def traced(pid: int) -> bool:
     """True when every thread of `pid` has a tracer attached."""
     try:
@@ -373,6 +383,8 @@ class Run:
     delivered_files: int = 0
     peak_rss_kib: int | None = None
     cpu_s: float | None = None  # server process CPU during the run (not Postfix)
+    loop_cpu_s: float | None = None  # trio_mta's event-loop (main) thread: on a CPU
+    loop_wait_s: float | None = None  # ... and runnable, waiting for a CPU
     loadgen: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -460,11 +472,15 @@ def measure(target: Target, kind: str, size: int, sessions: int, rep: int, messa
     run = Run(target.name, kind, size, sessions, rep, shlex.join(cmd), messages)
     clear_maildir(target.maildir)
     cpu0 = cpu_seconds(target.pid) if target.pid else None
+    loop0 = schedstat(target.pid, target.pid) if target.pid else None
     rc, client_s, delivered_s, seen, output = drive(cmd, target, messages, timeout,
                                                     workdir / "client.out")
     if target.pid:
         cpu1 = cpu_seconds(target.pid)
+        loop1 = schedstat(target.pid, target.pid)
         run.cpu_s = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+        if target.name == "trio" and loop0 and loop1:
+            run.loop_cpu_s, run.loop_wait_s = loop1[0] - loop0[0], loop1[1] - loop0[1]
         if target.name == "trio":  # a fresh process per run: its peak is this run's
             run.peak_rss_kib = proc_status(target.pid).get("VmHWM")
     run.client_s, run.delivered_s, run.delivered_files = client_s, delivered_s, seen
@@ -519,6 +535,10 @@ def describe(run: Run) -> str:
         parts.append(f"peak RSS {run.peak_rss_kib / 1024:.1f} MiB")
     if run.cpu_s is not None:
         parts.append(f"server CPU {1000 * run.cpu_s / run.messages:.2f} ms/msg")
+    span = run.delivered_s or run.client_s
+    if run.loop_cpu_s is not None and run.loop_wait_s is not None and span:
+        parts.append(f"event loop on CPU {100 * run.loop_cpu_s / span:.0f}% + waiting for "
+                     f"a CPU {100 * run.loop_wait_s / span:.0f}%")
     return ", ".join(parts)
 
 
@@ -660,6 +680,13 @@ class Results:
             values = [r.peak_rss_kib / 1024 if r.peak_rss_kib else None for r in runs]
         elif what == "cpu":
             values = [1000 * r.cpu_s / r.messages if r.cpu_s is not None else None for r in runs]
+        elif what == "loop_cpu":
+            values = [1000 * r.loop_cpu_s / r.messages if r.loop_cpu_s is not None else None
+                      for r in runs]
+        elif what == "loop_busy":
+            values = [100 * (r.loop_cpu_s + r.loop_wait_s) / r.delivered_s
+                      if r.loop_cpu_s is not None and r.loop_wait_s is not None
+                      and r.delivered_s else None for r in runs]
         else:  # a loadgen JSON field
             values = [_num(r.loadgen.get(what)) for r in runs]
         return median(values)
@@ -708,7 +735,9 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
     if "trio" in targets:
         say()
         say("trio_mta detail: DATA-reply latency from bench/loadgen.py (same sessions and M),")
-        say("peak RSS (VmHWM) and server CPU per message during the smtp-source run.")
+        say("peak RSS (VmHWM) and server CPU per message during the smtp-source run;")
+        say("loop = the event-loop thread alone: its CPU per message, and the share of the run")
+        say("it spent on a CPU or runnable waiting for one (100% = the loop is the bottleneck).")
         rows = []
         for size, s in cells(a.sizes, a.sessions):
             rows.append([size_label(size), str(s),
@@ -717,9 +746,11 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
                          fmt(res.med("trio", size, s, "accepted_per_s", "loadgen"), 1),
                          fmt(res.med("trio", size, s, "rss"), 1),
                          fmt(res.med("trio", size, s, "cpu"), 2),
+                         fmt(res.med("trio", size, s, "loop_cpu"), 2),
+                         fmt(res.med("trio", size, s, "loop_busy"), 0),
                          res.ok_count("trio", size, s, "loadgen")])
         table(rows, ["size", "sessions", "p50 ms", "p99 ms", "loadgen acc/s",
-                     "peak RSS MiB", "CPU ms/msg", "loadgen ok"])
+                     "peak RSS MiB", "CPU ms/msg", "loop ms/msg", "loop busy %", "loadgen ok"])
 
     peers = [t for t in ("postfix", "aiosmtpd") if t in targets]
     if "trio" in targets and peers:
