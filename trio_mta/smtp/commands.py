@@ -1,0 +1,368 @@
+"""SMTP command lines to typed values and back (RFC 5321 §4.1, RFC 1870, 3030, 4954, 6152, 6531).
+
+:func:`parse_command` is strict where leniency has bitten MTAs before (line
+length, stray CR/LF, unknown or repeated ESMTP parameters) and tolerant only
+where every real client deviates the same harmless way (``MAIL FROM: <a@b>``).
+Every rejection is a :class:`CommandError` whose ``reply`` the server sends.
+:func:`format_command` is its inverse: ``parse_command(format_command(c)[:-2]) == c``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from trio_mta.smtp.address import Path, match_path
+from trio_mta.smtp.errors import CommandError, LocalProtocolError
+from trio_mta.smtp.replies import Reply
+
+#: RFC 5321 §4.5.3.1.4: command line including CRLF.
+MAX_LINE = 512
+#: MAIL may be longer: RFC 1870 §3 (SIZE, +26) and RFC 4954 §5 (AUTH=, +500).
+MAX_MAIL_LINE = MAX_LINE + 26 + 500
+
+BodyType: TypeAlias = Literal["7BIT", "8BITMIME", "BINARYMIME"]
+_BODY_TYPES: dict[str, BodyType] = {"7BIT": "7BIT", "8BITMIME": "8BITMIME",
+                                    "BINARYMIME": "BINARYMIME"}
+
+
+@dataclass(frozen=True)
+class Ehlo:
+    domain: str
+
+
+@dataclass(frozen=True)
+class Helo:
+    domain: str
+
+
+@dataclass(frozen=True)
+class MailParams:
+    """The MAIL parameters we implement; anything else is refused at parse time."""
+
+    size: int | None = None
+    body: BodyType | None = None
+    smtputf8: bool = False
+    auth: str | None = None  # RFC 4954 §5 AUTH=, xtext-decoded; "<>" stays "<>"
+
+
+@dataclass(frozen=True)
+class Mail:
+    path: Path
+    params: MailParams = MailParams()
+
+
+@dataclass(frozen=True)
+class Rcpt:
+    path: Path
+    # Parsing refuses every RCPT parameter today; formatting sends these (e.g. NOTIFY).
+    params: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Data:
+    pass
+
+
+@dataclass(frozen=True)
+class Bdat:
+    size: int
+    last: bool = False
+
+
+@dataclass(frozen=True)
+class Rset:
+    pass
+
+
+@dataclass(frozen=True)
+class Noop:
+    arg: str = ""
+
+
+@dataclass(frozen=True)
+class Quit:
+    """QUIT; the server machine also emits this very class as its Quit event."""
+
+
+@dataclass(frozen=True)
+class Vrfy:
+    arg: str
+
+
+@dataclass(frozen=True)
+class Help:
+    arg: str = ""
+
+
+@dataclass(frozen=True)
+class StartTls:
+    pass
+
+
+@dataclass(frozen=True)
+class Auth:
+    mechanism: str  # upper case
+    initial_response: str | None = None  # base64 text as sent; "=" is the empty response
+
+
+Command: TypeAlias = (
+    Ehlo | Helo | Mail | Rcpt | Data | Bdat | Rset | Noop | Quit | Vrfy | Help | StartTls | Auth
+)
+
+
+def _err(code: int, status: str, text: str) -> CommandError:
+    return CommandError(Reply(code, status, text))
+
+
+_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+_BARE_CR_LF = Reply(500, "5.5.2", "Bare CR or LF in command line")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FROM = re.compile(r"(?i:FROM): *")
+_TO = re.compile(r"(?i:TO): *")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")  # esmtp-keyword
+_VALUE = re.compile("[\\x21-\\x3c\\x3e-\\x7e\u0080-\U0010ffff]+\\Z")  # esmtp-value (+RFC 6531)
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_BDAT = re.compile(r"([0-9]{1,18})(?: +(?i:(LAST)))?\Z")
+_AUTH = re.compile(r"([A-Za-z0-9_-]{1,20})(?: +([^ ]+))?\Z")  # RFC 4954 §4 sasl-mech
+_TOKEN = re.compile(r"[^ ]+\Z")
+
+# RFC 5321 §4.5.1 and friends: known verbs we do not implement get 502, not 500.
+_NOT_IMPLEMENTED = frozenset(
+    (b"EXPN", b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML", b"VERB", b"ONEX", b"BURL")
+)
+
+
+def _no_args(name: str, cmd: Data | Rset | Quit | StartTls) -> Callable[[str, bool], Command]:
+    def parse(rest: str, utf8_ok: bool) -> Command:
+        if rest:
+            raise _err(501, "5.5.2", f"Syntax: {name} (no parameters allowed)")
+        return cmd
+
+    return parse
+
+
+def _hello(cls: type[Ehlo] | type[Helo], name: str) -> Callable[[str, bool], Command]:
+    def parse(rest: str, utf8_ok: bool) -> Command:
+        # RFC 5321 §4.1.1.1 asks for a domain or address literal; real clients
+        # send "my_pc" or worse, and refusing them buys nothing, so any one
+        # printable token is taken (non-ASCII only with SMTPUTF8, RFC 6531 §3.7.1).
+        if not _TOKEN.match(rest) or (not utf8_ok and not rest.isascii()):
+            raise _err(501, "5.5.2", f"Syntax: {name} hostname")
+        return cls(rest)
+
+    return parse
+
+
+def _parse_mail(rest: str, utf8_ok: bool) -> Command:
+    prefix = _FROM.match(rest)
+    if prefix is None or rest[prefix.end() : prefix.end() + 1] != "<":
+        raise _err(501, "5.5.2", "Syntax: MAIL FROM:<address>")
+    found = match_path(rest, prefix.end(), smtputf8=True, allow_null=True,
+                       allow_postmaster=False)
+    params = _mail_params(_params_text(rest, found.end, "Syntax: MAIL FROM:<address>"))
+    if not (utf8_ok or params.smtputf8) and not rest[: found.end].isascii():
+        raise _err(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
+    return Mail(found.path, params)
+
+
+def _parse_rcpt(rest: str, utf8_ok: bool) -> Command:
+    prefix = _TO.match(rest)
+    if prefix is None or rest[prefix.end() : prefix.end() + 1] != "<":
+        raise _err(501, "5.5.2", "Syntax: RCPT TO:<address>")
+    found = match_path(rest, prefix.end(), smtputf8=True, allow_null=False,
+                       allow_postmaster=True)
+    if _params_text(rest, found.end, "Syntax: RCPT TO:<address>"):
+        raise _err(555, "5.5.4", "RCPT parameters not supported")
+    if not utf8_ok and not rest[: found.end].isascii():
+        raise _err(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
+    return Rcpt(found.path)
+
+
+def _params_text(rest: str, end: int, syntax: str) -> list[str]:
+    tail = rest[end:]
+    if tail and tail[0] != " ":
+        raise _err(501, "5.5.2", syntax)
+    return tail.split(" ") if tail.strip(" ") else []
+
+
+def _mail_params(tokens: list[str]) -> MailParams:
+    size: int | None = None
+    body: BodyType | None = None
+    smtputf8 = False
+    auth: str | None = None
+    seen: set[str] = set()
+    for token in tokens:
+        if not token:
+            continue
+        key, eq, value = token.partition("=")
+        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise _err(555, "5.5.4", f"Malformed parameter: {token[:40]}")
+        key = key.upper()
+        if key in seen:
+            raise _err(555, "5.5.4", f"Duplicate parameter: {key}")
+        seen.add(key)
+        if key == "SIZE" and eq and value.isascii() and value.isdigit() and len(value) <= 20:
+            size = int(value)  # RFC 1870 §3
+        elif key == "BODY" and eq and value.upper() in _BODY_TYPES:
+            body = _BODY_TYPES[value.upper()]  # RFC 6152 §2, RFC 3030 §3
+        elif key == "SMTPUTF8" and not eq:
+            smtputf8 = True  # RFC 6531 §3.4
+        elif key == "AUTH" and eq:
+            auth = _xtext_decode(value)
+        elif key in ("SIZE", "BODY", "SMTPUTF8", "AUTH"):
+            raise _err(555, "5.5.4", f"Invalid value for {key}")
+        else:
+            raise _err(555, "5.5.4", f"Unsupported parameter: {key[:40]}")
+    return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth)
+
+
+def _xtext_decode(value: str) -> str:
+    if not _XTEXT.match(value):
+        raise _err(555, "5.5.4", "Invalid value for AUTH")
+    raw = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+    try:
+        decoded = raw.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise _err(555, "5.5.4", "Invalid value for AUTH") from None
+    if _CONTROL.search(decoded):
+        raise _err(555, "5.5.4", "Invalid value for AUTH")
+    return decoded
+
+
+def _xtext_encode(value: str) -> str:
+    out = []
+    for byte in value.encode("utf-8"):
+        if 0x21 <= byte <= 0x7E and byte not in (0x2B, 0x3D):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def _parse_bdat(rest: str, utf8_ok: bool) -> Command:
+    match = _BDAT.match(rest)
+    if match is None:
+        raise _err(501, "5.5.2", "Syntax: BDAT size [LAST]")
+    return Bdat(int(match.group(1)), match.group(2) is not None)
+
+
+def _parse_auth(rest: str, utf8_ok: bool) -> Command:
+    match = _AUTH.match(rest)
+    if match is None:
+        raise _err(501, "5.5.2", "Syntax: AUTH mechanism [initial-response]")
+    return Auth(match.group(1).upper(), match.group(2))
+
+
+def _parse_vrfy(rest: str, utf8_ok: bool) -> Command:
+    if not rest:
+        raise _err(501, "5.5.2", "Syntax: VRFY address")
+    return Vrfy(rest)
+
+
+_PARSERS: dict[bytes, Callable[[str, bool], Command]] = {
+    b"EHLO": _hello(Ehlo, "EHLO"),
+    b"HELO": _hello(Helo, "HELO"),
+    b"MAIL": _parse_mail,
+    b"RCPT": _parse_rcpt,
+    b"DATA": _no_args("DATA", Data()),
+    b"BDAT": _parse_bdat,
+    b"RSET": _no_args("RSET", Rset()),
+    b"NOOP": lambda rest, utf8_ok: Noop(rest),
+    b"QUIT": _no_args("QUIT", Quit()),
+    b"VRFY": _parse_vrfy,
+    b"HELP": lambda rest, utf8_ok: Help(rest),
+    b"STARTTLS": _no_args("STARTTLS", StartTls()),
+    b"AUTH": _parse_auth,
+}
+
+
+def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
+    """Parse one command line given WITHOUT its CRLF.
+
+    ``smtputf8_ok``: non-ASCII is acceptable in this line even without a
+    SMTPUTF8 parameter on it: for RCPT, the transaction's MAIL carried
+    SMTPUTF8 (RFC 6531 §3.4); a MAIL line may always enable it for itself.
+    """
+    size = len(line)
+    if size > MAX_LINE - 2 and (size > MAX_MAIL_LINE - 2 or line[:5].upper() != b"MAIL "):
+        raise CommandError(_TOO_LONG)
+    if b"\r" in line or b"\n" in line:
+        raise CommandError(_BARE_CR_LF)
+    verb, _, rest_bytes = line.partition(b" ")
+    verb = verb.upper()
+    parser = _PARSERS.get(verb)
+    if parser is None:
+        if verb in _NOT_IMPLEMENTED:
+            raise _err(502, "5.5.1", "Command not implemented")
+        raise _err(500, "5.5.1", "Command unrecognized")
+    try:
+        rest = rest_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _err(501, "5.5.2", "Invalid UTF-8 in command") from None
+    if _CONTROL.search(rest):
+        raise _err(501, "5.5.2", "Control character in command")
+    return parser(rest.strip(" "), smtputf8_ok)
+
+
+def _format_params(params: Mapping[str, str | None]) -> str:
+    return "".join(f" {k}" if v is None else f" {k}={v}" for k, v in params.items())
+
+
+def format_mail_params(params: MailParams) -> str:
+    """The MAIL parameters as sent on the wire, each preceded by a space."""
+    out = []
+    if params.size is not None:
+        out.append(f" SIZE={params.size}")
+    if params.body is not None:
+        out.append(f" BODY={params.body}")
+    if params.smtputf8:
+        out.append(" SMTPUTF8")
+    if params.auth is not None:
+        out.append(f" AUTH={_xtext_encode(params.auth)}")
+    return "".join(out)
+
+
+def _format_text(cmd: Command) -> str:
+    match cmd:
+        case Ehlo(domain):
+            return f"EHLO {domain}"
+        case Helo(domain):
+            return f"HELO {domain}"
+        case Mail(path, params):
+            return f"MAIL FROM:<{path}>{format_mail_params(params)}"
+        case Rcpt(path, params):
+            return f"RCPT TO:<{path}>{_format_params(params)}"
+        case Data():
+            return "DATA"
+        case Bdat(size, last):
+            return f"BDAT {size} LAST" if last else f"BDAT {size}"
+        case Rset():
+            return "RSET"
+        case Noop(arg):
+            return f"NOOP {arg}" if arg else "NOOP"
+        case Quit():
+            return "QUIT"
+        case Vrfy(arg):
+            return f"VRFY {arg}"
+        case Help(arg):
+            return f"HELP {arg}" if arg else "HELP"
+        case StartTls():
+            return "STARTTLS"
+        case Auth(mechanism, None):
+            return f"AUTH {mechanism}"
+        case Auth(mechanism, response):
+            return f"AUTH {mechanism} {response}"
+    raise LocalProtocolError(f"not a command: {cmd!r}")
+
+
+def format_command(cmd: Command) -> bytes:
+    """The command line WITH its CRLF; refuses values that would break the line."""
+    text = _format_text(cmd)
+    if _CONTROL.search(text):
+        # A CR/LF smuggled in through a field would inject a second command.
+        raise LocalProtocolError(f"control character in command: {text[:80]!r}")
+    return f"{text}\r\n".encode()
