@@ -1,0 +1,187 @@
+"""DATA framing (RFC 5321 §4.5.2, §4.1.1.4) and the BDAT line-ending check.
+
+The end of the mail data is exactly CRLF "." CRLF. A lone LF or CR is never
+a line end here: accepting ``<LF>.<CR><LF>`` and friends as the end is what
+made SMTP smuggling possible (CVE-2023-51764/51765/51766), so such bytes only
+set :attr:`DataReader.bad_line_ending` and the server refuses the message.
+
+All scanning is done by ``bytes.find``/``count``/``replace`` over whole
+chunks: never a Python loop per byte. A chunk is split into a "segment" that
+is processed now and a held-back suffix of at most four bytes that could be
+the start of the end marker; the segment therefore never ends inside a
+CRLF, which makes the per-segment counts exact for any split of the input.
+"""
+
+from __future__ import annotations
+
+from trio_mta.smtp.errors import LocalProtocolError
+
+_MARK = b"\r\n.\r\n"
+_MARK_PREFIXES = (_MARK[:4], _MARK[:3], _MARK[:2], _MARK[:1])
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """Wire form of ``body`` for DATA: CRLF line ends, dots doubled, ".\\r\\n" appended.
+
+    Every bare LF, bare CR and CRLF becomes one CRLF, so the result can never
+    hold an end marker (or a smuggling sequence) before its final line.
+    """
+    crlf = body.count(b"\r\n")
+    if crlf != body.count(b"\r") or crlf != body.count(b"\n"):
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    body = body.replace(b"\r\n.", b"\r\n..")  # RFC 5321 §4.5.2 transparency
+    if body.startswith(b"."):
+        body = b"." + body
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body + b".\r\n"
+
+
+# Every byte but CR and LF: translate(None, _NOT_CR_LF) keeps only the line-end bytes.
+_NOT_CR_LF = bytes(b for b in range(256) if b not in (0x0D, 0x0A))
+
+
+def has_bare_line_ending(segment: bytes) -> bool:
+    """True when ``segment`` holds a CR not followed by LF or an LF not preceded by CR.
+
+    CR+LF octets = 2 * CRLF pairs + bare ones; ``translate`` (deleting) and
+    ``count`` are the two fastest whole-buffer passes CPython offers for this.
+    """
+    return len(segment.translate(None, _NOT_CR_LF)) != 2 * segment.count(b"\r\n")
+
+
+class DataReader:
+    """Server side: undo dot-stuffing and find the end of the data after 354.
+
+    ``feed`` returns ``(body, remainder)``: the unstuffed body bytes available
+    now (CRLF line ends, the final CRLF included) and, once the end marker was
+    seen, the bytes that followed it (pipelined commands), else ``None``.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        # The data starts as if preceded by CRLF (RFC 5321 §4.5.2: ".\r\n" first
+        # is an empty message). Those two virtual bytes are held like any
+        # other marker prefix and dropped from the output (_skip).
+        self._hold = b"\r\n"
+        self._skip = 2
+        self._size = 0
+        self._too_big = False
+        self._bad = False
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def size(self) -> int:
+        """Unstuffed octets seen so far (counted on after ``too_big``)."""
+        return self._size
+
+    @property
+    def too_big(self) -> bool:
+        return self._too_big
+
+    @property
+    def bad_line_ending(self) -> bool:
+        return self._bad
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        if self._done:
+            raise LocalProtocolError("DataReader.feed() after the end of the data")
+        work = self._hold + data if self._hold else data
+        # One split at every line-initial dot does three jobs: it finds the end
+        # marker (a piece after a split point that starts with CRLF), it undoes
+        # the dot-stuffing (join with CRLF) and, as lines starting with "." are
+        # rare, it usually returns a single piece at the cost of one scan.
+        pieces = work.split(b"\r\n.")
+        last = len(pieces) - 1
+        for i in range(1, last + 1):
+            # An empty piece before another split point: the dot is followed by
+            # "\r\n." whose CRLF completes the marker.
+            if pieces[i][:2] == b"\r\n" or (i < last and not pieces[i]):
+                self._done = True
+                self._hold = b""
+                rest = b"\r\n.".join(pieces[i:])[2:]
+                pieces[i] = b""  # the CRLF that precedes the final dot is body
+                return self._consume(b"\r\n".join(pieces[: i + 1])), rest
+        hold = 0
+        tail = work[-4:]
+        for prefix in _MARK_PREFIXES:
+            if tail.endswith(prefix):
+                hold = len(prefix)
+                break
+        if hold:
+            # Keep back what may begin the end marker. A held "\r\n." or
+            # "\r\n.\r" produced the last split point: drop that last piece.
+            self._hold = work[-hold:]
+            if hold >= 3:
+                del pieces[-1]
+            else:
+                pieces[-1] = pieces[-1][:-hold]
+        else:
+            self._hold = b""
+        body = pieces[0] if len(pieces) == 1 else b"\r\n".join(pieces)
+        return self._consume(body), None
+
+    def _consume(self, body: bytes) -> bytes:
+        """Account for an unstuffed segment (same CR/LF pairs as its stuffed form)."""
+        if not body:
+            return b""
+        if not self._bad and has_bare_line_ending(body):
+            self._bad = True
+        if self._skip:
+            dropped = min(self._skip, len(body))
+            body = body[dropped:]
+            self._skip -= dropped
+        self._size += len(body)
+        if self._too_big:
+            return b""
+        if self._size > self._max:
+            self._too_big = True  # discard, never buffer, but keep reading to the end
+            return b""
+        return body
+
+
+class LineEndingChecker:
+    """Tracks bare CR/LF across BDAT chunks, where a CRLF may straddle two chunks."""
+
+    def __init__(self) -> None:
+        self._cr_pending = False
+        self._bad = False
+        self._tail = b""
+
+    @property
+    def bad(self) -> bool:
+        """A bare CR or LF was seen (call :meth:`finish` first for the last byte)."""
+        return self._bad
+
+    @property
+    def ends_with_crlf(self) -> bool:
+        """The content so far is empty or ends with CRLF."""
+        return self._tail in (b"", b"\r\n")
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._tail = (self._tail + chunk[-2:])[-2:]
+        if self._bad:
+            return
+        if self._cr_pending:
+            self._cr_pending = False
+            if chunk[:1] != b"\n":
+                self._bad = True
+                return
+            chunk = chunk[1:]
+        if chunk.endswith(b"\r"):
+            self._cr_pending = True
+            chunk = chunk[:-1]
+        if has_bare_line_ending(chunk):
+            self._bad = True
+
+    def finish(self) -> None:
+        """End of the content: a CR left waiting for its LF is a bare CR."""
+        if self._cr_pending:
+            self._bad = True
+            self._cr_pending = False
