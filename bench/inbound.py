@@ -43,7 +43,7 @@ RCPT = "u@bench.test"
 TARGETS = ("trio", "postfix", "aiosmtpd")
 LABEL = {"trio": "trio_mta", "postfix": "Postfix", "aiosmtpd": "aiosmtpd"}
 POLL = 0.02  # seconds between Maildir counts: 20 ms resolution on multi-second runs
-WARMUP = 20  # unmeasured messages sent to every server instance before its first run
+WARMUP = 2  # unmeasured messages per session sent to a server instance before it is measured
 
 
 class SetupError(Exception):
@@ -512,10 +512,11 @@ def measure(target: Target, kind: str, size: int, sessions: int, rep: int, messa
     return run
 
 
-def warm_up(target: Target, timeout: float, workdir: Path) -> None:
+def warm_up(target: Target, sessions: int, timeout: float, workdir: Path) -> None:
     """A few unmeasured messages: first connections, imports, process spawns, caches."""
     clear_maildir(target.maildir)
-    drive(source_cmd(target, 1024, 5, WARMUP), target, WARMUP, min(timeout, 60),
+    count = max(20, WARMUP * sessions)
+    drive(source_cmd(target, 1024, sessions, count), target, count, min(timeout, 60),
           workdir / "warmup.out")
     clear_maildir(target.maildir)
 
@@ -592,7 +593,7 @@ def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeo
     cmd = source_cmd(target, size, sessions, messages)
     res = FsyncResult(size, sessions, shlex.join(cmd), shlex.join(strace_cmd))
     try:
-        warm_up(target, timeout, workdir)
+        warm_up(target, sessions, timeout, workdir)
         summary.unlink(missing_ok=True)
         strace = subprocess.Popen(strace_cmd, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -904,7 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"# messages={a.messages} repeat={a.repeat} sizes={a.sizes} sessions={a.sessions} "
         f"servers={a.only} idle={a.idle}")
     say("# smtp-source: one connection per message (no -d), no pipelining; "
-        f"{WARMUP} unmeasured warm-up messages per server instance")
+        "unmeasured warm-up (1 KiB, max(20, 2 x sessions) messages) for each trio_mta process "
+        "at the run's session count, for each peer once at the largest")
     if ensure_tool("smtp-source", "postfix") is None:
         say("smtp-source is not available (apt-get install -y postfix failed)")
         return 1
@@ -927,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"# {peer.name} unavailable, skipped: {error}")
                 targets.remove(peer.name)
             else:
-                warm_up(peer.target(), a.timeout, workdir)
+                warm_up(peer.target(), max(a.sessions), a.timeout, workdir)
         by_name = {p.name: p for p in peers}
         total = a.repeat * len(a.sizes) * len(a.sessions)
         n = 0
@@ -940,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if t == "trio":
                         target = server.start()
                         try:
-                            warm_up(target, a.timeout, workdir)
+                            warm_up(target, s, a.timeout, workdir)
                             kinds = ["source"] + ([] if a.no_latency else ["loadgen"])
                             for kind in kinds:
                                 run = measure(target, kind, size, s, rep, a.messages,
