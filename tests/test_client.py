@@ -169,6 +169,32 @@ async def read_until(stream: trio.SocketStream, seen: list[bytes], marker: bytes
     return buffer
 
 
+@dataclass
+class BrokenTlsPeer:
+    """A scripted peer offering STARTTLS that answers 220 and then sends garbage
+    instead of a handshake; a connection that skips STARTTLS gets a plain session."""
+
+    first_commands: list[bytes] = field(default_factory=list)
+    delivered: list[bytes] = field(default_factory=list)
+
+    async def __call__(self, stream: trio.SocketStream, seen: list[bytes]) -> None:
+        await stream.send_all(b"220 mx ESMTP\r\n")
+        await read_until(stream, seen, b"\r\n")
+        await stream.send_all(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        command = await read_until(stream, seen, b"\r\n")
+        self.first_commands.append(command.split(b"\r\n")[0])
+        if command.startswith(b"STARTTLS"):
+            await stream.send_all(b"220 2.0.0 go ahead\r\n")
+            await stream.receive_some(65536)  # the ClientHello
+            await stream.send_all(b"this is not TLS\r\n" * 4)
+            return
+        await stream.send_all(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.delivered.append(await read_until(stream, seen, b"\r\n.\r\n"))
+        await stream.send_all(b"250 2.0.0 queued\r\n")
+        await read_until(stream, seen, b"QUIT\r\n")
+        await stream.send_all(b"221 bye\r\n")
+
+
 def client_trust(ca: trustme.CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -237,29 +263,9 @@ async def test_required_refuses_a_server_without_starttls() -> None:
 async def test_opportunistic_falls_back_to_plain_text_after_a_failed_handshake(
     nursery: trio.Nursery,
 ) -> None:
-    """First connection: STARTTLS answered 220, then garbage instead of a handshake.
-    The client must reconnect and deliver without TLS."""
-    delivered: list[bytes] = []
-    first_commands: list[bytes] = []
-
-    async def script(stream: trio.SocketStream, seen: list[bytes]) -> None:
-        await stream.send_all(b"220 mx ESMTP\r\n")
-        await read_until(stream, seen, b"\r\n")
-        await stream.send_all(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-        command = await read_until(stream, seen, b"\r\n")
-        first_commands.append(command.split(b"\r\n")[0])
-        if command.startswith(b"STARTTLS"):
-            await stream.send_all(b"220 2.0.0 go ahead\r\n")
-            await stream.receive_some(65536)  # the ClientHello
-            await stream.send_all(b"this is not TLS\r\n" * 4)
-            return
-        await stream.send_all(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        delivered.append(await read_until(stream, seen, b"\r\n.\r\n"))
-        await stream.send_all(b"250 2.0.0 queued\r\n")
-        await read_until(stream, seen, b"QUIT\r\n")
-        await stream.send_all(b"221 bye\r\n")
-
-    port = await scripted_peer(nursery, "127.0.0.1", script)
+    """The client must reconnect after the failed handshake and deliver without TLS."""
+    peer = BrokenTlsPeer()
+    port = await scripted_peer(nursery, "127.0.0.1", peer)
     result = await send_message(
         b"Subject: x\r\n\r\nbody\r\n",
         sender="a@relay.test",
@@ -269,10 +275,10 @@ async def test_opportunistic_falls_back_to_plain_text_after_a_failed_handshake(
         tls="opportunistic",
         timeouts=FAST,
     )
-    assert first_commands == [b"STARTTLS", b"MAIL FROM:<a@relay.test>"]
+    assert peer.first_commands == [b"STARTTLS", b"MAIL FROM:<a@relay.test>"]
     assert result.tls is None
     assert result.accepted == ("b@remote.test",)
-    assert delivered == [b"Subject: x\r\n\r\nbody\r\n.\r\n"]
+    assert peer.delivered == [b"Subject: x\r\n\r\nbody\r\n.\r\n"]
 
 
 async def test_connection_refused_and_silent_greeting(nursery: trio.Nursery) -> None:

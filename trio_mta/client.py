@@ -119,9 +119,17 @@ class SMTPClientError(Exception):
 
     default_status = "4.4.0"  # X.4.0: other network or routing status
 
-    def __init__(self, message: str, *, reply: Reply | None = None, status: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reply: Reply | None = None,
+        status: str | None = None,
+        stage: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.reply = reply
+        self.stage = stage  # the step the reply answered: "greeting", "EHLO", "AUTH PLAIN" ...
         if status is None and reply is not None:
             status = reply.status or f"{reply.code // 100}.0.0"
         self.status = status or self.default_status
@@ -155,10 +163,10 @@ class SMTPResponseError(SMTPClientError):
     """The server refused a session step (``stage``: greeting, EHLO, STARTTLS ...)."""
 
     reply: Reply
+    stage: str
 
     def __init__(self, stage: str, reply: Reply) -> None:
-        super().__init__(f"{stage} refused: {reply}", reply=reply)
-        self.stage = stage
+        super().__init__(f"{stage} refused: {reply}", reply=reply, stage=stage)
 
 
 class SMTPAuthError(SMTPClientError):
@@ -346,7 +354,11 @@ class SMTPClient:
         self._conn.authenticate(mechanism, username, password)
         result = await self._exchange(AuthResult, f"AUTH {mechanism}", self._timeouts.command)
         if result.reply.code != 235:
-            raise SMTPAuthError(f"AUTH {mechanism} refused: {result.reply}", reply=result.reply)
+            raise SMTPAuthError(
+                f"AUTH {mechanism} refused: {result.reply}",
+                reply=result.reply,
+                stage=f"AUTH {mechanism}",
+            )
         return result.reply
 
     async def send(
@@ -442,7 +454,9 @@ class SMTPClient:
         answer = await self._exchange(StartTlsResult, "STARTTLS", self._timeouts.command)
         if answer.reply.code != 220:
             if required:
-                raise SMTPTLSError(f"STARTTLS refused: {answer.reply}", reply=answer.reply)
+                raise SMTPTLSError(
+                    f"STARTTLS refused: {answer.reply}", reply=answer.reply, stage="STARTTLS"
+                )
             return True
         if not await self._handshake(context, name, required=required):
             return False

@@ -1,0 +1,498 @@
+"""Remote delivery: route, connect, one SMTP transaction per message and domain (SPEC §5).
+
+Routing is by MX (RFC 5321 §5.1, through :class:`~trio_mta.dns.Resolver`), by
+an address literal (``user@[192.0.2.1]`` goes straight there), or, with
+``[relay] smarthost`` set, everything to the smarthost. Every host and each of
+its addresses is tried in order until one answers; from then on that host's
+replies decide: 2xx delivered, 4xx deferred, 5xx failed, the reply text and the
+host kept as the detail. Connection-level trouble (refused, timeout, 4xx
+greeting, TLS required but unavailable) moves on to the next address, a 5xx
+greeting to the next host; when nothing answers, every recipient is deferred
+with the last reason.
+
+Connections are bounded globally (``concurrency``) and per destination domain,
+so one slow domain cannot hold every slot, and kept open for a few seconds
+after a transaction: the next message to the same address (port and TLS
+policy) reuses the connection after an RSET proves it alive. A pooled
+connection is only ever in one task's hands. :meth:`RemoteAgent.run` closes
+idle connections; run it in the same nursery as the scheduler.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import trio
+
+from trio_mta import log
+from trio_mta.client import (
+    SMTPClient,
+    SMTPClientError,
+    SMTPResponseError,
+    Timeouts,
+    TLSMode,
+    TransactionResult,
+)
+from trio_mta.config import RelayConfig
+from trio_mta.dns import DnsError, MailHost, Resolver
+from trio_mta.queue.scheduler import DeliveryItem, Outcome
+from trio_mta.smtp.address import parse_path
+from trio_mta.smtp.errors import CommandError
+from trio_mta.smtp.replies import Reply
+from trio_mta.tls import client_context
+
+__all__ = ["RemoteAgent"]
+
+_PROBE_TIMEOUT: Final = 30.0  # RSET on a pooled connection: a dead peer must not cost minutes
+_CLOSE_TIMEOUT: Final = 2.0  # shutting down: QUIT to idle connections, then drop them
+
+# (address, port, TLS mode, verified host name or ""). The name is part of the key
+# in verify mode: a connection authenticated for one MX name is not reused for
+# another name that happens to share the address.
+_PoolKey = tuple[str, int, str, str]
+
+
+@dataclass(frozen=True)
+class _Route:
+    hosts: tuple[MailHost, ...]
+    port: int
+    mode: TLSMode
+    context: ssl.SSLContext | None
+    credentials: tuple[str, str] | None
+    destination: str | None  # per-destination limit key; None: only the global limit
+
+
+class _Undeliverable(Exception):
+    """No route: every recipient of the group gets this outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+@dataclass
+class _Destination:
+    limiter: trio.CapacityLimiter
+    users: int = 0
+
+
+@dataclass
+class _Pool:
+    """Idle connections by key, most recently used last."""
+
+    idle: dict[_PoolKey, list[tuple[float, SMTPClient]]] = field(default_factory=dict)
+
+    def put(self, key: _PoolKey, client: SMTPClient, now: float) -> None:
+        self.idle.setdefault(key, []).append((now, client))
+
+    def take(self, key: _PoolKey, fresh_after: float) -> tuple[SMTPClient | None, list[SMTPClient]]:
+        """(newest idle connection or None, stale ones removed on the way)."""
+        entries = self.idle.get(key)
+        if not entries:
+            return None, []
+        stale = [client for since, client in entries if since < fresh_after]
+        entries[:] = [(since, client) for since, client in entries if since >= fresh_after]
+        client = entries.pop()[1] if entries else None
+        if not entries:
+            del self.idle[key]
+        return client, stale
+
+    def expire(self, fresh_after: float) -> list[SMTPClient]:
+        stale: list[SMTPClient] = []
+        for key in list(self.idle):
+            entries = self.idle[key]
+            stale.extend(client for since, client in entries if since < fresh_after)
+            entries[:] = [(since, client) for since, client in entries if since >= fresh_after]
+            if not entries:
+                del self.idle[key]
+        return stale
+
+    def drain(self) -> list[SMTPClient]:
+        clients = [client for entries in self.idle.values() for _, client in entries]
+        self.idle.clear()
+        return clients
+
+
+class RemoteAgent:
+    """The :class:`~trio_mta.queue.scheduler.DeliveryAgent` for non-local recipients.
+
+    ``per_destination`` defaults to half of ``concurrency`` (at least 1), so a
+    domain that answers slowly leaves the other half for everyone else.
+    ``idle_timeout`` 0 turns connection reuse off.
+    """
+
+    def __init__(
+        self,
+        relay: RelayConfig,
+        resolver: Resolver,
+        *,
+        hostname: str,
+        concurrency: int,
+        per_destination: int | None = None,
+        timeouts: Timeouts | None = None,
+        idle_timeout: float = 5.0,
+    ) -> None:
+        if concurrency < 1 or (per_destination is not None and per_destination < 1):
+            raise ValueError("concurrency and per_destination must be at least 1")
+        if idle_timeout < 0:
+            raise ValueError("idle_timeout must not be negative")
+        self._relay = relay
+        self._resolver = resolver
+        self._hostname = hostname.lower().rstrip(".")
+        self._per_destination = per_destination or max(1, concurrency // 2)
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._destinations: dict[str, _Destination] = {}
+        self._timeouts = timeouts or Timeouts()
+        self._idle_timeout = idle_timeout
+        self._pool = _Pool()
+        # Contexts are built once: loading a CA bundle per connection is costly.
+        self._mx_context = (
+            None if relay.tls == "none" else client_context(relay.tls, ca_file=relay.ca_file)
+        )
+        # The smarthost is authenticated exactly when MX hosts are ("verify");
+        # "starttls" means STARTTLS or nothing.
+        verify = relay.tls == "verify"
+        self._smarthost_mode: TLSMode = {
+            "starttls": "verify" if verify else "required",
+            "implicit": "implicit",
+            "none": "none",
+        }[relay.smarthost_tls]
+        self._smarthost_context: ssl.SSLContext | None = None
+        if relay.smarthost and relay.smarthost_tls != "none":
+            checked: Literal["verify", "required"] = "verify" if verify else "required"
+            self._smarthost_context = client_context(checked, ca_file=relay.ca_file)
+
+    # --- the DeliveryAgent protocol ---------------------------------------------
+
+    async def deliver(self, items: Sequence[DeliveryItem]) -> Sequence[Outcome]:
+        """One transaction per (message, domain) group, groups side by side."""
+        outcomes: list[Outcome] = [Outcome("deferred", "4.3.0 not attempted")] * len(items)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, item in enumerate(items):
+            key = (item.rcpt.message_id, _domain(item.rcpt.address))
+            groups.setdefault(key, []).append(index)
+
+        async def run_group(domain: str, indexes: list[int]) -> None:
+            group = [items[i] for i in indexes]
+            try:
+                results = await self._deliver_group(domain, group)
+            except Exception as exc:
+                # One group's bug must not cancel its siblings mid-transaction:
+                # a sibling's 250 lost that way would mean a duplicate later.
+                log.error(
+                    "delivery.agent_error", agent="RemoteAgent", domain=domain, error=repr(exc)
+                )
+                results = [Outcome("deferred", f"4.3.0 internal delivery error: {exc}")] * len(
+                    group
+                )
+            for i, outcome in zip(indexes, results, strict=True):
+                outcomes[i] = outcome
+
+        async with trio.open_nursery() as nursery:
+            for (_, domain), indexes in groups.items():
+                nursery.start_soon(run_group, domain, indexes)
+        return outcomes
+
+    def saturated(self, domain: str) -> bool:
+        """True while ``domain`` uses its whole per-destination share.
+
+        The scheduler can leave such a domain's mail queued instead of handing
+        it over to wait here, so its slots go to other domains.
+        """
+        if self._relay.smarthost:
+            return self._limiter.available_tokens == 0
+        entry = self._destinations.get(domain.lower())
+        return entry is not None and entry.limiter.available_tokens == 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close connections idle longer than ``idle_timeout`` until cancelled, then all."""
+        task_status.started()
+        try:
+            if self._idle_timeout <= 0:
+                await trio.sleep_forever()
+            while True:
+                await trio.sleep(self._idle_timeout / 2)
+                await _quit_all(self._pool.expire(trio.current_time() - self._idle_timeout))
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """QUIT every idle connection (bounded: shutdown never waits on a slow peer)."""
+        with trio.move_on_after(_CLOSE_TIMEOUT):
+            await _quit_all(self._pool.drain())
+        for client in self._pool.drain():
+            await client.aclose()
+
+    # --- one group: one message, one domain ----------------------------------------
+
+    async def _deliver_group(self, domain: str, items: list[DeliveryItem]) -> list[Outcome]:
+        first = items[0].rcpt
+        if not _valid_path(first.sender, null_ok=True):
+            detail = f"5.1.7 invalid sender address <{first.sender}>"
+            return [Outcome("failed", detail)] * len(items)
+        outcomes: list[Outcome | None] = [
+            None
+            if _valid_path(item.rcpt.address, null_ok=False)
+            else Outcome("failed", f"5.1.3 invalid recipient address <{item.rcpt.address}>")
+            for item in items
+        ]
+        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if todo:
+            try:
+                route = await self._route(domain)
+            except _Undeliverable as exc:
+                results = [exc.outcome] * len(todo)
+            else:
+                async with self._slot(route.destination):
+                    results = await self._transact(
+                        route, first.message_id, first.sender, [items[i] for i in todo]
+                    )
+            for i, outcome in zip(todo, results, strict=True):
+                outcomes[i] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _route(self, domain: str) -> _Route:
+        relay = self._relay
+        smarthost = relay.smarthost_address
+        if smarthost is not None:
+            host, port = smarthost
+            try:
+                found = await self._host_addresses(host)
+            except DnsError as exc:
+                # The smarthost is our own configuration, not the recipient's
+                # domain: even NXDOMAIN is a reason to wait, never to bounce.
+                detail = f"4.4.3 smarthost {host}: {exc}"
+                raise _Undeliverable(Outcome("deferred", detail)) from None
+            return _Route(
+                (found,),
+                port,
+                self._smarthost_mode,
+                self._smarthost_context,
+                relay.smarthost_credentials,
+                None,
+            )
+        literal = _address_literal(domain)
+        if literal is not None:
+            hosts: tuple[MailHost, ...] = (MailHost(domain, 0, (literal,)),)
+        else:
+            try:
+                hosts = self._without_self(domain, await self._resolver.mail_hosts(domain))
+            except DnsError as exc:
+                kind: Literal["failed", "deferred"] = "failed" if exc.permanent else "deferred"
+                raise _Undeliverable(Outcome(kind, f"{exc.status} {exc}")) from None
+        return _Route(hosts, relay.port, relay.tls, self._mx_context, None, domain)
+
+    async def _host_addresses(self, host: str) -> MailHost:
+        try:
+            return MailHost(host, 0, (str(ipaddress.ip_address(host)),))
+        except ValueError:
+            return MailHost(host, 0, await self._resolver.addresses(host))
+
+    def _without_self(self, domain: str, hosts: list[MailHost]) -> tuple[MailHost, ...]:
+        """RFC 5321 §5.1: drop our own entry and every host ranked at or below it."""
+        ours = [h.preference for h in hosts if h.name.lower().rstrip(".") == self._hostname]
+        if not ours:
+            return tuple(hosts)
+        kept = tuple(h for h in hosts if h.preference < min(ours))
+        if not kept:
+            detail = (
+                f"5.4.6 mail for {domain} loops back to myself ({self._hostname} is its best MX)"
+            )
+            raise _Undeliverable(Outcome("failed", detail))
+        return kept
+
+    @asynccontextmanager
+    async def _slot(self, destination: str | None) -> AsyncIterator[None]:
+        """The per-destination limit first, so waiting for a busy domain holds no global slot."""
+        if destination is None:
+            async with self._limiter:
+                yield
+            return
+        entry = self._destinations.get(destination)
+        if entry is None:
+            entry = _Destination(trio.CapacityLimiter(self._per_destination))
+            self._destinations[destination] = entry
+        entry.users += 1
+        try:
+            async with entry.limiter, self._limiter:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._destinations[destination]
+
+    async def _transact(
+        self, route: _Route, queue_id: str, sender: str, items: list[DeliveryItem]
+    ) -> list[Outcome]:
+        """Try the route's hosts and addresses in order; the first that answers decides."""
+        recipients = [item.rcpt.address for item in items]
+        data = items[0].data
+        last = "4.4.1 no address to connect to"
+        for host in route.hosts:
+            for address in host.addresses:
+                peer = f"{host.name}[{address}]"
+                try:
+                    client = await self._checkout(route, host, address)
+                except SMTPClientError as exc:
+                    last = self._unreachable(queue_id, host, address, _failure_detail(exc, peer))
+                    if _permanent_greeting(exc):
+                        break  # a 5xx greeting speaks for the whole host
+                    continue
+                try:
+                    result = await client.send(sender, recipients, data)
+                except SMTPClientError as exc:
+                    await client.aclose()
+                    last = self._unreachable(queue_id, host, address, _failure_detail(exc, peer))
+                    continue
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await client.aclose()
+                    raise
+                outcomes = [_outcome(reply, client.peer) for reply in result.outcomes]
+                log.event(
+                    "delivery.attempt",
+                    id=queue_id,
+                    host=host.name,
+                    address=address,
+                    tls=client.tls or "none",
+                    reply=str(_deciding(result)),
+                    outcome=_summary(outcomes),
+                )
+                await self._checkin(self._key(route, host, address), client)
+                return outcomes
+        return [Outcome("deferred", last)] * len(items)
+
+    @staticmethod
+    def _unreachable(queue_id: str, host: MailHost, address: str, detail: str) -> str:
+        """Log an address that did not get as far as a transaction; return the reason."""
+        log.event(
+            "delivery.attempt",
+            id=queue_id,
+            host=host.name,
+            address=address,
+            reply=detail,
+            outcome="unreachable",
+        )
+        return detail
+
+    def _key(self, route: _Route, host: MailHost, address: str) -> _PoolKey:
+        return (address, route.port, route.mode, host.name if route.mode == "verify" else "")
+
+    async def _checkout(self, route: _Route, host: MailHost, address: str) -> SMTPClient:
+        """A live pooled connection (RSET answered 250) or a new one."""
+        key = self._key(route, host, address)
+        while True:
+            client, stale = self._pool.take(key, trio.current_time() - self._idle_timeout)
+            for old in stale:
+                await old.aclose()
+            if client is None:
+                break
+            with trio.move_on_after(min(self._timeouts.command, _PROBE_TIMEOUT)):
+                try:
+                    if (await client.rset()).code == 250:
+                        return client
+                except SMTPClientError:
+                    pass
+            await client.aclose()
+        client = await SMTPClient.connect(
+            address,
+            route.port,
+            helo_name=self._hostname,
+            tls=route.mode,
+            ssl_context=route.context,
+            server_hostname=host.name,
+            timeouts=self._timeouts,
+        )
+        if route.credentials is not None:
+            try:
+                await client.login(*route.credentials)
+            except BaseException:
+                await client.aclose()
+                raise
+        return client
+
+    async def _checkin(self, key: _PoolKey, client: SMTPClient) -> None:
+        """Pool a reusable connection; close the rest without letting a cancel interrupt."""
+        if client.usable and self._idle_timeout > 0:
+            self._pool.put(key, client, trio.current_time())
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            await client.quit()
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+async def _quit_all(clients: list[SMTPClient]) -> None:
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            nursery.start_soon(client.quit)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _address_literal(domain: str) -> str | None:
+    """The address in ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3), else None.
+
+    The inbound parser only accepts valid literals; a general (tagged)
+    literal has no defined transport, so it fails the recipient.
+    """
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        detail = f"5.1.2 unsupported address literal {domain}"
+        raise _Undeliverable(Outcome("failed", detail)) from None
+
+
+def _valid_path(address: str, *, null_ok: bool) -> bool:
+    try:
+        parse_path(f"<{address}>", smtputf8=True, allow_null=null_ok)
+    except CommandError:
+        return False
+    return True
+
+
+def _outcome(reply: Reply, peer: str) -> Outcome:
+    detail = f"{reply} ({peer})"
+    if 200 <= reply.code < 300:
+        return Outcome("delivered", detail)
+    if reply.code >= 500:
+        return Outcome("failed", detail)
+    return Outcome("deferred", detail)  # 4xx, and 3xx where a final reply belonged
+
+
+def _failure_detail(exc: SMTPClientError, peer: str) -> str:
+    """The server's own words first when it said something, like transaction details."""
+    if exc.reply is not None:
+        return f"{exc.reply} ({peer}, {exc.stage})" if exc.stage else f"{exc.reply} ({peer})"
+    return f"{exc.status} {exc} ({peer})"
+
+
+def _permanent_greeting(exc: SMTPClientError) -> bool:
+    return isinstance(exc, SMTPResponseError) and exc.stage == "greeting" and exc.reply.is_permanent
+
+
+def _deciding(result: TransactionResult) -> Reply:
+    """The reply that best sums up a transaction for the log line."""
+    if result.data_reply is not None:
+        return result.data_reply
+    refusals = [r for r in result.outcomes if not 200 <= r.code < 300]
+    return refusals[0] if refusals else result.mail_reply
+
+
+def _summary(outcomes: Sequence[Outcome]) -> str:
+    kinds = {o.kind for o in outcomes}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
