@@ -22,7 +22,8 @@ from . import log
 from .auth import PasswordFile
 from .config import Config
 from .delivery.maildir import MaildirAgent
-from .queue import QueueStore, QueueWriter, Scheduler, host_tag
+from .handler import Handler, HandlerSink
+from .queue import QueueStore, QueueWriter, Scheduler, host_tag_for
 from .routing import Router
 from .server.envelope import MessageSink
 from .server.limits import ConnectionLimits
@@ -40,9 +41,9 @@ class MTA:
 
     config: Config
     listeners: list[Listener]
-    store: QueueStore
     state: ServerState
-    scheduler: Scheduler
+    store: QueueStore | None  # None when serving without the durable queue
+    scheduler: Scheduler | None
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def stop(self) -> None:
@@ -75,62 +76,66 @@ def build_ssl_context(config: Config) -> ssl.SSLContext:
 async def serve(
     config: Config,
     *,
-    sink: MessageSink | None = None,
+    handler: Handler | None = None,
+    queue: bool = True,
     task_status: trio.TaskStatus[MTA] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the MTA until cancelled or ``MTA.stop()``; started() once every listener accepts.
 
-    ``sink`` replaces the durable queue as the destination of accepted
-    messages (the handler API); the queue and its scheduler still run, so
-    mail already queued keeps flowing.
+    ``handler`` (see :mod:`trio_mta.handler`) lets the application decide
+    recipients and take messages itself. ``queue=False`` runs without the
+    durable queue and its scheduler: every message must then be taken by the
+    handler, and nothing is delivered to Maildir or relayed.
     """
+    if not queue and handler is None:
+        raise ValueError("serve(queue=False) needs a handler to take the messages")
     raise_nofile_limit()
     await trio.to_thread.run_sync(
         lambda: config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
     ssl_context = await trio.to_thread.run_sync(build_ssl_context, config)
-    store = await trio.to_thread.run_sync(QueueStore, config.queue_path)
+    store = await trio.to_thread.run_sync(QueueStore, config.queue_path) if queue else None
     bound: list[BoundListener] = []
     try:
         for listen in config.listen:
             bound.append(await bind(listen))
-        await _run(config, store, bound, ssl_context, sink, task_status)
+        await _run(config, store, bound, ssl_context, handler, task_status)
     finally:
         for b in bound:
             b.socket_listener.socket.close()
-        store.close()
+        if store is not None:
+            store.close()
 
 
-async def _run(config: Config, store: QueueStore, bound: list[BoundListener],
-               ssl_context: ssl.SSLContext, sink: MessageSink | None,
+async def _run(config: Config, store: QueueStore | None, bound: list[BoundListener],
+               ssl_context: ssl.SSLContext, handler: Handler | None,
                task_status: trio.TaskStatus[MTA]) -> None:
-    tag = host_tag(config.hostname)
-    disk = trio.CapacityLimiter(8)
+    tag = host_tag_for(config.hostname)
     async with trio.open_nursery() as services:
-        writer = QueueWriter(store, tag)
-        await services.start(writer.run)
-        scheduler = Scheduler(
-            store,
-            local_agent=MaildirAgent(config.local.maildir_root, config.hostname, limiter=disk),
-            remote_agent=None,
-            retry_initial=config.queue.retry_initial,
-            retry_max=config.queue.retry_max,
-            max_age=config.queue.max_age,
-            concurrency=config.queue.concurrency,
-        )
-        writer.on_committed = scheduler.wake
-        await services.start(scheduler.run)
+        sink: MessageSink | None = None
+        scheduler: Scheduler | None = None
+        if store is not None:
+            writer = QueueWriter(store, tag)
+            await services.start(writer.run)
+            scheduler = _scheduler(config, store)
+            writer.on_committed = scheduler.wake
+            await services.start(scheduler.run)
+            sink = QueueSink(writer)
+        if handler is not None:
+            sink = HandlerSink(handler, sink)
+        assert sink is not None
         state = ServerState(
             config=config,
             router=Router(config.local, config.relay),
-            sink=sink if sink is not None else QueueSink(writer),
+            sink=sink,
             limits=ConnectionLimits(config.limits.max_connections,
                                     config.limits.max_connections_per_ip),
             ssl_context=ssl_context,
             passwords=PasswordFile(config.auth.users_file),
             host_tag=tag,
+            handler=handler,
         )
-        mta = MTA(config=config, listeners=[b.info for b in bound], store=store,
-                  state=state, scheduler=scheduler)
+        mta = MTA(config=config, listeners=[b.info for b in bound], state=state,
+                  store=store, scheduler=scheduler)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for b in bound:
@@ -145,6 +150,19 @@ async def _run(config: Config, store: QueueStore, bound: list[BoundListener],
             sessions.cancel_scope.deadline = trio.current_time() + state.shutdown_grace
         services.cancel_scope.cancel()
     log.event("mta.stopped")
+
+
+def _scheduler(config: Config, store: QueueStore) -> Scheduler:
+    disk = trio.CapacityLimiter(8)
+    return Scheduler(
+        store,
+        local_agent=MaildirAgent(config.local.maildir_root, config.hostname, limiter=disk),
+        remote_agent=None,
+        retry_initial=config.queue.retry_initial,
+        retry_max=config.queue.retry_max,
+        max_age=config.queue.max_age,
+        concurrency=config.queue.concurrency,
+    )
 
 
 def _addr(info: Listener) -> str:

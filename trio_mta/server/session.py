@@ -17,6 +17,7 @@ import trio
 from .. import log
 from ..auth import PasswordFile
 from ..config import Config
+from ..handler import Handler, as_reply
 from ..queue.ids import new_queue_id
 from ..routing import Router
 from ..smtp import (
@@ -56,6 +57,7 @@ class ServerState:
     ssl_context: ssl.SSLContext | None
     passwords: PasswordFile | None
     host_tag: str
+    handler: Handler | None = None
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
     auth_failure_delay: float = 1.0
     shutdown_grace: float = 30.0
@@ -224,7 +226,7 @@ class Session:
             elif isinstance(event, MailFrom):
                 conn.send_reply(self._mail(event))
             elif isinstance(event, RcptTo):
-                conn.send_reply(self._rcpt(event))
+                conn.send_reply(await self._rcpt(event))
             elif isinstance(event, DataStarted):
                 self.body = []
             elif isinstance(event, EndOfMessage):
@@ -265,17 +267,37 @@ class Session:
         self.envelope = Envelope(sender=event.path, params=event.params)
         return Reply(250, "2.1.0", "Ok")
 
-    def _rcpt(self, event: RcptTo) -> Reply:
+    async def _rcpt(self, event: RcptTo) -> Reply:
         assert self.envelope is not None
         address = str(event.path)
-        verdict = self.state.router.check_recipient(
-            address, client_ip=self.client_ip, authenticated=self.authenticated)
-        if verdict.accepted:
-            self.envelope.recipients.append(Recipient(address, verdict.targets))
+        router = self.state.router
+        handler = self.state.handler
+        decided = None
+        if handler is not None:
+            decided = await handler.handle_rcpt(self._info(), self.envelope, address)
+        if decided is not None:
+            reply = as_reply(decided)
+            if reply.code < 400:
+                # The application vouches for this recipient; if the message later
+                # falls through to the queue it goes where routing would send it.
+                self.envelope.recipients.append(Recipient(address, router.expand(address)))
         else:
+            verdict = router.check_recipient(
+                address, client_ip=self.client_ip, authenticated=self.authenticated)
+            reply = verdict.reply
+            if verdict.accepted:
+                self.envelope.recipients.append(Recipient(address, verdict.targets))
+        if reply.code >= 400:
             log.event("smtpd.reject", client=self.client_ip, rcpt=address,
-                      code=verdict.reply.code, reply=str(verdict.reply))
-        return verdict.reply
+                      code=reply.code, reply=str(reply))
+        return reply
+
+    def _info(self) -> SessionInfo:
+        assert self.conn is not None
+        return SessionInfo(
+            listener_mode=self.mode, client_ip=self.client_ip, client_port=self.client_port,
+            helo=self.conn.helo_name, esmtp=self.conn.esmtp, tls=self.tls,
+            auth_user=self.conn.authenticated_user, trusted=self.trusted)
 
     async def _end_of_message(self) -> Reply:
         assert self.conn is not None and self.envelope is not None
@@ -284,10 +306,7 @@ class Session:
         body = b"".join(self.body)
         self._reset()
         queue_id = new_queue_id(self.state.host_tag)
-        info = SessionInfo(
-            listener_mode=self.mode, client_ip=self.client_ip, client_port=self.client_port,
-            helo=self.conn.helo_name, esmtp=self.conn.esmtp, tls=self.tls,
-            auth_user=self.conn.authenticated_user, trusted=self.trusted)
+        info = self._info()
         trace = received_header(TraceInfo(
             helo=info.helo, client_ip=self.client_ip, hostname=cfg.hostname, queue_id=queue_id,
             esmtp=info.esmtp, tls=self.tls, auth_user=info.auth_user,

@@ -1,0 +1,1 @@
+"""The trio side of receiving: listeners, sessions, limits, and where messages go."""
