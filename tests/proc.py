@@ -56,6 +56,14 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.log.append(line)
 
+    def wait_for_log(self, needle: str, timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in list(self.log)):
+                return True
+            time.sleep(0.05)
+        return False
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         self.proc.send_signal(sig)
         try:

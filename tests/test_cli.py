@@ -134,3 +134,31 @@ trusted_networks = ["127.0.0.0/8"]
     assert run_cli("queue", "delete", row["id"], "--config", str(config)).returncode == 0
     after = run_cli("queue", "list", "--json", "--config", str(config))
     assert json.loads(after.stdout) == []
+
+
+def test_sighup_reloads_maps_for_an_open_session(tmp_path: Path) -> None:
+    mapped = BASE + """
+[local.mailboxes]
+"alice@cli.test" = "alice"
+"""
+    config = write_config(tmp_path, mapped)
+    server = ServerProcess.start(config)
+    try:
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as client:
+            client.ehlo("c.test")
+            client.mail("a@remote.test")
+            assert client.rcpt("bob@cli.test")[0] == 550
+            config.write_text(mapped + '"bob@cli.test" = "bob"\n')
+            server.proc.send_signal(signal.SIGHUP)
+            assert server.wait_for_log("config.reloaded")
+            assert client.rcpt("bob@cli.test")[0] == 250  # same session, new map
+            # A broken file is logged and the running config kept.
+            config.write_text(mapped + "[limits]\nmax_recipients = -1\n")
+            server.proc.send_signal(signal.SIGHUP)
+            assert server.wait_for_log("config.reload_failed")
+            assert client.rcpt("bob@cli.test")[0] == 250
+            assert client.rcpt("carol@cli.test")[0] == 550
+    finally:
+        assert server.stop() == 0
+    failed = [line for line in server.log if "config.reload_failed" in line]
+    assert "max_recipients" in failed[0]

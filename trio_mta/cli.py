@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level, log_file=args.log_file)
     log.setup(config.log.level, config.log.file, config.log.format)
     try:
-        trio.run(_serve_until_signal, config)
+        trio.run(_serve_until_signal, config, args)
     except Exception as raw:
         exc = _sole_exception(raw)
         if isinstance(exc, ListenError):
@@ -193,10 +193,11 @@ def _sole_exception(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _serve_until_signal(config: Config) -> None:
+async def _serve_until_signal(config: Config, args: argparse.Namespace) -> None:
     from .mta import serve
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run_serve(task_status: trio.TaskStatus[MTA]) -> None:
@@ -204,17 +205,35 @@ async def _serve_until_signal(config: Config) -> None:
                 nursery.cancel_scope.cancel()  # stopped: no more signals to watch
 
             mta: MTA = await nursery.start(run_serve)
-            nursery.start_soon(_watch_signals, signals, mta, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, signals, mta, args, nursery.cancel_scope)
 
 
-async def _watch_signals(signals: AsyncIterator[int], mta: MTA,
+async def _watch_signals(signals: AsyncIterator[int], mta: MTA, args: argparse.Namespace,
                          scope: trio.CancelScope) -> None:
-    """First SIGTERM/SIGINT: graceful stop. A second one while draining: stop now."""
+    """SIGHUP: reload. First SIGTERM/SIGINT: graceful stop; a second one: stop now."""
     stopping = False
     async for signum in signals:
         log.event("mta.signal", signal=signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            await _reload(mta, args)
+            continue
         if stopping:
             scope.cancel()
             return
         stopping = True
         mta.stop()
+
+
+async def _reload(mta: MTA, args: argparse.Namespace) -> None:
+    """Re-read the configuration; a broken file is logged and the old one kept."""
+    from .tls import TLSConfigError
+
+    try:
+        new = load_config(args.config).with_overrides(
+            listen=args.listen, state_dir=args.state_dir,
+            log_level=args.log_level, log_file=args.log_file)
+        await mta.reload(new)
+    except ConfigError as exc:
+        log.error("config.reload_failed", errors="; ".join(exc.errors))
+    except TLSConfigError as exc:
+        log.error("config.reload_failed", errors=str(exc))

@@ -50,6 +50,32 @@ class MTA:
         """Begin a graceful stop; ``serve()`` returns when it is complete."""
         self._stop.set()
 
+    async def reload(self, new: Config) -> None:
+        """Apply a re-read configuration to new decisions without dropping connections.
+
+        Maps, aliases, trusted networks, limits and the TLS certificate take
+        effect for the next command of every session; listeners and the
+        state directory only change on restart (logged when they differ).
+        Raises (keeping the old configuration) when the new TLS pair is bad.
+        """
+        ssl_context = await trio.to_thread.run_sync(build_ssl_context, new)
+        old = self.config
+        if new.listen != old.listen or new.state_dir != old.state_dir:
+            log.warning("config.reload_partial",
+                        reason="[[listen]] and state_dir changes need a restart")
+        state = self.state
+        state.config = new
+        state.router = Router(new.local, new.relay)
+        state.ssl_context = ssl_context
+        state.passwords = PasswordFile(new.auth.users_file)
+        state.limits.reconfigure(new.limits.max_connections, new.limits.max_connections_per_ip)
+        if self.scheduler is not None:
+            self.scheduler.retry_initial = new.queue.retry_initial
+            self.scheduler.retry_max = new.queue.retry_max
+            self.scheduler.max_age = new.queue.max_age
+        self.config = new
+        log.event("config.reloaded", source=str(new.source or "built-in defaults"))
+
     def address(self, mode: str = "smtp") -> tuple[str, int]:
         """(host, port) of the first listener of ``mode`` — handy in tests and embedders."""
         for listener in self.listeners:
