@@ -98,8 +98,13 @@ class PathMatch:
         self.end = end
 
 
+def echo(text: str, limit: int = 80) -> str:
+    """Peer-supplied text made safe to quote in a reply (no line breaks or controls)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _bad(text: str) -> CommandError:
-    return CommandError(Reply(501, "5.1.3", f"Bad address syntax: {text[:80]}"))
+    return CommandError(Reply(501, "5.1.3", f"Bad address syntax: {echo(text)}"))
 
 
 def match_path(
@@ -138,7 +143,7 @@ def match_path(
     domain = match.group("domain")
     if domain.startswith("["):
         if not _valid_literal(domain[1:-1]):
-            raise CommandError(Reply(501, "5.1.3", f"Bad address literal: {domain[:80]}"))
+            raise CommandError(Reply(501, "5.1.3", f"Bad address literal: {echo(domain)}"))
     elif len(domain.encode()) > MAX_DOMAIN or any(
         len(label.encode()) > 63 for label in domain.split(".")  # RFC 1035 §2.3.4
     ):

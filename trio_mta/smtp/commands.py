@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-from trio_mta.smtp.address import Path, match_path
+from trio_mta.smtp.address import Path, echo, match_path
 from trio_mta.smtp.errors import CommandError, LocalProtocolError
 from trio_mta.smtp.replies import Reply
 
@@ -200,7 +200,7 @@ def _mail_params(tokens: list[str]) -> MailParams:
             continue
         key, eq, value = token.partition("=")
         if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise _err(555, "5.5.4", f"Malformed parameter: {token[:40]}")
+            raise _err(555, "5.5.4", f"Malformed parameter: {echo(token, 40)}")
         key = key.upper()
         if key in seen:
             raise _err(555, "5.5.4", f"Duplicate parameter: {key}")
@@ -216,7 +216,7 @@ def _mail_params(tokens: list[str]) -> MailParams:
         elif key in ("SIZE", "BODY", "SMTPUTF8", "AUTH"):
             raise _err(555, "5.5.4", f"Invalid value for {key}")
         else:
-            raise _err(555, "5.5.4", f"Unsupported parameter: {key[:40]}")
+            raise _err(555, "5.5.4", f"Unsupported parameter: {echo(key, 40)}")
     return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth)
 
 
