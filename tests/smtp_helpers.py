@@ -146,11 +146,14 @@ def split_at(data: bytes, points: Iterable[int]) -> list[bytes]:
 
 
 def converse(client: ClientConnection, server: ServerConnection,
-             decider: Decider = decide, chunk: int = 1 << 20) -> ClientEvent:
+             decider: Decider = decide, chunk: int = 1 << 20,
+             events: list[Event] | None = None) -> ClientEvent:
     """Run the client's current step against the server in memory.
 
-    ``chunk`` bounds every transfer, to exercise partial reads on both sides.
+    ``chunk`` bounds every transfer, to exercise partial reads on both sides;
+    the server's events are appended to ``events`` when given.
     """
+    seen = [] if events is None else events
     for _ in range(100_000):
         event = client.next_event()
         if event is not NEED_DATA:
@@ -158,7 +161,7 @@ def converse(client: ClientConnection, server: ServerConnection,
         outgoing = client.data_to_send()
         for i in range(0, len(outgoing), chunk):
             server.receive_data(outgoing[i : i + chunk])
-            pump(server, decider)
+            seen += pump(server, decider)
         incoming = server.data_to_send()
         if not incoming and server.closed:
             client.receive_data(b"")
