@@ -244,6 +244,23 @@ def test_update_releases_leases_and_ignores_deleted_messages(store: QueueStore) 
         store.update([RecipientUpdate(due["M1"].rcpt_id, "deferred", "x")], now=NOW)
 
 
+def test_failed_update_keeps_the_leases(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "q.sqlite3", busy_timeout=0.05)
+    store.insert([("M1", message(local("a")))], now=NOW)
+    (r,) = store.due(NOW, 10)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(QueueError):
+        store.mark_delivered([r.rcpt_id], now=NOW, detail="2.0.0 ok")
+    # Still leased: handing it out again would deliver it twice.
+    assert store.due(NOW, 10) == []
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    store.mark_delivered([r.rcpt_id], now=NOW, detail="2.0.0 ok")
+    assert store.leased == 0
+    store.close()
+
+
 # -- administration ----------------------------------------------------------------
 
 

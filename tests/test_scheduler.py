@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -368,6 +369,35 @@ async def test_cancelled_delivery_stays_pending(store: QueueStore, autojump_cloc
             await agent2.wait_calls(1)
             while store.list_messages():
                 await trio.sleep(1)
+
+
+async def test_results_are_kept_while_the_database_refuses_them(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    store = QueueStore(tmp_path / "q.sqlite3", busy_timeout=0.02)
+    store.insert([("M1", msg(loc("alice")))], now=vclock())
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+
+    def lock_then_deliver(item: DeliveryItem) -> Outcome:
+        if not agent.calls[1:]:
+            blocker.execute("BEGIN IMMEDIATE")  # another writer hogs the database
+        return Outcome("delivered", "2.0.0 ok")
+
+    agent = Scripted(lock_then_deliver)
+    sched = make(store, agent)
+    with trio.fail_after(300):
+        async with running(sched):
+            await agent.wait_calls(1)
+            await trio.sleep(30)  # polls and retries while the lock is held
+            assert len(agent.calls) == 1
+            assert status(store, "M1") == [("alice@example.test", "pending", 0)]
+            blocker.execute("ROLLBACK")
+            while store.list_messages():
+                await trio.sleep(1)
+    assert len(agent.calls) == 1  # recorded late, never delivered again
+    assert sched.delivered == 1
+    blocker.close()
+    store.close()
 
 
 # -- remote recipients --------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, Recipient
 T = TypeVar("T")
 _REMOTE_FETCH_PER_SLOT = 8  # remote recipients looked at per free connection slot
 _MIN_WAIT = 0.001  # seconds
+_MAX_RECORD_RETRY = 60.0  # seconds between tries to store results while the database fails
 
 
 @dataclass(frozen=True)
@@ -241,15 +242,9 @@ class Scheduler:
             outcomes = await self._deliver(agent, items)
             now = self.clock()
             updates = [self._update_for(r, o, now) for r, o in zip(rcpts, outcomes, strict=True)]
-            # The agent's work is done (files fsynced, remote said 250): record it
-            # even if we are being cancelled, or it would be delivered twice.
-            with trio.CancelScope(shield=True):
-                await self._thread(self.store.update, updates, now=now)
+            await self._record(updates, now)
             recorded = True
             self._log(rcpts, updates)
-        except QueueError as exc:
-            recorded = True  # update() released the leases; they will be retried
-            log.error("queue.update_failed", recipients=len(rcpts), error=str(exc))
         finally:
             if not recorded:
                 with trio.CancelScope(shield=True):
@@ -259,6 +254,27 @@ class Scheduler:
             else:
                 self._remote_active -= 1
             self.wake()
+
+    async def _record(self, updates: list[RecipientUpdate], now: float) -> None:
+        """Store the results; while the database refuses, keep the leases and retry.
+
+        The agent's work is done (files fsynced, the remote said 250), so the first
+        try is shielded from cancellation. Releasing the leases on failure would hand
+        the same recipients out again and repeat the delivery for as long as the
+        database stays broken; holding them (and this batch slot) stops that.
+        """
+        delay = self.poll_interval
+        shield = True
+        while True:
+            try:
+                with trio.CancelScope(shield=shield):
+                    await self._thread(self.store.update, updates, now=now)
+                return
+            except QueueError as exc:
+                log.error("queue.update_failed", recipients=len(updates), error=str(exc))
+            shield = False
+            await trio.sleep(delay)
+            delay = min(delay * 2, _MAX_RECORD_RETRY)
 
     async def _deliver(self, agent: DeliveryAgent, items: list[DeliveryItem]) -> list[Outcome]:
         """Call the agent; a crashing or inconsistent agent defers, it never stops the queue."""

@@ -345,6 +345,9 @@ class QueueStore:
     ) -> None:
         """Record attempt results in one transaction, then release their leases.
 
+        On failure (QueueError) the leases are kept: the caller still holds the
+        results and retries, rather than delivering the same mail again.
+
         synchronous=NORMAL (see module doc). Messages whose every recipient is now
         delivered are dropped at once, bodies too, so the database stays small;
         messages with a failed recipient stay until the bounce is queued.
@@ -355,33 +358,31 @@ class QueueStore:
             if u.status == "deferred" and u.next_attempt is None:
                 raise ValueError("a deferred update needs next_attempt")
         ids = [u.rcpt_id for u in updates]
-        try:
-            with _errors("update"), self._transaction("NORMAL") as conn:
-                conn.executemany(
-                    "UPDATE recipients SET status = ?, attempts = attempts + 1,"
-                    " next_attempt = COALESCE(?, next_attempt), last_error = ?, updated_at = ?"
-                    " WHERE id = ?",
-                    [
-                        (
-                            u.status,
-                            u.next_attempt,
-                            None if u.status == "delivered" else u.detail,
-                            now,
-                            u.rcpt_id,
-                        )
-                        for u in updates
-                    ],
-                )
-                # INSERT ... SELECT skips recipients deleted meanwhile (`queue delete`).
-                conn.executemany(
-                    "INSERT INTO attempts (rcpt_id, at, outcome, detail)"
-                    " SELECT id, ?, ?, ? FROM recipients WHERE id = ?",
-                    [(now, u.status, u.detail, u.rcpt_id) for u in updates],
-                )
-                if purge_delivered:
-                    self._purge_delivered(conn, ids)
-        finally:
-            self.release(ids)
+        with _errors("update"), self._transaction("NORMAL") as conn:
+            conn.executemany(
+                "UPDATE recipients SET status = ?, attempts = attempts + 1,"
+                " next_attempt = COALESCE(?, next_attempt), last_error = ?, updated_at = ?"
+                " WHERE id = ?",
+                [
+                    (
+                        u.status,
+                        u.next_attempt,
+                        None if u.status == "delivered" else u.detail,
+                        now,
+                        u.rcpt_id,
+                    )
+                    for u in updates
+                ],
+            )
+            # INSERT ... SELECT skips recipients deleted meanwhile (`queue delete`).
+            conn.executemany(
+                "INSERT INTO attempts (rcpt_id, at, outcome, detail)"
+                " SELECT id, ?, ?, ? FROM recipients WHERE id = ?",
+                [(now, u.status, u.detail, u.rcpt_id) for u in updates],
+            )
+            if purge_delivered:
+                self._purge_delivered(conn, ids)
+        self.release(ids)
 
     @staticmethod
     def _purge_delivered(conn: sqlite3.Connection, rcpt_ids: Sequence[int]) -> None:
