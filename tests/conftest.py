@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,28 @@ import trustme
 from trio_mta.config import Config
 from trio_mta.mta import MTA, serve
 
+from .dnsserver import DnsServer
+
 HOSTNAME = "mx.example.test"
 
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DnsServer]:
+    """The only name server tests may use: nothing ever reaches the machine's resolver.
+
+    remote.test and elsewhere.test answer SERVFAIL, so mail relayed there by
+    tests that are not about delivery stays deferred in the queue.
+    """
+    server = DnsServer()
+    server.servfail("remote.test.")
+    server.servfail("elsewhere.test.")
+    with server:
+        yield server
 
 
 @pytest.fixture
@@ -47,7 +63,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> Callable[..., Config]:
+def make_config(tmp_path: Path, tls_files: tuple[Path, Path, Path],
+                dns_server: DnsServer) -> Callable[..., Config]:
     """Build a test Config: port-0 listeners of every mode, domain example.test."""
     chain, key, _ = tls_files
 
@@ -63,6 +80,7 @@ def make_config(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> Callable[
             "tls": {"cert": str(chain), "key": str(key)},
             "local": {"domains": ["example.test"]},
             "queue": {"retry_initial": "1s", "retry_max": "5s"},
+            "dns": {"nameservers": ["%s:%d" % dns_server.address], "timeout": "2s"},
         }
         return Config.from_mapping(_merge(data, sections), base_dir=tmp_path)
 

@@ -8,6 +8,7 @@ import smtplib
 import socket
 from pathlib import Path
 
+from .dnsserver import DnsServer
 from .proc import ServerProcess, run_cli
 
 
@@ -106,10 +107,13 @@ def test_listen_flag_overrides_config(tmp_path: Path) -> None:
     assert (tmp_path / "other").is_dir()
 
 
-def test_queue_commands(tmp_path: Path) -> None:
-    config = write_config(tmp_path, BASE + """
+def test_queue_commands(tmp_path: Path, dns_server: DnsServer) -> None:
+    host, port = dns_server.address
+    config = write_config(tmp_path, BASE + f"""
 [relay]
 trusted_networks = ["127.0.0.0/8"]
+[dns]
+nameservers = ["{host}:{port}"]
 """)
     server = ServerProcess.start(config)
     try:

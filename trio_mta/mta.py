@@ -21,7 +21,10 @@ import trio
 from . import log
 from .auth import PasswordFile
 from .config import Config
+from .delivery.bouncer import Bouncer
 from .delivery.maildir import MaildirAgent
+from .delivery.remote import RemoteAgent
+from .dns import Resolver
 from .handler import Handler, HandlerSink
 from .queue import QueueStore, QueueWriter, Scheduler, host_tag_for
 from .routing import Router
@@ -44,6 +47,7 @@ class MTA:
     state: ServerState
     store: QueueStore | None  # None when serving without the durable queue
     scheduler: Scheduler | None
+    bouncer: Bouncer | None
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def stop(self) -> None:
@@ -69,6 +73,8 @@ class MTA:
         state.ssl_context = ssl_context
         state.passwords = PasswordFile(new.auth.users_file)
         state.limits.reconfigure(new.limits.max_connections, new.limits.max_connections_per_ip)
+        if self.bouncer is not None:
+            self.bouncer.router = state.router
         if self.scheduler is not None:
             self.scheduler.retry_initial = new.queue.retry_initial
             self.scheduler.retry_max = new.queue.retry_max
@@ -139,19 +145,31 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
     async with trio.open_nursery() as services:
         sink: MessageSink | None = None
         scheduler: Scheduler | None = None
+        bouncer: Bouncer | None = None
+        router = Router(config.local, config.relay)
         if store is not None:
             writer = QueueWriter(store, tag)
             await services.start(writer.run)
-            scheduler = _scheduler(config, store)
+            remote = RemoteAgent(
+                config.relay,
+                Resolver(config.dns.nameservers, config.dns.timeout,
+                         prefer_ipv4=config.relay.prefer_ipv4),
+                hostname=config.hostname, concurrency=config.queue.concurrency)
+            await services.start(remote.run)
+            scheduler = _scheduler(config, store, remote)
             writer.on_committed = scheduler.wake
+            bouncer = Bouncer(store, router, hostname=config.hostname, host_tag=tag,
+                              on_queued=scheduler.wake)
+            scheduler.on_failed = bouncer.kick
             await services.start(scheduler.run)
+            await services.start(bouncer.run)
             sink = QueueSink(writer)
         if handler is not None:
             sink = HandlerSink(handler, sink)
         assert sink is not None
         state = ServerState(
             config=config,
-            router=Router(config.local, config.relay),
+            router=router,
             sink=sink,
             limits=ConnectionLimits(config.limits.max_connections,
                                     config.limits.max_connections_per_ip),
@@ -161,7 +179,7 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
             handler=handler,
         )
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state,
-                  store=store, scheduler=scheduler)
+                  store=store, scheduler=scheduler, bouncer=bouncer)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for b in bound:
@@ -178,12 +196,12 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
     log.event("mta.stopped")
 
 
-def _scheduler(config: Config, store: QueueStore) -> Scheduler:
+def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Scheduler:
     disk = trio.CapacityLimiter(8)
     return Scheduler(
         store,
         local_agent=MaildirAgent(config.local.maildir_root, config.hostname, limiter=disk),
-        remote_agent=None,
+        remote_agent=remote,
         retry_initial=config.queue.retry_initial,
         retry_max=config.queue.retry_max,
         max_age=config.queue.max_age,

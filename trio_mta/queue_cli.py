@@ -11,7 +11,7 @@ import sqlite3
 import sys
 
 from .config import Config
-from .queue import QueueStore
+from .queue import QueueError, QueueStore
 from .queue.report import format_list, format_show
 
 
@@ -26,7 +26,7 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
         return 1
     try:
         store = QueueStore(path, readonly=action in ("list", "show"))
-    except (sqlite3.Error, OSError) as exc:
+    except (QueueError, sqlite3.Error, OSError) as exc:
         print(f"trio-mta queue: cannot open {path}: {exc}", file=sys.stderr)
         return 1
     try:

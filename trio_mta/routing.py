@@ -73,6 +73,11 @@ class Router:
         self._aliases = {address_key(k): tuple(v) for k, v in local.aliases.items()}
         self._networks = relay.trusted_networks
 
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The local domains, lower-cased, in configuration order."""
+        return self._domains
+
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self._domain_set
 

@@ -120,6 +120,8 @@ class Scheduler:
         self._last_local_start = -math.inf  # trio time
         self._backlog = False  # the last local fetch was full: more may be waiting
         self._remote_active = 0
+        # Called after a batch that failed someone is recorded (the bouncer's kick).
+        self.on_failed: Callable[[], None] | None = None
 
     def wake(self) -> None:
         """Look for due work now (new mail committed, flush requested). Trio thread only."""
@@ -245,6 +247,8 @@ class Scheduler:
             await self._record(updates, now)
             recorded = True
             self._log(rcpts, updates)
+            if self.on_failed is not None and any(u.status == "failed" for u in updates):
+                self.on_failed()
         finally:
             if not recorded:
                 with trio.CancelScope(shield=True):

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 Status = Literal["pending", "deferred", "delivered", "failed"]
 UNFINISHED = ("pending", "deferred")
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: recipients_failed index (bounces); the script is idempotent
 _CHUNK = 500  # stay far below SQLite's host-parameter limit
 
 _SCHEMA = """
@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     detail   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempts_rcpt ON attempts (rcpt_id);
+CREATE INDEX IF NOT EXISTS recipients_failed ON recipients (message_id)
+    WHERE status = 'failed';
 """
 
 
@@ -115,6 +117,27 @@ class RecipientUpdate:
     status: Literal["delivered", "deferred", "failed"]
     detail: str
     next_attempt: float | None = None
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    """One failed recipient of a finished message, as the bounce reports it."""
+
+    address: str
+    original: str
+    error: str
+    failed_at: float
+
+
+@dataclass(frozen=True)
+class FinishedMessage:
+    """A message no recipient of which is still pending or deferred, with failures."""
+
+    message_id: str
+    sender: str
+    received_at: float
+    data: bytes
+    failed: tuple[FailedRecord, ...]
 
 
 def iso(ts: float | None) -> str | None:
@@ -231,6 +254,12 @@ class QueueStore:
 
     def insert(self, items: Sequence[tuple[str, NewMessage]], *, now: float) -> None:
         """Store messages under their IDs in ONE transaction, fsynced before returning."""
+        with _errors("insert"), self._transaction("FULL") as conn:
+            self._insert_rows(conn, items, now)
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, items: Sequence[tuple[str, NewMessage]],
+                     now: float) -> None:
         messages = []
         bodies = []
         rcpts = []
@@ -243,17 +272,16 @@ class QueueStore:
                 rcpts.append(
                     (message_id, r.address, r.original, r.mailbox, r.mailbox is not None, now, now)
                 )
-        with _errors("insert"), self._transaction("FULL") as conn:
-            conn.executemany(
-                "INSERT INTO messages (id, sender, received_at, size, meta) VALUES (?,?,?,?,?)",
-                messages,
-            )
-            conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?,?)", bodies)
-            conn.executemany(
-                "INSERT INTO recipients (message_id, address, original, mailbox, local, status,"
-                " next_attempt, updated_at) VALUES (?,?,?,?,?,'pending',?,?)",
-                rcpts,
-            )
+        conn.executemany(
+            "INSERT INTO messages (id, sender, received_at, size, meta) VALUES (?,?,?,?,?)",
+            messages,
+        )
+        conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?,?)", bodies)
+        conn.executemany(
+            "INSERT INTO recipients (message_id, address, original, mailbox, local, status,"
+            " next_attempt, updated_at) VALUES (?,?,?,?,?,'pending',?,?)",
+            rcpts,
+        )
 
     # -- handing out work -----------------------------------------------------------------
 
@@ -414,6 +442,54 @@ class QueueStore:
 
     def fail(self, rcpt_id: int, *, now: float, error: str) -> None:
         self.update([RecipientUpdate(rcpt_id, "failed", error)], now=now)
+
+    # -- bounces ----------------------------------------------------------------------
+
+    def bounce_candidates(self, limit: int = 20) -> list[FinishedMessage]:
+        """Finished messages with failed recipients whose bounce is not queued yet.
+
+        One bounce per message (RFC 3464 reports all its failures together), so a
+        message waits until every recipient is delivered or failed.
+        """
+        with _errors("read"), self._read() as conn:
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    "SELECT m.id, m.sender, m.received_at, b.data FROM messages m"
+                    " JOIN bodies b ON b.message_id = m.id"
+                    " WHERE m.id IN (SELECT DISTINCT message_id FROM recipients"
+                    "                WHERE status = 'failed')"
+                    " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
+                    "                 AND r.status IN ('pending', 'deferred'))"
+                    " ORDER BY m.received_at LIMIT ?",
+                    (limit,),
+                ).fetchall()
+                out = []
+                for message_id, sender, received_at, data in rows:
+                    failed = tuple(
+                        FailedRecord(address, original, error or "", updated_at)
+                        for address, original, error, updated_at in conn.execute(
+                            "SELECT address, original, last_error, updated_at FROM recipients"
+                            " WHERE message_id = ? AND status = 'failed' ORDER BY id",
+                            (message_id,),
+                        )
+                    )
+                    out.append(FinishedMessage(message_id, sender, received_at, bytes(data),
+                                               failed))
+                return out
+            finally:
+                conn.execute("COMMIT")
+
+    def settle(self, message_id: str, bounce: tuple[str, NewMessage] | None, *,
+               now: float) -> None:
+        """Queue the bounce (if any) and drop the finished message, in ONE fsynced step.
+
+        A crash can therefore neither lose the bounce nor send it twice.
+        """
+        with _errors("settle"), self._transaction("FULL") as conn:
+            if bounce is not None:
+                self._insert_rows(conn, [bounce], now)
+            _delete_messages(conn, [(message_id,)])
 
     # -- administration (the `queue` commands) ---------------------------------------
 

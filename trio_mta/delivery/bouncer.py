@@ -1,0 +1,115 @@
+"""Turning failed recipients into one delivery status notification per message.
+
+A message is bounced once it is *finished* (no recipient pending or deferred)
+and has failures, so a message to three domains of which one fails produces
+one DSN listing exactly that recipient. The DSN goes back into the same queue
+from the null sender, and the original leaves the queue in the same fsynced
+transaction: a crash can neither lose the bounce nor send it twice. Null
+senders never get a bounce (RFC 5321 §6.1: no bounce for a bounce).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import trio
+
+from .. import log
+from ..queue import NewMessage, NewRecipient, QueueError, QueueStore, new_queue_id
+from ..queue.store import FailedRecord, FinishedMessage
+from ..routing import LocalTarget, Router
+from .bounce import FailedRecipient, build_bounce, needs_bounce
+
+_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+# The remote agent notes the peer as "(mx.example.org[192.0.2.1])" or "(name[ip], stage)".
+_PEER = re.compile(r"\(([A-Za-z0-9.-]+)\[[0-9A-Fa-f:.]+\]")
+
+
+def status_of(error: str) -> str:
+    """The RFC 3463 code a failure carries; a failure without one is 5.0.0."""
+    match = _STATUS.search(error)
+    if match is None or match.group(1) == "2":
+        return "5.0.0"
+    return ".".join(match.groups())
+
+
+def failed_recipient(record: FailedRecord) -> FailedRecipient:
+    peer = _PEER.search(record.error)
+    return FailedRecipient(
+        address=record.address,
+        original=record.original if record.original.lower() != record.address.lower() else None,
+        status=status_of(record.error),
+        diagnostic=record.error or None,
+        remote_mta=peer.group(1) if peer else None,
+        last_attempt=record.failed_at,
+    )
+
+
+class Bouncer:
+    """Background task: finished messages with failures become DSNs."""
+
+    def __init__(self, store: QueueStore, router: Router, *, hostname: str, host_tag: str,
+                 on_queued: Callable[[], None] | None = None,
+                 poll_interval: float = 1.0) -> None:
+        self.store = store
+        self.router = router
+        self.hostname = hostname
+        self.host_tag = host_tag
+        self.on_queued = on_queued
+        self.poll_interval = poll_interval
+        self.sent = 0
+        self._wakeup = trio.Event()
+
+    def kick(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                candidates = await trio.to_thread.run_sync(self.store.bounce_candidates)
+                for message in candidates:
+                    await self._settle(message)
+            except QueueError as exc:
+                log.error("bounce.queue_error", error=str(exc))
+            with trio.move_on_after(self.poll_interval):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    def _recipients(self, sender: str) -> tuple[NewRecipient, ...]:
+        targets = self.router.expand(sender)
+        if not targets and self.router.domains:
+            # An unroutable bounce goes to the postmaster (a "double bounce").
+            targets = self.router.expand(f"postmaster@{self.router.domains[0]}")
+        return tuple(
+            NewRecipient(address=t.address, original=sender,
+                         mailbox=t.mailbox if isinstance(t, LocalTarget) else None)
+            for t in targets)
+
+    async def _settle(self, message: FinishedMessage) -> None:
+        now = time.time()
+        failed = [failed_recipient(r) for r in message.failed]
+        if not needs_bounce(message.sender):
+            await trio.to_thread.run_sync(
+                lambda: self.store.settle(message.message_id, None, now=now))
+            log.event("bounce.suppressed", id=message.message_id, reason="null sender",
+                      failed=len(failed))
+            return
+        dsn = build_bounce(reporting_mta=self.hostname, sender=message.sender,
+                           queue_id=message.message_id, arrival=message.received_at,
+                           recipients=failed, original=message.data, now=now)
+        recipients = self._recipients(message.sender)
+        bounce_id = new_queue_id(self.host_tag)
+        bounce = NewMessage(sender="", recipients=recipients, data=dsn,
+                            meta={"bounce_of": message.message_id})
+        await trio.to_thread.run_sync(
+            lambda: self.store.settle(message.message_id,
+                                      (bounce_id, bounce) if recipients else None, now=now))
+        self.sent += 1
+        log.event("bounce.queued" if recipients else "bounce.undeliverable",
+                  id=message.message_id, bounce_id=bounce_id, to=message.sender,
+                  failed=",".join(r.address for r in failed))
+        if self.on_queued is not None:
+            self.on_queued()
