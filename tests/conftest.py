@@ -80,7 +80,7 @@ def make_config(tmp_path: Path, tls_files: tuple[Path, Path, Path],
             "tls": {"cert": str(chain), "key": str(key)},
             "local": {"domains": ["example.test"]},
             "queue": {"retry_initial": "1s", "retry_max": "5s"},
-            "dns": {"nameservers": ["%s:%d" % dns_server.address], "timeout": "2s"},
+            "dns": {"nameservers": ["{}:{}".format(*dns_server.address)], "timeout": "2s"},
         }
         return Config.from_mapping(_merge(data, sections), base_dir=tmp_path)
 
