@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     passwd = sub.add_parser("passwd", help="set a submission password")
     passwd.add_argument("user")
     _add_config(passwd, top=False)
+
+    # sendmail's flags (-oi, -fSENDER, -ti) are getopt-style, not argparse's: a
+    # prefix no argument can start with hands every one of them to trio_mta.sendmail.
+    sendmail = sub.add_parser("sendmail", prefix_chars="\0", add_help=False,
+                              help="submit one message from stdin (sendmail-compatible)")
+    sendmail.add_argument("sendmail_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -114,6 +120,9 @@ def _main(argv: list[str]) -> int:
             # plain `trio-mta` takes serve's defaults
             args = build_parser().parse_args([*argv, "serve"])
         return _serve(args)
+    if command == "sendmail":  # sysexits.h codes, config errors included
+        from .sendmail import run_sendmail
+        return run_sendmail(args.sendmail_args, config_path=args.config)
     config = load_config(args.config)
     if command == "check-config":
         return _check_config(config)
