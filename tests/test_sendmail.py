@@ -35,6 +35,7 @@ from trio_mta.sendmail import (
     parse_args,
     prepare_message,
     run_sendmail,
+    submission_target,
 )
 
 from .conftest import HOSTNAME
@@ -353,3 +354,19 @@ def test_prepare_message_keeps_a_headerless_text_a_body() -> None:
     assert head.startswith(b"hello: world?\nFrom: =?utf-8?b?SsO2cmc=?= <")  # RFC 2047
     assert head.endswith(f"@{HOSTNAME}>".encode())
     assert body == b"no header here\n"
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("0.0.0.0:2525", ("127.0.0.1", 2525)),  # a wildcard listener is reached on loopback
+    ("[::]:2525", ("::1", 2525)),
+    ("[::1]:25", ("::1", 25)),
+    ("127.0.0.2:26", ("127.0.0.2", 26)),
+])
+def test_target_is_the_first_smtp_listener_seen_from_here(
+        tmp_path: Path, address: str, expected: tuple[str, int]) -> None:
+    config = Config.from_mapping({"listen": [
+        {"address": "127.0.0.1:2587", "mode": "submission"},
+        {"address": address, "mode": "smtp"},
+        {"address": "127.0.0.1:2600", "mode": "smtp"},
+    ]}, base_dir=tmp_path)
+    assert submission_target(config) == expected
