@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -26,7 +27,8 @@ from .delivery.maildir import MaildirAgent
 from .delivery.remote import RemoteAgent
 from .dns import Resolver
 from .handler import Handler, HandlerSink
-from .queue import QueueStore, QueueWriter, Scheduler, host_tag_for
+from .metrics import Metrics, serve_metrics
+from .queue import DueRecipient, QueueStore, QueueWriter, Scheduler, host_tag_for
 from .routing import Router
 from .server.envelope import MessageSink
 from .server.limits import ConnectionLimits
@@ -45,6 +47,8 @@ class MTA:
     config: Config
     listeners: list[Listener]
     state: ServerState
+    metrics: Metrics
+    metrics_address: tuple[str, int] | None  # where Prometheus scrapes, port 0 resolved
     store: QueueStore | None  # None when serving without the durable queue
     scheduler: Scheduler | None
     bouncer: Bouncer | None
@@ -142,7 +146,11 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
                ssl_context: ssl.SSLContext, handler: Handler | None,
                task_status: trio.TaskStatus[MTA]) -> None:
     tag = host_tag_for(config.hostname)
+    metrics = Metrics()
     async with trio.open_nursery() as services:
+        metrics_address = config.metrics.address
+        if metrics_address is not None:
+            metrics_address = await services.start(serve_metrics, metrics, *metrics_address)
         sink: MessageSink | None = None
         scheduler: Scheduler | None = None
         bouncer: Bouncer | None = None
@@ -161,6 +169,8 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
             bouncer = Bouncer(store, router, hostname=config.hostname, host_tag=tag,
                               on_queued=scheduler.wake)
             scheduler.on_failed = bouncer.kick
+            scheduler.on_outcome = _observe(metrics)
+            metrics.set_queue_stats_source(store.stats)
             await services.start(scheduler.run)
             await services.start(bouncer.run)
             sink = QueueSink(writer)
@@ -177,8 +187,10 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
             passwords=PasswordFile(config.auth.users_file),
             host_tag=tag,
             handler=handler,
+            metrics=metrics,
         )
-        mta = MTA(config=config, listeners=[b.info for b in bound], state=state,
+        mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
+                  metrics_address=metrics_address,
                   store=store, scheduler=scheduler, bouncer=bouncer)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
@@ -207,6 +219,18 @@ def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Schedu
         max_age=config.queue.max_age,
         concurrency=config.queue.concurrency,
     )
+
+
+def _observe(metrics: Metrics) -> Callable[[DueRecipient, str, float], None]:
+    """Scheduler outcomes into metrics: counts by destination kind, latency of deliveries."""
+
+    def observe(rcpt: DueRecipient, status: str, now: float) -> None:
+        destination = "local" if rcpt.mailbox is not None else "remote"
+        metrics.recipient_outcome(status, destination)
+        if status == "delivered":
+            metrics.delivery_latency(destination, max(0.0, now - rcpt.received_at))
+
+    return observe
 
 
 def _addr(info: Listener) -> str:

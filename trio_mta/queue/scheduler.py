@@ -122,6 +122,8 @@ class Scheduler:
         self._remote_active = 0
         # Called after a batch that failed someone is recorded (the bouncer's kick).
         self.on_failed: Callable[[], None] | None = None
+        # Called per recorded outcome with (recipient, status, now): metrics.
+        self.on_outcome: Callable[[DueRecipient, str, float], None] | None = None
 
     def wake(self) -> None:
         """Look for due work now (new mail committed, flush requested). Trio thread only."""
@@ -247,6 +249,9 @@ class Scheduler:
             await self._record(updates, now)
             recorded = True
             self._log(rcpts, updates)
+            if self.on_outcome is not None:
+                for r, u in zip(rcpts, updates, strict=True):
+                    self.on_outcome(r, u.status, now)
             if self.on_failed is not None and any(u.status == "failed" for u in updates):
                 self.on_failed()
         finally:

@@ -443,6 +443,17 @@ class QueueStore:
     def fail(self, rcpt_id: int, *, now: float, error: str) -> None:
         self.update([RecipientUpdate(rcpt_id, "failed", error)], now=now)
 
+    def stats(self, now: float | None = None) -> tuple[int, float | None]:
+        """(recipients not yet delivered or failed, age in seconds of the oldest) for metrics."""
+        with _errors("read"), self._read() as conn:
+            count, oldest = conn.execute(
+                "SELECT COUNT(*), MIN(m.received_at) FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id"
+                " WHERE r.status IN ('pending', 'deferred')"
+            ).fetchone()
+        when = time.time() if now is None else now
+        return int(count), None if oldest is None else max(0.0, when - float(oldest))
+
     # -- bounces ----------------------------------------------------------------------
 
     def bounce_candidates(self, limit: int = 20) -> list[FinishedMessage]:

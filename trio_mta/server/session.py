@@ -18,6 +18,7 @@ from .. import log
 from ..auth import PasswordFile
 from ..config import Config
 from ..handler import Handler, as_reply
+from ..metrics import Metrics
 from ..queue.ids import new_queue_id
 from ..routing import Router
 from ..smtp import (
@@ -58,6 +59,7 @@ class ServerState:
     passwords: PasswordFile | None
     host_tag: str
     handler: Handler | None = None
+    metrics: Metrics | None = None
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
     auth_failure_delay: float = 1.0
     shutdown_grace: float = 30.0
@@ -149,12 +151,17 @@ class Session:
             await self._send_now(Reply(421, "4.7.0", f"{cfg.hostname} Error: {refusal}"))
             await self.stream.aclose()
             return
+        metrics = state.metrics
         with state.limits.admit(self.client_ip):
             state.sessions.add(self)
+            if metrics is not None:
+                metrics.connection_opened(self.mode, self.mode == "smtps")
             try:
                 await self._converse()
             finally:
                 state.sessions.discard(self)
+                if metrics is not None:
+                    metrics.connection_closed(self.mode)
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.stream.aclose()
 
@@ -201,15 +208,31 @@ class Session:
                 await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 cause = exc.__cause__ or exc
-                log.warning("smtpd.tls_failed", client=self.client_ip, error=str(cause))
+                self._tls_failed(str(cause))
                 return False
         if scope.cancelled_caught:
-            log.warning("smtpd.tls_failed", client=self.client_ip, error="handshake timeout")
+            self._tls_failed("handshake timeout")
             return False
         self.stream = tls_stream
         self.tls = describe(tls_stream)
         log.event("smtpd.tls", client=self.client_ip, tls=self.tls)
         return True
+
+    def _tls_failed(self, error: str) -> None:
+        log.warning("smtpd.tls_failed", client=self.client_ip, error=error)
+        if self.state.metrics is not None:
+            self.state.metrics.tls_handshake_failed(self.mode)
+
+    def _rejected(self, reply: Reply, reason: str | None = None) -> None:
+        """Count a refusal by reason; the reason follows from the reply when not given."""
+        metrics = self.state.metrics
+        if metrics is None:
+            return
+        if reason is None:
+            reason = {"5.7.1": "relay_denied", "5.1.1": "unknown_user", "5.3.4": "too_big",
+                      "5.5.2": "bad_line_ending", "4.3.0": "queue_error",
+                      "5.7.0": "auth_required"}.get(reply.status or "", "other")
+        metrics.message_rejected(reason)
 
     async def _loop(self) -> None:
         assert self.conn is not None
@@ -234,6 +257,7 @@ class Session:
             elif isinstance(event, MessageRefused):
                 log.event("smtpd.reject", client=self.client_ip, code=event.reply.code,
                           reply=str(event.reply))
+                self._rejected(event.reply)
                 self._reset()
             elif isinstance(event, TransactionReset):
                 self._reset()
@@ -263,7 +287,9 @@ class Session:
     def _mail(self, event: MailFrom) -> Reply:
         if self.mode != "smtp" and not self.authenticated:
             # SPEC §3: submission and smtps require AUTH before MAIL (RFC 4954 §6).
-            return Reply(530, "5.7.0", "Authentication required")
+            reply = Reply(530, "5.7.0", "Authentication required")
+            self._rejected(reply)
+            return reply
         self.envelope = Envelope(sender=event.path, params=event.params)
         return Reply(250, "2.1.0", "Ok")
 
@@ -290,6 +316,7 @@ class Session:
         if reply.code >= 400:
             log.event("smtpd.reject", client=self.client_ip, rcpt=address,
                       code=reply.code, reply=str(reply))
+            self._rejected(reply, "handler" if decided is not None else None)
         return reply
 
     def _info(self) -> SessionInfo:
@@ -314,6 +341,12 @@ class Session:
         if self.trusted or self.authenticated:
             trace += submission_headers(body, queue_id=queue_id, hostname=cfg.hostname)
         reply = await self.state.sink.accept(envelope, info, trace + body, queue_id)
+        metrics = self.state.metrics
+        if metrics is not None:
+            if reply.code < 400:
+                metrics.message_accepted(self.mode, len(body))
+            else:
+                self._rejected(reply, None if reply.status == "4.3.0" else "handler")
         log.event("smtpd.accepted" if reply.code < 400 else "smtpd.reject",
                   id=queue_id if reply.code < 400 else None, client=self.client_ip,
                   sender=envelope.sender_address, nrcpt=len(envelope.recipients),
@@ -338,6 +371,8 @@ class Session:
         passwords = self.state.passwords
         ok = passwords is not None and await passwords.verify_async(
             event.username, event.password, limiter=self.state.auth_limiter)
+        if self.state.metrics is not None:
+            self.state.metrics.auth_result(ok)
         if ok:
             log.event("smtpd.auth", client=self.client_ip, user=event.username,
                       mechanism=event.mechanism, result="ok")
