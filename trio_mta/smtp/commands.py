@@ -120,8 +120,10 @@ def _err(code: int, status: str, text: str) -> CommandError:
 _TOO_LONG = Reply(500, "5.5.2", "Line too long")
 _BARE_CR_LF = Reply(500, "5.5.2", "Bare CR or LF in command line")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FROM = re.compile(r"(?i:FROM): *")
-_TO = re.compile(r"(?i:TO): *")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_FROM = re.compile(r"(?i:FROM): *(?=<)")
+_TO = re.compile(r"(?i:TO): *(?=<)")
+_NO_MAIL_PARAMS = MailParams()
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")  # esmtp-keyword
 _VALUE = re.compile("[\\x21-\\x3c\\x3e-\\x7e\u0080-\U0010ffff]+\\Z")  # esmtp-value (+RFC 6531)
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
@@ -159,27 +161,29 @@ def _hello(cls: type[Ehlo] | type[Helo], name: str) -> Callable[[str, bool], Com
 
 def _parse_mail(rest: str, utf8_ok: bool) -> Command:
     prefix = _FROM.match(rest)
-    if prefix is None or rest[prefix.end() : prefix.end() + 1] != "<":
+    if prefix is None:
         raise _err(501, "5.5.2", "Syntax: MAIL FROM:<address>")
-    found = match_path(rest, prefix.end(), smtputf8=True, allow_null=True,
-                       allow_postmaster=False)
-    params = _mail_params(_params_text(rest, found.end, "Syntax: MAIL FROM:<address>"))
-    if not (utf8_ok or params.smtputf8) and not rest[: found.end].isascii():
+    path, end = match_path(rest, prefix.end(), smtputf8=True, allow_null=True,
+                           allow_postmaster=False)
+    params = _NO_MAIL_PARAMS
+    if end != len(rest):
+        params = _mail_params(_params_text(rest, end, "Syntax: MAIL FROM:<address>"))
+    if not (utf8_ok or params.smtputf8 or rest.isascii() or rest[:end].isascii()):
         raise _err(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
-    return Mail(found.path, params)
+    return Mail(path, params)
 
 
 def _parse_rcpt(rest: str, utf8_ok: bool) -> Command:
     prefix = _TO.match(rest)
-    if prefix is None or rest[prefix.end() : prefix.end() + 1] != "<":
+    if prefix is None:
         raise _err(501, "5.5.2", "Syntax: RCPT TO:<address>")
-    found = match_path(rest, prefix.end(), smtputf8=True, allow_null=False,
-                       allow_postmaster=True)
-    if _params_text(rest, found.end, "Syntax: RCPT TO:<address>"):
+    path, end = match_path(rest, prefix.end(), smtputf8=True, allow_null=False,
+                           allow_postmaster=True)
+    if end != len(rest) and _params_text(rest, end, "Syntax: RCPT TO:<address>"):
         raise _err(555, "5.5.4", "RCPT parameters not supported")
-    if not utf8_ok and not rest[: found.end].isascii():
+    if not (utf8_ok or rest.isascii() or rest[:end].isascii()):
         raise _err(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
-    return Rcpt(found.path)
+    return Rcpt(path)
 
 
 def _params_text(rest: str, end: int, syntax: str) -> list[str]:
@@ -190,6 +194,9 @@ def _params_text(rest: str, end: int, syntax: str) -> list[str]:
 
 
 def _mail_params(tokens: list[str]) -> MailParams:
+    """The four parameters we offer; each is validated by its own rule, so the
+    generic esmtp-keyword/value grammar is only consulted to word the refusal
+    of anything else."""
     size: int | None = None
     body: BodyType | None = None
     smtputf8 = False
@@ -199,22 +206,28 @@ def _mail_params(tokens: list[str]) -> MailParams:
         if not token:
             continue
         key, eq, value = token.partition("=")
-        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise _err(555, "5.5.4", f"Malformed parameter: {echo(token, 40)}")
         key = key.upper()
         if key in seen:
-            raise _err(555, "5.5.4", f"Duplicate parameter: {key}")
+            raise _err(555, "5.5.4", f"Duplicate parameter: {echo(key, 40)}")
         seen.add(key)
-        if key == "SIZE" and eq and value.isascii() and value.isdigit() and len(value) <= 20:
+        if key == "SIZE":
+            if not (eq and value.isdigit() and value.isascii() and len(value) <= 20):
+                raise _err(555, "5.5.4", "Invalid value for SIZE")
             size = int(value)  # RFC 1870 §3
-        elif key == "BODY" and eq and value.upper() in _BODY_TYPES:
-            body = _BODY_TYPES[value.upper()]  # RFC 6152 §2, RFC 3030 §3
-        elif key == "SMTPUTF8" and not eq:
+        elif key == "BODY":
+            body = _BODY_TYPES.get(value.upper()) if eq else None  # RFC 6152 §2, 3030 §3
+            if body is None:
+                raise _err(555, "5.5.4", "Invalid value for BODY")
+        elif key == "SMTPUTF8":
+            if eq:
+                raise _err(555, "5.5.4", "Invalid value for SMTPUTF8")
             smtputf8 = True  # RFC 6531 §3.4
-        elif key == "AUTH" and eq:
-            auth = _xtext_decode(value)
-        elif key in ("SIZE", "BODY", "SMTPUTF8", "AUTH"):
-            raise _err(555, "5.5.4", f"Invalid value for {key}")
+        elif key == "AUTH":
+            if not value:
+                raise _err(555, "5.5.4", "Invalid value for AUTH")
+            auth = _xtext_decode(value)  # RFC 4954 §5
+        elif not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise _err(555, "5.5.4", f"Malformed parameter: {echo(token, 40)}")
         else:
             raise _err(555, "5.5.4", f"Unsupported parameter: {echo(key, 40)}")
     return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth)
@@ -290,7 +303,8 @@ def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
     size = len(line)
     if size > MAX_LINE - 2 and (size > MAX_MAIL_LINE - 2 or line[:5].upper() != b"MAIL "):
         raise CommandError(_TOO_LONG)
-    if b"\r" in line or b"\n" in line:
+    control = _CONTROL_BYTES.search(line)
+    if control is not None and (b"\r" in line or b"\n" in line):
         raise CommandError(_BARE_CR_LF)
     verb, _, rest_bytes = line.partition(b" ")
     verb = verb.upper()
@@ -299,12 +313,12 @@ def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
         if verb in _NOT_IMPLEMENTED:
             raise _err(502, "5.5.1", "Command not implemented")
         raise _err(500, "5.5.1", "Command unrecognized")
+    if control is not None:
+        raise _err(501, "5.5.2", "Control character in command")
     try:
         rest = rest_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise _err(501, "5.5.2", "Invalid UTF-8 in command") from None
-    if _CONTROL.search(rest):
-        raise _err(501, "5.5.2", "Control character in command")
     return parser(rest.strip(" "), smtputf8_ok)
 
 
