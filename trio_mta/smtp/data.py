@@ -5,19 +5,43 @@ a line end here: accepting ``<LF>.<CR><LF>`` and friends as the end is what
 made SMTP smuggling possible (CVE-2023-51764/51765/51766), so such bytes only
 set :attr:`DataReader.bad_line_ending` and the server refuses the message.
 
-All scanning is done by ``bytes.find``/``count``/``replace`` over whole
-chunks: never a Python loop per byte. A chunk is split into a "segment" that
-is processed now and a held-back suffix of at most four bytes that could be
-the start of the end marker; the segment therefore never ends inside a
-CRLF, which makes the per-segment counts exact for any split of the input.
+Scanning is done by C code over whole chunks, never a Python loop per byte:
+one regex pass finds the CRs that start a dot-line ("\r\n.", the end marker
+being one of them) or that are not followed by LF; ``translate`` then counts
+the remaining LFs. Only the rare dot-lines and bare CRs reach Python. A chunk
+is split into a "segment" processed now and a held-back suffix of at most four
+bytes that could begin the end marker; a segment therefore never ends inside a
+CRLF, which keeps the per-segment checks exact for any split of the input.
 """
 
 from __future__ import annotations
+
+import re
 
 from trio_mta.smtp.errors import LocalProtocolError
 
 _MARK = b"\r\n.\r\n"
 _MARK_PREFIXES = (_MARK[:4], _MARK[:3], _MARK[:2], _MARK[:1])
+
+
+# Every byte but CR and LF: translate(None, _NOT_CR_LF) keeps only the line-end bytes.
+_NOT_CR_LF = bytes(b for b in range(256) if b not in (0x0D, 0x0A))
+# A CR not followed by LF (also at the very end). Its literal first byte lets
+# sre skip from CR to CR in C.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# The same, or the CR of a CRLF that is followed by a dot (a dot-line or the end).
+_SCAN = re.compile(rb"\r(?:\n\.|(?!\n))")
+
+
+def _bare_lf_given_no_bare_cr(segment: bytes) -> bool:
+    """With every CR followed by its LF, any LF beyond the CR count is a bare LF."""
+    ends = segment.translate(None, _NOT_CR_LF)
+    return len(ends) != 2 * ends.count(b"\r")
+
+
+def has_bare_line_ending(segment: bytes) -> bool:
+    """True when ``segment`` holds a CR not followed by LF or an LF not preceded by CR."""
+    return _BARE_CR.search(segment) is not None or _bare_lf_given_no_bare_cr(segment)
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -26,8 +50,7 @@ def dot_stuff(body: bytes) -> bytes:
     Every bare LF, bare CR and CRLF becomes one CRLF, so the result can never
     hold an end marker (or a smuggling sequence) before its final line.
     """
-    crlf = body.count(b"\r\n")
-    if crlf != body.count(b"\r") or crlf != body.count(b"\n"):
+    if has_bare_line_ending(body):
         body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     body = body.replace(b"\r\n.", b"\r\n..")  # RFC 5321 §4.5.2 transparency
     if body.startswith(b"."):
@@ -35,19 +58,6 @@ def dot_stuff(body: bytes) -> bytes:
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body + b".\r\n"
-
-
-# Every byte but CR and LF: translate(None, _NOT_CR_LF) keeps only the line-end bytes.
-_NOT_CR_LF = bytes(b for b in range(256) if b not in (0x0D, 0x0A))
-
-
-def has_bare_line_ending(segment: bytes) -> bool:
-    """True when ``segment`` holds a CR not followed by LF or an LF not preceded by CR.
-
-    CR+LF octets = 2 * CRLF pairs + bare ones; ``translate`` (deleting) and
-    ``count`` are the two fastest whole-buffer passes CPython offers for this.
-    """
-    return len(segment.translate(None, _NOT_CR_LF)) != 2 * segment.count(b"\r\n")
 
 
 class DataReader:
@@ -91,45 +101,41 @@ class DataReader:
         if self._done:
             raise LocalProtocolError("DataReader.feed() after the end of the data")
         work = self._hold + data if self._hold else data
-        # One split at every line-initial dot does three jobs: it finds the end
-        # marker (a piece after a split point that starts with CRLF), it undoes
-        # the dot-stuffing (join with CRLF) and, as lines starting with "." are
-        # rare, it usually returns a single piece at the cost of one scan.
-        pieces = work.split(b"\r\n.")
-        last = len(pieces) - 1
-        for i in range(1, last + 1):
-            # An empty piece before another split point: the dot is followed by
-            # "\r\n." whose CRLF completes the marker.
-            if pieces[i][:2] == b"\r\n" or (i < last and not pieces[i]):
-                self._done = True
-                self._hold = b""
-                rest = b"\r\n.".join(pieces[i:])[2:]
-                pieces[i] = b""  # the CRLF that precedes the final dot is body
-                return self._consume(b"\r\n".join(pieces[: i + 1])), rest
         hold = 0
         tail = work[-4:]
         for prefix in _MARK_PREFIXES:
             if tail.endswith(prefix):
                 hold = len(prefix)
                 break
-        if hold:
-            # Keep back what may begin the end marker. A held "\r\n." or
-            # "\r\n.\r" produced the last split point: drop that last piece.
-            self._hold = work[-hold:]
-            if hold >= 3:
-                del pieces[-1]
+        end = len(work) - hold  # of the segment processed now
+        parts = []
+        start = 0
+        bare_cr = False
+        for match in _SCAN.finditer(work):
+            pos = match.start()
+            if pos >= end:
+                break  # in the held-back suffix: next time
+            if match.end() - pos == 1:
+                bare_cr = True
+            elif work[pos + 3 : pos + 5] == b"\r\n":
+                # CRLF "." CRLF: the end. Its first CRLF ends the last line of the body.
+                parts.append(work[start : pos + 2])
+                self._done = True
+                self._hold = b""
+                return self._consume(parts, bare_cr), work[pos + 5 :]
             else:
-                pieces[-1] = pieces[-1][:-hold]
-        else:
-            self._hold = b""
-        body = pieces[0] if len(pieces) == 1 else b"\r\n".join(pieces)
-        return self._consume(body), None
+                parts.append(work[start : pos + 2])  # RFC 5321 §4.5.2: drop the dot
+                start = pos + 3
+        self._hold = work[end:] if hold else b""
+        parts.append(work[start:end] if start or hold else work)
+        return self._consume(parts, bare_cr), None
 
-    def _consume(self, body: bytes) -> bytes:
+    def _consume(self, parts: list[bytes], bare_cr: bool) -> bytes:
         """Account for an unstuffed segment (same CR/LF pairs as its stuffed form)."""
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         if not body:
             return b""
-        if not self._bad and has_bare_line_ending(body):
+        if not self._bad and (bare_cr or _bare_lf_given_no_bare_cr(body)):
             self._bad = True
         if self._skip:
             dropped = min(self._skip, len(body))
