@@ -36,6 +36,13 @@ once and matches the replies in order; the body follows only after 354. A
 421 reply means the server is closing (RFC 5321 §3.8): the replies still
 expected for pipelined commands are taken to be that 421. A missing reply at
 EOF or a garbled one raises :class:`ReplyError`.
+
+MAIL carries SIZE, BODY=8BITMIME (8-bit body) and SMTPUTF8 (non-ASCII
+address) when the server offers them. A message over the server's SIZE, or
+needing SMTPUTF8 that is not offered (RFC 6531 §3.2), is refused locally with
+a synthetic 552 5.3.4 / 553 5.6.7 and nothing is sent. An 8-bit body goes to a
+server without 8BITMIME unchanged: converting MIME is not this layer's job,
+and ``eightbitmime`` lets the caller decide beforehand.
 """
 
 from __future__ import annotations

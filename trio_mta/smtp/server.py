@@ -21,6 +21,14 @@ nothing after STARTTLS is parsed before the caller has answered it (RFC 3207
 is found with one ``find`` from where the last one ended, and leftovers are
 only ever a partial line, so there is neither rescanning nor quadratic
 concatenation. DATA is streamed out as :class:`BodyChunk` events.
+
+Client mistakes (syntax, sequence, bare CR/LF, over-long lines) count toward
+``max_errors``, after which the machine queues 421 4.7.0 and closes; policy
+refusals (the caller's replies, 452 past max_recipients, 552, 554, 538) do
+not, so a legitimate client with many refused recipients is not cut off.
+Also: ``close(reply)`` queues the caller's own last reply (421 on a timeout)
+and stops; ``awaiting_tls``, ``pending_decision`` and ``in_transaction`` expose
+state a session may want for logging and timeouts.
 """
 
 from __future__ import annotations
