@@ -180,7 +180,6 @@ class ServerConnection:
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
         self._phase = _Phase.BANNER
-        self._after_discard = _Phase.COMMAND
         self._discard_reply = _TOO_LONG
         self._pending: Event | None = None
         self._rejecting = False  # 554 banner: only QUIT is served (RFC 5321 §3.1)
@@ -428,7 +427,6 @@ class ServerConnection:
                 # Resync at the next LF without buffering the rest of the line.
                 sasl = self._phase is _Phase.SASL
                 self._discard_reply = _SASL_TOO_LONG if sasl else _TOO_LONG
-                self._after_discard = _Phase.COMMAND
                 self._phase = _Phase.DISCARD
                 self._buf, self._pos = b"", 0
                 return True
@@ -459,7 +457,7 @@ class ServerConnection:
             self._buf, self._pos = b"", 0
             return False
         self._pos = end + 1
-        self._phase = self._after_discard
+        self._phase = _Phase.COMMAND
         self._error(self._discard_reply)
         return True
 
