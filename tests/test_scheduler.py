@@ -452,3 +452,53 @@ async def test_remote_agent_gets_one_group_per_message_and_domain(
     ]
     assert remote.max_active == 2
     assert store.list_messages() == []
+
+
+class OneSlowDomain(Scripted):
+    """A remote agent whose slow.test destination holds one connection and is then full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow_busy = 0
+        self.gate = trio.Event()
+
+    def saturated(self, domain: str) -> bool:
+        return domain == "slow.test" and self.slow_busy >= 1
+
+    async def deliver(self, items: Sequence[DeliveryItem]) -> list[Outcome]:
+        slow = items[0].rcpt.address.endswith("@slow.test")
+        self.calls.append((trio.current_time(), list(items)))
+        self.called.set()
+        if not slow:
+            return [self.decide(item) for item in items]
+        self.slow_busy += 1
+        try:
+            assert self.gate is not None
+            await self.gate.wait()
+            return [self.decide(item) for item in items]
+        finally:
+            self.slow_busy -= 1
+
+
+async def test_a_saturated_destination_does_not_take_every_slot(
+    store: QueueStore, autojump_clock: object
+) -> None:
+    store.insert([(f"S{i}", msg(rem(f"u{i}@slow.test"))) for i in range(4)], now=vclock())
+    store.insert([(f"F{i}", msg(rem(f"u{i}@fast.test"))) for i in range(4)], now=vclock() + 1)
+    remote = OneSlowDomain()
+    sched = make(store, Scripted(), remote, concurrency=3)
+    with trio.fail_after(10_000):
+        async with running(sched):
+            # slow.test is full after its first message: the fast mail goes meanwhile.
+            while sched.delivered < 4:
+                await trio.sleep(1)
+            slow_calls = [c for c in remote.calls if c[1][0].rcpt.address.endswith("slow.test")]
+            assert len(slow_calls) == 1
+            polls_before = len(remote.calls)
+            await trio.sleep(30)  # while slow.test stays full, the scheduler idles
+            assert len(remote.calls) == polls_before
+            assert remote.gate is not None
+            remote.gate.set()
+            while sched.delivered < 8:
+                await trio.sleep(1)
+    assert store.list_messages() == []

@@ -24,13 +24,14 @@ after the agent returned it, and recording it is shielded so it is not lost.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import trio
 
@@ -53,6 +54,13 @@ class DeliveryItem:
 class Outcome:
     kind: Literal["delivered", "deferred", "failed"]
     detail: str  # reply text with enhanced status code, e.g. "451 4.3.0 try later"
+
+
+@runtime_checkable
+class DestinationLimited(Protocol):
+    """An agent with per-destination limits tells the scheduler when one is full."""
+
+    def saturated(self, domain: str) -> bool: ...
 
 
 class DeliveryAgent(Protocol):
@@ -84,6 +92,7 @@ class Scheduler:
         retry_max: float,
         max_age: float,
         concurrency: int,
+        per_domain: int | None = None,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
         batch_size: int = 128,
@@ -102,6 +111,9 @@ class Scheduler:
         self.retry_max = retry_max
         self.max_age = max_age
         self.concurrency = concurrency
+        # One slow domain may hold at most this many of the `concurrency` slots.
+        self.per_domain = per_domain if per_domain is not None else max(1, concurrency // 2)
+        self._remote_domains: collections.Counter[str] = collections.Counter()
         self.clock = clock  # unix time; tests pass a MockClock-based one
         self.poll_interval = poll_interval
         self.batch_size = batch_size
@@ -179,6 +191,7 @@ class Scheduler:
         )
         if local_want:
             self._backlog = len(local_due) >= local_want
+        remote_waiting = False
         if local_due:
             self._last_local_start = trio.current_time()
             if len(local_due) > self.batch_size:
@@ -193,9 +206,18 @@ class Scheduler:
             for r in remote_due:
                 groups.setdefault((r.message_id, _domain(r.address)), []).append(r)
             spare: list[int] = []
-            for group in groups.values():
-                if self._remote_active < self.concurrency:
+            limited = self.remote_agent if isinstance(self.remote_agent, DestinationLimited) \
+                else None
+            for (_, domain), group in groups.items():
+                if self._remote_domains[domain] >= self.per_domain or (
+                        limited is not None and limited.saturated(domain)):
+                    # Its destination is busy: holding a slot to wait there would let
+                    # one slow domain take every slot. A finishing batch wakes us.
+                    spare.extend(r.rcpt_id for r in group)
+                    remote_waiting = True
+                elif self._remote_active < self.concurrency:
                     self._remote_active += 1
+                    self._remote_domains[domain] += 1
                     nursery.start_soon(self._run_batch, self.remote_agent, group, bodies, False)
                 else:
                     spare.extend(r.rcpt_id for r in group)
@@ -205,7 +227,8 @@ class Scheduler:
         now = self.clock()
         if next_local is not None and self._local_active < self.local_batches:
             delays.append(next_local - now)
-        if next_remote is not None and self._remote_active < self.concurrency:
+        if next_remote is not None and self._remote_active < self.concurrency \
+                and not remote_waiting:
             delays.append(next_remote - now)
         return min(delays)
 
@@ -262,6 +285,10 @@ class Scheduler:
                 self._local_active -= 1
             else:
                 self._remote_active -= 1
+                domain = _domain(rcpts[0].address)
+                self._remote_domains[domain] -= 1
+                if not self._remote_domains[domain]:
+                    del self._remote_domains[domain]
             self.wake()
 
     async def _record(self, updates: list[RecipientUpdate], now: float) -> None:
