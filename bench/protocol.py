@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput of the sans-IO SMTP core (trio_mta.smtp), no sockets involved.
 
-    python bench/protocol.py              # ~0.5 s per figure, best of 3
+    python bench/protocol.py              # runs of 0.5 s, best of 5 per figure
     python bench/protocol.py --seconds 2  # steadier figures on a busy machine
 
 Figures (the goals for a 2-core machine in brackets; never asserted):
@@ -16,7 +16,7 @@ Figures (the goals for a 2-core machine in brackets; never asserted):
 - ``ServerConnection``: complete pipelined transactions (MAIL, 2 RCPT, DATA,
   1 KiB body) per second through the whole machine, decisions answered at once.
 
-Each figure is the best of three runs of at least ``--seconds``: on a shared
+Each figure is the best of five runs of at least ``--seconds``: on a shared
 machine the best run is the one least disturbed by others.
 """
 
@@ -52,9 +52,9 @@ WORDS = (b"the quick brown fox jumps over a lazy dog while mail servers queue "
 
 
 def best_rate(run: Callable[[], int], seconds: float) -> float:
-    """Units per second of ``run`` (which returns units done), best of three."""
+    """Units per second of ``run`` (which returns units done), best of five."""
     best = 0.0
-    for _ in range(3):
+    for _ in range(5):
         done = 0
         start = time.perf_counter()
         while True:
@@ -153,7 +153,7 @@ def bench_server(seconds: float, rng: random.Random) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=0.5,
-                        help="minimum duration of each of the three runs per figure")
+                        help="minimum duration of each of the five runs per figure")
     args = parser.parse_args()
     rng = random.Random(5321)
     print(f"parse_command (MAIL/RCPT/EHLO/DATA mix): "
