@@ -11,12 +11,16 @@ same way::
 
     async def run_step(stream: trio.abc.Stream, conn: ClientConnection) -> ClientEvent:
         while True:
+            event = conn.next_event()      # first: a fed reply may queue the next command
             if out := conn.data_to_send():
                 await stream.send_all(out)
-            event = conn.next_event()
             if event is not NEED_DATA:
                 return event
             conn.receive_data(await stream.receive_some(65536))   # b"" on EOF
+
+(``next_event()`` comes before ``data_to_send()``: without PIPELINING the RCPT
+after MAIL is only queued once the MAIL reply has been processed, and a loop
+that waits for input first would wait for a reply to a command never sent.)
 
     conn = ClientConnection(helo_name="relay.example")
     greeting = await run_step(stream, conn)            # Greeting
