@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,21 @@ async def test_mta_toml_delivers_mailboxes_and_aliases(
     assert refused.value.status == "5.1.1"
     assert b"Delivered-To: alice@example.org" in copy.read_bytes()  # the final address
     assert not new_files(root, "carol")
+    # [metrics] listen from the example serves Prometheus text; the counters moved
+    assert mta.metrics_address is not None
+    url = "http://{}:{}/metrics".format(*mta.metrics_address)
+    delivered = 'trio_mta_recipients_total{destination="local",outcome="delivered"} 3.0'
+    with trio.fail_after(TIMEOUT):
+        while delivered not in (text := await trio.to_thread.run_sync(scrape, url)):
+            await trio.sleep(0.05)
+    assert 'trio_mta_messages_rejected_total{reason="unknown_user"} 1.0' in text
+    assert 'trio_mta_messages_accepted_total{listener="smtp"} 2.0' in text
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        body: bytes = response.read()
+    return body.decode()
 
 
 async def test_send_one_submits_with_auth_and_tls_options(
