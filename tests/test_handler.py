@@ -90,6 +90,25 @@ async def test_handler_decides_by_return_value(nursery: trio.Nursery, queue: boo
         assert new_files(root, "bob") == []
 
 
+async def test_handler_accepted_recipient_without_a_route_is_never_acknowledged(
+        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    class AcceptsAll(trio_mta.Handler):
+        async def handle_rcpt(self, session: trio_mta.SessionInfo,
+                              envelope: trio_mta.Envelope, address: str) -> str:
+            return "250 2.1.5 ok"
+
+    config = make_config(local={"mailboxes": {"known@example.test": "known"}})
+    mta: trio_mta.MTA = await nursery.start(
+        lambda task_status: trio_mta.serve(config, handler=AcceptsAll(),
+                                           task_status=task_status))
+    code, text = await trio.to_thread.run_sync(
+        _send, mta.address("smtp")[1], "fall through", ["stranger@example.test"])
+    assert (code, text) == (550, b"5.1.1 <stranger@example.test>: Recipient address has no "
+                                 b"mailbox here")
+    assert mta.store is not None
+    assert await trio.to_thread.run_sync(mta.store.list_messages) == []
+
+
 async def test_queue_false_needs_a_handler(make_config: Callable[..., Config]) -> None:
     with pytest.raises(ValueError, match="handler"):
         await trio_mta.serve(make_config(), queue=False)

@@ -61,16 +61,16 @@ class MTA:
     async def reload(self, new: Config) -> None:
         """Apply a re-read configuration to new decisions without dropping connections.
 
-        Maps, aliases, trusted networks, limits and the TLS certificate take
-        effect for the next command of every session; listeners and the
-        state directory only change on restart (logged when they differ).
+        Maps, aliases, trusted networks, limits, retry timing and the TLS
+        certificate take effect for the next command of every session; what
+        only a restart applies is logged by name when it changed.
         Raises (keeping the old configuration) when the new TLS pair is bad.
         """
         ssl_context = await trio.to_thread.run_sync(build_ssl_context, new)
         old = self.config
-        if new.listen != old.listen or new.state_dir != old.state_dir:
-            log.warning("config.reload_partial",
-                        reason="[[listen]] and state_dir changes need a restart")
+        pending = _restart_only_changes(old, new)
+        if pending:
+            log.warning("config.reload_partial", needs_restart=",".join(pending))
         state = self.state
         state.config = new
         state.router = Router(new.local, new.relay)
@@ -92,6 +92,26 @@ class MTA:
             if listener.mode == mode:
                 return listener.host, listener.port
         raise LookupError(f"no {mode} listener")
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Changed settings that a reload does not apply; the operator is told, not surprised."""
+    checks = {
+        "[[listen]]": (old.listen, new.listen),
+        "state_dir": (old.state_dir, new.state_dir),
+        "hostname": (old.hostname, new.hostname),
+        "[local].maildir_root": (old.local.maildir_root, new.local.maildir_root),
+        "[relay] (outbound)": (
+            (old.relay.tls, old.relay.ca_file, old.relay.port, old.relay.smarthost,
+             old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4),
+            (new.relay.tls, new.relay.ca_file, new.relay.port, new.relay.smarthost,
+             new.relay.smarthost_tls, new.relay.smarthost_auth, new.relay.prefer_ipv4)),
+        "[dns]": (old.dns, new.dns),
+        "[queue].concurrency": (old.queue.concurrency, new.queue.concurrency),
+        "[metrics]": (old.metrics, new.metrics),
+        "[log]": (old.log, new.log),
+    }
+    return [name for name, (before, after) in checks.items() if before != after]
 
 
 def raise_nofile_limit() -> None:

@@ -36,6 +36,14 @@ class QueueSink:
 
     async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
                      queue_id: str) -> Reply:
+        unroutable = [r.address for r in envelope.recipients if not r.targets]
+        if unroutable:
+            # Only possible when an application's handle_rcpt accepted an address
+            # routing cannot deliver and handle_message then declined the message:
+            # queueing it would acknowledge mail that can never arrive.
+            log.error("queue.unroutable", id=queue_id, rcpt=",".join(unroutable))
+            return Reply(550, "5.1.1",
+                         f"<{unroutable[0]}>: Recipient address has no mailbox here")
         meta = {
             "client_ip": session.client_ip,
             "helo": session.helo or "",
