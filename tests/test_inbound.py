@@ -261,3 +261,25 @@ async def test_vrfy_help_and_unknown_commands(mta: MTA) -> None:
     assert (await client.command(b"FROB")).startswith(b"500 5.5.1")
     assert (await client.command(b"DATA")).startswith(b"503 5.5.1")
     assert (await client.command(b"QUIT")).startswith(b"221")
+
+
+async def test_graceful_stop_lets_a_transaction_finish(nursery: trio.Nursery,
+                                                       make_config: Callable[..., Config]) -> None:
+    server = await start(nursery, make_config())
+    idle = await RawClient.connect(*server.address("smtp"))
+    busy = await RawClient.connect(*server.address("smtp"))
+    for client in (idle, busy):
+        await client.reply()
+        await client.command(b"EHLO c.test")
+    await busy.command(b"MAIL FROM:<a@remote.test>")
+    await busy.command(b"RCPT TO:<late@example.test>")
+    assert (await busy.command(b"DATA")).startswith(b"354")
+    server.stop()
+    # The idle session is told at once; new connections are no longer accepted.
+    assert (await idle.reply()).startswith(b"421 4.3.2")
+    assert await idle.eof()
+    with pytest.raises(OSError):
+        await RawClient.connect(*server.address("smtp"))
+    # The session in the middle of a message may still finish it.
+    assert (await busy.command(b"Subject: late\r\n\r\nstill here\r\n.")).startswith(b"250 2.0.0")
+    assert (await busy.reply()).startswith(b"421 4.3.2")

@@ -55,6 +55,18 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)[:255]
 
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date(now: float | None = None) -> str:
+    """The local-time date of RFC 5322 §3.3, formatted once per second (it is per message)."""
+    global _date_cache
+    second = int(time.time() if now is None else now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
+
+
 def received_header(info: TraceInfo, now: float | None = None) -> bytes:
     helo = _clean(info.helo) if info.helo else "unknown"
     lines = [f"Received: from {helo} ({address_literal(info.client_ip)})"]
@@ -64,7 +76,7 @@ def received_header(info: TraceInfo, now: float | None = None) -> bytes:
     if info.auth_user:
         lines.append(f"\t(Authenticated sender: {_clean(info.auth_user)})")
     lines.append(f"\tby {info.hostname} (trio_mta) with {_protocol(info)} id {info.queue_id}")
-    date = email.utils.formatdate(now if now is not None else time.time(), localtime=True)
+    date = rfc5322_date(now)
     # Name the recipient only when there is exactly one, so a Received line
     # never discloses the other (e.g. Bcc) recipients of the same copy.
     if len(info.recipients) == 1:
@@ -90,8 +102,7 @@ def submission_headers(message: bytes, *, queue_id: str, hostname: str,
     present = header_names(message)
     extra = b""
     if "date" not in present:
-        date = email.utils.formatdate(now if now is not None else time.time(), localtime=True)
-        extra += f"Date: {date}\r\n".encode("ascii")
+        extra += f"Date: {rfc5322_date(now)}\r\n".encode("ascii")
     if "message-id" not in present:
         extra += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode("utf-8", "replace")
     return extra
