@@ -238,6 +238,9 @@ def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Schedu
         retry_max=config.queue.retry_max,
         max_age=config.queue.max_age,
         concurrency=config.queue.concurrency,
+        # Batches of 32 keep fsyncs per message near 1 (one new/ fsync per folder
+        # per batch) while bounding the bodies held in memory at once.
+        batch_size=32,
     )
 
 

@@ -117,17 +117,21 @@ class MaildirAgent:
         self._host = escape_host(hostname)
         self._limiter = limiter
         self._counter = itertools.count(1)
+        self._pid = os.getpid()
 
     async def deliver(self, items: Sequence[DeliveryItem]) -> list[Outcome]:
         outcomes: list[Outcome] = [Outcome("deferred", "4.3.0 not attempted")] * len(items)
         placed: list[Path | None] = [None] * len(items)  # new/ folder of each written file
         lf_bodies: dict[str, bytes] = {}
+        # Each mailbox is resolved (realpath: several stat calls) once per batch,
+        # not once per file; dict updates are atomic under the GIL.
+        maildirs: dict[str, Path | UnsafeMailbox] = {}
         workers = max(1, min(len(items), int(self._limiter.total_tokens)))
 
         async def write_share(first: int) -> None:
             def work() -> None:
                 for i in range(first, len(items), workers):
-                    outcomes[i], placed[i] = self._write(items[i], lf_bodies)
+                    outcomes[i], placed[i] = self._write(items[i], lf_bodies, maildirs)
 
             await trio.to_thread.run_sync(work, limiter=self._limiter)
 
@@ -154,16 +158,22 @@ class MaildirAgent:
         return outcomes
 
     def _write(
-        self, item: DeliveryItem, lf_bodies: dict[str, bytes]
+        self, item: DeliveryItem, lf_bodies: dict[str, bytes],
+        maildirs: dict[str, Path | UnsafeMailbox],
     ) -> tuple[Outcome, Path | None]:
         """Worker thread: deliver one file; returns its outcome and new/ folder."""
         rcpt = item.rcpt
         if rcpt.mailbox is None:
             return Outcome("failed", "5.3.5 not a local mailbox"), None
-        try:
-            maildir = safe_join(self.root, rcpt.mailbox)
-        except UnsafeMailbox as exc:
-            return Outcome("failed", f"5.3.5 {exc}"), None
+        maildir = maildirs.get(rcpt.mailbox)
+        if maildir is None:
+            try:
+                maildir = safe_join(self.root, rcpt.mailbox)
+            except UnsafeMailbox as exc:
+                maildir = exc
+            maildirs[rcpt.mailbox] = maildir
+        if isinstance(maildir, UnsafeMailbox):
+            return Outcome("failed", f"5.3.5 {maildir}"), None
         body = lf_bodies.get(rcpt.message_id)
         if body is None:
             body = lf_bodies[rcpt.message_id] = item.data.replace(b"\r\n", b"\n")
@@ -178,7 +188,7 @@ class MaildirAgent:
 
     def _unique_name(self) -> str:
         seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
-        return f"{seconds}.M{nanos // 1000}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+        return f"{seconds}.M{nanos // 1000}P{self._pid}Q{next(self._counter)}.{self._host}"
 
     def _open_tmp(self, maildir: Path) -> tuple[int, str]:
         created = False
