@@ -633,6 +633,35 @@ def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeo
     return res
 
 
+def tls_run(server: TrioServer, sessions: int, messages: int, timeout: float,
+            workdir: Path) -> list[tuple[str, dict[str, object]]]:
+    """The TLS column: the same trio_mta, plaintext vs STARTTLS, same sessions, 1 KiB.
+
+    Interleaved per session count so both modes see the same machine noise.
+    Returns (command, loadgen JSON) for plaintext, then STARTTLS.
+    """
+    out = []
+    for starttls in (False, True):
+        target = server.start()
+        try:
+            warm_up(target, sessions, timeout, workdir)
+            cmd = loadgen_cmd(target, 1024, sessions, messages) + (
+                ["--starttls"] if starttls else [])
+            try:
+                res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                     check=False, timeout=timeout)
+                line = next((ln for ln in reversed(res.stdout.splitlines())
+                             if ln.startswith("{")), "")
+                data: dict[str, object] = (json.loads(line) if line else
+                                           {"error": (res.stderr or res.stdout)[-300:]})
+            except subprocess.TimeoutExpired:
+                data = {"error": "loadgen timed out"}
+        finally:
+            server.stop()
+        out.append((shlex.join(cmd), data))
+    return out
+
+
 def idle_run(server: TrioServer, count: int, timeout: float) -> tuple[str, dict[str, object]]:
     target = server.start()
     cmd = [sys.executable, str(LOADGEN), "idle", "--port", str(target.port), "-n", str(count),
@@ -865,6 +894,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "(default 10000, quick 2000, 0 skips)")
     ap.add_argument("--no-fsync", action="store_true", help="skip the strace fsync runs")
     ap.add_argument("--no-latency", action="store_true", help="skip the loadgen latency runs")
+    ap.add_argument("--no-tls", action="store_true", help="skip the STARTTLS column")
+    ap.add_argument("--tls-sessions", default="10,50",
+                    help="session counts for the STARTTLS column (default 10,50)")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds one run may take before it is stopped and reported (default 300)")
     ap.add_argument("--log-level", default="warning", help="trio_mta's log level (default warning)")
@@ -875,6 +907,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.repeat = a.repeat or (1 if q else 3)
     a.sizes = _ints(a.sizes or ("1024" if q else "1024,65536"), ap, "--sizes")
     a.sessions = _ints(a.sessions or ("10,50" if q else "1,10,50"), ap, "--sessions")
+    a.tls_sessions = _ints(a.tls_sessions, ap, "--tls-sessions")
     a.idle = a.idle if a.idle is not None else (2000 if q else 10000)
     a.only = list(dict.fromkeys(a.only)) if a.only else list(TARGETS)
     if a.messages < 1 or a.repeat < 1:
@@ -970,6 +1003,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"[fsync {size_label(size)} s={top}] {f.strace} & {f.command}\n"
                         f"    -> fsync {f.fsync}, fdatasync {f.fdatasync}, delivered "
                         f"{f.delivered}, per message {fmt(f.per_message, 3)}{error}")
+        if "trio" in targets and not a.no_tls:
+            say("\nTLS column (trio_mta, 1 KiB, bench/loadgen.py; STARTTLS after EHLO, "
+                "a full handshake per connection, as between MTAs that meet once):")
+            rows = []
+            for s in a.tls_sessions:
+                (plain_cmd, plain), (tls_cmd, tls) = tls_run(server, s, a.messages, a.timeout,
+                                                             workdir)
+                say(f"[tls s={s}] {plain_cmd}\n    -> {json.dumps(plain)}")
+                say(f"[tls s={s}] {tls_cmd}\n    -> {json.dumps(tls)}")
+                p_rate, t_rate = _num(plain.get("accepted_per_s")), _num(tls.get("accepted_per_s"))
+                rows.append([str(s), fmt(p_rate, 1), fmt(t_rate, 1), ratio(t_rate, p_rate),
+                             fmt(_num(tls.get("tls_handshake_p50_ms")), 2),
+                             fmt(_num(tls.get("p50_ms")), 2)])
+            table(rows, ["sessions", "plain msg/s", "STARTTLS msg/s", "TLS/plain",
+                         "handshake p50 ms", "DATA p50 ms (TLS)"])
         if "trio" in targets and a.idle > 0:
             idle = idle_run(server, a.idle, a.timeout)
             say(f"[idle] {idle[0]}\n    -> {json.dumps(idle[1])}")

@@ -21,6 +21,7 @@ import argparse
 import ipaddress
 import json
 import resource
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -35,11 +36,20 @@ class SMTPError(Exception):
     """The server answered something other than what the step expects."""
 
 
+# STARTTLS measurement: no verification (the server's certificate is self-signed),
+# like an opportunistic MTA; the session cache is off so every connection pays a
+# full handshake, as one connection per message between strangers does.
+_TLS = ssl.create_default_context()
+_TLS.check_hostname = False
+_TLS.verify_mode = ssl.CERT_NONE
+
+
 class Conn:
     """One SMTP client connection: read complete (possibly multi-line) replies."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+        self.raw = stream  # the TCP stream, also under TLS
+        self.stream: trio.abc.Stream = stream
         self.buf = bytearray()
 
     @classmethod
@@ -97,12 +107,26 @@ def make_body(size: int, sender: str, rcpt: str) -> bytes:
     return headers.encode() + "".join(lines).encode()
 
 
-async def transaction(host: str, port: int, sender: str, rcpt: str, body: bytes) -> float:
-    """One message over a fresh connection; returns the DATA-reply latency in seconds."""
+async def transaction(host: str, port: int, sender: str, rcpt: str, body: bytes,
+                      starttls: bool = False, handshakes: list[float] | None = None) -> float:
+    """One message over a fresh connection; returns the DATA-reply latency in seconds.
+
+    With ``starttls`` the session upgrades after EHLO (RFC 3207) and the time
+    from STARTTLS to the post-TLS EHLO reply goes into ``handshakes``.
+    """
     conn = await Conn.open(host, port)
     try:
         await conn.expect(220, "banner")
         await conn.command(b"EHLO loadgen.bench.test\r\n", 250, "EHLO")
+        if starttls:
+            t_tls = time.perf_counter()
+            await conn.command(b"STARTTLS\r\n", 220, "STARTTLS")
+            tls = trio.SSLStream(conn.stream, _TLS, server_hostname=host)
+            await tls.do_handshake()
+            conn.stream = tls
+            await conn.command(b"EHLO loadgen.bench.test\r\n", 250, "EHLO after TLS")
+            if handshakes is not None:
+                handshakes.append(time.perf_counter() - t_tls)
         await conn.command(f"MAIL FROM:<{sender}>\r\n".encode(), 250, "MAIL")
         await conn.command(f"RCPT TO:<{rcpt}>\r\n".encode(), 250, "RCPT")
         await conn.command(b"DATA\r\n", 354, "DATA")
@@ -125,6 +149,7 @@ class SendResult:
     ok: int = 0
     errors: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    handshakes: list[float] = field(default_factory=list)
     wall: float = 0.0
 
     def summary(self) -> dict[str, object]:
@@ -137,6 +162,8 @@ class SendResult:
             "p50_ms": round(1000 * percentile(lat, 50), 3) if lat else None,
             "p99_ms": round(1000 * percentile(lat, 99), 3) if lat else None,
             "max_ms": round(1000 * lat[-1], 3) if lat else None,
+            "tls_handshake_p50_ms": (round(1000 * percentile(sorted(self.handshakes), 50), 3)
+                                     if self.handshakes else None),
         }
 
 
@@ -147,7 +174,8 @@ def percentile(ordered: Sequence[float], pct: float) -> float:
 
 
 async def run_send(host: str, port: int, sessions: int, messages: int, size: int,
-                   sender: str, rcpt: str, timeout: float) -> SendResult:
+                   sender: str, rcpt: str, timeout: float,
+                   starttls: bool = False) -> SendResult:
     """`sessions` workers share `messages` transactions, one connection each."""
     body = make_body(size, sender, rcpt)
     result = SendResult(sessions, messages, size)
@@ -159,7 +187,8 @@ async def run_send(host: str, port: int, sessions: int, messages: int, size: int
             next_index += 1
             try:
                 with trio.fail_after(timeout):
-                    latency = await transaction(host, port, sender, rcpt, body)
+                    latency = await transaction(host, port, sender, rcpt, body,
+                                                starttls, result.handshakes)
             except (OSError, SMTPError, trio.TooSlowError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}")
                 await trio.sleep(0.01)  # a refusing server must not become a busy loop
@@ -216,7 +245,7 @@ async def run_idle(host: str, port: int, count: int, server_pid: int | None,
                     try:
                         await conn.expect(220, "banner")
                     except BaseException:
-                        conn.stream.socket.close()
+                        conn.raw.socket.close()
                         raise
                     conns.append(conn)
             except (OSError, SMTPError, trio.TooSlowError) as exc:
@@ -262,7 +291,7 @@ async def run_idle(host: str, port: int, count: int, server_pid: int | None,
     finally:
         with trio.CancelScope(shield=True):
             for conn in conns:
-                conn.stream.socket.close()
+                conn.raw.socket.close()
     return out
 
 
@@ -286,6 +315,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.add_argument("-s", dest="sessions", type=int, default=1)
             p.add_argument("-m", dest="messages", type=int, default=100)
             p.add_argument("-l", dest="size", type=int, default=1024)
+            p.add_argument("--starttls", action="store_true",
+                           help="upgrade every session with STARTTLS after EHLO")
         else:
             p.add_argument("-n", dest="count", type=int, default=10000)
             p.add_argument("--server-pid", type=int)
@@ -298,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     if a.cmd == "send":
         res = trio.run(run_send, a.host, a.port, a.sessions, a.messages, a.size,
-                       a.sender, a.rcpt, a.timeout)
+                       a.sender, a.rcpt, a.timeout, a.starttls)
         print(json.dumps(res.summary()), flush=True)
         return 0 if not res.errors else 1
     out = trio.run(run_idle, a.host, a.port, a.count, a.server_pid, a.sender, a.rcpt,
