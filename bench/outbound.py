@@ -999,15 +999,14 @@ def report(a: argparse.Namespace, res: Results, mtas: list[str]) -> None:
     say()
     say("msg/s = (N-1) / time from the first to the last message arriving at the sink;")
     say("from flush = N / time from the flush command to the last message (includes the")
-    say("MTA noticing the flush). CPU ms/msg = the MTA's user+sys CPU from flush to the last")
-    say("message / N (trio_mta: its one process; Postfix: all its processes), sys % = the")
-    say("kernel's part of it (loopback TCP for both ends is mostly charged to the sender).")
-    say("loop = trio_mta's")
-    say("event-loop thread alone: its CPU per message, and the share of the time from flush")
-    say("to the last message it was on a CPU or runnable (near 100%: the loop is the")
-    say("bottleneck; the rest of the process CPU is worker threads, SQLite). msg/sess =")
-    say("messages per SMTP session at the sink (connection reuse); peak = most connections")
-    say("open at once, sampled with ss every 0.2 s; sink % = the sink process's CPU / wall.")
+    say("MTA noticing the flush). CPU ms/msg = the MTA's user+sys CPU from flush to the")
+    say("last message / N (trio_mta: its one process; Postfix: all its processes); sys % =")
+    say("the kernel's part (loopback TCP for both ends is mostly charged to the sender).")
+    say("loop = trio_mta's event-loop thread alone: its CPU per message, and the share of")
+    say("flush..last it was on a CPU or runnable (near 100%: the loop is the bottleneck;")
+    say("the rest of the process CPU is worker threads, SQLite). msg/sess = messages per")
+    say("SMTP session at the sink (connection reuse); peak = most connections open at once,")
+    say("sampled with ss every 0.2 s; sink % = the sink process's CPU / wall.")
     rows = []
     for sink in a.sinks:
         for c in a.connections:
