@@ -329,3 +329,18 @@ def test_name_servers_must_be_addresses_and_timeout_positive() -> None:
         Resolver([("127.0.0.1", 0)])
     with pytest.raises(ValueError, match="timeout"):
         Resolver([("127.0.0.1", 53)], timeout=0)
+
+
+async def test_answers_are_cached_for_their_ttl() -> None:
+    records = {
+        "cached.test": [("MX", "10 mx.cached.test.")],
+        "mx.cached.test": [("A", "127.0.0.7")],
+    }
+    with DnsServer(records) as dns:
+        res = resolver(dns)
+        first = await res.mail_hosts("cached.test")
+        second = await res.mail_hosts("cached.test")
+    assert first == second == [MailHost("mx.cached.test", 10, ("127.0.0.7",))]
+    # A queue of mail for one domain costs one MX and one address lookup, not one per message.
+    assert dns.queries.count(("cached.test.", "MX")) == 1
+    assert dns.queries.count(("mx.cached.test.", "A")) == 1

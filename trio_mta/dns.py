@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import dns.asyncbackend
 import dns.asyncresolver
+import dns.resolver
 import dns.exception
 import dns.inet
 import dns.name
@@ -44,6 +45,7 @@ _DNS_TEMPFAIL = "4.4.3"  # X.4.3 directory server failure
 # One query attempt never waits longer than this, so a lost UDP datagram is retried
 # within the overall timeout instead of eating all of it (dnspython's own default).
 _ATTEMPT_TIMEOUT = 2.0
+_CACHE_ENTRIES = 10_000  # distinct (name, type) answers kept
 
 
 class DnsError(Exception):
@@ -140,6 +142,9 @@ class Resolver:
         # EDNS0 with dnspython's 1232-byte payload (DNS flag day 2020) keeps large MX
         # sets on UDP; truncated answers are retried over TCP by dnspython.
         stub.use_edns(0)
+        # Answers are reused for their TTL (dnspython's cache honours it): a queue
+        # full of mail for one domain must not cost three lookups per message.
+        stub.cache = dns.resolver.LRUCache(_CACHE_ENTRIES)
         self._resolver = stub
         return stub
 
