@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import dns.asyncbackend
 import dns.asyncresolver
-import dns.resolver
 import dns.exception
 import dns.inet
 import dns.name

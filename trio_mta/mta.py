@@ -238,6 +238,9 @@ def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Schedu
         retry_max=config.queue.retry_max,
         max_age=config.queue.max_age,
         concurrency=config.queue.concurrency,
+        # Through a smarthost every domain shares one destination: no per-domain
+        # share to keep, the agent's own limit is the only one.
+        per_domain=config.queue.concurrency if config.relay.smarthost else None,
         # Batches of 32 keep fsyncs per message near 1 (one new/ fsync per folder
         # per batch) while bounding the bodies held in memory at once.
         batch_size=32,

@@ -237,23 +237,27 @@ class Scheduler:
     ) -> tuple[
         list[DueRecipient], list[DueRecipient], dict[str, bytes], float | None, float | None
     ]:
-        """Worker thread: lease due recipients and read their bodies, once per message."""
+        """Worker thread: lease due recipients and read local bodies, once per message.
+
+        Remote bodies are read by the batch that sends them: many remote
+        recipients fetched here go straight back (their destination is busy),
+        and reading their bodies too was most of the scheduler's cost then.
+        """
         store = self.store
         local_due = store.due(now, local_want, local=True) if local_want else []
         remote_due = store.due(now, remote_want, local=False) if remote_want else []
         try:
-            bodies = store.data_many([r.message_id for r in (*local_due, *remote_due)])
+            bodies = store.data_many([r.message_id for r in local_due])
             next_local = store.next_due(local=True) if local_want else None
             next_remote = store.next_due(local=False) if remote_want else None
         except BaseException:
             store.release([r.rcpt_id for r in (*local_due, *remote_due)])
             raise
         # A message deleted (`queue delete`) between the two reads has no body left.
-        gone = [r.rcpt_id for r in (*local_due, *remote_due) if r.message_id not in bodies]
+        gone = [r.rcpt_id for r in local_due if r.message_id not in bodies]
         if gone:
             store.release(gone)
             local_due = [r for r in local_due if r.message_id in bodies]
-            remote_due = [r for r in remote_due if r.message_id in bodies]
         return local_due, remote_due, bodies, next_local, next_remote
 
     async def _run_batch(
@@ -263,9 +267,18 @@ class Scheduler:
         bodies: dict[str, bytes],
         local: bool,
     ) -> None:
-        items = [DeliveryItem(r, bodies[r.message_id]) for r in rcpts]
         recorded = False
         try:
+            missing = list({r.message_id for r in rcpts} - bodies.keys())
+            if missing:
+                bodies = {**bodies, **await self._thread(self.store.data_many, missing)}
+                gone = [r.rcpt_id for r in rcpts if r.message_id not in bodies]
+                if gone:  # deleted meanwhile (`queue delete`): nothing left to send
+                    await self._thread(self.store.release, gone)
+                    rcpts = [r for r in rcpts if r.message_id in bodies]
+                    if not rcpts:
+                        return
+            items = [DeliveryItem(r, bodies[r.message_id]) for r in rcpts]
             outcomes = await self._deliver(agent, items)
             now = self.clock()
             updates = [self._update_for(r, o, now) for r, o in zip(rcpts, outcomes, strict=True)]
