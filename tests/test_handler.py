@@ -112,3 +112,34 @@ async def test_handler_accepted_recipient_without_a_route_is_never_acknowledged(
 async def test_queue_false_needs_a_handler(make_config: Callable[..., Config]) -> None:
     with pytest.raises(ValueError, match="handler"):
         await trio_mta.serve(make_config(), queue=False)
+
+
+async def test_a_crashing_or_malformed_hook_answers_451(
+        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    class Broken(trio_mta.Handler):
+        async def handle_rcpt(self, session: trio_mta.SessionInfo,
+                              envelope: trio_mta.Envelope, address: str) -> str | None:
+            if address.startswith("garbled@"):
+                return "two hundred fifty"
+            return None
+
+        async def handle_message(self, session: trio_mta.SessionInfo,
+                                 envelope: trio_mta.Envelope, data: bytes) -> None:
+            raise RuntimeError("application bug")
+
+    mta: trio_mta.MTA = await nursery.start(
+        lambda task_status: trio_mta.serve(make_config(), handler=Broken(), queue=False,
+                                           task_status=task_status))
+    port = mta.address("smtp")[1]
+
+    def converse() -> tuple[int, int, int]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("c.test")
+            client.mail("s@remote.test")
+            garbled = client.rcpt("garbled@example.test")[0]
+            client.rcpt("fine@example.test")
+            data = client.data(b"Subject: x\r\n\r\nbody\r\n")[0]
+            return garbled, data, client.noop()[0]
+
+    # The session survives both: the next command still gets its answer.
+    assert await trio.to_thread.run_sync(converse) == (451, 451, 250)

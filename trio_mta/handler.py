@@ -14,6 +14,8 @@ acknowledged and then dropped).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from . import log
 from .server.envelope import Envelope, MessageSink, Recipient, SessionInfo
 from .smtp import Reply, ReplyParser, SMTPProtocolError
@@ -56,6 +58,17 @@ def as_reply(result: Reply | str) -> Reply:
     return reply
 
 
+async def guarded_hook(call: Awaitable[HookResult], hook: str) -> HookResult:
+    """Run an application hook; a crash or a malformed answer becomes 451, not a dropped
+    connection, and the client retries later (the message is never half-accepted)."""
+    try:
+        result = await call
+        return None if result is None else as_reply(result)
+    except Exception as exc:
+        log.error("handler.error", hook=hook, error=f"{type(exc).__name__}: {exc}")
+        return Reply(451, "4.3.0", "Error: local processing failed, try again later")
+
+
 class HandlerSink:
     """MessageSink that asks the application first and falls back to ``fallback``."""
 
@@ -65,7 +78,8 @@ class HandlerSink:
 
     async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
                      queue_id: str) -> Reply:
-        result = await self.handler.handle_message(session, envelope, data)
+        result = await guarded_hook(self.handler.handle_message(session, envelope, data),
+                                    "handle_message")
         if result is not None:
             return as_reply(result)
         if self.fallback is not None:

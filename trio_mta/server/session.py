@@ -18,7 +18,7 @@ import trio
 from .. import log
 from ..auth import PasswordFile
 from ..config import Config
-from ..handler import Handler, as_reply
+from ..handler import Handler, as_reply, guarded_hook
 from ..metrics import Metrics
 from ..queue.ids import new_queue_id
 from ..routing import Router
@@ -313,7 +313,8 @@ class Session:
         handler = self.state.handler
         decided = None
         if handler is not None:
-            decided = await handler.handle_rcpt(self._info(), self.envelope, address)
+            decided = await guarded_hook(handler.handle_rcpt(self._info(), self.envelope,
+                                                             address), "handle_rcpt")
         if decided is not None:
             reply = as_reply(decided)
             if reply.code < 400:
