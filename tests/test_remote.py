@@ -581,3 +581,35 @@ async def test_delivery_to_postfix_smtp_sink(caplog: pytest.LogCaptureFixture) -
         (capture,) = [p.read_bytes() for p in dump.iterdir()]
     assert b"X-Rcpt-Args: <a@sink.test>\nX-Rcpt-Args: <b@sink.test>\n" in capture
     assert capture.endswith(b"\nSubject: sink\n\nline\n.dot line\nlast\n\n")  # + dump separator
+
+
+@pytest.mark.parametrize("goodbye", [b"", b"421 4.4.2 mx1 idle timeout, closing\r\n"])
+async def test_a_pooled_connection_closed_while_idle_is_replaced_not_failed(
+    nursery: trio.Nursery, goodbye: bytes
+) -> None:
+    """No RSET probe before reuse: a peer that hung up (silently, or with its 421
+    goodbye) is noticed at MAIL and the message goes over a fresh connection."""
+    port = free_port()
+    delivered: list[bytes] = []
+
+    async def one_message_then_hang_up(stream: trio.SocketStream, seen: list[bytes]) -> None:
+        await stream.send_all(b"220 mx1.remote.test ESMTP\r\n")
+        await read_until(stream, seen, b"\r\n")
+        await stream.send_all(b"250-mx1.remote.test\r\n250 PIPELINING\r\n")
+        await read_until(stream, seen, b"DATA\r\n")
+        await stream.send_all(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+        body = await read_until(stream, seen, b"\r\n.\r\n")
+        delivered.append(body)
+        await stream.send_all(b"250 2.0.0 queued\r\n")
+        await trio.sleep(0.1)
+        await stream.send_all(goodbye)  # the server's idle timeout, while we hold it pooled
+
+    await scripted_peer(nursery, "127.0.0.2", one_message_then_hang_up, port)
+    with DnsServer(ONE_MX) as dns:
+        agent = make_agent(dns, RelayConfig(port=port, tls="none"), idle_timeout=30)
+        async with running(agent):
+            first = await agent.deliver([item("bob@remote.test", message_id="Q1")])
+            await trio.sleep(0.3)
+            second = await agent.deliver([item("bob@remote.test", message_id="Q2")])
+    assert kinds(first) == kinds(second) == ["delivered"]
+    assert len(delivered) == 2

@@ -48,7 +48,6 @@ from trio_mta.tls import client_context
 
 __all__ = ["RemoteAgent"]
 
-_PROBE_TIMEOUT: Final = 30.0  # RSET on a pooled connection: a dead peer must not cost minutes
 _CLOSE_TIMEOUT: Final = 2.0  # shutting down: QUIT to idle connections, then drop them
 
 # (address, port, TLS mode, verified host name or ""). The name is part of the key
@@ -338,22 +337,13 @@ class RemoteAgent:
             for address in host.addresses:
                 peer = f"{host.name}[{address}]"
                 try:
-                    client = await self._checkout(route, host, address)
+                    client, result = await self._send(route, host, address, sender,
+                                                      recipients, data)
                 except SMTPClientError as exc:
                     last = self._unreachable(queue_id, host, address, _failure_detail(exc, peer))
                     if _permanent_greeting(exc):
                         break  # a 5xx greeting speaks for the whole host
                     continue
-                try:
-                    result = await client.send(sender, recipients, data)
-                except SMTPClientError as exc:
-                    await client.aclose()
-                    last = self._unreachable(queue_id, host, address, _failure_detail(exc, peer))
-                    continue
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await client.aclose()
-                    raise
                 outcomes = [_outcome(reply, client.peer) for reply in result.outcomes]
                 log.event(
                     "delivery.attempt",
@@ -384,22 +374,26 @@ class RemoteAgent:
     def _key(self, route: _Route, host: MailHost, address: str) -> _PoolKey:
         return (address, route.port, route.mode, host.name if route.mode == "verify" else "")
 
-    async def _checkout(self, route: _Route, host: MailHost, address: str) -> SMTPClient:
-        """A live pooled connection (RSET answered 250) or a new one."""
+    async def _checkout(self, route: _Route, host: MailHost,
+                        address: str) -> tuple[SMTPClient, bool]:
+        """A pooled connection (True: reused) or a new one (False).
+
+        A pooled connection is used without an RSET probe: a completed
+        transaction leaves the session ready for MAIL (RFC 5321 §4.1.4), and the
+        client machine itself sends RSET after one that was left open. A peer
+        that hung up while the connection was idle is caught by ``_send``.
+        """
         key = self._key(route, host, address)
-        while True:
-            client, stale = self._pool.take(key, trio.current_time() - self._idle_timeout)
-            for old in stale:
-                await old.aclose()
-            if client is None:
-                break
-            with trio.move_on_after(min(self._timeouts.command, _PROBE_TIMEOUT)):
-                try:
-                    if (await client.rset()).code == 250:
-                        return client
-                except SMTPClientError:
-                    pass
+        client, stale = self._pool.take(key, trio.current_time() - self._idle_timeout)
+        for old in stale:
+            await old.aclose()
+        if client is not None and client.usable:
+            return client, True
+        if client is not None:
             await client.aclose()
+        return await self._connect(route, host, address), False
+
+    async def _connect(self, route: _Route, host: MailHost, address: str) -> SMTPClient:
         client = await SMTPClient.connect(
             address,
             route.port,
@@ -416,6 +410,34 @@ class RemoteAgent:
                 await client.aclose()
                 raise
         return client
+
+    async def _send(self, route: _Route, host: MailHost, address: str, sender: str,
+                    recipients: list[str], data: bytes) -> tuple[SMTPClient, TransactionResult]:
+        """One transaction at ``address``; a reused connection found dead is replaced once.
+
+        Only a failure with no reply at all is retried: the server then never
+        accepted anything on that connection (it had closed it while idle).
+        """
+        client, reused = await self._checkout(route, host, address)
+        for retry in (False, True):
+            try:
+                result = await client.send(sender, recipients, data)
+            except SMTPClientError as exc:
+                await client.aclose()
+                if retry or not reused or exc.reply is not None:
+                    raise
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                raise
+            else:
+                # A 421 to MAIL on a reused connection is the server's idle-timeout
+                # goodbye, written before our MAIL arrived (RFC 5321 §3.8).
+                if retry or not reused or result.mail_reply.code != 421:
+                    return client, result
+                await client.aclose()
+            client = await self._connect(route, host, address)
+        raise AssertionError("unreachable")
 
     async def _checkin(self, key: _PoolKey, client: SMTPClient) -> None:
         """Pool a reusable connection; close the rest without letting a cancel interrupt."""
