@@ -346,7 +346,7 @@ CATEGORIES = (
     ("SQLite queue (in worker threads)", ("trio_mta/queue/store.py",)),
     ("logging", ("trio_mta/log.py", "logging/")),
     ("DNS lookups", ("trio_mta/dns.py", "dns/")),
-    ("SMTP client (protocol, TLS, socket calls)", ("trio_mta/client.py", "trio_mta/smtp/",
+    ("SMTP client (protocol, TLS, socket calls)", ("trio_mta/client/", "trio_mta/smtp/",
                                                    "ssl.py")),
     ("to_thread hand-offs (trio side)", ("trio/_threads.py", "trio/_core/_thread_cache.py")),
     ("remote agent (routing, pool)", ("trio_mta/delivery/remote.py",)),
@@ -391,7 +391,7 @@ def summarise_profile(path: Path, top: int = 10) -> str:
         out.append(f"    {100 * n / total:5.1f}%  {f}")
     out.append("  inclusive (trio_mta frames):")
     ours = [(f, n) for f, n in inclusive.items()
-            if "trio_mta/" in f and not f.endswith(("(trio_mta/cli.py)", "(trio_mta/__main__.py)"))]
+            if "trio_mta/" in f and not f.endswith(("(trio_mta/cli/main.py)", "(trio_mta/__main__.py)"))]
     for f, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
         out.append(f"    {100 * n / total:5.1f}%  {f}")
     out.append("  by category (first match in the stack, in this order):")
@@ -625,7 +625,7 @@ class TrioMta(Mta):
 
     def _queue(self) -> Any:
         if self._store is None:
-            from trio_mta.queue import QueueStore
+            from trio_mta.queue.store import QueueStore
             self._store = QueueStore(self.state / "queue.sqlite3", readonly=True) \
                 if (self.state / "queue.sqlite3").exists() else None
         return self._store

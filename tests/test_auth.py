@@ -1,4 +1,4 @@
-"""trio_mta.auth: the scrypt password file behind SMTP AUTH and `trio-mta passwd`."""
+"""trio_mta.server.passwords: the scrypt password file behind SMTP AUTH and `trio-mta passwd`."""
 
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_mta.auth import (
+from trio_mta.cli.passwd import PasswordInputError, read_new_password
+from trio_mta.server.passwords import (
     PasswordFile,
-    PasswordInputError,
     check_password,
     hash_password,
-    read_new_password,
     validate_username,
 )
 
@@ -276,7 +275,7 @@ def test_read_new_password_rejects(data: str) -> None:
 
 TTY_CHILD = """
 import sys
-from trio_mta.auth import PasswordInputError, read_new_password
+from trio_mta.cli.passwd import PasswordInputError, read_new_password
 try:
     print("GOT[" + read_new_password(sys.stdin, prompt="Password: ") + "]")
 except PasswordInputError as exc:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from trio_mta.delivery.bounce import FailedRecipient, build_bounce, needs_bounce
+from trio_mta.queue.dsn import FailedRecipient, build_bounce, needs_bounce
 
 NOW = 1_700_003_600.0
 ARRIVAL = 1_700_000_000.0

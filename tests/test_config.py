@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_mta.config import (
+from trio_mta.config.loader import (
     Config,
     ConfigError,
     DnsConfig,
@@ -22,8 +22,8 @@ from trio_mta.config import (
     TlsConfig,
     default_hostname,
 )
-from trio_mta.config_schema import parse_host_port
-from trio_mta.durations import format_duration, parse_duration
+from trio_mta.config.durations import format_duration, parse_duration
+from trio_mta.config.schema import parse_host_port
 
 BASE = Path("/etc/trio-mta")
 

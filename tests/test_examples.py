@@ -30,8 +30,8 @@ import trio
 import trustme
 
 import trio_mta
-from trio_mta.auth import PasswordFile
 from trio_mta.client import SMTPSendError
+from trio_mta.server.passwords import PasswordFile
 
 from .maildirs import new_files, wait_for_mail
 from .proc import run_cli

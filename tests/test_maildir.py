@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from trio_mta.delivery.agent import DeliveryItem
 from trio_mta.delivery.maildir import MaildirAgent, escape_host, safe_join
-from trio_mta.queue.scheduler import DeliveryItem
 from trio_mta.queue.store import DueRecipient
 
 HOST = "mx.example.test"

@@ -34,9 +34,9 @@ from tests.test_client import (
 )
 from trio_mta.client import Timeouts
 from trio_mta.config import RelayConfig
+from trio_mta.delivery.agent import DeliveryItem, Outcome
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
-from trio_mta.queue.scheduler import DeliveryItem, Outcome
 from trio_mta.queue.store import DueRecipient
 
 HOSTNAME = "relay.local.test"

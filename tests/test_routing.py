@@ -1,4 +1,4 @@
-"""trio_mta.routing: local vs remote, maps, aliases, postmaster, relay rules, safe names."""
+"""trio_mta.routing.router: local vs remote, maps, aliases, postmaster, relay rules, safe names."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_mta.config import Config, LocalConfig, RelayConfig
-from trio_mta.mailmap import AliasExpansionError, expand_aliases
-from trio_mta.routing import (
+from trio_mta.routing.mailmap import AliasExpansionError, expand_aliases
+from trio_mta.routing.router import (
     LocalTarget,
     RcptVerdict,
     RemoteTarget,

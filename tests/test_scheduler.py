@@ -20,14 +20,9 @@ import pytest
 import trio
 import trio.testing
 
+from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem, Outcome
 from trio_mta.delivery.maildir import MaildirAgent
-from trio_mta.queue.scheduler import (
-    DeliveryAgent,
-    DeliveryItem,
-    Outcome,
-    Scheduler,
-    backoff_delay,
-)
+from trio_mta.queue.scheduler import Scheduler, backoff_delay
 from trio_mta.queue.store import NewMessage, NewRecipient, QueueStore
 
 BASE = 1_800_000_000.0

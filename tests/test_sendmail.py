@@ -22,9 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_mta.config import Config
-from trio_mta.mta import MTA, serve
-from trio_mta.sendmail import (
+from trio_mta.cli.sendmail import (
     EX_CONFIG,
     EX_DATAERR,
     EX_OK,
@@ -37,6 +35,8 @@ from trio_mta.sendmail import (
     run_sendmail,
     submission_target,
 )
+from trio_mta.config import Config
+from trio_mta.mta import MTA, serve
 
 from .conftest import HOSTNAME
 from .maildirs import new_files, wait_for_mail

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from trio_mta.auth import PasswordFile
 from trio_mta.config import Config
 from trio_mta.mta import MTA, serve
+from trio_mta.server.passwords import PasswordFile
 
 from .maildirs import wait_for_mail
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_mta.auth import PasswordFile
 from trio_mta.config import Config, TlsConfig
 from trio_mta.mta import MTA, serve
+from trio_mta.server.passwords import PasswordFile
 
 from .conftest import HOSTNAME
 from .maildirs import wait_for_mail

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from trio_mta.cli.main import main
 
 sys.exit(main())

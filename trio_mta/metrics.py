@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from . import log
+from trio_mta import log
 
 __all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsListenError", "serve_metrics"]
 

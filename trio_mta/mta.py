@@ -19,23 +19,26 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import log
-from .auth import PasswordFile
-from .config import Config
-from .delivery.bouncer import Bouncer
-from .delivery.maildir import MaildirAgent
-from .delivery.remote import RemoteAgent
-from .dns import Resolver
-from .handler import Handler, HandlerSink
-from .metrics import Metrics, serve_metrics
-from .queue import DueRecipient, QueueStore, QueueWriter, Scheduler, host_tag_for
-from .routing import Router
-from .server.envelope import MessageSink
-from .server.limits import ConnectionLimits
-from .server.listeners import BoundListener, Listener, ListenError, accept_loop, bind
-from .server.queue_sink import QueueSink
-from .server.session import ServerState
-from .tls import ensure_certificate, server_context
+from trio_mta import log
+from trio_mta.config import Config
+from trio_mta.delivery.maildir import MaildirAgent
+from trio_mta.delivery.remote import RemoteAgent
+from trio_mta.dns import Resolver
+from trio_mta.metrics import Metrics, serve_metrics
+from trio_mta.queue.bouncer import Bouncer
+from trio_mta.queue.ids import host_tag_for
+from trio_mta.queue.scheduler import Scheduler
+from trio_mta.queue.store import DueRecipient, QueueStore
+from trio_mta.queue.writer import QueueWriter
+from trio_mta.routing.router import Router
+from trio_mta.server.envelope import MessageSink
+from trio_mta.server.handler import Handler, HandlerSink
+from trio_mta.server.limits import ConnectionLimits
+from trio_mta.server.listeners import BoundListener, Listener, ListenError, accept_loop, bind
+from trio_mta.server.passwords import PasswordFile
+from trio_mta.server.queue_sink import QueueSink
+from trio_mta.server.session import ServerState
+from trio_mta.tls import ensure_certificate, server_context
 
 __all__ = ["MTA", "ListenError", "Listener", "serve"]
 
@@ -138,7 +141,7 @@ async def serve(
 ) -> None:
     """Run the MTA until cancelled or ``MTA.stop()``; started() once every listener accepts.
 
-    ``handler`` (see :mod:`trio_mta.handler`) lets the application decide
+    ``handler`` (see :mod:`trio_mta.server.handler`) lets the application decide
     recipients and take messages itself. ``queue=False`` runs without the
     durable queue and its scheduler: every message must then be taken by the
     handler, and nothing is delivered to Maildir or relayed.

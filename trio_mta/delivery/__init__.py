@@ -1,18 +1,8 @@
 """Delivery agents: where the scheduler's due recipients go.
 
-Each agent implements `DeliveryAgent.deliver(items) -> outcomes` (one Outcome per
-item, same order); the agent knows files or SMTP, never how the queue stores
-things.
+Owns the agent interface (:mod:`~trio_mta.delivery.agent`), Maildir delivery
+(:mod:`~trio_mta.delivery.maildir`) and remote SMTP delivery
+(:mod:`~trio_mta.delivery.remote`: MX resolution, TLS policy, the
+transaction). Each agent returns one outcome per item; it knows files or SMTP,
+never how the queue stores things.
 """
-
-from trio_mta.delivery.maildir import MaildirAgent, UnsafeMailbox, safe_join
-from trio_mta.queue.scheduler import DeliveryAgent, DeliveryItem, Outcome
-
-__all__ = [
-    "DeliveryAgent",
-    "DeliveryItem",
-    "MaildirAgent",
-    "Outcome",
-    "UnsafeMailbox",
-    "safe_join",
-]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from trio_mta.queue.scheduler import DeliveryItem, Outcome
+from trio_mta.delivery.agent import DeliveryItem, Outcome
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _NAME_ATTEMPTS = 8

@@ -39,8 +39,8 @@ from trio_mta.client import (
     TransactionResult,
 )
 from trio_mta.config import RelayConfig
+from trio_mta.delivery.agent import DeliveryItem, Outcome
 from trio_mta.dns import DnsError, MailHost, Resolver
-from trio_mta.queue.scheduler import DeliveryItem, Outcome
 from trio_mta.smtp.address import parse_path
 from trio_mta.smtp.errors import CommandError
 from trio_mta.smtp.replies import Reply

@@ -30,43 +30,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
 import trio
 
 from trio_mta import log
+from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem, DestinationLimited, Outcome
 from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate, iso
 
 T = TypeVar("T")
 _REMOTE_FETCH_PER_SLOT = 8  # remote recipients looked at per free connection slot
 _MIN_WAIT = 0.001  # seconds
 _MAX_RECORD_RETRY = 60.0  # seconds between tries to store results while the database fails
-
-
-@dataclass(frozen=True)
-class DeliveryItem:
-    rcpt: DueRecipient
-    data: bytes  # shared between recipients of one message: fetched once per batch
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: Literal["delivered", "deferred", "failed"]
-    detail: str  # reply text with enhanced status code, e.g. "451 4.3.0 try later"
-
-
-@runtime_checkable
-class DestinationLimited(Protocol):
-    """An agent with per-destination limits tells the scheduler when one is full."""
-
-    def saturated(self, domain: str) -> bool: ...
-
-
-class DeliveryAgent(Protocol):
-    async def deliver(self, items: Sequence[DeliveryItem]) -> Sequence[Outcome]:
-        """Deliver each item; return one Outcome per item, in the same order."""
-        ...
 
 
 def backoff_delay(attempts: int, *, initial: float, maximum: float, rng: random.Random) -> float:

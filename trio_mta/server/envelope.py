@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..routing import Target
-from ..smtp import MailParams, Path, Reply
+from trio_mta.routing.router import Target
+from trio_mta.smtp import MailParams, Path, Reply
 
 
 @dataclass(frozen=True)

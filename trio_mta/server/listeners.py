@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .. import log
-from ..config import ListenConfig
-from .session import ServerState, Session
+from trio_mta import log
+from trio_mta.config import ListenConfig
+from trio_mta.server.session import ServerState, Session
 
 
 class ListenError(Exception):

@@ -7,11 +7,12 @@ before it is durable.
 
 from __future__ import annotations
 
-from .. import log
-from ..queue import NewMessage, NewRecipient, QueueError, QueueWriter
-from ..routing import LocalTarget
-from ..smtp import Reply
-from .envelope import Envelope, SessionInfo
+from trio_mta import log
+from trio_mta.queue.store import NewMessage, NewRecipient, QueueError
+from trio_mta.queue.writer import QueueWriter
+from trio_mta.routing.router import LocalTarget
+from trio_mta.server.envelope import Envelope, SessionInfo
+from trio_mta.smtp import Reply
 
 
 def queue_recipients(envelope: Envelope) -> tuple[NewRecipient, ...]:

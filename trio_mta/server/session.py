@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .. import log
-from ..auth import PasswordFile
-from ..config import Config
-from ..handler import Handler, as_reply, guarded_hook
-from ..metrics import Metrics
-from ..queue.ids import new_queue_id
-from ..routing import Router
-from ..smtp import (
+from trio_mta import log
+from trio_mta.config import Config
+from trio_mta.metrics import Metrics
+from trio_mta.queue.ids import new_queue_id
+from trio_mta.routing.router import Router
+from trio_mta.server.envelope import Envelope, MessageSink, Recipient, SessionInfo
+from trio_mta.server.handler import Handler, as_reply, guarded_hook
+from trio_mta.server.headers import TraceInfo, received_header, submission_headers
+from trio_mta.server.limits import ConnectionLimits
+from trio_mta.server.passwords import PasswordFile
+from trio_mta.smtp import (
     NEED_DATA,
     AuthAttempt,
     BodyChunk,
@@ -39,10 +42,7 @@ from ..smtp import (
     StartTlsRequest,
     TransactionReset,
 )
-from ..tls import describe
-from .envelope import Envelope, MessageSink, Recipient, SessionInfo
-from .headers import TraceInfo, received_header, submission_headers
-from .limits import ConnectionLimits
+from trio_mta.tls import describe
 
 RECEIVE_SIZE = 65536
 MAX_AUTH_FAILURES = 3

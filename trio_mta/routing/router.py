@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from trio_mta.config import LocalConfig, RelayConfig
-from trio_mta.mailmap import (
+from trio_mta.routing.mailmap import (
     AliasExpansionError,
     address_key,
     expand_aliases,
@@ -145,7 +145,7 @@ class Router:
     def expand(self, address: str) -> tuple[Target, ...]:
         """Final delivery targets for *address*, aliases expanded (recursive, loop-safe,
         each target once). Unknown local addresses yield nothing; so does an alias table
-        too large to expand (see :func:`trio_mta.mailmap.expand_aliases`)."""
+        too large to expand (see :func:`trio_mta.routing.mailmap.expand_aliases`)."""
         try:
             return self._expand(self._normalize(address))
         except AliasExpansionError:

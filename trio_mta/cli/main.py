@@ -16,15 +16,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import log
-from .config import Config, ConfigError
+from trio_mta import log
+from trio_mta.cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from trio_mta.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from .mta import MTA
+    from trio_mta.mta import MTA
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 class UsageError(Exception):
@@ -78,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(passwd, top=False)
 
     # sendmail's flags (-oi, -fSENDER, -ti) are getopt-style, not argparse's: a
-    # prefix no argument can start with hands every one of them to trio_mta.sendmail.
+    # prefix no argument can start with hands every one of them to trio_mta.cli.sendmail.
     sendmail = sub.add_parser("sendmail", prefix_chars="\0", add_help=False,
                               help="submit one message from stdin (sendmail-compatible)")
     sendmail.add_argument("sendmail_args", nargs=argparse.REMAINDER)
@@ -121,22 +119,24 @@ def _main(argv: list[str]) -> int:
             args = build_parser().parse_args([*argv, "serve"])
         return _serve(args)
     if command == "sendmail":  # sysexits.h codes, config errors included
-        from .sendmail import run_sendmail
+        from trio_mta.cli.sendmail import run_sendmail
         return run_sendmail(args.sendmail_args, config_path=args.config)
     config = load_config(args.config)
     if command == "check-config":
         return _check_config(config)
     if command == "queue":
-        from .queue_cli import run_queue_command
+        from trio_mta.cli.queue import run_queue_command
         return run_queue_command(config, args)
     if command == "passwd":
-        return _passwd(config, args.user)
+        from trio_mta.cli.passwd import run_passwd
+
+        return run_passwd(config, args.user)
     raise UsageError(f"trio-mta: unknown command {command}")
 
 
 def _check_config(config: Config) -> int:
-    from .mta import build_ssl_context
-    from .tls import TLSConfigError
+    from trio_mta.mta import build_ssl_context
+    from trio_mta.tls import TLSConfigError
 
     try:
         if config.tls.cert is not None or config.tls.key is not None:
@@ -152,26 +152,9 @@ def _check_config(config: Config) -> int:
     return EXIT_OK
 
 
-def _passwd(config: Config, user: str) -> int:
-    from .auth import PasswordFile, read_new_password
-
-    try:
-        password = read_new_password(sys.stdin, prompt=f"New password for {user}: ")
-        PasswordFile(config.auth.users_file).set_password(user, password)
-    except ValueError as exc:
-        print(f"trio-mta passwd: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"trio-mta passwd: {config.auth.users_file}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"password set for {user} in {config.auth.users_file}")
-    return EXIT_OK
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from .mta import ListenError
-    from .tls import TLSConfigError
+    from trio_mta.mta import ListenError
+    from trio_mta.tls import TLSConfigError
 
     config = load_config(args.config).with_overrides(
         listen=args.listen, state_dir=args.state_dir,
@@ -203,7 +186,7 @@ def _sole_exception(exc: BaseException) -> BaseException:
 
 
 async def _serve_until_signal(config: Config, args: argparse.Namespace) -> None:
-    from .mta import serve
+    from trio_mta.mta import serve
 
     wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     with trio.open_signal_receiver(*wanted) as signals:
@@ -235,7 +218,7 @@ async def _watch_signals(signals: AsyncIterator[int], mta: MTA, args: argparse.N
 
 async def _reload(mta: MTA, args: argparse.Namespace) -> None:
     """Re-read the configuration; a broken file is logged and the old one kept."""
-    from .tls import TLSConfigError
+    from trio_mta.tls import TLSConfigError
 
     try:
         new = load_config(args.config).with_overrides(

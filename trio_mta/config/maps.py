@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trio_mta import config_schema as schema
-from trio_mta.config_schema import Table, show
-from trio_mta.mailmap import (
+from trio_mta.config import schema
+from trio_mta.config.schema import Table, show
+from trio_mta.routing.mailmap import (
     AliasExpansionError,
     address_key,
     expand_aliases,

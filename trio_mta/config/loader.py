@@ -3,7 +3,7 @@
 Loading never stops at the first problem: every error is collected and
 :class:`ConfigError` reports them all, one line each, naming the key, so ``check-config``
 can show a user everything to fix in one go. The checks themselves live in
-:mod:`trio_mta.config_schema`; this module says which keys exist and what they default to.
+:mod:`trio_mta.config.schema`; this module says which keys exist and what they default to.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
-from trio_mta import config_schema as schema
-from trio_mta.config_maps import MailMaps
-from trio_mta.config_schema import Table, show
-from trio_mta.durations import format_duration
+from trio_mta.config import schema
+from trio_mta.config.durations import format_duration
+from trio_mta.config.maps import MailMaps
+from trio_mta.config.schema import Table, show
 
 __all__ = [
     "AuthConfig",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from . import log
-from .server.envelope import Envelope, MessageSink, Recipient, SessionInfo
-from .smtp import Reply, ReplyParser, SMTPProtocolError
+from trio_mta import log
+from trio_mta.server.envelope import Envelope, MessageSink, Recipient, SessionInfo
+from trio_mta.smtp import Reply, ReplyParser, SMTPProtocolError
 
 __all__ = ["Envelope", "Handler", "HandlerSink", "Recipient", "SessionInfo", "as_reply"]
 

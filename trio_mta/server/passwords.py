@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import getpass
 import hashlib
 import hmac
 import logging
@@ -21,16 +20,13 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import trio
 
 __all__ = [
     "PasswordFile",
-    "PasswordInputError",
     "check_password",
     "hash_password",
-    "read_new_password",
     "validate_username",
 ]
 
@@ -44,10 +40,6 @@ HASH_BYTES = 32
 # Bounds on parameters read from the file, so a corrupt or hostile line cannot make
 # one AUTH attempt allocate gigabytes or spin for minutes.
 _MAX_N, _MAX_R, _MAX_P = 2**20, 32, 16
-
-
-class PasswordInputError(ValueError):
-    """A new password could not be read (mismatch, empty, forbidden character)."""
 
 
 # --------------------------------------------------------------------- hashing
@@ -303,28 +295,3 @@ class PasswordFile:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-# ----------------------------------------------------------------- terminal input
-
-
-def read_new_password(stdin: TextIO, *, prompt: str = "New password: ") -> str:
-    """The password for ``trio-mta passwd``: typed twice without echo on a terminal,
-    or the whole of stdin (one trailing newline removed) in scripts."""
-    if stdin.isatty():
-        first = getpass.getpass(prompt)
-        second = getpass.getpass("Retype " + prompt[:1].lower() + prompt[1:])
-        if first != second:
-            raise PasswordInputError("the passwords do not match")
-        password = first
-    else:
-        password = stdin.read()
-        if password.endswith("\r\n"):
-            password = password[:-2]
-        elif password.endswith("\n"):
-            password = password[:-1]
-    if not password:
-        raise PasswordInputError("the password is empty")
-    if any(char in password for char in "\0\r\n"):
-        raise PasswordInputError("the password contains a line break or NUL")
-    return password

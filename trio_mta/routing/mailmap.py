@@ -1,7 +1,7 @@
 """Pure helpers behind the local mail map: address keys, mailbox names, alias expansion.
 
 Shared by :mod:`trio_mta.config` (which checks the maps once, at load, naming the key) and
-:mod:`trio_mta.routing` (which applies them per RCPT), so both agree on every rule and
+:mod:`trio_mta.routing.router` (which applies them per RCPT), so both agree on every rule and
 ``config`` does not need to import the SMTP reply types that ``routing`` uses.
 """
 

@@ -10,9 +10,9 @@ import argparse
 import sqlite3
 import sys
 
-from .config import Config
-from .queue import QueueError, QueueStore
-from .queue.report import format_list, format_show
+from trio_mta.config import Config
+from trio_mta.queue.report import format_list, format_show
+from trio_mta.queue.store import QueueError, QueueStore
 
 
 def run_queue_command(config: Config, args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trio_mta.durations import parse_duration
+from trio_mta.config.durations import parse_duration
 
 T = TypeVar("T")
 S = TypeVar("S", bound=str)

@@ -16,11 +16,18 @@ from collections.abc import Callable
 
 import trio
 
-from .. import log
-from ..queue import NewMessage, NewRecipient, QueueError, QueueStore, new_queue_id
-from ..queue.store import FailedRecord, FinishedMessage
-from ..routing import LocalTarget, Router
-from .bounce import FailedRecipient, build_bounce, needs_bounce
+from trio_mta import log
+from trio_mta.queue.dsn import FailedRecipient, build_bounce, needs_bounce
+from trio_mta.queue.ids import new_queue_id
+from trio_mta.queue.store import (
+    FailedRecord,
+    FinishedMessage,
+    NewMessage,
+    NewRecipient,
+    QueueError,
+    QueueStore,
+)
+from trio_mta.routing.router import LocalTarget, Router
 
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 # The remote agent notes the peer as "(mx.example.org[192.0.2.1])" or "(name[ip], stage)".
