@@ -216,6 +216,11 @@ async def test_expiry_bounces_and_null_sender_never_bounces(
     [path] = await wait_for_mail(server.config.local.maildir_root, "alice", timeout=20)
     fields = status_fields(dsn_of(path))
     assert "Status: 4.4.7" in fields and "Action: failed" in fields
+    # The diagnostic names each MX host tried, with its own cause.
+    diagnostic = " ".join(fields.split())
+    assert "Diagnostic-Code: X-trio-mta; message expired after" in diagnostic
+    assert (f"mx1.remote.test [127.0.0.2]:{port}: Connection refused; "
+            f"mx2.remote.test [127.0.0.3]:{port}: Connection refused") in diagnostic
     await queue_empty(server)  # the <> message expired too, without a bounce
     await trio.sleep(0.5)
     assert len(new_files(server.config.local.maildir_root, "alice")) == 1

@@ -446,7 +446,9 @@ def _kind(code: int) -> Kind:
 
 def _outcome(reply: Reply, host: str, address: str, stage: Stage | None) -> Outcome:
     kind = _kind(reply.code)
-    status = reply.status or {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}[kind]
+    default = {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}[kind]
+    # A 3xx where a final reply belonged carries no usable status of its own.
+    status = reply.status if reply.status and reply.status[0] == default[0] else default
     return Outcome(kind, status, reply.text, reply.code, host, address, stage)
 
 
@@ -480,11 +482,12 @@ def _failure(exc: SMTPClientError, host: str, address: str, port: int) -> Outcom
         stage = _SESSION_STAGES.get(exc.stage, "auth" if exc.stage.startswith("AUTH") else "ehlo")
     else:
         stage = "connect"
+    # Whatever the reply said (even a 2xx before a failed handshake), this is a deferral.
+    status = exc.status if exc.status[:1] in ("4", "5") else "4.0.0"
     if exc.reply is not None:
-        return Outcome("deferred", exc.status, exc.reply.text, exc.reply.code, host, address,
-                       stage)
+        return Outcome("deferred", status, exc.reply.text, exc.reply.code, host, address, stage)
     text = str(exc).removeprefix(f"connect to {address} port {port}: ")
-    return Outcome("deferred", exc.status, text, None, host, address, stage)
+    return Outcome("deferred", status, text, None, host, address, stage)
 
 
 def _unreachable(failures: list[Outcome], port: int) -> Outcome:
