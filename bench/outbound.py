@@ -636,7 +636,7 @@ class TrioMta(Mta):
             return 0, 0
         rows = store.list_messages()
         deferred = sum(1 for m in rows
-                       if all(r["status"] == "deferred" for r in m["recipients"]))
+                       if all(r.status == "deferred" for r in m.recipients))
         return len(rows), deferred
 
     def flush(self) -> str | None:

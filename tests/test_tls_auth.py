@@ -75,10 +75,10 @@ async def test_submission_requires_auth_then_relays(server: MTA,
     assert await trio.to_thread.run_sync(unauthenticated) == 530
     await trio.to_thread.run_sync(_starttls_send, port, client_context, True, "far@remote.test")
     rows = await trio.to_thread.run_sync(server.store.list_messages)
-    assert [r["address"] for row in rows for r in row["recipients"]] == ["far@remote.test"]
-    shown = await trio.to_thread.run_sync(server.store.show, rows[0]["id"])
+    assert [r.address for row in rows for r in row.recipients] == ["far@remote.test"]
+    shown = await trio.to_thread.run_sync(server.store.show, rows[0].id)
     assert shown is not None
-    assert "Authenticated sender: alice" in str(shown)
+    assert "Authenticated sender: alice" in shown.headers
 
 
 async def test_relay_denied_before_auth_on_smtp(server: MTA,

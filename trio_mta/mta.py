@@ -185,7 +185,7 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
                 config.relay,
                 Resolver(config.dns.nameservers, config.dns.timeout,
                          prefer_ipv4=config.relay.prefer_ipv4),
-                hostname=config.hostname, concurrency=config.queue.concurrency)
+                hostname=config.hostname)
             await services.start(remote.run)
             scheduler = _scheduler(config, store, remote)
             writer.on_committed = scheduler.wake
@@ -241,9 +241,9 @@ def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Schedu
         retry_max=config.queue.retry_max,
         max_age=config.queue.max_age,
         concurrency=config.queue.concurrency,
-        # Through a smarthost every domain shares one destination: no per-domain
-        # share to keep, the agent's own limit is the only one.
-        per_domain=config.queue.concurrency if config.relay.smarthost else None,
+        # Through a smarthost every domain shares one next hop: recipients group
+        # by message only, and there is no per-domain share to keep.
+        single_destination=bool(config.relay.smarthost),
         # Batches of 32 keep fsyncs per message near 1 (one new/ fsync per folder
         # per batch) while bounding the bodies held in memory at once.
         batch_size=32,

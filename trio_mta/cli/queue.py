@@ -1,7 +1,10 @@
 """``trio-mta queue ...``: read and edit the SQLite queue directly.
 
 WAL mode lets these run safely beside a live server; ``flush`` only moves
-``next_attempt``, which the running scheduler sees on its next poll.
+``next_attempt``, which the running scheduler sees on its next poll. Where
+there is no queue database yet (the server never ran with this state_dir),
+every command says so, naming the path, and exits 1: a wrong ``--config`` must
+not pass for an empty queue.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import sqlite3
 import sys
 
+from trio_mta.cli.exits import EXIT_FAILURE
 from trio_mta.config import Config
 from trio_mta.queue.report import format_list, format_show
 from trio_mta.queue.store import QueueError, QueueStore
@@ -19,11 +23,9 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     action: str = args.queue_command
     path = config.queue_path
     if not path.exists():
-        if action == "list":
-            print("[]" if args.json else "Mail queue is empty")
-            return 0
-        print(f"trio-mta queue: no queue at {path}", file=sys.stderr)
-        return 1
+        print(f"trio-mta queue: no queue at {path} (has the server run with this state_dir?)",
+              file=sys.stderr)
+        return EXIT_FAILURE
     try:
         store = QueueStore(path, readonly=action in ("list", "show"))
     except (QueueError, sqlite3.Error, OSError) as exc:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import trio
 
-from trio_mta.delivery.agent import DeliveryItem, Outcome
+from trio_mta.delivery.agent import DeliveryItem
+from trio_mta.delivery.outcome import Kind, Outcome
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _NAME_ATTEMPTS = 8
@@ -94,16 +95,20 @@ def _make_maildir(maildir: Path) -> None:
         _ensure_dir(maildir / sub)
 
 
-def _error_detail(mailbox: str, exc: OSError) -> str:
+def _write_error(mailbox: str, exc: OSError) -> Outcome:
     """RFC 3463 codes: 4.2.2 mailbox full, 4.3.1 system full, 4.3.0 system, 4.2.0 mailbox."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EDQUOT:
-        return f"4.2.2 mailbox {mailbox} over quota: {reason}"
+        return _local("deferred", "4.2.2", f"mailbox {mailbox} over quota: {reason}")
     if exc.errno == errno.ENOSPC:
-        return f"4.3.1 mail system full: {reason}"
+        return _local("deferred", "4.3.1", f"mail system full: {reason}")
     if exc.errno in (errno.EROFS, errno.EIO):
-        return f"4.3.0 mail system error writing to {mailbox}: {reason}"
-    return f"4.2.0 cannot deliver to mailbox {mailbox}: {reason}"
+        return _local("deferred", "4.3.0", f"mail system error writing to {mailbox}: {reason}")
+    return _local("deferred", "4.2.0", f"cannot deliver to mailbox {mailbox}: {reason}")
+
+
+def _local(kind: Kind, status: str, text: str) -> Outcome:
+    return Outcome(kind, status, text, stage="local")
 
 
 class MaildirAgent:
@@ -120,7 +125,7 @@ class MaildirAgent:
         self._pid = os.getpid()
 
     async def deliver(self, items: Sequence[DeliveryItem]) -> list[Outcome]:
-        outcomes: list[Outcome] = [Outcome("deferred", "4.3.0 not attempted")] * len(items)
+        outcomes: list[Outcome] = [_local("deferred", "4.3.0", "not attempted")] * len(items)
         placed: list[Path | None] = [None] * len(items)  # new/ folder of each written file
         lf_bodies: dict[str, bytes] = {}
         # Each mailbox is resolved (realpath: several stat calls) once per batch,
@@ -150,7 +155,7 @@ class MaildirAgent:
                 # The file is in new/ but not durably: retry later (maybe a duplicate).
                 for i, where in enumerate(placed):
                     if where == folder:
-                        outcomes[i] = Outcome("deferred", _error_detail(folder.parent.name, exc))
+                        outcomes[i] = _write_error(folder.parent.name, exc)
 
         async with trio.open_nursery() as nursery:
             for folder in folders:
@@ -164,7 +169,7 @@ class MaildirAgent:
         """Worker thread: deliver one file; returns its outcome and new/ folder."""
         rcpt = item.rcpt
         if rcpt.mailbox is None:
-            return Outcome("failed", "5.3.5 not a local mailbox"), None
+            return _local("failed", "5.3.5", "not a local mailbox"), None
         maildir = maildirs.get(rcpt.mailbox)
         if maildir is None:
             try:
@@ -173,7 +178,7 @@ class MaildirAgent:
                 maildir = exc
             maildirs[rcpt.mailbox] = maildir
         if isinstance(maildir, UnsafeMailbox):
-            return Outcome("failed", f"5.3.5 {maildir}"), None
+            return _local("failed", "5.3.5", str(maildir)), None
         body = lf_bodies.get(rcpt.message_id)
         if body is None:
             body = lf_bodies[rcpt.message_id] = item.data.replace(b"\r\n", b"\n")
@@ -181,8 +186,8 @@ class MaildirAgent:
         try:
             name = self._place(maildir, head, body)
         except OSError as exc:
-            return Outcome("deferred", _error_detail(rcpt.mailbox, exc)), None
-        return Outcome("delivered", f"2.0.0 delivered to maildir {rcpt.mailbox} as {name}"), (
+            return _write_error(rcpt.mailbox, exc), None
+        return _local("delivered", "2.0.0", f"delivered to maildir {rcpt.mailbox} as {name}"), (
             maildir / "new"
         )
 
