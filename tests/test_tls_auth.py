@@ -210,3 +210,27 @@ async def test_generated_certificate_is_reused(nursery: trio.Nursery,
             return str(client.sock.version())  # type: ignore[union-attr]
 
     assert (await trio.to_thread.run_sync(handshake)).startswith("TLSv1.")
+
+
+async def _tls_client(server: MTA, client_context: ssl.SSLContext) -> RawClient:
+    """A raw client that has said EHLO over STARTTLS (so AUTH is offered)."""
+    client = await RawClient.connect(*server.address("smtp"))
+    await client.reply()
+    await client.command(b"EHLO c.test")
+    await client.command(b"STARTTLS")
+    client_context.check_hostname = False
+    await client.starttls(client_context, HOSTNAME)
+    await client.command(b"EHLO c.test")
+    return client
+
+
+async def test_auth_plain_refuses_a_foreign_authorization_identity(
+        server: MTA, client_context: ssl.SSLContext) -> None:
+    # RFC 4616 §2: authzid "bob" with alice's credentials asks to act as bob;
+    # without proxy authorization that must fail, not log in as alice.
+    client = await _tls_client(server, client_context)
+    reply = await client.command(b"AUTH PLAIN " + trio_b64(f"bob\0{USER}\0{PASSWORD}"))
+    assert reply.startswith(b"535 5.7.8"), reply
+    # An authzid equal to the authcid is the same identity: accepted.
+    reply = await client.command(b"AUTH PLAIN " + trio_b64(f"{USER}\0{USER}\0{PASSWORD}"))
+    assert reply.startswith(b"235 2.7.0"), reply

@@ -398,7 +398,10 @@ class Session:
     async def _auth(self, event: AuthAttempt) -> Reply:
         self._no_deadline()
         passwords = self.state.passwords
-        ok = passwords is not None and await passwords.verify_async(
+        # RFC 4616 §2: a non-empty authzid other than the authcid asks to act as
+        # someone else; we have no proxy authorization, so that is a failure.
+        foreign = bool(event.authzid) and event.authzid != event.username
+        ok = not foreign and passwords is not None and await passwords.verify_async(
             event.username, event.password, limiter=self.state.auth_limiter)
         if self.state.metrics is not None:
             self.state.metrics.auth_result(ok)
@@ -408,7 +411,8 @@ class Session:
             return Reply(235, "2.7.0", "Authentication successful")
         self.auth_failures += 1
         log.warning("smtpd.auth", client=self.client_ip, user=event.username,
-                    mechanism=event.mechanism, result="failed", failures=self.auth_failures)
+                    authzid=event.authzid if foreign else None, mechanism=event.mechanism,
+                    result="failed", failures=self.auth_failures)
         # A growing pause per failure slows password guessing on one connection.
         await trio.sleep(self.state.auth_failure_delay * self.auth_failures)
         return Reply(535, "5.7.8", "Authentication credentials invalid")
