@@ -234,3 +234,30 @@ async def test_auth_plain_refuses_a_foreign_authorization_identity(
     # An authzid equal to the authcid is the same identity: accepted.
     reply = await client.command(b"AUTH PLAIN " + trio_b64(f"{USER}\0{USER}\0{PASSWORD}"))
     assert reply.startswith(b"235 2.7.0"), reply
+
+
+async def test_received_names_utf8smtp_for_smtputf8_transactions(
+        server: MTA, client_context: ssl.SSLContext) -> None:
+    # RFC 6531 §3.7.3: a transaction that used SMTPUTF8 is "with UTF8SMTP[S][A]".
+    client_context.check_hostname = False
+
+    def send(port: int, tls: bool, rcpt: str) -> None:
+        client: smtplib.SMTP
+        if tls:
+            client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=client_context)
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        with client:
+            client.ehlo("c.test")
+            if tls:
+                client.login(USER, PASSWORD)
+            client.sendmail("jörg@remote.test", [rcpt], b"Subject: eai\r\n\r\nhi\r\n",
+                            mail_options=["SMTPUTF8"])
+
+    root = server.config.local.maildir_root
+    await trio.to_thread.run_sync(send, server.address("smtps")[1], True, "dora@example.test")
+    [path] = await wait_for_mail(root, "dora")
+    assert b" with UTF8SMTPSA id " in path.read_bytes()
+    await trio.to_thread.run_sync(send, server.address("smtp")[1], False, "emil@example.test")
+    [path] = await wait_for_mail(root, "emil")
+    assert b" with UTF8SMTP id " in path.read_bytes()

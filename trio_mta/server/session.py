@@ -364,7 +364,8 @@ class Session:
         trace = received_header(TraceInfo(
             helo=info.helo, client_ip=self.client_ip, hostname=cfg.hostname, queue_id=queue_id,
             esmtp=info.esmtp, tls=self.tls, auth_user=info.auth_user,
-            recipients=tuple(r.address for r in envelope.recipients)))
+            recipients=tuple(r.address for r in envelope.recipients),
+            smtputf8=envelope.params.smtputf8))
         if self.trusted or self.authenticated:
             trace += submission_headers(body, queue_id=queue_id, hostname=cfg.hostname)
         self._no_deadline()
