@@ -261,3 +261,54 @@ async def test_received_names_utf8smtp_for_smtputf8_transactions(
     await trio.to_thread.run_sync(send, server.address("smtp")[1], False, "emil@example.test")
     [path] = await wait_for_mail(root, "emil")
     assert b" with UTF8SMTP id " in path.read_bytes()
+
+
+@pytest.mark.parametrize("limit", ["max_connections", "max_connections_per_ip"])
+async def test_smtps_over_limit_gets_421_inside_tls(
+        nursery: trio.Nursery, make_config: Callable[..., Config],
+        client_context: ssl.SSLContext, limit: str) -> None:
+    mta: MTA = await nursery.start(serve, make_config(limits={limit: 1}))
+    holder = await RawClient.connect(*mta.address("smtp"))
+    assert (await holder.reply()).startswith(b"220")
+    client_context.check_hostname = False
+
+    def refused() -> tuple[int, bytes]:
+        try:
+            smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=10,
+                             context=client_context)
+        except smtplib.SMTPConnectError as exc:
+            return exc.smtp_code, exc.smtp_error
+        raise AssertionError("connected despite the limit")
+
+    code, text = await trio.to_thread.run_sync(refused)
+    assert code == 421 and text.startswith(b"4.7.0 "), (code, text)
+
+
+async def test_smtps_refusal_flood_closes_without_clear_text(
+        nursery: trio.Nursery, make_config: Callable[..., Config],
+        client_context: ssl.SSLContext) -> None:
+    mta: MTA = await nursery.start(serve, make_config(limits={"max_connections_per_ip": 1}))
+    holder = await RawClient.connect(*mta.address("smtp"))
+    assert (await holder.reply()).startswith(b"220")
+    # Every refusal handshake slot is busy (as under a flood of refused clients):
+    # the next refused smtps client is closed, never sent clear text.
+    slots = mta.state.refusal_handshakes
+    borrowers = [object() for _ in range(int(slots.total_tokens))]
+    for borrower in borrowers:
+        slots.acquire_on_behalf_of_nowait(borrower)
+    client_context.check_hostname = False
+
+    def handshake() -> BaseException:
+        try:
+            smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=10,
+                             context=client_context)
+        except (OSError, smtplib.SMTPException) as exc:
+            return exc
+        raise AssertionError("connected despite the limit")
+
+    error = await trio.to_thread.run_sync(handshake)
+    # A clean close: EOF or reset during the handshake, not a record of clear text.
+    clean = (ssl.SSLEOFError, ConnectionResetError, smtplib.SMTPServerDisconnected)
+    assert isinstance(error, clean), repr(error)
+    for borrower in borrowers:
+        slots.release_on_behalf_of(borrower)

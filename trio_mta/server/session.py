@@ -47,6 +47,10 @@ from trio_mta.tls import describe
 
 RECEIVE_SIZE = 65536
 MAX_AUTH_FAILURES = 3
+# An smtps client refused for the connection limits gets its 421 inside TLS;
+# these bound the handshakes spent on clients we are refusing anyway.
+REFUSAL_HANDSHAKE_TIMEOUT = 5.0
+MAX_REFUSAL_HANDSHAKES = 8
 
 
 @dataclass
@@ -63,6 +67,8 @@ class ServerState:
     handler: Handler | None = None
     metrics: Metrics | None = None
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    refusal_handshakes: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(MAX_REFUSAL_HANDSHAKES))
     auth_failure_delay: float = 1.0
     shutdown_grace: float = 30.0
     shutting_down: bool = False
@@ -170,8 +176,11 @@ class Session:
         refusal = state.limits.over_limit(self.client_ip)
         if refusal is not None:
             log.warning("smtpd.refused", client=self.client_ip, reason=refusal)
-            await self._send_now(Reply(421, "4.7.0", f"{cfg.hostname} Error: {refusal}"))
-            await self.stream.aclose()
+            try:
+                await self._refuse(Reply(421, "4.7.0", f"{cfg.hostname} Error: {refusal}"))
+            finally:
+                with trio.move_on_after(2):  # TLS close_notify may block
+                    await self.stream.aclose()
             return
         metrics = state.metrics
         with state.limits.admit(self.client_ip):
@@ -187,6 +196,26 @@ class Session:
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + 2  # TLS close_notify may block
                     await self.stream.aclose()
+
+    async def _refuse(self, reply: Reply) -> None:
+        """Say ``reply`` before any conversation; on smtps inside TLS.
+
+        A clear-text 421 on an smtps port is garbage to the client's TLS stack
+        (WRONG_VERSION_NUMBER), so the handshake comes first, briefly. When
+        more refused clients are already handshaking (a flood), the
+        connection closes without a word instead of spending more on them.
+        """
+        if self.mode == "smtps":
+            try:
+                self.state.refusal_handshakes.acquire_nowait()
+            except trio.WouldBlock:
+                return
+            try:
+                if not await self._handshake(REFUSAL_HANDSHAKE_TIMEOUT):
+                    return
+            finally:
+                self.state.refusal_handshakes.release()
+        await self._send_now(reply)
 
     async def _converse(self) -> None:
         cfg = self.state.config
@@ -223,13 +252,15 @@ class Session:
             auth_mechanisms=("PLAIN", "LOGIN") if self.state.passwords is not None else (),
         )
 
-    async def _handshake(self) -> bool:
+    async def _handshake(self, timeout: float | None = None) -> bool:
         """Wrap the stream in TLS; False (connection over) when the handshake fails."""
         ctx = self.state.ssl_context
         if ctx is None:
             return False
         tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
-        with trio.move_on_after(self.limits.command_timeout) as scope:
+        limit = self.limits.command_timeout if timeout is None else min(
+            timeout, self.limits.command_timeout)
+        with trio.move_on_after(limit) as scope:
             try:
                 await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:
