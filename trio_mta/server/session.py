@@ -20,7 +20,7 @@ from trio_mta import log
 from trio_mta.config import Config
 from trio_mta.metrics import Metrics
 from trio_mta.queue.ids import new_queue_id
-from trio_mta.routing.router import Router
+from trio_mta.routing.router import Router, control_character, unsafe_sender
 from trio_mta.server.envelope import Envelope, MessageSink, Recipient, SessionInfo
 from trio_mta.server.handler import Handler, as_reply, guarded_hook
 from trio_mta.server.headers import TraceInfo, received_header, submission_headers
@@ -347,6 +347,12 @@ class Session:
             reply = Reply(530, "5.7.0", "Authentication required")
             self._rejected(reply)
             return reply
+        refusal = unsafe_sender(str(event.path))
+        if refusal is not None:
+            log.event("smtpd.reject", client=self.client_ip, sender=str(event.path),
+                      code=refusal.code, reply=str(refusal))
+            self._rejected(refusal)
+            return refusal
         self.envelope = Envelope(sender=event.path, params=event.params)
         return Reply(250, "2.1.0", "Ok")
 
@@ -356,7 +362,9 @@ class Session:
         router = self.state.router
         handler = self.state.handler
         decided = None
-        if handler is not None:
+        # An address with control characters is refused by the router (553 5.1.3)
+        # before any handler could vouch for it and let it reach the headers.
+        if handler is not None and control_character(address) is None:
             decided = await guarded_hook(handler.handle_rcpt(self._info(), self.envelope,
                                                              address), "handle_rcpt")
         if decided is not None:
@@ -433,8 +441,12 @@ class Session:
         # RFC 4616 §2: a non-empty authzid other than the authcid asks to act as
         # someone else; we have no proxy authorization, so that is a failure.
         foreign = bool(event.authzid) and event.authzid != event.username
-        ok = not foreign and passwords is not None and await passwords.verify_async(
-            event.username, event.password, limiter=self.state.auth_limiter)
+        # No stored user name holds a control character (validate_username), so
+        # such a name fails without a password check, with a reply that says why.
+        control = control_character(event.username) or control_character(event.authzid)
+        ok = (not foreign and control is None and passwords is not None
+              and await passwords.verify_async(event.username, event.password,
+                                               limiter=self.state.auth_limiter))
         if self.state.metrics is not None:
             self.state.metrics.auth_result(ok)
         if ok:
@@ -447,4 +459,7 @@ class Session:
                     result="failed", failures=self.auth_failures)
         # A growing pause per failure slows password guessing on one connection.
         await trio.sleep(self.state.auth_failure_delay * self.auth_failures)
+        if control is not None:
+            text = f"Authentication credentials invalid: {control} not allowed in a user name"
+            return Reply(535, "5.7.8", text)
         return Reply(535, "5.7.8", "Authentication credentials invalid")
