@@ -66,6 +66,13 @@ async def bind(listen: ListenConfig) -> BoundListener:
     return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
 
 
+def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
+    """A socket some other process bound and put in listening state (a supervisor)."""
+    port = sock.getsockname()[1]
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return BoundListener(listen, listener, Listener(listen.mode, listen.host, port))
+
+
 async def accept_loop(bound: BoundListener, state: ServerState,
                       sessions: trio.Nursery) -> None:
     """Accept until cancelled; each connection runs as a task in ``sessions``."""
