@@ -268,3 +268,16 @@ def test_restart_delay_grows_and_is_capped(failures: int) -> None:
     assert restart_delay(failures) <= MAX_DELAY
     assert restart_delay(failures + 1) >= restart_delay(failures)
     assert restart_delay(50) == MAX_DELAY and restart_delay(1) < 1
+
+
+@pytest.mark.parametrize(("workers", "shard"), [(1, "queue.sqlite3"), (2, "queue-1.sqlite3")])
+def test_broken_queue_shard_is_a_one_line_error(tmp_path: Path, workers: int,
+                                                shard: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / shard).write_bytes(b"this is not an SQLite database, not even close " * 4)
+    result = run_cli("serve", "--config", str(write_config(tmp_path, workers=workers)))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("trio-mta:")]
+    assert errors == [f"trio-mta: {state / shard}: queue open failed: file is not a database"]

@@ -16,6 +16,7 @@ import resource
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -29,7 +30,7 @@ from trio_mta.queue.bouncer import Bouncer
 from trio_mta.queue.ids import host_tag_for, worker_tag
 from trio_mta.queue.scheduler import Scheduler
 from trio_mta.queue.shards import ShardLock, drained_by, shard_path
-from trio_mta.queue.store import DueRecipient, QueueStore
+from trio_mta.queue.store import DueRecipient, QueueError, QueueStore
 from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import Router
 from trio_mta.server.envelope import MessageSink
@@ -221,7 +222,7 @@ async def _open_shards(config: Config, worker: WorkerSlot | None) -> list[_Shard
                 await trio.sleep(0.2)
     shards: list[_Shard] = []
     try:
-        shards.append(_Shard(index, await trio.to_thread.run_sync(QueueStore, own), lock))
+        shards.append(_Shard(index, await _open_store(own), lock))
         extras = await trio.to_thread.run_sync(drained_by, config.state_dir, index, count)
         for extra in extras:
             path = shard_path(config.state_dir, extra)
@@ -230,7 +231,7 @@ async def _open_shards(config: Config, worker: WorkerSlot | None) -> list[_Shard
                 log.event("queue.shard_skipped", shard=extra, reason="in use by another process")
                 continue
             try:
-                store = await trio.to_thread.run_sync(QueueStore, path)
+                store = await _open_store(path)
             except BaseException:
                 extra_lock.release()
                 raise
@@ -243,6 +244,14 @@ async def _open_shards(config: Config, worker: WorkerSlot | None) -> list[_Shard
         lock.release()
         raise
     return shards
+
+
+async def _open_store(path: Path) -> QueueStore:
+    """Open one shard; a broken file is a QueueError naming it (one line at the CLI)."""
+    try:
+        return await trio.to_thread.run_sync(QueueStore, path)
+    except QueueError as exc:
+        raise QueueError(f"{path}: {exc}") from None
 
 
 async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],

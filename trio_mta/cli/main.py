@@ -163,6 +163,7 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
     ``worker`` is the spec a supervisor hands a worker it starts.
     """
     from trio_mta.mta import ListenError
+    from trio_mta.queue.store import QueueError
     from trio_mta.tls import TLSConfigError
 
     config = load_config(args.config).with_overrides(
@@ -183,7 +184,7 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
         trio.run(_serve_until_signal, config, args, spec)
     except Exception as raw:
         exc = _sole_exception(raw)
-        if isinstance(exc, ListenError):
+        if isinstance(exc, ListenError | QueueError):
             print(f"trio-mta: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         if isinstance(exc, TLSConfigError):
