@@ -39,18 +39,25 @@ MAX_OF = frozenset({"trio_mta_queue_oldest_age_seconds"})
 
 
 async def answer_metrics_requests(metrics: Metrics, channel: socket.socket) -> None:
-    """Worker side: render on each request until the parent closes its end."""
+    """Worker side: render on each request until the parent closes its end.
+
+    Nothing here may end the worker: a failed render answers an empty
+    exposition, and a parent that dropped the channel just ends this task.
+    """
     sock = trio.socket.from_stdlib_socket(channel)
     with sock:
-        while True:
-            request = await sock.recv(1)
-            if not request:
-                return
-            body = await trio.to_thread.run_sync(metrics.render)
-            data = _LENGTH.pack(len(body)) + body
-            while data:
-                sent = await sock.send(data)
-                data = data[sent:]
+        try:
+            while await sock.recv(1):
+                try:
+                    body = await trio.to_thread.run_sync(metrics.render)
+                except Exception as exc:
+                    log.error("metrics.render_failed", error=f"{type(exc).__name__}: {exc}")
+                    body = b""
+                data = memoryview(_LENGTH.pack(len(body)) + body)
+                while data:
+                    data = data[await sock.send(data):]
+        except OSError:
+            return
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:
