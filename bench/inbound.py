@@ -131,10 +131,8 @@ def process_tree(pid: int) -> list[int]:
         out.append(current)
         # Per thread: trio starts processes from its worker threads.
         for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 todo.extend(int(child) for child in (task / "children").read_text().split())
-            except (OSError, ValueError):
-                pass
     return out
 
 
