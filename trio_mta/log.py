@@ -18,6 +18,9 @@ from typing import Any, Literal
 LOGGER_NAME = "trio_mta"
 _logger = logging.getLogger(LOGGER_NAME)
 _FIELDS = "trio_mta_fields"
+# Fields every line of this process carries, after its own: ``worker=K`` under
+# a supervisor, so interleaved lines from several workers can be told apart.
+_context: dict[str, object] = {}
 
 
 def _timestamp(created: float) -> str:
@@ -115,11 +118,21 @@ def setup(
     _logger.propagate = False
 
 
+def set_context(**fields: Any) -> None:
+    """Add fields to every later line of this process (``None`` removes one)."""
+    for key, value in fields.items():
+        if value is None:
+            _context.pop(key, None)
+        else:
+            _context[key] = value
+
+
 def event(name: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event; ``None`` fields are left out so lines stay short."""
     if not _logger.isEnabledFor(level):
         return
     clean = {key: value for key, value in fields.items() if value is not None}
+    clean.update(_context)
     _logger.log(level, name, extra={_FIELDS: clean})
 
 

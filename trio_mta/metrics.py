@@ -18,6 +18,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -27,7 +28,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from trio_mta import log
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsListenError", "serve_metrics"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsListenError", "Renderable", "serve_metrics"]
 
 QueueStats = tuple[int, float | None]
 
@@ -301,8 +302,16 @@ def _response(status: int, body: bytes = b"", *, content_type: str = "text/plain
     return header.encode("ascii") + (b"" if head_only else body)
 
 
+class Renderable(Protocol):
+    """What ``/metrics`` serves: one process's :class:`Metrics`, or a sum over workers."""
+
+    def render(self) -> bytes:
+        """The text exposition; blocking, called from a thread."""
+        ...
+
+
 class _Exporter:
-    def __init__(self, metrics: Metrics, read_timeout: float) -> None:
+    def __init__(self, metrics: Renderable, read_timeout: float) -> None:
         self.metrics = metrics
         self.read_timeout = read_timeout
         self.slots = trio.Semaphore(MAX_CONNECTIONS)
@@ -401,7 +410,7 @@ async def _bind(host: str, port: int) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int, *,
+async def serve_metrics(metrics: Renderable, host: str, port: int, *,
                         read_timeout: float = READ_TIMEOUT,
                         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                         ) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "MetricsConfig",
     "QueueConfig",
     "RelayConfig",
+    "ServerConfig",
     "TlsConfig",
 ]
 
@@ -191,6 +192,27 @@ class MetricsConfig:
         return schema.parse_host_port(self.listen) if self.listen else None
 
 
+MAX_WORKERS = 1024  # two base32 characters of worker number in a queue ID tag
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: how many worker processes serve (SPEC §12); 0 = one per CPU core."""
+
+    workers: int = 0
+
+    @property
+    def effective_workers(self) -> int:
+        """``workers``, with 0 resolved to the cores this process may run on."""
+        if self.workers:
+            return self.workers
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, MAX_WORKERS))
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = "info"
@@ -225,6 +247,7 @@ class Config:
     auth: AuthConfig
     metrics: MetricsConfig
     log: LogConfig
+    server: ServerConfig = ServerConfig()
     source: Path | None = None
     # Paths that were derived from state_dir rather than written ("maildir_root",
     # "users_file"): with_overrides(state_dir=...) moves exactly these.
@@ -360,6 +383,7 @@ class _Loader:
             auth=self._auth(root.table("auth", "[auth]"), state_dir),
             metrics=self._metrics(root.table("metrics", "[metrics]")),
             log=self._log(root.table("log", "[log]")),
+            server=self._server(root.table("server", "[server]")),
             _derived=frozenset(self.derived),
         )
         root.close()
@@ -505,6 +529,11 @@ class _Loader:
         table.close()
         return metrics
 
+    def _server(self, table: Table) -> ServerConfig:
+        server = ServerConfig(workers=table.get("workers", _workers, ServerConfig.workers))
+        table.close()
+        return server
+
     def _log(self, table: Table) -> LogConfig:
         log = LogConfig(
             level=table.get("level", schema.choice(get_args(LogLevel)), LogConfig.level),
@@ -513,6 +542,12 @@ class _Loader:
         )
         table.close()
         return log
+
+
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be an integer 0..{MAX_WORKERS} (0: one per CPU core)")
+    return value
 
 
 def _optional_host_port(value: Any) -> str:

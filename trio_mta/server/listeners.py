@@ -67,6 +67,13 @@ async def bind(listen: ListenConfig) -> BoundListener:
     return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
 
 
+def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
+    """A socket some other process bound and put in listening state (a supervisor)."""
+    port = sock.getsockname()[1]
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return BoundListener(listen, listener, Listener(listen.mode, listen.host, port))
+
+
 # accept(2) errors that mean "the system is out of something right now", as in
 # trio's serve_listeners: pause and retry. Any other error is a broken listener.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
