@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_mta.config.durations import format_duration, parse_duration
 from trio_mta.config.loader import (
     Config,
     ConfigError,
@@ -22,7 +23,6 @@ from trio_mta.config.loader import (
     TlsConfig,
     default_hostname,
 )
-from trio_mta.config.durations import format_duration, parse_duration
 from trio_mta.config.schema import parse_host_port
 
 BASE = Path("/etc/trio-mta")
