@@ -23,7 +23,7 @@ from trio_mta.config.loader import (
     TlsConfig,
     default_hostname,
 )
-from trio_mta.config.schema import parse_host_port
+from trio_mta.config.schema import format_host_port, parse_host_port
 
 BASE = Path("/etc/trio-mta")
 
@@ -826,6 +826,24 @@ def test_listen_parse_rejects(text: str) -> None:
 )
 def test_parse_host_port_with_default(text: str, expected: tuple[str, int]) -> None:
     assert parse_host_port(text, default_port=7) == expected
+
+
+def test_format_host_port_brackets_ipv6_only() -> None:
+    assert format_host_port("127.0.0.1", 25) == "127.0.0.1:25"
+    assert format_host_port("mx.example.org", 587) == "mx.example.org:587"
+    assert format_host_port("::1", 2525) == "[::1]:2525"
+    assert ListenConfig("2001:db8::1", 0).address == "[2001:db8::1]:0"
+
+
+_HOSTS = st.one_of(
+    st.ip_addresses().map(str),
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
+)
+
+
+@given(_HOSTS, st.integers(min_value=0, max_value=65535))
+def test_format_host_port_reads_back(host: str, port: int) -> None:
+    assert parse_host_port(format_host_port(host, port)) == (host, port)
 
 
 # -- durations --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import trio
 
 from trio_mta import log
 from trio_mta.config import Config
+from trio_mta.config.schema import format_host_port
 from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
@@ -220,7 +221,8 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
                 for b in bound:
                     accepting.start_soon(accept_loop, b, state, sessions)
                 for info in mta.listeners:
-                    log.event("smtpd.listening", mode=info.mode, address=_addr(info))
+                    address = format_host_port(info.host, info.port)
+                    log.event("smtpd.listening", mode=info.mode, address=address)
                 task_status.started(mta)
                 await mta._stop.wait()
                 log.event("mta.stopping", sessions=len(state.sessions))
@@ -262,5 +264,3 @@ def _observe(metrics: Metrics) -> Callable[[DueRecipient, str, float], None]:
     return observe
 
 
-def _addr(info: Listener) -> str:
-    return f"[{info.host}]:{info.port}" if ":" in info.host else f"{info.host}:{info.port}"

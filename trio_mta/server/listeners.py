@@ -15,6 +15,7 @@ import trio
 
 from trio_mta import log
 from trio_mta.config import ListenConfig
+from trio_mta.config.schema import format_host_port
 from trio_mta.server.session import ServerState, Session
 
 
@@ -38,10 +39,6 @@ class BoundListener:
     info: Listener
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def bind(listen: ListenConfig) -> BoundListener:
     """Bind one ``[[listen]]`` entry (no wildcard expansion surprises: exactly that address)."""
     host = listen.host
@@ -60,7 +57,7 @@ async def bind(listen: ListenConfig) -> BoundListener:
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use"
         raise ListenError(
-            f"cannot listen on {_format_address(host, listen.port)} ({listen.mode}): {reason}"
+            f"cannot listen on {format_host_port(host, listen.port)} ({listen.mode}): {reason}"
         ) from None
     port = sock.getsockname()[1]
     return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
