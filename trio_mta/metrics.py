@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from trio_mta import log
+from trio_mta.config.schema import format_host_port
 
 __all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsListenError", "Renderable", "serve_metrics"]
 
@@ -239,10 +240,6 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _parse_head(head: bytes) -> tuple[bytes, str]:
     """(method, path) from a request head without its blank line (RFC 9112 §2-§5).
 
@@ -405,7 +402,7 @@ async def _bind(host: str, port: int) -> trio.SocketListener:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise MetricsListenError(
-            f"cannot listen on {_format_address(host, port)} ([metrics].listen): {reason}"
+            f"cannot listen on {format_host_port(host, port)} ([metrics].listen): {reason}"
         ) from None
     return trio.SocketListener(sock)
 
@@ -424,5 +421,5 @@ async def serve_metrics(metrics: Renderable, host: str, port: int, *,
     exporter = _Exporter(metrics, read_timeout)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exporter.accept_loop, listener, nursery)
-        log.event("metrics.listening", address=_format_address(host, bound_port))
+        log.event("metrics.listening", address=format_host_port(host, bound_port))
         task_status.started((host, bound_port))

@@ -22,6 +22,7 @@ import trio
 
 from trio_mta import log
 from trio_mta.config import Config
+from trio_mta.config.schema import format_host_port
 from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
@@ -320,7 +321,8 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
                     accepting.start_soon(accept_loop, b, state, sessions)
                 if worker is None:  # a supervised worker's parent announces the listeners
                     for info in mta.listeners:
-                        log.event("smtpd.listening", mode=info.mode, address=_addr(info))
+                        address = format_host_port(info.host, info.port)
+                        log.event("smtpd.listening", mode=info.mode, address=address)
                 task_status.started(mta)
                 await mta._stop.wait()
                 log.event("mta.stopping", sessions=len(state.sessions))
@@ -377,5 +379,3 @@ def _observe(metrics: Metrics) -> Callable[[DueRecipient, str, float], None]:
     return observe
 
 
-def _addr(info: Listener) -> str:
-    return f"[{info.host}]:{info.port}" if ":" in info.host else f"{info.host}:{info.port}"

@@ -75,7 +75,7 @@ class ListenConfig:
     @property
     def address(self) -> str:
         """``host:port`` as the config writes it, IPv6 in brackets."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return schema.format_host_port(self.host, self.port)
 
     @classmethod
     def parse(cls, text: str) -> ListenConfig:

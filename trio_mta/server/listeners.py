@@ -16,6 +16,7 @@ import trio
 
 from trio_mta import log
 from trio_mta.config import ListenConfig
+from trio_mta.config.schema import format_host_port
 from trio_mta.server.session import ServerState, Session
 
 
@@ -39,10 +40,6 @@ class BoundListener:
     info: Listener
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def bind(listen: ListenConfig) -> BoundListener:
     """Bind one ``[[listen]]`` entry (no wildcard expansion surprises: exactly that address)."""
     host = listen.host
@@ -61,7 +58,7 @@ async def bind(listen: ListenConfig) -> BoundListener:
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use"
         raise ListenError(
-            f"cannot listen on {_format_address(host, listen.port)} ({listen.mode}): {reason}"
+            f"cannot listen on {format_host_port(host, listen.port)} ({listen.mode}): {reason}"
         ) from None
     port = sock.getsockname()[1]
     return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
@@ -92,7 +89,7 @@ async def accept_loop(bound: BoundListener, state: ServerState,
     """
     listener = bound.socket_listener
     mode = bound.config.mode
-    where = f"{_format_address(bound.info.host, bound.info.port)} ({mode})"
+    where = f"{format_host_port(bound.info.host, bound.info.port)} ({mode})"
     failures = 0
     logged_at = -math.inf
     async with listener:

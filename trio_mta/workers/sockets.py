@@ -23,14 +23,11 @@ import errno
 import socket
 
 from trio_mta.config import ListenConfig
+from trio_mta.config.schema import format_host_port
 from trio_mta.server.listeners import ListenError
 
 BACKLOG = 1024
 HAVE_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _socket(listen: ListenConfig, port: int, *, reuseport: bool, listening: bool) -> socket.socket:
@@ -52,7 +49,7 @@ def _socket(listen: ListenConfig, port: int, *, reuseport: bool, listening: bool
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use"
         raise ListenError(
-            f"cannot listen on {_format_address(host, port)} ({listen.mode}): {reason}"
+            f"cannot listen on {format_host_port(host, port)} ({listen.mode}): {reason}"
         ) from None
     return sock
 
