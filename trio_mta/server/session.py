@@ -46,6 +46,8 @@ from trio_mta.smtp import (
 from trio_mta.tls import describe
 
 RECEIVE_SIZE = 65536
+# How far a connection's deadline may lag behind the exact timeout (seconds): see _arm.
+DEADLINE_SLACK = 1.0
 MAX_AUTH_FAILURES = 3
 # An smtps client refused for the connection limits gets its 421 inside TLS;
 # these bound the handshakes spent on clients we are refusing anyway.
@@ -128,11 +130,21 @@ class Session:
     # tenth of the server's CPU per message.
 
     def _arm(self) -> None:
-        """Give the client's next read or write the timeout its phase allows."""
+        """Give the client's next read or write the timeout its phase allows.
+
+        Moving a cancel scope's deadline re-sorts trio's deadline heap, which cost
+        as much as the protocol work when done on every read and write. Timeouts
+        are minutes long, so the deadline only moves when it would move by more
+        than ``DEADLINE_SLACK`` (or a twentieth of a short timeout), or back
+        (entering a phase with a shorter timeout).
+        """
         assert self.conn is not None and self._io is not None
         limits = self.limits
-        self._io.deadline = trio.current_time() + (
-            limits.data_timeout if self.conn.in_data else limits.command_timeout)
+        timeout = limits.data_timeout if self.conn.in_data else limits.command_timeout
+        wanted = trio.current_time() + timeout
+        current = self._io.deadline
+        if wanted < current or wanted - current > min(DEADLINE_SLACK, timeout / 20):
+            self._io.deadline = wanted
 
     async def _flush(self) -> None:
         assert self.conn is not None
