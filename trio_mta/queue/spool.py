@@ -33,7 +33,7 @@ class Spool:
         self.directory = os.fspath(directory)
         self.threshold = threshold
         self.size = 0
-        self.first = b""  # the first `threshold` bytes: where header checks look
+        self.first = b""  # once spooled: the first bytes, where header checks look
         self._limiter = limiter
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -51,8 +51,6 @@ class Spool:
         self.size += len(data)
         if self.error is not None:
             return
-        if len(self.first) < self.threshold:
-            self.first += data[: self.threshold - len(self.first)]
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size >= self.threshold:
@@ -99,6 +97,8 @@ class Spool:
         chunk = b"".join(self._pending)
         self._pending = []
         self._pending_size = 0
+        if self._path is None:
+            self.first = chunk[: self.threshold]
         if chunk or self._path is None:
             await trio.to_thread.run_sync(self._append, chunk, limiter=self._limiter)
 

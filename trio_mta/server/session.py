@@ -444,7 +444,8 @@ class Session:
             recipients=tuple(r.address for r in envelope.recipients),
             smtputf8=envelope.params.smtputf8))
         if self.trusted or self.authenticated:
-            trace += submission_headers(spool.first, queue_id=queue_id, hostname=cfg.hostname)
+            head = body if isinstance(body, bytes) else spool.first
+            trace += submission_headers(head, queue_id=queue_id, hostname=cfg.hostname)
         reply = await self.state.sink.accept(envelope, info, MessageContent(trace, body),
                                              queue_id)
         metrics = self.state.metrics
