@@ -58,7 +58,7 @@ def _queue_inline(state: Path, count: int) -> list[str]:
 
 def _queue_files(state: Path, count: int) -> list[str]:
     """Queue `count` large messages whose bodies are files, as the spool leaves them."""
-    files = BodyFiles(state)
+    files = BodyFiles(state / "queue.sqlite3")
     files.ensure_spool()
     store = QueueStore(state / "queue.sqlite3")
     ids = [f"F{n:03d}" for n in range(count)]
@@ -128,7 +128,7 @@ async def test_damaged_inline_body_is_set_aside_and_the_rest_delivered(tmp_path:
 async def test_damaged_body_file_is_set_aside_and_the_rest_delivered(tmp_path: Path) -> None:
     config, state = _setup(tmp_path)
     ids = _queue_files(state, 5)
-    files = BodyFiles(state)
+    files = BodyFiles(state / "queue.sqlite3")
     with open(files.path_for(ids[1]), "r+b") as f:
         f.seek(5000)
         f.write(b"\x00garbage\x00")

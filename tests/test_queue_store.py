@@ -463,7 +463,7 @@ def test_a_version_2_queue_is_migrated_and_its_rows_stay_readable(tmp_path: Path
     readonly.close()
     store = QueueStore(path)
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
-    assert version == 3
+    assert version == 4
     after = store.show("OLD")
     for info in (before, after):
         assert info is not None
@@ -479,7 +479,9 @@ def test_a_version_2_queue_is_migrated_and_its_rows_stay_readable(tmp_path: Path
     (finished,) = store.bounce_candidates()
     assert [(f.address, f.outcome.status) for f in finished.failed] == [("b@remote.test", "5.1.1")]
     store.close()
-# -- bodies: inline, files, bodies written before schema 3 ------------------------
+
+
+# -- bodies: inline, files, bodies written before schema 4 ------------------------
 
 
 def _spooled(store: QueueStore, name: str, body: bytes) -> NewMessage:
@@ -490,15 +492,15 @@ def _spooled(store: QueueStore, name: str, body: bytes) -> NewMessage:
                       spooled=SpooledBody(path, len(body), crc_of(body)))
 
 
-def test_blob_bodies_from_schema_2_are_still_delivered(tmp_path: Path) -> None:
+def test_blob_bodies_from_before_schema_4_are_still_delivered(tmp_path: Path) -> None:
     db = tmp_path / "queue.sqlite3"
     old = QueueStore(db)
     old.insert([("OLD", message(local("bob")))], now=NOW)
     old.close()
-    # Make it the database an older trio_mta wrote: no body index, schema 2.
+    # Make it the database an older trio_mta wrote: no body index, schema 3.
     conn = sqlite3.connect(db)
     conn.executescript("DROP TRIGGER messages_gone; DROP TABLE body_index; DROP TABLE damaged;"
-                       " DROP TABLE doomed_bodies; PRAGMA user_version=2;")
+                       " DROP TABLE doomed_bodies; PRAGMA user_version=3;")
     conn.close()
     store = QueueStore(db)
     assert store.data_many(["OLD"]) == {"OLD": DATA}
@@ -516,7 +518,8 @@ def test_spooled_body_becomes_a_file_and_goes_after_a_durable_commit(store: Queu
     assert store.data("BIG") == b"Received: x\r\n" + body
     assert store.list_messages()[0].size == len(body) + len(b"Received: x\r\n")
     [due] = store.due(NOW, 10)
-    store.mark_delivered([due.rcpt_id], now=NOW, outcome=o("delivered", "2.0.0 ok"))  # synchronous=NORMAL
+    # Recorded with synchronous=NORMAL:
+    store.mark_delivered([due.rcpt_id], now=NOW, outcome=o("delivered", "2.0.0 ok"))
     assert path.exists(), "kept until a durable commit covers the delete"
     store.insert([("NEXT", message(local("bob")))], now=NOW)  # synchronous=FULL
     assert not path.exists()

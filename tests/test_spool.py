@@ -31,6 +31,8 @@ mode = "smtp"
 domains = ["spool.test"]
 [limits]
 max_connections_per_ip = 100
+[server]
+workers = 1  # one process takes every session: its memory is what is measured
 """
 
 

@@ -228,9 +228,6 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
         if isinstance(exc, TLSConfigError):
             print(f"trio-mta: config: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if isinstance(exc, QueueError):  # e.g. a queue database that cannot be used
-            print(f"trio-mta: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
         if isinstance(exc, OSError):
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"trio-mta: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -396,6 +396,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
         )
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone() is not None
+
+
 @contextmanager
 def _errors(what: str) -> Iterator[None]:
     try:
@@ -426,6 +432,7 @@ class QueueStore:
         self._sync = ""
         self._writer: sqlite3.Connection | None = None
         self._columns = _COLUMNS
+        self._indexed = True  # False: a read-only look at a database older than schema 4
         problem = check_database(self.path, deep=recover)
         if problem is not None:
             if not recover or not problem.recoverable:
@@ -440,6 +447,7 @@ class QueueStore:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
                 self._reader = self._connect(uri, busy_timeout, uri=True)
                 self._columns = _readable_columns(self._reader)
+                self._indexed = _has_table(self._reader, "body_index")
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # Mail is private: SQLite gives -wal and -shm the database file's mode.
@@ -639,6 +647,9 @@ class QueueStore:
         sql = ("SELECT m.id, i.head, i.in_file, i.size, i.crc, b.data FROM messages m"
                " LEFT JOIN body_index i ON i.message_id = m.id"
                " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})")
+        if not self._indexed:
+            sql = ("SELECT m.id, NULL, NULL, NULL, NULL, b.data FROM messages m"
+                   " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})")
         with _errors("read"), self._read() as conn:
             for part in _chunks(ids):
                 try:
@@ -934,11 +945,13 @@ class QueueStore:
         with _errors("show"), self._read() as conn:
             conn.execute("BEGIN")
             try:
+                index = "i.head" if self._indexed else "NULL"
                 msg = conn.execute(
                     "SELECT m.id, m.sender, m.received_at, m.size, m.meta,"
-                    " COALESCE(b.data, i.head) FROM messages m"
+                    f" COALESCE(b.data, {index}) FROM messages m"
                     " LEFT JOIN bodies b ON b.message_id = m.id"
-                    " LEFT JOIN body_index i ON i.message_id = m.id WHERE m.id = ?",
+                    + (" LEFT JOIN body_index i ON i.message_id = m.id" if self._indexed else "")
+                    + " WHERE m.id = ?",
                     (message_id,),
                 ).fetchone()
                 if msg is None:
@@ -982,6 +995,8 @@ class QueueStore:
         )
 
     def _file_bodies(self, message_ids: Sequence[str]) -> set[str]:
+        if not self._indexed:
+            return set()
         with _errors("read"), self._read() as conn:
             return {row[0] for row in conn.execute(
                 f"SELECT message_id FROM body_index WHERE in_file"
