@@ -37,6 +37,7 @@ from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import Router
 from trio_mta.server.envelope import MessageSink
 from trio_mta.server.handler import Handler, HandlerSink
+from trio_mta.server.immediate_sink import ImmediateLocalDelivery
 from trio_mta.server.limits import ConnectionLimits
 from trio_mta.server.listeners import (
     BoundListener,
@@ -314,7 +315,15 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             scheduler, bouncer = drains.pop(0)
             writer.on_committed = scheduler.wake
             metrics.set_queue_stats_source(_stats_of([shard.store for shard in shards]))
-            sink = QueueSink(writer)
+            queue_sink = QueueSink(writer)
+            sink = queue_sink
+            if config.local.deliver_at_once:
+                immediate = ImmediateLocalDelivery(
+                    MaildirAgent(config.local.maildir_root, config.hostname,
+                                 limiter=trio.CapacityLimiter(8)),
+                    queue_sink, on_outcome=_observe(metrics))
+                await services.start(immediate.run)
+                sink = immediate
         if handler is not None:
             sink = HandlerSink(handler, sink)
         assert sink is not None
