@@ -34,6 +34,7 @@ from trio_mta.smtp.data import has_bare_line_ending
 
 from .smtp_helpers import (
     BANNER,
+    COMMAND_LINES,
     PASSWORD,
     Decider,
     decide,
@@ -295,6 +296,29 @@ def test_421_decision_reply_closes() -> None:
                          decider=lambda e: Reply(421, "4.3.2", "Shutting down"))
     assert replies(lines)[-1] == b"421 4.3.2 Shutting down"
     assert events[-1] == ConnectionClosed()
+
+
+# Issue 14: atheris (fuzz/fuzz_data.py, seed fuzz/seeds/data/split-overlong-bare-cr) found
+# an over-long line with a bare CR answered "Bare CR or LF" in one piece but "Line too long"
+# when a split left more than a line's worth buffered without an LF.
+def test_overlong_line_with_bare_cr_gets_the_same_reply_for_any_split() -> None:
+    line = b"RCPT TO:<" + b"a" * 20 + b"\r" + b"\x00" * 3 + b"a" * 1100 + b"@y.test>\r\n"
+    data = ENVELOPE + line + b"NOOP\r\n"
+    expected = [b"500 5.5.2 Line too long", b"250 2.0.0 Ok"]
+    for cut in range(len(ENVELOPE), len(data)):
+        _, out = feed(make_server(), [data[:cut], data[cut:]])
+        assert replies(out)[4:] == expected, cut
+
+
+@pytest.mark.parametrize("line", [
+    b"NOOP " + b"x" * 300 + b"\r" + b"x" * 300 + b"\r\n",  # 512 < length <= 1038
+    b"NOOP " + b"x" * 600 + b"\n",
+    b"MAIL FROM:<" + b"x" * 1100 + b"\rx>\r\n",
+    b"x" * 2000 + b"\n",
+])
+def test_line_length_is_judged_before_line_endings(line: bytes) -> None:
+    assert talk(EHLO + line + b"NOOP\r\n")[1][1:] == [b"500 5.5.2 Line too long",
+                                                        b"250 2.0.0 Ok"]
 
 
 # ---------------------------------------------------------------------- DATA
@@ -559,6 +583,39 @@ def test_starttls_forgets_authentication() -> None:
 def test_any_split_gives_the_same_events_and_output(data: bytes, cuts: list[int]) -> None:
     whole = feed(make_server(max_errors=1000), [data])
     split = feed(make_server(max_errors=1000), split_at(data, cuts))
+    assert split == whole
+
+
+def _line_near_a_limit(verb: bytes, size: int, stray: list[tuple[int, bytes]],
+                       ending: bytes) -> bytes:
+    line = bytearray(verb + b"a" * max(0, size - len(verb)))
+    for where, what in stray:
+        line[where % (len(line) + 1) : where % (len(line) + 1)] = what
+    return bytes(line) + ending
+
+
+_LINES_NEAR_LIMITS = st.builds(
+    _line_near_a_limit,
+    st.sampled_from([b"", b"NOOP ", b"RCPT TO:<", b"MAIL FROM:<", b"AUTH PLAIN "]),
+    st.sampled_from([505, 509, 510, 511, 512, 1030, 1035, 1036, 1037, 1038, 1039, 1500,
+                     12287, 12288, 12289, 12290, 12291]),
+    st.lists(st.tuples(st.integers(0, 13_000), st.sampled_from([b"\r", b"\n", b"\x00", b"\r\n"])),
+             max_size=3),
+    st.sampled_from([b"\r\n", b"\n", b"\r", b""]),
+)
+_PREFIXES = st.sampled_from([b"", EHLO, ENVELOPE, ENVELOPE + b"DATA\r\n", EHLO + b"AUTH PLAIN\r\n",
+                             ENVELOPE + b"BDAT 2000\r\n"])
+
+
+@given(_PREFIXES, st.lists(st.sampled_from(COMMAND_LINES) | _LINES_NEAR_LIMITS
+                           | st.binary(max_size=12), max_size=8).map(b"".join),
+       st.lists(st.integers(0, 40_000), max_size=6))
+def test_no_split_changes_replies_events_or_where_data_ends(prefix: bytes, rest: bytes,
+                                                            cuts: list[int]) -> None:
+    data = prefix + rest
+    options = {"max_errors": 1000, "auth_requires_tls": False, "max_message_size": 50_000}
+    whole = feed(make_server(**options), [data])
+    split = feed(make_server(**options), split_at(data, cuts))
     assert split == whole
 
 

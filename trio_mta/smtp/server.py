@@ -42,6 +42,7 @@ from functools import lru_cache
 from typing import Any
 
 from trio_mta.smtp.commands import (
+    MAX_LINE,
     MAX_MAIL_LINE,
     Auth,
     Bdat,
@@ -58,6 +59,7 @@ from trio_mta.smtp.commands import (
     Rset,
     StartTls,
     Vrfy,
+    max_line_length,
     parse_command,
 )
 from trio_mta.smtp.data import DataReader, LineEndingChecker
@@ -432,6 +434,21 @@ class ServerConnection:
                 return True
             return False
         self._pos = end + 1
+        # The line is everything up to its first LF, and the rules apply in a
+        # fixed order to the whole of it: length, then line ending, then content.
+        # A line over the limit is refused as too long whatever it holds, which
+        # is all that can be known of it while it is still arriving (above), so
+        # no split of the input changes the reply (fuzz/fuzz_data.py).
+        size = end + 1 - pos
+        if size > MAX_LINE and self._phase is _Phase.COMMAND:
+            limit = max_line_length(buf[pos : pos + 5])
+        if size > limit:
+            if self._phase is _Phase.SASL:
+                self._phase = _Phase.COMMAND
+                self._error(_SASL_TOO_LONG)
+            else:
+                self._error(_TOO_LONG)
+            return True
         if end == pos or buf[end - 1] != 13 or buf.find(b"\r", pos, end - 1) >= 0:
             # RFC 5321 §2.3.8: lines end in CRLF only; a bare LF or CR is refused.
             if self._phase is _Phase.SASL:
@@ -439,13 +456,7 @@ class ServerConnection:
             self._error(_BARE_LINE_END)
             return True
         line = buf[pos : end - 1]
-        if len(line) + 2 > limit:
-            if self._phase is _Phase.SASL:
-                self._phase = _Phase.COMMAND
-                self._error(_SASL_TOO_LONG)
-            else:
-                self._error(_TOO_LONG)
-        elif self._phase is _Phase.SASL:
+        if self._phase is _Phase.SASL:
             self._on_sasl_line(line)
         else:
             self._on_command_line(line)
