@@ -341,6 +341,21 @@ def test_too_big_message_is_refused_after_reading_it() -> None:
     assert [type(e).__name__ for e in events][-2:] == ["MessageRefused", "TransactionReset"]
 
 
+@pytest.mark.parametrize("bdat", [False, True])
+def test_too_big_message_passes_the_same_body_prefix_for_any_split(bdat: bool) -> None:
+    body = b"".join(b"%05d\r\n" % i for i in range(2000))  # 14 000 octets
+    if bdat:
+        data = ENVELOPE + b"BDAT %d LAST\r\n" % len(body) + body + b"NOOP\r\n"
+    else:
+        data = ENVELOPE + b"DATA\r\n" + body + b".\r\nNOOP\r\n"
+    for cut in range(len(data) - len(body) - 20, len(data), 997):
+        events, _ = feed(make_server(), [data[:cut], data[cut:]])
+        passed = b"".join(e.data for e in events if isinstance(e, BodyChunk))
+        assert passed == body[:10_000], cut  # exactly max_message_size octets
+        assert MessageRefused(Reply(552, "5.3.4", "Message size exceeds fixed maximum message"
+                                    " size")) in events
+
+
 def test_second_transaction_on_the_same_connection() -> None:
     one = b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbody\r\n.\r\n"
     events, lines = talk(EHLO + one + one)

@@ -70,6 +70,8 @@ class DataReader:
     ``feed`` returns ``(body, remainder)``: the unstuffed body bytes available
     now (CRLF line ends, the final CRLF included) and, once the end marker was
     seen, the bytes that followed it (pipelined commands), else ``None``.
+    Past ``max_size`` octets nothing more is passed on (:attr:`too_big`), so
+    the bytes passed on are the same for every split of the input.
     """
 
     def __init__(self, max_size: int) -> None:
@@ -149,8 +151,10 @@ class DataReader:
         if self._too_big:
             return b""
         if self._size > self._max:
-            self._too_big = True  # discard, never buffer, but keep reading to the end
-            return b""
+            # Pass exactly the first max_size octets whatever the split, then
+            # discard (never buffer) but keep reading to the end.
+            self._too_big = True
+            return body[: len(body) - (self._size - self._max)]
         return body
 
 
@@ -202,8 +206,8 @@ class BdatReader:
 
     The server announces each chunk with :meth:`begin_chunk`, then calls
     :meth:`feed` on its receive buffer until :attr:`chunk_done`, and after the
-    LAST chunk calls :meth:`finish`. As for DATA, the body is passed on until
-    it exceeds ``max_size`` (then only counted) and bare CR/LF only set
+    LAST chunk calls :meth:`finish`. As for DATA, only the first ``max_size``
+    octets are passed on (the rest is only counted) and bare CR/LF only set
     :attr:`bad_line_ending`: we do not offer BINARYMIME, so stored mail must
     be CRLF text.
     """
@@ -267,8 +271,8 @@ class BdatReader:
         if self._too_big:
             return b"", pos + take
         if self._size > self._max:
-            self._too_big = True  # discard, never buffer, but keep counting to the end
-            return b"", pos + take
+            self._too_big = True  # as DataReader: the first max_size octets, then nothing
+            return chunk[: take - (self._size - self._max)], pos + take
         return chunk, pos + take
 
     def finish(self) -> bytes:
