@@ -578,6 +578,31 @@ def test_auth_preconditions() -> None:
     assert talk(EHLO + b"AUTH PLAIN\r\n", auth_requires_tls=False)[1][-1] == b"334 "
 
 
+def test_what_the_session_does_not_offer_is_refused_before_sequence_errors() -> None:
+    assert talk(ENVELOPE + b"STARTTLS\r\n", starttls=False)[1][-1] == (
+        b"502 5.5.1 Error: command not implemented")
+    assert talk(ENVELOPE + b"STARTTLS\r\n", tls_active=True)[1][-1] == (
+        b"503 5.5.1 Error: TLS already active")
+    assert talk(ENVELOPE + b"AUTH PLAIN\r\n", tls_active=True, auth_mechanisms=())[1][-1] == (
+        b"502 5.5.1 Error: authentication not enabled")
+    server = tls_server()
+    login = b"AUTH PLAIN " + b64(f"\0bob\0{PASSWORD}") + b"\r\n"
+    _, lines = talk(login + b"MAIL FROM:<a@b>\r\n" + login + b"RSET\r\nHELO x\r\n" + login,
+                    server)
+    assert lines == [b"235 2.7.0 Authentication successful", b"250 2.1.0 Ok",
+                     b"503 5.5.1 Error: already authenticated", b"250 2.0.0 Ok", b"250 mx.test",
+                     b"503 5.5.1 Error: already authenticated"]
+
+
+def test_sequence_errors_precede_argument_checks() -> None:
+    _, lines = talk(b"HELO x\r\nMAIL FROM:<a@b>\r\nAUTH PLAIN\r\nMAIL FROM:<a@b> SIZE=1\r\n"
+                    b"RSET\r\nAUTH PLAIN\r\n", tls_active=True)
+    assert lines == [b"250 mx.test", b"250 2.1.0 Ok",
+                     b"503 5.5.1 Error: MAIL transaction in progress",
+                     b"503 5.5.1 Error: nested MAIL command", b"250 2.0.0 Ok",
+                     b"503 5.5.1 Error: send EHLO first"]
+
+
 def test_auth_attempt_repr_hides_the_password() -> None:
     assert PASSWORD not in repr(AuthAttempt("PLAIN", "", "bob", PASSWORD))
 
