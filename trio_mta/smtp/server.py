@@ -469,7 +469,7 @@ class ServerConnection:
         if announce:
             self._events.append(TransactionReset())
         if self._state in _IN_TRANSACTION_STATES:
-            self._enter(_State.IDLE)
+            self._state, self._row = _State.IDLE, self._table[_State.IDLE]
         self._utf8 = False
         self._rcpts = 0
         self._data = None
@@ -812,17 +812,18 @@ def _table(tls: _TlsOffer, auth: _AuthOffer) -> Mapping[_State, _Row]:
 
 
 # ---------------------------------------------------- replies to decisions
+# On the per-message path: _enter() is inlined.
 def _mail_answered(conn: ServerConnection, event: MailFrom, reply: Reply) -> None:
     if reply.is_success:
         conn._utf8 = event.params.smtputf8
-        conn._enter(_State.MAIL)
+        conn._state, conn._row = _State.MAIL, conn._table[_State.MAIL]
 
 
 def _rcpt_answered(conn: ServerConnection, event: RcptTo, reply: Reply) -> None:
     if reply.is_success:
         conn._rcpts += 1
         if conn._state is _State.MAIL:
-            conn._enter(_State.RCPT)
+            conn._state, conn._row = _State.RCPT, conn._table[_State.RCPT]
 
 
 def _message_answered(conn: ServerConnection, event: EndOfMessage, reply: Reply) -> None:
