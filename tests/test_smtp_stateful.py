@@ -341,6 +341,9 @@ class Conversation(RuleBasedStateMachine):
         assert self.accepted == self.predicted_accepted
 
 
-Conversation.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
-                                          deadline=None)
+# Each example is a conversation of up to 40 steps: 60 % of the profile's examples
+# (60 by default, ~7 s of CPU; fuzz/hypothesis_long.py's profile scales it up).
+Conversation.TestCase.settings = settings(
+    max_examples=max(1, settings.default.max_examples * 3 // 5), stateful_step_count=40,
+    deadline=None)
 test_server_conversation = Conversation.TestCase
