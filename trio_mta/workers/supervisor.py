@@ -153,8 +153,8 @@ class Supervisor:
         spec = WorkerSpec(
             index=child.index, count=self.count, alive_fd=self._alive_r, ready_fd=ready_w,
             metrics_fd=None if child_end is None else child_end.fileno(),
-            listeners=[ListenerFd(group[child.index].fileno(), listen.host, listen.port,
-                                  listen.mode) for listen, group in self.groups])
+            listeners=[ListenerFd.of(group[child.index].fileno(), listen)
+                       for listen, group in self.groups])
         command = [sys.executable, "-m", "trio_mta", WORKER_COMMAND, spec.to_json(),
                    *self.worker_args]
         try:

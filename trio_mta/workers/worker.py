@@ -10,6 +10,7 @@ died, and the worker stops gracefully rather than serve unsupervised.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -35,6 +36,18 @@ class ListenerFd:
     host: str
     port: int
     mode: str
+    proxy_protocol: bool = False
+    proxy_from: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, fd: int, listen: ListenConfig) -> ListenerFd:
+        return cls(fd, listen.host, listen.port, listen.mode, listen.proxy_protocol,
+                   [str(network) for network in listen.proxy_from])
+
+    def config(self) -> ListenConfig:
+        return ListenConfig(self.host, self.port, self.mode,  # type: ignore[arg-type]
+                            self.proxy_protocol,
+                            tuple(ipaddress.ip_network(n) for n in self.proxy_from))
 
 
 @dataclass
@@ -67,8 +80,7 @@ class WorkerSpec:
         """The inherited descriptors as sockets, for ``serve(config, worker=...)``."""
         listeners = []
         for item in self.listeners:
-            listen = ListenConfig(item.host, item.port, item.mode)  # type: ignore[arg-type]
-            listeners.append((listen, socket.socket(fileno=item.fd)))
+            listeners.append((item.config(), socket.socket(fileno=item.fd)))
         metrics = None if self.metrics_fd is None else socket.socket(fileno=self.metrics_fd)
         return WorkerSlot(self.index, self.count, listeners, metrics)
 
