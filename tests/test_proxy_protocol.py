@@ -242,3 +242,17 @@ def test_check_config_describes_a_proxy_listener(make_config: Callable[..., Conf
     config = make_config(listen=proxy_listeners(proxy_from=["10.0.0.0/8", "::1"])[:1])
     assert config.describe_listeners() == [
         "127.0.0.1:0 smtp (STARTTLS, PROXY protocol from 10.0.0.0/8 ::1/128)"]
+
+
+def test_workers_get_the_proxy_settings_of_their_listeners(
+        make_config: Callable[..., Config]) -> None:
+    """A supervised worker rebuilds its listeners from the parent's spec: a PROXY
+    listener must stay one, or every header would become a bad command."""
+    from trio_mta.workers.worker import ListenerFd, WorkerSpec
+
+    config = make_config(listen=proxy_listeners(proxy_from=["10.0.0.0/8", "::1"]))
+    spec = WorkerSpec(index=0, count=2, alive_fd=3, ready_fd=4,
+                      listeners=[ListenerFd.of(5 + i, listen)
+                                 for i, listen in enumerate(config.listen)])
+    again = WorkerSpec.from_json(spec.to_json())
+    assert [item.config() for item in again.listeners] == list(config.listen)
