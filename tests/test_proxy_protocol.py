@@ -144,6 +144,37 @@ async def test_smtps_reads_the_header_before_the_tls_handshake(
     assert tls[-1]["client"] == "192.0.2.10"
 
 
+class _HeaderInFirstWrite(trio.abc.Stream):
+    """Sends the PROXY header in the same write as the client's first bytes."""
+
+    def __init__(self, stream: trio.abc.Stream, header: bytes) -> None:
+        self.stream, self.header = stream, header
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        header, self.header = self.header, b""
+        await self.stream.send_all(header + bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_smtps_client_hello_in_the_headers_segment_still_handshakes(
+        nursery: trio.Nursery, make_config: Callable[..., Config],
+        tls_files: tuple[Any, Any, Any]) -> None:
+    server = await start(nursery, make_config)
+    raw = await trio.open_tcp_stream(*server.address("smtps"))
+    client = RawClient(_HeaderInFirstWrite(raw, v2("192.0.2.11")))
+    context = ssl.create_default_context(cafile=str(tls_files[2]))
+    await client.starttls(context, HOSTNAME)
+    assert (await client.reply()).startswith(b"220 ")
+
+
 async def test_local_command_is_the_proxy_itself(
         nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
     """HAProxy's own health checks: LOCAL keeps the connection's address (trusted here)."""

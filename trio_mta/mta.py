@@ -202,6 +202,8 @@ async def serve(
     the shards no running worker accepts into (:mod:`trio_mta.queue.shards`).
     Without it (embedding, ``workers = 1``) this is the one process: it binds
     ``[[listen]]`` itself, accepts into shard 0 and drains every other shard.
+    Run as root with ``config.user`` set, the whole process switches to that
+    user after binding, for good (:mod:`trio_mta.privileges`).
     """
     if not queue and handler is None:
         raise ValueError("serve(queue=False) needs a handler to take the messages")
