@@ -95,10 +95,18 @@ def test_a_cname_chain_is_authenticated_only_when_every_link_is(server: FakeDNS)
     server.add("alias.test", "CNAME", "target.test.")
     server.add("target.test", "A", "127.0.0.1", authenticated=True)
     assert not ask(server, "alias.test", "A", ad=True).flags & dns.flags.AD
+
+def test_a_validating_resolver_signs_everything_but_unsigned_zones() -> None:
+    """``authenticated=True``: AD on answers and denials alike, except unauthenticated()."""
     with FakeDNS(authenticated=True) as signed:
         signed.add("alias.test", "CNAME", "target.test.")
         signed.add("target.test", "A", "127.0.0.1")
+        signed.add("plain.test", "A", "127.0.0.1")
+        signed.unauthenticated("plain.test")
         assert ask(signed, "alias.test", "A", ad=True).flags & dns.flags.AD
+        assert ask(signed, "nothere.test", "TLSA", want_dnssec=True).flags & dns.flags.AD
+        assert not ask(signed, "plain.test", "A", ad=True).flags & dns.flags.AD
+        assert not ask(signed, "target.test", "A").flags & dns.flags.AD
 
 
 def test_servfail_blackhole_and_clear(server: FakeDNS) -> None:

@@ -6,9 +6,9 @@ dnspython, so the resolver under test is exercised end to end. Failure modes a
 test needs on demand: SERVFAIL for a name, and silence (timeouts) for a name.
 Answers can carry the AD bit, as a validating resolver's would, for DANE tests.
 
-    with FakeDNS() as dns:
-        dns.add("example.test", "MX", "10 mx.example.test.")
-        config = {"dns": {"nameservers": [dns.nameserver]}}
+    with FakeDNS() as fake:
+        fake.add("example.test", "MX", "10 mx.example.test.")
+        config = {"dns": {"nameservers": [fake.nameserver]}}
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ class FakeDNS:
     asked type gets NOERROR with an empty answer. A CNAME answers every type but
     CNAME, followed by the target's records when the target is in the table.
 
-    An answer carries the AD bit when every record in it was added with
-    ``authenticated=True`` (or the server was made with ``authenticated=True``) and
-    the query asked for it with AD or DO, as RFC 6840 §5.7-5.8 has a validating
-    resolver do: a client that forgets to ask gets no AD here either.
+    The AD bit plays a validating resolver for DANE tests (nothing is signed: AD
+    is the claim a trusted resolver makes, which is all an MTA looks at). It is set
+    only for a query that asks with AD or DO, as RFC 6840 §5.7-5.8 has a resolver
+    do, so a client that forgets to ask gets no AD here either; and then, with
+    ``authenticated=True``, on every answer (denials included) except for names
+    passed to :meth:`unauthenticated`, or else on answers whose records were all
+    added with ``add(..., authenticated=True)``.
     """
 
     def __init__(self, records: dict[str, list[tuple[str, str]]] | None = None, *,
@@ -65,6 +68,7 @@ class FakeDNS:
         self._lock = threading.Lock()
         self._records: dict[dns.name.Name, list[_Record]] = {}
         self.authenticated = authenticated
+        self._insecure: set[dns.name.Name] = set()
         self._servfail: set[dns.name.Name] = set()
         self._blackhole: set[dns.name.Name] = set()
         self.queries: list[tuple[str, str]] = []
@@ -98,6 +102,7 @@ class FakeDNS:
             self._records.clear()
             self._servfail.clear()
             self._blackhole.clear()
+            self._insecure.clear()
             self.queries.clear()
 
     @property
@@ -110,6 +115,11 @@ class FakeDNS:
         """Answer SERVFAIL to every question about *name*."""
         with self._lock:
             self._servfail.add(dns.name.from_text(name))
+
+    def unauthenticated(self, name: str) -> None:
+        """Answer questions about *name* without the AD bit (an unsigned zone)."""
+        with self._lock:
+            self._insecure.add(dns.name.from_text(name))
 
     def blackhole(self, name: str) -> None:
         """Never answer questions about *name*, so the client times out."""
@@ -183,8 +193,12 @@ class FakeDNS:
                 return None
             if qname in self._servfail:
                 response.set_rcode(dns.rcode.SERVFAIL)
-            elif self._fill(response, qname, qtype) and wants_ad:
-                response.flags |= dns.flags.AD
+            else:
+                signed = self._fill(response, qname, qtype)
+                if self.authenticated:
+                    signed = qname not in self._insecure
+                if signed and wants_ad:
+                    response.flags |= dns.flags.AD
         # Records go out in the order they were added: dnspython would shuffle them
         # (want_shuffle), which would hide whether the client itself shuffles.
         if not udp:
@@ -197,9 +211,8 @@ class FakeDNS:
     ) -> bool:
         """Answer section and rcode for qname/qtype; the caller holds the lock.
 
-        Returns whether the answer is authenticated: non-empty, and every record in it
-        (CNAMEs included) authenticated. Denials are never authenticated: this server
-        signs nothing, so it has no NSEC proof to offer.
+        Returns whether the records make the answer authenticated: it is non-empty and
+        every record in it (CNAMEs included) was added with ``authenticated=True``.
         """
         name = qname
         used: list[_Record] = []
