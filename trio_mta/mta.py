@@ -36,17 +36,11 @@ from trio_mta.queue.store import DueRecipient, QueueError, QueueStore
 from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import Router
 from trio_mta.server.envelope import MessageSink
+from trio_mta.server.errors import ListenError
 from trio_mta.server.handler import Handler, HandlerSink
 from trio_mta.server.immediate_sink import ImmediateLocalDelivery
 from trio_mta.server.limits import ConnectionLimits
-from trio_mta.server.listeners import (
-    BoundListener,
-    Listener,
-    ListenError,
-    accept_loop,
-    adopt,
-    bind,
-)
+from trio_mta.server.listeners import BoundListener, Listener, accept_loop, adopt, bind
 from trio_mta.server.passwords import PasswordFile
 from trio_mta.server.queue_sink import QueueSink
 from trio_mta.server.session import ServerState

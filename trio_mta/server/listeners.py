@@ -17,13 +17,10 @@ import trio
 from trio_mta import log
 from trio_mta.config import ListenConfig
 from trio_mta.config.schema import format_host_port
+from trio_mta.server.errors import ListenError
 from trio_mta.server.proxied import accept_proxied
 from trio_mta.server.session import ServerState, Session
 from trio_mta.server.socket_stream import DirectSocketStream
-
-
-class ListenError(Exception):
-    """A listener could not be bound, or accept(2) failed for good; the message names it."""
 
 
 @dataclass(frozen=True)

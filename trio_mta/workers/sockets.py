@@ -24,7 +24,7 @@ import socket
 
 from trio_mta.config import ListenConfig
 from trio_mta.config.schema import format_host_port
-from trio_mta.server.listeners import ListenError
+from trio_mta.server.errors import ListenError
 
 BACKLOG = 1024
 HAVE_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
