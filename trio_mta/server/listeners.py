@@ -17,7 +17,7 @@ import trio
 from trio_mta import log
 from trio_mta.config import ListenConfig
 from trio_mta.config.schema import format_host_port
-from trio_mta.server.errors import ListenError
+from trio_mta.server.errors import ListenError, listening_socket
 from trio_mta.server.proxied import accept_proxied
 from trio_mta.server.session import ServerState, Session
 from trio_mta.server.socket_stream import DirectSocketStream
@@ -41,26 +41,10 @@ class BoundListener:
 
 async def bind(listen: ListenConfig) -> BoundListener:
     """Bind one ``[[listen]]`` entry (no wildcard expansion surprises: exactly that address)."""
-    host = listen.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # "[::]:25" should accept IPv4 too, as operators expect from Postfix.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        await sock.bind((host, listen.port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            reason = "address already in use"
-        raise ListenError(
-            f"cannot listen on {format_host_port(host, listen.port)} ({listen.mode}): {reason}"
-        ) from None
+    sock = trio.socket.from_stdlib_socket(listening_socket(listen, listen.port))
     port = sock.getsockname()[1]
-    return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
+    return BoundListener(listen, trio.SocketListener(sock),
+                         Listener(listen.mode, listen.host, port))
 
 
 def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
