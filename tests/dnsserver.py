@@ -4,6 +4,11 @@ It runs in a daemon thread with plain sockets, so it answers trio tests in this
 process and MTA subprocesses alike, and it speaks real DNS wire format through
 dnspython, so the resolver under test is exercised end to end. Failure modes a
 test needs on demand: SERVFAIL for a name, and silence (timeouts) for a name.
+
+With ``authenticated=True`` it plays a validating resolver for DANE tests: answers
+to queries that ask for it (AD or DO set, RFC 6840 §5.7) carry the AD bit, except
+for names passed to :meth:`unauthenticated`. Nothing is signed: the AD bit is the
+claim a trusted resolver makes, which is all the MTA looks at.
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ class DnsServer:
     CNAME, followed by the target's records when the target is in the table.
     """
 
-    def __init__(self, records: dict[str, list[tuple[str, str]]] | None = None) -> None:
+    def __init__(
+        self,
+        records: dict[str, list[tuple[str, str]]] | None = None,
+        *,
+        authenticated: bool = False,
+    ) -> None:
+        self.authenticated = authenticated
+        self._insecure: set[dns.name.Name] = set()
         self._lock = threading.Lock()
         self._records: dict[dns.name.Name, list[tuple[dns.rdatatype.RdataType, str]]] = {}
         self._servfail: set[dns.name.Name] = set()
@@ -67,6 +79,11 @@ class DnsServer:
         """Answer SERVFAIL to every question about *name*."""
         with self._lock:
             self._servfail.add(dns.name.from_text(name))
+
+    def unauthenticated(self, name: str) -> None:
+        """Answer questions about *name* without the AD bit (an unsigned zone)."""
+        with self._lock:
+            self._insecure.add(dns.name.from_text(name))
 
     def blackhole(self, name: str) -> None:
         """Never answer questions about *name*, so the client times out."""
@@ -140,6 +157,9 @@ class DnsServer:
                 response.set_rcode(dns.rcode.SERVFAIL)
             else:
                 self._fill(response, qname, qtype)
+                wants_ad = query.flags & dns.flags.AD or query.ednsflags & dns.flags.DO
+                if self.authenticated and wants_ad and qname not in self._insecure:
+                    response.flags |= dns.flags.AD
         # Records go out in the order they were added: dnspython would shuffle them
         # (want_shuffle), which would hide whether the client itself shuffles.
         if not udp:
