@@ -11,6 +11,7 @@ as ``[relay] ca_file``, exactly as production checks the real one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import ssl
@@ -46,10 +47,10 @@ class PolicyServer:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     async def handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        try:
+        # A client that refused our certificate, or hung up, ends the exchange.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 h11.ProtocolError):
             await self._answer(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass  # a client that refused our certificate, or hung up
 
     async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         conn = h11.Connection(our_role=h11.SERVER)

@@ -14,8 +14,15 @@ import trio
 import trustme
 
 from tests.dnsserver import DnsServer
-from tests.policy_peers import MailWatcher, PolicyServer, ca_cert, leaf_of, policy_text, \
-    start_policy_server, tlsa
+from tests.policy_peers import (
+    MailWatcher,
+    PolicyServer,
+    ca_cert,
+    leaf_of,
+    policy_text,
+    start_policy_server,
+    tlsa,
+)
 from tests.test_client import FAST, MX1, aiosmtpd_peer, free_port, server_tls
 from tests.test_remote import attempts, item
 from trio_mta.config import RelayConfig
@@ -123,7 +130,7 @@ async def test_without_ad_tlsa_records_are_ignored(caplog: pytest.LogCaptureFixt
         outcomes = await deliver(dns, port)
     assert [o.kind for o in outcomes] == ["delivered"]
     assert attempts(caplog)[0]["tls_policy"] == "opportunistic"
-    assert ("_{}._tcp.mx1.remote.test.".format(port), "TLSA") not in dns.queries
+    assert (f"_{port}._tcp.mx1.remote.test.", "TLSA") not in dns.queries
 
 
 async def test_an_unauthenticated_mx_answer_disables_dane() -> None:

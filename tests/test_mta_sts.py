@@ -15,8 +15,13 @@ import trio
 import trustme
 
 from tests.dnsserver import DnsServer
-from tests.policy_peers import POLICY_HOST, MailWatcher, PolicyServer, policy_text, \
-    start_policy_server
+from tests.policy_peers import (
+    POLICY_HOST,
+    MailWatcher,
+    PolicyServer,
+    policy_text,
+    start_policy_server,
+)
 from tests.test_client import FAST, MX1, aiosmtpd_peer, free_port, server_tls
 from tests.test_remote import attempts, item
 from trio_mta.config import RelayConfig
