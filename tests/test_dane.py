@@ -214,3 +214,25 @@ def _ctx(cert: trustme.LeafCert) -> Any:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
     return ctx
+
+
+@pytest.mark.parametrize("server, trusted", [
+    ("127.0.0.53", True), ("Do53:127.0.0.1@53", True), ("::1", True),
+    ("192.0.2.53", False), ("Do53:2001:db8::53@53", False),
+])
+def test_a_system_resolver_is_trusted_for_ad_only_on_loopback(server: str, trusted: bool) -> None:
+    """AD from a resolver across the network could be forged on the way (RFC 4035 §4.9.3)."""
+    from trio_mta.dns import _loopback
+
+    assert _loopback(server) is trusted
+
+
+async def test_configured_nameservers_are_trusted_for_ad() -> None:
+    with DnsServer(zone(25), authenticated=True) as dns:
+        resolver = Resolver([dns.address], timeout=2.0)
+        assert resolver.trusts_ad
+        (mx,) = await resolver.mail_hosts("remote.test")
+        assert mx.authenticated
+        dns.unauthenticated("mx1.remote.test")
+        (mx,) = await Resolver([dns.address], timeout=2.0).mail_hosts("remote.test")
+        assert not mx.authenticated  # the address answer lacked AD (RFC 7672 §2.2.2)

@@ -8,6 +8,8 @@ import datetime
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.policy_peers import ca_cert, leaf_of, tlsa
 from trio_mta.tlspolicy.dane import TlsaRecord, match_chain, unusable_reason
@@ -98,6 +100,29 @@ def test_bad_policies_say_why(text: str, reason: str) -> None:
 ])
 def test_mx_patterns(pattern: str, host: str, expected: bool) -> None:
     assert mx_matches(pattern, host) is expected
+
+
+_POLICY_WORDS = st.sampled_from(["version", "mode", "mx", "max_age", "STSv1", "enforce",
+                                  "testing", "none", ":", " ", "\r\n", "\n", "*.", ".", "a",
+                                  "86400", "-1", "\x00", "é"])
+
+
+@given(st.lists(_POLICY_WORDS, max_size=40).map("".join) | st.text(max_size=200))
+def test_any_policy_text_parses_or_says_why(text: str) -> None:
+    try:
+        policy = parse_policy(text)
+    except StsError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert policy.mode in ("enforce", "testing", "none")
+
+
+@given(st.text(max_size=120))
+def test_any_txt_record_parses_or_says_why(text: str) -> None:
+    try:
+        parse_txt([text])
+    except StsError as exc:
+        assert str(exc)
 
 
 # --- DANE -------------------------------------------------------------------------------

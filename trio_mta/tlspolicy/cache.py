@@ -38,6 +38,7 @@ _REFRESH_MAX: Final = 86400.0  # refresh a long-lived policy at least daily
 _RETRY_FAILED: Final = 300.0  # after a failed fetch, this long before trying again
 _SAFE_NAME: Final = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?\Z")
 _FORMAT: Final = 1
+_MEMORY_ENTRIES: Final = 10_000
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,19 @@ class PolicyCache:
     async def get(self, domain: str) -> CachedPolicy | None:
         if domain not in self._memory:
             path = self._path(domain)
-            self._memory[domain] = (
-                None if path is None else await trio.to_thread.run_sync(_load, path, domain))
-        return self._memory[domain]
+            entry = None if path is None else await trio.to_thread.run_sync(_load, path, domain)
+            self._remember(domain, entry)
+        return self._memory.get(domain)
+
+    def _remember(self, domain: str, entry: CachedPolicy | None) -> None:
+        """Keep at most _MEMORY_ENTRIES domains in memory (the oldest go; disk keeps them)."""
+        self._memory.pop(domain, None)
+        self._memory[domain] = entry
+        while len(self._memory) > _MEMORY_ENTRIES:
+            del self._memory[next(iter(self._memory))]
 
     async def put(self, entry: CachedPolicy) -> None:
-        self._memory[entry.domain] = entry
+        self._remember(entry.domain, entry)
         path = self._path(entry.domain)
         if path is None:
             return
