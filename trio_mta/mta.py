@@ -27,6 +27,7 @@ from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
 from trio_mta.metrics import Metrics, QueueStats, serve_metrics
+from trio_mta.queue.bodies import BodyFiles
 from trio_mta.queue.bouncer import Bouncer
 from trio_mta.queue.ids import host_tag_for, worker_tag
 from trio_mta.queue.scheduler import Scheduler
@@ -36,6 +37,7 @@ from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import Router
 from trio_mta.server.envelope import MessageSink
 from trio_mta.server.handler import Handler, HandlerSink
+from trio_mta.server.immediate_sink import ImmediateLocalDelivery
 from trio_mta.server.limits import ConnectionLimits
 from trio_mta.server.listeners import (
     BoundListener,
@@ -252,9 +254,27 @@ async def _open_shards(config: Config, worker: WorkerSlot | None) -> list[_Shard
 async def _open_store(path: Path) -> QueueStore:
     """Open one shard; a broken file is a QueueError naming it (one line at the CLI)."""
     try:
-        return await trio.to_thread.run_sync(QueueStore, path)
+        return await trio.to_thread.run_sync(_open_shard_store, path)
     except QueueError as exc:
-        raise QueueError(f"{path}: {exc}") from None
+        message = str(exc)
+        raise QueueError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _open_shard_store(path: Path) -> QueueStore:
+    """Open (recovering if damaged) one shard, and clear what a crash left half-written.
+
+    Only the process holding the shard's lock gets here, so the sweep cannot
+    touch a spool or body file another process is still writing.
+    """
+    store = QueueStore(path, recover=True)
+    try:
+        removed = store.sweep()
+    except BaseException:
+        store.close()
+        raise
+    if removed:
+        log.event("queue.swept", path=str(path), files=removed)
+    return store
 
 
 async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
@@ -297,10 +317,20 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             scheduler, bouncer = drains.pop(0)
             writer.on_committed = scheduler.wake
             metrics.set_queue_stats_source(_stats_of([shard.store for shard in shards]))
-            sink = QueueSink(writer)
+            queue_sink = QueueSink(writer)
+            sink = queue_sink
+            if config.local.deliver_at_once:
+                immediate = ImmediateLocalDelivery(
+                    MaildirAgent(config.local.maildir_root, config.hostname,
+                                 limiter=trio.CapacityLimiter(8)),
+                    queue_sink, on_outcome=_observe(metrics))
+                await services.start(immediate.run)
+                sink = immediate
         if handler is not None:
             sink = HandlerSink(handler, sink)
         assert sink is not None
+        if not shards:  # no queue: large bodies still spool, for the handler to read
+            await trio.to_thread.run_sync(BodyFiles(config.queue_path).ensure_spool)
         state = ServerState(
             config=config,
             router=router,
@@ -312,6 +342,10 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             host_tag=tag,
             handler=handler,
             metrics=metrics,
+            # Sessions spool into their shard's folder: renaming into its bodies/ is then
+            # always within one file system, and its startup sweep is its own.
+            spool_dir=(shards[0].store.files.spool if shards
+                       else BodyFiles(config.queue_path).spool),
         )
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
                   metrics_address=metrics_address,

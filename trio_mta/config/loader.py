@@ -118,6 +118,9 @@ class LocalConfig:
     # None: no map configured, every local part is a mailbox (SPEC §3)
     mailboxes: Mapping[str, str] | None = None
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # Write local recipients into Maildir before the 250 (as durable as a queue row, and
+    # no queue round trip); false: every message goes through the queue first.
+    deliver_at_once: bool = True
 
 
 @dataclass(frozen=True)
@@ -442,6 +445,7 @@ class _Loader:
             if table.raw("maildir_root") is None:
                 self.derived.add("maildir_root")
         mailboxes_file = table.get("mailboxes_file", self.optional_path, None)
+        deliver_at_once = table.get("deliver_at_once", schema.boolean, True)
         maps = MailMaps(domains, self.errors)
         if mailboxes_file is not None:
             maps.read_file(mailboxes_file)
@@ -457,6 +461,7 @@ class _Loader:
             mailboxes_file=mailboxes_file,
             mailboxes=None if maps.mailboxes is None else MappingProxyType(maps.mailboxes),
             aliases=MappingProxyType(maps.aliases),
+            deliver_at_once=deliver_at_once,
         )
 
     def _relay(self, table: Table) -> RelayConfig:
