@@ -18,7 +18,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -116,6 +116,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         reg = self.registry
         self._connections = Counter(
             "trio_mta_connections", "SMTP connections accepted.",
@@ -169,33 +170,42 @@ class Metrics:
             for outcome in TLS_POLICY_OUTCOMES:
                 self._tls_policy.labels(policy, outcome)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus_client's ``labels()`` checks and
+        locks on every call, which showed in the per-message profile."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def connection_opened(self, listener: str, tls: bool) -> None:
-        self._connections.labels(listener, "true" if tls else "false").inc()
-        self._open.labels(listener).inc()
+        self._child(self._connections, listener, "true" if tls else "false").inc()
+        self._child(self._open, listener).inc()
 
     def connection_closed(self, listener: str) -> None:
-        self._open.labels(listener).dec()
+        self._child(self._open, listener).dec()
 
     def message_accepted(self, listener: str, size: int) -> None:
-        self._accepted.labels(listener).inc()
-        self._accepted_bytes.labels(listener).inc(size)
+        self._child(self._accepted, listener).inc()
+        self._child(self._accepted_bytes, listener).inc(size)
 
     def message_rejected(self, reason: str) -> None:
         """``reason`` should be one of REJECT_REASONS; others are counted as given."""
-        self._rejected.labels(reason).inc()
+        self._child(self._rejected, reason).inc()
 
     def recipient_outcome(self, kind: str, destination: str) -> None:
         """Count one recipient's attempt; a label outside the contract is a caller bug."""
         if kind not in OUTCOMES or destination not in DESTINATIONS:
             raise ValueError(f"recipient_outcome({kind!r}, {destination!r}): "
                              f"kind must be one of {OUTCOMES}, destination one of {DESTINATIONS}")
-        self._recipients.labels(kind, destination).inc()
+        self._child(self._recipients, kind, destination).inc()
 
     def delivery_latency(self, destination: str, seconds: float) -> None:
         if destination not in DESTINATIONS:
             raise ValueError(f"delivery_latency: destination must be one of {DESTINATIONS}")
         # A clock step backwards must not record a negative latency.
-        self._latency.labels(destination).observe(max(0.0, seconds))
+        self._child(self._latency, destination).observe(max(0.0, seconds))
 
     def tls_policy_attempt(self, policy: str, outcome: str) -> None:
         """One delivery attempt's ``tls_policy=`` and outcome (SPEC §10)."""
@@ -209,10 +219,10 @@ class Metrics:
         self._queue_source = fn
 
     def tls_handshake_failed(self, listener: str) -> None:
-        self._tls_failed.labels(listener).inc()
+        self._child(self._tls_failed, listener).inc()
 
     def auth_result(self, ok: bool) -> None:
-        self._auth.labels("success" if ok else "failure").inc()
+        self._child(self._auth, "success" if ok else "failure").inc()
 
     def render(self) -> bytes:
         """The text exposition, queue stats fetched first. Blocking: call from a thread.

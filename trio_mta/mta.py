@@ -71,7 +71,17 @@ class MTA:
     bouncer: Bouncer | None
     # Scheduler and bouncer of each leftover shard this process drains (queue/shards.py).
     drains: list[tuple[Scheduler, Bouncer]] = field(default_factory=list)
+    # Local recipients delivered before the 250 ([local] deliver_at_once), not via the queue.
+    immediate: ImmediateLocalDelivery | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def delivered(self) -> int:
+        """Recipients delivered since start: at once, by the scheduler, and from drained shards."""
+        total = self.immediate.delivered if self.immediate is not None else 0
+        if self.scheduler is not None:
+            total += self.scheduler.delivered
+        return total + sum(scheduler.delivered for scheduler, _ in self.drains)
 
     def stop(self) -> None:
         """Begin a graceful stop; ``serve()`` returns when it is complete."""
@@ -293,6 +303,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
         sink: MessageSink | None = None
         scheduler: Scheduler | None = None
         bouncer: Bouncer | None = None
+        immediate: ImmediateLocalDelivery | None = None
         drains: list[tuple[Scheduler, Bouncer]] = []
         router = Router(config.local, config.relay)
         if shards:
@@ -350,7 +361,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
                   metrics_address=metrics_address,
                   store=shards[0].store if shards else None, scheduler=scheduler,
-                  bouncer=bouncer, drains=drains)
+                  bouncer=bouncer, drains=drains, immediate=immediate)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for b in bound:

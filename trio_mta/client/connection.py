@@ -185,7 +185,7 @@ class SMTPSendError(SMTPClientError):
     """:func:`send_message`: no recipient got the message; ``result`` says why."""
 
     def __init__(self, message: str, result: SendResult) -> None:
-        refusals = [r for r in result.recipients.values() if not _ok(r)]
+        refusals = [r for r in result.recipients.values() if not r.is_success]
         super().__init__(message, reply=refusals[0] if refusals else result.reply)
         self.result = result
 
@@ -312,7 +312,7 @@ class SMTPClient:
             if implicit is not None:
                 await client._handshake(implicit, tls_name, required=True)
             greeting = await client._exchange(Greeting, "greeting", timeouts.greeting)
-            if not _ok(greeting.reply):
+            if not greeting.reply.is_success:
                 # RFC 5321 §3.1: after a 554 greeting the client should QUIT; 421 closes.
                 if greeting.reply.code != 421:
                     await client.quit()
@@ -451,7 +451,7 @@ class SMTPClient:
             raise SMTPDisconnected(f"connection to {self.peer} is no longer usable")
 
     def _check_hello(self, hello: HelloResult) -> None:
-        if not _ok(hello.reply):
+        if not hello.reply.is_success:
             raise SMTPResponseError("EHLO" if hello.esmtp else "EHLO/HELO", hello.reply)
 
     async def _starttls(self, context: ssl.SSLContext, name: str, *, required: bool) -> bool:
@@ -681,7 +681,3 @@ def _tls_reason(exc: trio.BrokenResourceError) -> str:
     if isinstance(cause, ssl.SSLError):
         return cause.reason or str(cause)
     return _why(exc)
-
-
-def _ok(reply: Reply) -> bool:
-    return 200 <= reply.code < 300

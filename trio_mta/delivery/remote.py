@@ -517,9 +517,9 @@ def _stages(result: TransactionResult) -> list[Stage]:
     """Per recipient, the transaction step whose reply decided it."""
     out: list[Stage] = []
     for rcpt in result.rcpt_replies:
-        if not 200 <= result.mail_reply.code < 300 or rcpt is None:
+        if not result.mail_reply.is_success or rcpt is None:
             out.append("mail")
-        elif not 200 <= rcpt.code < 300 or result.data_reply is None:
+        elif not rcpt.is_success or result.data_reply is None:
             out.append("rcpt")
         else:
             out.append("data")
@@ -596,7 +596,7 @@ def _deciding(result: TransactionResult) -> Reply:
     """The reply that best sums up a transaction for the log line."""
     if result.data_reply is not None:
         return result.data_reply
-    refusals = [r for r in result.outcomes if not 200 <= r.code < 300]
+    refusals = [r for r in result.outcomes if not r.is_success]
     return refusals[0] if refusals else result.mail_reply
 
 
