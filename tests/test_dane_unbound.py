@@ -23,7 +23,6 @@ import dns.query
 import pytest
 import trustme
 
-from tests.dnsserver import _bind_pair
 from tests.policy_peers import MailWatcher, leaf_of, tlsa
 from tests.test_client import FAST, aiosmtpd_peer, free_port
 from tests.test_dane import _ctx
@@ -31,6 +30,7 @@ from tests.test_remote import attempts, item
 from trio_mta.config import RelayConfig
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
+from trio_mta.testing.fake_dns import _bind_pair
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("unbound", "ldns-keygen", "ldns-signzone")),

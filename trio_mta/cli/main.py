@@ -200,6 +200,7 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
     ``worker`` is the spec a supervisor hands a worker it starts.
     """
     from trio_mta.mta import ListenError
+    from trio_mta.privileges import PrivilegeDropError
     from trio_mta.queue.store import QueueError
     from trio_mta.tls import TLSConfigError
 
@@ -231,9 +232,13 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
         trio.run(_serve_until_signal, config, args, spec)
     except Exception as raw:
         exc = _sole_exception(raw)
-        if isinstance(exc, ListenError | QueueError):
+        if isinstance(exc, ListenError | QueueError | PrivilegeDropError):
             print(f"trio-mta: {exc}", file=sys.stderr)
             return EXIT_FAILURE
+        if isinstance(exc, ConfigError):  # e.g. a state_dir the dropped user cannot write
+            for line in exc.errors:
+                print(f"trio-mta: config: {line}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(exc, TLSConfigError):
             print(f"trio-mta: config: {exc}", file=sys.stderr)
             return EXIT_USAGE

@@ -71,6 +71,9 @@ class ListenConfig:
     host: str
     port: int
     mode: ListenMode = "smtp"
+    # SPEC §11: every connection begins with a PROXY header, accepted only from these peers.
+    proxy_protocol: bool = False
+    proxy_from: tuple[IPv4Network | IPv6Network, ...] = ()
 
     @property
     def address(self) -> str:
@@ -91,7 +94,10 @@ class ListenConfig:
         return cls(host, port, checked)
 
     def describe(self) -> str:
-        return f"{self.address} {self.mode} ({_LISTEN_NOTES[self.mode]})"
+        notes = _LISTEN_NOTES[self.mode]
+        if self.proxy_protocol:
+            notes += ", PROXY protocol from " + " ".join(str(n) for n in self.proxy_from)
+        return f"{self.address} {self.mode} ({notes})"
 
 
 _MODES: tuple[ListenMode, ...] = get_args(ListenMode)
@@ -256,6 +262,9 @@ class Config:
     metrics: MetricsConfig
     log: LogConfig
     server: ServerConfig = ServerConfig()
+    # SPEC §11 privilege drop: the account a server started as root switches to.
+    user: str | None = None
+    group: str | None = None  # None: the user's primary group
     source: Path | None = None
     # Paths that were derived from state_dir rather than written ("maildir_root",
     # "users_file"): with_overrides(state_dir=...) moves exactly these.
@@ -392,8 +401,12 @@ class _Loader:
             metrics=self._metrics(root.table("metrics", "[metrics]")),
             log=self._log(root.table("log", "[log]")),
             server=self._server(root.table("server", "[server]")),
+            user=root.get("user", schema.system_user, None),
+            group=root.get("group", schema.system_group, None),
             _derived=frozenset(self.derived),
         )
+        if config.group is not None and root.raw("user") is None:
+            root.error("group", "only applies with user (the account to switch to)")
         root.close()
         if self.errors:
             raise ConfigError(self.errors)
@@ -413,9 +426,11 @@ class _Loader:
             mode: ListenMode = table.get("mode", schema.choice(_MODES), "smtp")
             if table.raw("address") is None:
                 table.error("address", 'missing (write "host:port")')
+            proxy_protocol, proxy_from = _proxy_settings(table)
             table.close()
             if address is not None:
-                listeners.append(ListenConfig(address[0], address[1], mode))
+                listeners.append(ListenConfig(address[0], address[1], mode,
+                                              proxy_protocol, proxy_from))
                 labels.append(table.name("address"))
         for index in _duplicates(listeners):
             self.errors.append(
@@ -555,6 +570,22 @@ class _Loader:
         )
         table.close()
         return log
+
+
+def _proxy_settings(table: Table) -> tuple[bool, tuple[IPv4Network | IPv6Network, ...]]:
+    """``proxy_protocol`` and ``proxy_from`` of one [[listen]]: each needs the other.
+
+    Without ``proxy_from`` anyone could claim any client address, trusted
+    networks included, so a PROXY listener has to say whom it believes.
+    """
+    enabled = table.get("proxy_protocol", schema.boolean, False)
+    networks = tuple(table.get_list("proxy_from", schema.ip_network, []))
+    if enabled and not networks and table.raw("proxy_from") in (None, []):
+        table.error("proxy_from", "required when proxy_protocol = true (the proxies' "
+                    'addresses, e.g. ["127.0.0.1/32"])')
+    if not enabled and table.raw("proxy_from") is not None:
+        table.error("proxy_from", "only applies with proxy_protocol = true")
+    return enabled, networks
 
 
 def _workers(value: Any) -> int:

@@ -41,6 +41,9 @@ def describe(config: Config) -> list[str]:
     else:
         lines.append("dns: the system resolver (/etc/resolv.conf)")
     lines.append(f"users file: {config.auth.users_file}")
+    if config.user is not None:
+        group = config.group or "its own group"
+        lines.append(f"user: {config.user} ({group}), taken after binding when started as root")
     lines.append(f"metrics: {config.metrics.listen or 'off'}")
     lines.append(f"log: {config.log.level}, {config.log.format}, "
                  f"to {config.log.file or 'stderr'}")

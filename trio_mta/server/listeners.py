@@ -17,6 +17,7 @@ import trio
 from trio_mta import log
 from trio_mta.config import ListenConfig
 from trio_mta.config.schema import format_host_port
+from trio_mta.server.proxied import accept_proxied
 from trio_mta.server.session import ServerState, Session
 from trio_mta.server.socket_stream import DirectSocketStream
 
@@ -122,11 +123,15 @@ async def accept_loop(bound: BoundListener, state: ServerState,
             # The session's hot path runs on a stream that tries each send/recv first
             # (server/socket_stream.py): the socket leaves trio's wrapper here.
             raw = socket.socket(family, socket.SOCK_STREAM, 0, accepted.detach())
-            sessions.start_soon(_handle, DirectSocketStream(raw), state, mode)
+            sessions.start_soon(_handle, DirectSocketStream(raw), state, bound.config)
 
 
-async def _handle(stream: DirectSocketStream, state: ServerState, mode: str) -> None:
-    """A connection's task: a bug in one session is logged, never fatal to the server."""
+async def _handle(stream: DirectSocketStream, state: ServerState, listen: ListenConfig) -> None:
+    """A connection's task: a bug in one session is logged, never fatal to the server.
+
+    Behind a proxy (``proxy_protocol``) the PROXY header is read first and its
+    client address is the one the session sees (:mod:`trio_mta.server.proxied`).
+    """
     try:
         peer = stream.socket.getpeername()
     except OSError:
@@ -135,7 +140,18 @@ async def _handle(stream: DirectSocketStream, state: ServerState, mode: str) -> 
     ip = str(peer[0])
     if ip.startswith("::ffff:"):
         ip = ip[7:]
+    port = int(peer[1])
+    session_stream: trio.abc.Stream = stream
+    proxy: str | None = None
     try:
-        await Session(state, stream, mode, ip, int(peer[1])).run()
+        if listen.proxy_protocol:
+            proxied = await accept_proxied(stream, listen, ip, port, state.proxy_header_timeout)
+            if proxied is None:
+                with trio.move_on_after(2):
+                    await stream.aclose()
+                return
+            session_stream, proxy = proxied.stream, ip
+            ip, port = proxied.client_ip, proxied.client_port
+        await Session(state, session_stream, listen.mode, ip, port, proxy=proxy).run()
     except Exception as exc:
         log.error("smtpd.session_error", client=ip, error=f"{type(exc).__name__}: {exc}")
