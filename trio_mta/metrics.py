@@ -40,6 +40,10 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 
 OUTCOMES = ("delivered", "deferred", "failed")
 DESTINATIONS = ("local", "remote")
+# SPEC §10 tls_policy= names, and what one delivery attempt under each came to:
+# "refused" is a host the policy ruled out (no match, TLSA failure) before connecting.
+TLS_POLICIES = ("dane", "mta-sts", "verify", "required", "opportunistic", "none")
+TLS_POLICY_OUTCOMES = ("delivered", "deferred", "failed", "mixed", "unreachable", "refused")
 REJECT_REASONS = ("relay_denied", "unknown_user", "too_big", "bad_line_ending",
                   "queue_error", "auth_required", "handler")
 
@@ -142,6 +146,10 @@ class Metrics:
         self._auth = Counter(
             "trio_mta_auth_attempts", "SMTP AUTH attempts by result.",
             ["result"], registry=reg)
+        self._tls_policy = Counter(
+            "trio_mta_tls_policy_attempts",
+            "Outbound delivery attempts (one per host and address) by TLS policy and outcome.",
+            ["policy", "outcome"], registry=reg)
         self._queue = _QueueCollector()
         reg.register(self._queue)
         self._queue_source: Callable[[], QueueStats] | None = None
@@ -158,6 +166,9 @@ class Metrics:
             self._rejected.labels(reason)
         for result in ("success", "failure"):
             self._auth.labels(result)
+        for policy in TLS_POLICIES:
+            for outcome in TLS_POLICY_OUTCOMES:
+                self._tls_policy.labels(policy, outcome)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus_client's ``labels()`` checks and
@@ -195,6 +206,13 @@ class Metrics:
             raise ValueError(f"delivery_latency: destination must be one of {DESTINATIONS}")
         # A clock step backwards must not record a negative latency.
         self._child(self._latency, destination).observe(max(0.0, seconds))
+
+    def tls_policy_attempt(self, policy: str, outcome: str) -> None:
+        """One delivery attempt's ``tls_policy=`` and outcome (SPEC §10)."""
+        if policy not in TLS_POLICIES or outcome not in TLS_POLICY_OUTCOMES:
+            raise ValueError(f"tls_policy_attempt({policy!r}, {outcome!r}): policy must be one "
+                             f"of {TLS_POLICIES}, outcome one of {TLS_POLICY_OUTCOMES}")
+        self._tls_policy.labels(policy, outcome).inc()
 
     def set_queue_stats_source(self, fn: Callable[[], QueueStats]) -> None:
         """``fn`` returns (recipients pending, oldest age in seconds or None); runs in a thread."""

@@ -147,9 +147,11 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "[local].maildir_root": (old.local.maildir_root, new.local.maildir_root),
         "[relay] (outbound)": (
             (old.relay.tls, old.relay.ca_file, old.relay.port, old.relay.smarthost,
-             old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4),
+             old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4,
+             old.relay.mta_sts, old.relay.dane, old.relay.mta_sts_port),
             (new.relay.tls, new.relay.ca_file, new.relay.port, new.relay.smarthost,
-             new.relay.smarthost_tls, new.relay.smarthost_auth, new.relay.prefer_ipv4)),
+             new.relay.smarthost_tls, new.relay.smarthost_auth, new.relay.prefer_ipv4,
+             new.relay.mta_sts, new.relay.dane, new.relay.mta_sts_port)),
         "[dns]": (old.dns, new.dns),
         "[queue].concurrency": (old.queue.concurrency, new.queue.concurrency),
         "[metrics]": (old.metrics, new.metrics),
@@ -357,7 +359,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
                 config.relay,
                 Resolver(config.dns.nameservers, config.dns.timeout,
                          prefer_ipv4=config.relay.prefer_ipv4),
-                hostname=config.hostname)
+                hostname=config.hostname, state_dir=config.state_dir, metrics=metrics)
             await services.start(remote.run)
             for shard in shards:
                 shard_scheduler = _scheduler(config, shard.store, remote)

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("user")
     _add_config(passwd, top=False)
 
+    tlspolicy = sub.add_parser(
+        "tls-policy", help="show the outbound TLS policy (MTA-STS, DANE) of a destination")
+    tlspolicy.add_argument("domain")
+    _add_config(tlspolicy, top=False)
+
     # sendmail's flags (-oi, -fSENDER, -ti) are getopt-style, not argparse's: a
     # prefix no argument can start with hands every one of them to trio_mta.cli.sendmail.
     sendmail = sub.add_parser("sendmail", prefix_chars="\0", add_help=False,
@@ -141,6 +146,10 @@ def _main(argv: list[str]) -> int:
         from trio_mta.cli.passwd import run_passwd
 
         return run_passwd(config, args.user)
+    if command == "tls-policy":
+        from trio_mta.cli.tlspolicy import run_tls_policy
+
+        return run_tls_policy(config, args.domain)
     raise UsageError(f"trio-mta: unknown command {command}")
 
 

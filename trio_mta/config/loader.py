@@ -142,6 +142,11 @@ class RelayConfig:
     smarthost_tls: SmarthostTls = "starttls"
     smarthost_auth: str = ""
     prefer_ipv4: bool = False  # extra key: try A before AAAA (hosts with broken IPv6)
+    mta_sts: bool = True  # SPEC §10: fetch, cache and apply MTA-STS policies (RFC 8461)
+    dane: bool = True  # SPEC §10: apply authenticated TLSA records (RFC 7672)
+    # Port of the MTA-STS policy host. RFC 8461 §3.3 fixes 443; only tests, whose
+    # loopback policy server cannot bind 443, set it (undocumented on purpose).
+    mta_sts_port: int = 443
 
     @property
     def smarthost_address(self) -> tuple[str, int] | None:
@@ -489,6 +494,9 @@ class _Loader:
             smarthost_tls=smarthost_tls,
             smarthost_auth=table.get("smarthost_auth", _credentials, "", secret=True),
             prefer_ipv4=table.get("prefer_ipv4", schema.boolean, d.prefer_ipv4),
+            mta_sts=table.get("mta_sts", schema.boolean, d.mta_sts),
+            dane=table.get("dane", schema.boolean, d.dane),
+            mta_sts_port=table.get("mta_sts_port", schema.remote_port, d.mta_sts_port),
         )
         table.close()
         return relay
