@@ -60,6 +60,9 @@ class DovecotInstance:
     users: tuple[str, ...]
     lmtp_port: int = 0
     imap_port: int = 0
+    # Users whose quota (1 KiB) a message of a few hundred bytes cannot fit twice: the
+    # quota plugin then answers 452 4.2.2 after the data (quota_full_tempfail).
+    tiny_quota: tuple[str, ...] = ()
 
     @property
     def config(self) -> Path:
@@ -75,7 +78,8 @@ class DovecotInstance:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         uid, gid = NOBODY, mail_gid()
         (self.root / "users").write_text("".join(
-            f"{user}:{{PLAIN}}{PASSWORD}:{uid}:{gid}::{self.mail_root / user}::\n"
+            f"{user}:{{PLAIN}}{PASSWORD}:{uid}:{gid}::{self.mail_root / user}::"
+            f"{'userdb_quota_rule=*:storage=1K' if user in self.tiny_quota else ''}\n"
             for user in self.users))
         self.config.write_text(f"""\
 base_dir = {self.root / 'run'}
@@ -92,6 +96,11 @@ default_login_user = dovenull
 default_internal_group = root
 mail_location = maildir:{self.mail_root}/%n
 auth_username_format = %Ln
+mail_plugins = quota
+quota_full_tempfail = yes
+plugin {{
+  quota = maildir:User quota
+}}
 passdb {{
   driver = passwd-file
   args = {self.root / 'users'}

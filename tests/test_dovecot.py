@@ -184,3 +184,41 @@ async def test_maildir_shared_by_group_is_readable_by_dovecot_as_another_user(
         assert any((mail_root / "alice" / "cur").iterdir())
     finally:
         await trio.to_thread.run_sync(instance.stop)
+
+
+async def test_per_recipient_replies_after_the_data_decide_each_recipient(
+        nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path,
+        shared_dir: Path) -> None:
+    """One transaction, two accepted recipients: Dovecot saves alice's copy and answers
+    452 4.2.2 (over quota) for bob's after the data; only bob's is deferred and retried."""
+    mail_root = shared_dir / "mail"
+    mail_root.mkdir()
+    os.chown(mail_root, NOBODY, mail_gid())
+    instance = DovecotInstance(tmp_path / "dovecot", mail_root, ("alice", "bob"),
+                               tiny_quota=("bob",))
+    instance.write_config()
+    await trio.to_thread.run_sync(instance.start)
+    try:
+        server: MTA = await nursery.start(serve, lmtp_config(make_config, instance.lmtp_target))
+        big = BODY + b"x" * 2048 + b"\r\n"  # over bob's 1 KiB quota
+        queue_id = await trio.to_thread.run_sync(
+            lambda: submit(server, ["alice@example.test", "bob@example.test"], body=big))
+        (message,) = await wait_for_inbox(instance, "alice")
+        assert message["Subject"] == "over lmtp"
+        assert server.store is not None
+        store = server.store
+
+        def bob_tried() -> bool:
+            shown = store.show(queue_id)
+            return shown is not None and any(
+                r.address == "bob@example.test" and r.attempts >= 1 for r in shown.recipients)
+
+        await wait_until(bob_tried)
+        bob = await recipient(server, queue_id, "bob@example.test")
+        assert bob.status == "deferred" and bob.last is not None
+        assert (bob.last.code, bob.last.status, bob.last.stage) == (452, "4.2.2", "data")
+        alice = await recipient(server, queue_id, "alice@example.test")
+        assert alice.status == "delivered"
+        assert await trio.to_thread.run_sync(inbox, instance, "bob") == []
+    finally:
+        await trio.to_thread.run_sync(instance.stop)
