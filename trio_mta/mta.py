@@ -23,6 +23,8 @@ import trio
 from trio_mta import log, privileges
 from trio_mta.config import Config
 from trio_mta.config.schema import format_host_port
+from trio_mta.delivery.agent import DeliveryAgent
+from trio_mta.delivery.lmtp import LMTPAgent
 from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
@@ -145,6 +147,8 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "state_dir": (old.state_dir, new.state_dir),
         "hostname": (old.hostname, new.hostname),
         "[local].maildir_root": (old.local.maildir_root, new.local.maildir_root),
+        "[local].lmtp": (old.local.lmtp, new.local.lmtp),
+        "[local].maildir_group": (old.local.maildir_group, new.local.maildir_group),
         "[relay] (outbound)": (
             (old.relay.tls, old.relay.ca_file, old.relay.port, old.relay.smarthost,
              old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4,
@@ -375,10 +379,10 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             metrics.set_queue_stats_source(_stats_of([shard.store for shard in shards]))
             queue_sink = QueueSink(writer)
             sink = queue_sink
-            if config.local.deliver_at_once:
+            # With [local] lmtp the mail store delivers: local mail goes through the queue.
+            if config.local.deliver_at_once and config.local.lmtp is None:
                 immediate = ImmediateLocalDelivery(
-                    MaildirAgent(config.local.maildir_root, config.hostname,
-                                 limiter=trio.CapacityLimiter(8)),
+                    _maildir_agent(config, trio.CapacityLimiter(8)),
                     queue_sink, on_outcome=_observe(metrics))
                 await services.start(immediate.run)
                 sink = immediate
@@ -440,11 +444,22 @@ def _stats_of(stores: list[QueueStore]) -> Callable[[], QueueStats]:
     return stats
 
 
+def _maildir_agent(config: Config, disk: trio.CapacityLimiter) -> MaildirAgent:
+    return MaildirAgent(config.local.maildir_root, config.hostname, limiter=disk,
+                        group=config.local.maildir_group)
+
+
+def _local_agent(config: Config) -> DeliveryAgent:
+    """LMTP into the mail store when ``[local] lmtp`` is set, else Maildir."""
+    if config.local.lmtp is not None:
+        return LMTPAgent(config.local.lmtp, config.hostname)
+    return _maildir_agent(config, trio.CapacityLimiter(8))
+
+
 def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Scheduler:
-    disk = trio.CapacityLimiter(8)
     return Scheduler(
         store,
-        local_agent=MaildirAgent(config.local.maildir_root, config.hostname, limiter=disk),
+        local_agent=_local_agent(config),
         remote_agent=remote,
         retry_initial=config.queue.retry_initial,
         retry_max=config.queue.retry_max,

@@ -26,6 +26,9 @@ called with the certificate chain the server sent (DER, leaf first) right
 after the handshake, before anything else is said inside TLS; a returned
 reason fails the session with :class:`SMTPTLSError` (4.7.5).
 
+:meth:`SMTPClient.connect_lmtp` opens an LMTP session (RFC 2033) instead, over
+TCP or a Unix socket, for local delivery into a mail store such as Dovecot.
+
 Timeouts follow RFC 5321 §4.5.3.2 (see :class:`Timeouts`); each one bounds
 the wait for the replies to one burst of commands, so a server trickling a
 byte at a time cannot hold a connection forever.
@@ -284,6 +287,41 @@ class SMTPClient:
         return client
 
     @classmethod
+    async def connect_lmtp(
+        cls, target: str, *, helo_name: str, timeouts: Timeouts | None = None
+    ) -> SMTPClient:
+        """Connect to an LMTP server, read the greeting and say LHLO.
+
+        ``target`` is ``host:port`` or ``unix:/path``. No TLS: LMTP is for the
+        local mail store, on loopback or a socket only this host can reach.
+        """
+        timeouts = timeouts or Timeouts()
+        stream: trio.abc.Stream
+        if target.startswith("unix:"):
+            path = target[len("unix:") :]
+            stream = await _open_unix(path, timeouts.connect)
+            host, address, port = "localhost", path, 0
+        else:
+            host, _, port_text = target.rpartition(":")
+            port = int(port_text)
+            stream, address = await _open_tcp(host, port, timeouts.connect)
+        client = cls(
+            stream,
+            ClientConnection(helo_name=helo_name, lmtp=True),
+            host=_unbracket(host),
+            address=address,
+            port=port,
+            timeouts=timeouts,
+            plain_auth_ok=False,
+        )
+        try:
+            await client._hello()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    @classmethod
     async def _session(
         cls,
         host: str,
@@ -311,18 +349,22 @@ class SMTPClient:
         try:
             if implicit is not None:
                 await client._handshake(implicit, tls_name, required=True)
-            greeting = await client._exchange(Greeting, "greeting", timeouts.greeting)
-            if not greeting.reply.is_success:
-                # RFC 5321 §3.1: after a 554 greeting the client should QUIT; 421 closes.
-                if greeting.reply.code != 421:
-                    await client.quit()
-                raise SMTPResponseError("greeting", greeting.reply)
-            client._conn.ehlo()
-            client._check_hello(await client._exchange(HelloResult, "EHLO", timeouts.command))
+            await client._hello()
         except BaseException:
             await client.aclose()
             raise
         return client
+
+    async def _hello(self) -> None:
+        """Greeting, then EHLO (LHLO in LMTP); SMTPResponseError when either is refused."""
+        greeting = await self._exchange(Greeting, "greeting", self._timeouts.greeting)
+        if not greeting.reply.is_success:
+            # RFC 5321 §3.1: after a 554 greeting the client should QUIT; 421 closes.
+            if greeting.reply.code != 421:
+                await self.quit()
+            raise SMTPResponseError("greeting", greeting.reply)
+        self._conn.ehlo()
+        self._check_hello(await self._exchange(HelloResult, "EHLO", self._timeouts.command))
 
     # --- state ------------------------------------------------------------------
 
@@ -636,6 +678,16 @@ async def _open_tcp(host: str, port: int, timeout: float) -> tuple[trio.SocketSt
     except OSError:
         address = target
     return stream, address
+
+
+async def _open_unix(path: str, timeout: float) -> trio.SocketStream:
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_unix_socket(path)
+    except trio.TooSlowError:
+        raise SMTPTimeout(f"connect to {path} timed out after {timeout:g}s") from None
+    except OSError as exc:
+        raise SMTPConnectError(f"connect to {path}: {_why(exc)}") from None
 
 
 def _unbracket(host: str) -> str:

@@ -127,6 +127,12 @@ class LocalConfig:
     # Write local recipients into Maildir before the 250 (as durable as a queue row, and
     # no queue round trip); false: every message goes through the queue first.
     deliver_at_once: bool = True
+    # LMTP server for local recipients ("127.0.0.1:24", "unix:/run/dovecot/lmtp"); None:
+    # write Maildir. When set, deliver_at_once does not apply (mail goes via the queue).
+    lmtp: str | None = None
+    # Group id that shares the Maildir (a mail store such as Dovecot): folders 02770,
+    # files 0660 in that group. None: folders 0700, files 0600.
+    maildir_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -461,6 +467,8 @@ class _Loader:
                 self.derived.add("maildir_root")
         mailboxes_file = table.get("mailboxes_file", self.optional_path, None)
         deliver_at_once = table.get("deliver_at_once", schema.boolean, True)
+        lmtp = table.get("lmtp", schema.lmtp_target, None)
+        maildir_group = table.get("maildir_group", schema.group_id, None)
         maps = MailMaps(domains, self.errors)
         if mailboxes_file is not None:
             maps.read_file(mailboxes_file)
@@ -477,6 +485,8 @@ class _Loader:
             mailboxes=None if maps.mailboxes is None else MappingProxyType(maps.mailboxes),
             aliases=MappingProxyType(maps.aliases),
             deliver_at_once=deliver_at_once,
+            lmtp=lmtp,
+            maildir_group=maildir_group,
         )
 
     def _relay(self, table: Table) -> RelayConfig:

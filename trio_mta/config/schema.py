@@ -10,6 +10,7 @@ is an unknown key.
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import json
 import re
@@ -214,6 +215,38 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
         if ":" in host or not is_hostname(host):
             raise ValueError(hint) from None
     return host, number
+
+
+def lmtp_target(value: Any) -> str:
+    """``"host:port"`` or ``"unix:/absolute/path"`` of an LMTP server, normalised."""
+    hint = 'must be "host:port", "[ipv6]:port" or "unix:/path/to/socket"'
+    if not isinstance(value, str):
+        raise ValueError(hint)
+    if value.startswith("unix:"):
+        if not value[len("unix:") :].startswith("/"):
+            raise ValueError(hint + " (an absolute path)")
+        return value
+    try:
+        host, number = parse_host_port(value)
+    except ValueError:
+        raise ValueError(hint) from None
+    if number == 0:
+        raise ValueError(hint + " with a port 1..65535")
+    return format_host_port(host, number)
+
+
+def group_id(value: Any) -> int:
+    """A group name known to this system, or a numeric gid."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value:
+        if value.isascii() and value.isdigit():
+            return int(value)
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ValueError(f"no group named {value!r} on this system") from None
+    raise ValueError("must be a group name or a numeric group id")
 
 
 def format_host_port(host: str, port: int) -> str:

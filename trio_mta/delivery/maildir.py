@@ -9,6 +9,14 @@ delivered. Content is "Return-Path:" and "Delivered-To:" followed by the message
 with LF line ends, the form Postfix's local(8) and Dovecot's LDA write. A large
 body (a file in the queue) is copied in pieces, so delivery holds no more of it
 in memory than one piece per worker thread.
+
+Modes: a Maildir is private to trio_mta's user (folders 0700, files 0600)
+unless ``group`` is given (``[local] maildir_group``), for a mail store such as
+Dovecot that reads it as another user of that group: folders are then 02770
+(the setgid bit makes everything created inside, by us or by Dovecot, inherit
+the group) and files 0660, group-owned. Modes are set explicitly, whatever
+the umask. Only folders this agent creates get them: existing ones are left
+as they are (docs/dovecot.md says how to fix them once).
 """
 
 from __future__ import annotations
@@ -72,8 +80,8 @@ def lf_chunks(body: StoredBody) -> Iterator[bytes]:
         yield carry
 
 
-def _ensure_dir(path: Path) -> None:
-    """mkdir 0700 (parents too), fsyncing each parent whose entries changed."""
+def _ensure_dir(path: Path, group: int | None = None) -> None:
+    """mkdir (parents too), 0700 or 02770 in ``group``; fsyncs each parent that changed."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -81,19 +89,28 @@ def _ensure_dir(path: Path) -> None:
     except FileNotFoundError:
         if path.parent == path:
             raise
-        _ensure_dir(path.parent)
+        _ensure_dir(path.parent, group)
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
             return
+    if group is not None:
+        try:
+            # Group first, then open it up: never a moment when the wrong group has access.
+            os.chown(path, -1, group)
+            os.chmod(path, 0o2770)
+        except OSError:
+            # Not left behind with the wrong group: the next attempt makes it again.
+            os.rmdir(path)
+            raise
     # The new entry must survive a crash, or new/ could vanish with mail in it.
     fsync_directory(path.parent)
 
 
-def _make_maildir(maildir: Path) -> None:
+def _make_maildir(maildir: Path, group: int | None = None) -> None:
     # tmp/ last: a concurrent writer that finds tmp/ can count on new/ being there.
     for sub in ("new", "cur", "tmp"):
-        _ensure_dir(maildir / sub)
+        _ensure_dir(maildir / sub, group)
 
 
 def _write_error(mailbox: str, exc: OSError) -> Outcome:
@@ -115,9 +132,11 @@ def _local(kind: Kind, status: str, text: str) -> Outcome:
 class MaildirAgent:
     """DeliveryAgent for local mailboxes under `root`."""
 
-    def __init__(self, root: Path, hostname: str, *, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, root: Path, hostname: str, *, limiter: trio.CapacityLimiter,
+                 group: int | None = None) -> None:
         self.root = Path(root)
         self.hostname = hostname
+        self.group = group
         self.files_synced = 0  # for tests and the benchmark's fsync accounting
         self.dirs_synced = 0
         self._host = escape_host(hostname)
@@ -210,17 +229,18 @@ class MaildirAgent:
             try:
                 write_file_durably(
                     maildir / "tmp" / name, maildir / "new" / name, _prepend(head, body),
-                    mode=0o600, fsync_dir=False,
+                    mode=0o600 if self.group is None else 0o660, fsync_dir=False,
+                    owner=None if self.group is None else (-1, self.group),
                     # tmp/ existed but new/ did not (made by hand, or half-made by a
                     # concurrent delivery): complete the Maildir and rename once more.
-                    make_target_dir=lambda: _make_maildir(maildir),
+                    make_target_dir=lambda: _make_maildir(maildir, self.group),
                 )
             except FileExistsError:
                 continue
             except FileNotFoundError:
                 if created:
                     raise
-                _make_maildir(maildir)
+                _make_maildir(maildir, self.group)
                 created = True
                 continue
             return name

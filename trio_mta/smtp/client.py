@@ -41,6 +41,11 @@ once and matches the replies in order; the body follows only after 354. A
 expected for pipelined commands are taken to be that 421. A missing reply at
 EOF or a garbled one raises :class:`ReplyError`.
 
+LMTP (RFC 2033): ``ClientConnection(helo_name=..., lmtp=True)`` says LHLO
+instead of EHLO (no HELO fallback: LMTP has none) and, after the message
+data, reads one reply per accepted RCPT, in RCPT order (§4.2): they are
+``TransactionResult.data_replies`` and decide those recipients' outcomes.
+
 MAIL carries SIZE, BODY=8BITMIME (8-bit body) and SMTPUTF8 (non-ASCII
 address) when the server offers them. A message over the server's SIZE, or
 needing SMTPUTF8 that is not offered (RFC 6531 §3.2), is refused locally with
@@ -130,6 +135,8 @@ class TransactionResult:
     ``rcpt_replies[i]`` is None when RCPT was never sent for recipient i (MAIL
     refused without pipelining); ``data_reply`` is the final reply to the
     message, or the refusal of DATA itself, or None when DATA was not reached.
+    In LMTP ``data_replies[i]`` is recipient i's own reply after the data (None
+    for a refused RCPT); it is empty in SMTP and when the data was not sent.
     Locally refused messages (too big for the server's SIZE, SMTPUTF8 needed
     but not offered) get a synthetic ``mail_reply`` and nothing is sent.
     """
@@ -137,13 +144,17 @@ class TransactionResult:
     mail_reply: Reply
     rcpt_replies: tuple[Reply | None, ...]
     data_reply: Reply | None
+    data_replies: tuple[Reply | None, ...] = ()
 
     @property
     def outcomes(self) -> tuple[Reply, ...]:
         """Per recipient, the reply that decided its fate (2xx: delivered)."""
         out = []
-        for rcpt in self.rcpt_replies:
-            if not self.mail_reply.is_success:
+        for i, rcpt in enumerate(self.rcpt_replies):
+            lmtp = self.data_replies[i] if self.data_replies else None
+            if lmtp is not None:
+                out.append(lmtp)
+            elif not self.mail_reply.is_success:
                 out.append(self.mail_reply)
             elif rcpt is None or not rcpt.is_success or self.data_reply is None:
                 out.append(rcpt or self.mail_reply)
@@ -162,8 +173,9 @@ _Step = Generator[int, list[Reply], ClientEvent]
 class ClientConnection:
     """One SMTP session, client side. See the module docstring for the loop."""
 
-    def __init__(self, *, helo_name: str) -> None:
+    def __init__(self, *, helo_name: str, lmtp: bool = False) -> None:
         self._helo_name = helo_name
+        self.lmtp = lmtp
         self._parser = ReplyParser()
         self._out: list[bytes] = []
         self._eof = False
@@ -339,13 +351,14 @@ class ClientConnection:
     def _ehlo_step(self) -> _Step:
         self.esmtp = False
         self.extensions = {}
-        self._send(Ehlo(self._helo_name))
+        line = format_command(Ehlo(self._helo_name))
+        self._out.append(b"LHLO" + line[4:] if self.lmtp else line)  # RFC 2033 §4.1
         (reply,) = yield 1
         if reply.is_success:
             self.esmtp = True
             self.extensions = _parse_extensions(reply)
             return HelloResult(reply, True)
-        if reply.code >= 500:
+        if reply.code >= 500 and not self.lmtp:
             # RFC 5321 §3.2: a server that does not know EHLO still knows HELO.
             self._send(Helo(self._helo_name))
             (reply,) = yield 1
@@ -454,9 +467,18 @@ class ClientConnection:
             r is not None and r.is_success for r in rcpt_replies)
         # RFC 2920 §3.1: DATA accepted without valid recipients: send an empty message.
         self._out.append(wire if usable else b".\r\n")
-        (final,) = yield 1
+        accepted = [i for i, r in enumerate(rcpt_replies) if r is not None and r.is_success]
+        if not (self.lmtp and usable):
+            (final,) = yield 1
+            self._needs_rset = False
+            return TransactionResult(mail_reply, tuple(rcpt_replies), final if usable else None)
+        # RFC 2033 §4.2: one reply per accepted RCPT, in order (none for an empty message).
+        finals = yield len(accepted)
         self._needs_rset = False
-        return TransactionResult(mail_reply, tuple(rcpt_replies), final if usable else None)
+        per_rcpt: list[Reply | None] = [None] * count
+        for i, reply in zip(accepted, finals, strict=True):
+            per_rcpt[i] = reply
+        return TransactionResult(mail_reply, tuple(rcpt_replies), finals[-1], tuple(per_rcpt))
 
 
 def _path(address: str | Path, *, null_ok: bool) -> Path:
