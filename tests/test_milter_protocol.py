@@ -29,7 +29,7 @@ def test_any_split_of_a_reply_stream_decodes_to_the_same_packets(
     decoder = p.Decoder()
     got: list[p.Packet] = []
     last = 0
-    for cut in sorted(c % (len(wire) + 1) for c in cuts) + [len(wire)]:
+    for cut in [*sorted(c % (len(wire) + 1) for c in cuts), len(wire)]:
         decoder.feed(wire[last:cut])
         last = cut
         got += _decode_all(decoder)
@@ -54,7 +54,7 @@ def test_macro_packets_round_trip(macros: dict[str, str]) -> None:
     [packet] = _decode_all(decoder)
     assert packet.command == b"D" and packet.data[:1] == b"M"
     fields = packet.data[1:].split(b"\0")[:-1] if macros else []
-    assert dict(zip(fields[::2], fields[1::2])) == {
+    assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
         k.encode(): v.encode() for k, v in macros.items()}
 
 
