@@ -215,3 +215,17 @@ async def test_large_spooled_body_is_streamed_in_chunks_and_rewritten(
     [path] = await wait_for_mail(mta.config.local.maildir_root, "bob")
     got = path.read_bytes()
     assert b"X-Seen: big\n" in got and got.endswith(body.replace(b"\r\n", b"\n"))
+
+
+@pytest.mark.parametrize(("milter", "message"), [
+    ({"address": "127.0.0.1:11332", "on_error": "ignore"},
+     "[[milter]][1].on_error: must be one of tempfail, accept"),
+    ({"address": "unix:relative.sock"}, "[[milter]][1].address: must be \"unix:/absolute/path\""),
+    ({"timeout": "5s"}, "[[milter]][1].address: missing"),
+    ({"address": "127.0.0.1:11332", "timeout": "soon"}, "[[milter]][1].timeout:"),
+])
+def test_milter_config_errors_name_the_key(make_config: Callable[..., Config],
+                                           milter: dict[str, str], message: str) -> None:
+    with pytest.raises(trio_mta.config.ConfigError) as info:
+        make_config(milter=[milter])
+    assert message in str(info.value)

@@ -169,3 +169,11 @@ def test_message_rebuilt_from_modifications() -> None:
                    p.Modification("add_header", name="N", value="a\nb")))
     assert b"".join(message.chunks()) == (
         b"T: top\r\nA: 1\r\nA: z\r\nN: a\r\nb\r\n\r\nbody\r\n")
+
+
+def test_rspamds_protocol_flags_are_accepted() -> None:
+    """rspamd 3.4 answers OPTNEG with every NR_* flag, NR_UNKN included (0xff080)."""
+    milter = _negotiated(protocol=0xFF080)
+    assert milter.stage("helo", b"x\0") != b"" and milter.awaiting is None
+    milter.stage("eom")
+    assert milter.awaiting == "eom"
