@@ -61,7 +61,8 @@ async def run_milters(chain: MilterChain, envelope: Envelope, content: MessageCo
     try:
         chunks = outcome.message.chunks()
         while True:
-            chunk = await trio.to_thread.run_sync(next, chunks, None)
+            chunk = (next(chunks, None) if outcome.message.path is None
+                     else await trio.to_thread.run_sync(next, chunks, None))
             if chunk is None:
                 break
             await spool.write(chunk)

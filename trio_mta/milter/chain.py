@@ -222,7 +222,9 @@ class MilterChain:
         if proto.wants("body"):
             chunks = message.body_chunks()
             while True:
-                chunk = await trio.to_thread.run_sync(next, chunks, None)
+                # A body in memory needs no thread; a spool file is read in one.
+                chunk = (next(chunks, None) if message.path is None
+                         else await trio.to_thread.run_sync(next, chunks, None))
                 if chunk is None:
                     break
                 skipped = False

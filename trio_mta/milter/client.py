@@ -44,6 +44,9 @@ class MilterClient:
         self.spec = spec
         self.proto = Milter()
         self.stream: trio.abc.Stream | None = None
+        # Packets that get no answer (NR_* stages, macros, ABORT) wait here and go out
+        # with the next packet that does: a message is a few writes, not one per header.
+        self._pending: list[bytes] = []
 
     async def open(self) -> None:
         target = split_address(self.spec.address)
@@ -62,12 +65,16 @@ class MilterClient:
         stream = self.stream
         if stream is None:
             raise MilterUnavailable("not connected")
-        try:
+        if self.proto.awaiting is None:
             if data:
-                with trio.fail_after(self.spec.timeout):
-                    await stream.send_all(data)
-            if self.proto.awaiting is None:
-                return CONTINUE
+                self._pending.append(data)
+            return CONTINUE
+        try:
+            self._pending.append(data)
+            out = b"".join(self._pending)
+            self._pending = []
+            with trio.fail_after(self.spec.timeout):
+                await stream.send_all(out)
             while True:
                 with trio.fail_after(self.spec.timeout):
                     event = self.proto.next_event()
@@ -92,6 +99,6 @@ class MilterClient:
             return
         with trio.move_on_after(1), contextlib.suppress(
                 OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(self.proto.quit())
+            await stream.send_all(b"".join(self._pending) + self.proto.quit())
         with trio.CancelScope(shield=True):
             await stream.aclose()
