@@ -97,8 +97,9 @@ class MilterClient:
         stream, self.stream = self.stream, None
         if stream is None:
             return
-        with trio.move_on_after(1), contextlib.suppress(
-                OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(b"".join(self._pending) + self.proto.quit())
-        with trio.CancelScope(shield=True):
+        # Shielded: a session cancelled at shutdown still says QUIT and closes the socket.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
+            with contextlib.suppress(OSError, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):
+                await stream.send_all(b"".join(self._pending) + self.proto.quit())
             await stream.aclose()
