@@ -234,8 +234,10 @@ class Target:
 class TrioServer:
     """`python -m trio_mta serve` as a subprocess with a fresh state_dir per start."""
 
-    def __init__(self, root: Path, port: int, log_level: str, workers: int = 1) -> None:
+    def __init__(self, root: Path, port: int, log_level: str, workers: int = 1,
+                 milter: str | None = None) -> None:
         self.root = root
+        self.milter = milter
         self.port = port
         self.log_level = log_level
         self.workers = workers
@@ -256,7 +258,9 @@ class TrioServer:
             f'[local]\ndomains = ["bench.test"]\n'
             f'[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n'
             f'[log]\nlevel = "{self.log_level}"\n'
-            f'[server]\nworkers = {self.workers}\n')
+            f'[server]\nworkers = {self.workers}\n'
+            + (f'[[milter]]\naddress = "{self.milter}"\ntimeout = "60s"\n'
+               if self.milter else ""))
 
     def start(self) -> Target:
         if port_open(self.port):
@@ -941,6 +945,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds one run may take before it is stopped and reported (default 300)")
     ap.add_argument("--log-level", default="warning", help="trio_mta's log level (default warning)")
+    ap.add_argument("--milter", help="a milter for trio_mta, e.g. 127.0.0.1:11332 (rspamd): "
+                    "every message passes through it ([[milter]] in its config)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server logs)")
     ap.add_argument("--workers", type=int, default=0,
                     help="trio_mta's [server] workers (default 0: one per core, the product's "
@@ -989,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("smtp-source is not available (apt-get install -y postfix failed)")
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-"))
-    server = TrioServer(workdir, a.port, a.log_level, a.workers)
+    server = TrioServer(workdir, a.port, a.log_level, a.workers, a.milter)
     res = Results()
     fsyncs: list[FsyncResult] = []
     idle: tuple[str, dict[str, object]] | None = None

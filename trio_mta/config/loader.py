@@ -24,6 +24,7 @@ from trio_mta.config import schema
 from trio_mta.config.durations import format_duration
 from trio_mta.config.maps import MailMaps
 from trio_mta.config.schema import Table, show
+from trio_mta.milter.client import MilterSpec
 
 __all__ = [
     "AuthConfig",
@@ -271,6 +272,7 @@ class Config:
     # SPEC §11 privilege drop: the account a server started as root switches to.
     user: str | None = None
     group: str | None = None  # None: the user's primary group
+    milters: tuple[MilterSpec, ...] = ()  # [[milter]], in order (SPEC §11)
     source: Path | None = None
     # Paths that were derived from state_dir rather than written ("maildir_root",
     # "users_file"): with_overrides(state_dir=...) moves exactly these.
@@ -409,6 +411,7 @@ class _Loader:
             server=self._server(root.table("server", "[server]")),
             user=root.get("user", schema.system_user, None),
             group=root.get("group", schema.system_group, None),
+            milters=self._milters(root.raw("milter")),
             _derived=frozenset(self.derived),
         )
         if config.group is not None and root.raw("user") is None:
@@ -443,6 +446,25 @@ class _Loader:
                 f"{labels[index]}: {listeners[index].address} is already a listener above"
             )
         return tuple(listeners)
+
+    def _milters(self, raw: Any) -> tuple[MilterSpec, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
+            self.errors.append(f"milter: must be an array of [[milter]] tables, got {show(raw)}")
+            return ()
+        milters: list[MilterSpec] = []
+        for index, item in enumerate(raw, 1):
+            table = Table(f"[[milter]][{index}]", item, self.errors)
+            address = table.get("address", schema.milter_address, None)
+            timeout = table.get("timeout", schema.positive_duration, 30.0)
+            on_error = table.get("on_error", schema.choice(("tempfail", "accept")), "tempfail")
+            if table.raw("address") is None:
+                table.error("address", 'missing (write "host:port" or "unix:/path")')
+            table.close()
+            if address is not None:
+                milters.append(MilterSpec(address, timeout, on_error))
+        return tuple(milters)
 
     def _tls(self, table: Table) -> TlsConfig:
         tls = TlsConfig(

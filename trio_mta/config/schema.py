@@ -261,6 +261,18 @@ def host_port(value: Any) -> tuple[str, int]:
     return parse_host_port(value)
 
 
+def milter_address(value: Any) -> str:
+    """``host:port`` or ``unix:/absolute/path`` (a ``[[milter]]`` address)."""
+    if isinstance(value, str) and value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise ValueError('must be "unix:/absolute/path"')
+        return value
+    host, number = host_port(value) if isinstance(value, str) else host_port(None)
+    if number == 0:
+        raise ValueError("needs a port 1..65535")
+    return format_host_port(host, number)
+
+
 def nameserver(value: Any) -> tuple[str, int]:
     """A DNS server: an IP address with an optional port, default 53."""
     hint = 'must be an IP address with optional port: "127.0.0.1:5353", "::1", "[::1]:53"'

@@ -20,6 +20,8 @@ import trio
 from trio_mta import log
 from trio_mta.config import Config
 from trio_mta.metrics import Metrics
+from trio_mta.milter.apply import Accepted, run_milters
+from trio_mta.milter.chain import MilterChain
 from trio_mta.queue.bodies import MessageContent
 from trio_mta.queue.ids import new_queue_id
 from trio_mta.queue.spool import DEFAULT_THRESHOLD, Spool
@@ -125,6 +127,7 @@ class Session:
         self.trusted = state.router.is_trusted(client_ip)
         self.conn: ServerConnection | None = None
         self.limits = cfg.limits
+        self.milters: MilterChain | None = None
 
     # -- shutdown -------------------------------------------------------------
 
@@ -251,6 +254,7 @@ class Session:
             if self.mode == "smtps" and not await self._handshake():
                 return
             self.conn = self._new_machine()
+            await self._milter_connect()
             self.conn.send_reply(Reply(220, None, f"{cfg.hostname} ESMTP trio_mta"))
             with trio.CancelScope() as self._io:
                 await self._loop()
@@ -265,6 +269,8 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.event("smtpd.lost", client=self.client_ip, error=str(exc) or type(exc).__name__)
         finally:
+            if self.milters is not None:
+                await self.milters.close()
             log.event("smtpd.disconnect", client=self.client_ip)
 
     def _new_machine(self) -> ServerConnection:
@@ -330,8 +336,11 @@ class Session:
                 await self._body().write(event.data)
             elif isinstance(event, Hello):
                 log.debug("smtpd.helo", client=self.client_ip, helo=event.name, esmtp=event.esmtp)
+                if self.milters is not None:
+                    self._no_deadline()
+                    await self.milters.helo(event.name)
             elif isinstance(event, MailFrom):
-                conn.send_reply(self._mail(event))
+                conn.send_reply(await self._mail(event))
             elif isinstance(event, RcptTo):
                 conn.send_reply(await self._rcpt(event))
             elif isinstance(event, DataStarted):
@@ -360,14 +369,19 @@ class Session:
 
     def _reset(self) -> None:
         self.envelope = None
+        if self.milters is not None:
+            self.milters.reset()
         self._discard_body()
 
     def _body(self) -> Spool:
         if self.spool is None:
-            state = self.state
-            self.spool = Spool(state.spool_dir, threshold=state.spool_threshold,
-                               limiter=state.spool_limiter)
+            self.spool = self._new_spool()
         return self.spool
+
+    def _new_spool(self) -> Spool:
+        state = self.state
+        return Spool(state.spool_dir, threshold=state.spool_threshold,
+                     limiter=state.spool_limiter)
 
     def _discard_body(self) -> None:
         if self.spool is not None:
@@ -380,7 +394,7 @@ class Session:
     def authenticated(self) -> bool:
         return self.conn is not None and self.conn.authenticated_user is not None
 
-    def _mail(self, event: MailFrom) -> Reply:
+    async def _mail(self, event: MailFrom) -> Reply:
         if self.mode != "smtp" and not self.authenticated:
             # SPEC §3: submission and smtps require AUTH before MAIL (RFC 4954 §6).
             reply = Reply(530, "5.7.0", "Authentication required")
@@ -392,6 +406,14 @@ class Session:
                       code=refusal.code, reply=str(refusal))
             self._rejected(refusal)
             return refusal
+        if self.milters is not None:
+            self._no_deadline()
+            refusal = await self.milters.mail(str(event.path), [], self._milter_macros())
+            if refusal is not None:
+                log.event("smtpd.reject", client=self.client_ip, sender=str(event.path),
+                          code=refusal.code, reply=str(refusal), milter=True)
+                self._rejected(refusal, "milter")
+                return refusal
         self.envelope = Envelope(sender=event.path, params=event.params)
         return Reply(250, "2.1.0", "Ok")
 
@@ -417,7 +439,11 @@ class Session:
                 address, client_ip=self.client_ip, authenticated=self.authenticated)
             reply = verdict.reply
             if verdict.accepted:
-                self.envelope.recipients.append(Recipient(address, verdict.targets))
+                refusal = await self._milter_rcpt(address)
+                if refusal is None:
+                    self.envelope.recipients.append(Recipient(address, verdict.targets))
+                else:
+                    reply = refusal
         if reply.code >= 400:
             log.event("smtpd.reject", client=self.client_ip, rcpt=address,
                       code=reply.code, reply=str(reply))
@@ -463,8 +489,19 @@ class Session:
         if self.trusted or self.authenticated:
             head = body if isinstance(body, bytes) else spool.first
             trace += submission_headers(head, queue_id=queue_id, hostname=cfg.hostname)
-        reply = await self.state.sink.accept(envelope, info, MessageContent(trace, body),
-                                             queue_id)
+        content = MessageContent(trace, body)
+        rewritten: Spool | None = None
+        if self.milters is not None:
+            checked = await run_milters(self.milters, envelope, content, spool.first, queue_id,
+                                        self.state.router, self._new_spool)
+            if not isinstance(checked, Accepted):
+                return self._milter_refused(checked, envelope, queue_id)
+            envelope, content, rewritten = checked.envelope, checked.content, checked.spool
+        try:
+            reply = await self.state.sink.accept(envelope, info, content, queue_id)
+        finally:
+            if rewritten is not None:
+                rewritten.discard()
         metrics = self.state.metrics
         if metrics is not None:
             if reply.code < 400:
@@ -475,6 +512,39 @@ class Session:
                   id=queue_id if reply.code < 400 else None, client=self.client_ip,
                   sender=envelope.sender_address, nrcpt=len(envelope.recipients),
                   size=size, tls=self.tls, auth=info.auth_user, code=reply.code)
+        return reply
+
+    # -- milters (SPEC §11; trio_mta/milter/) ----------------------------------------
+
+    async def _milter_connect(self) -> None:
+        specs = self.state.config.milters
+        if specs:
+            cfg = self.state.config
+            self.milters = MilterChain(specs, {
+                "j": cfg.hostname, "{daemon_name}": cfg.hostname, "v": "trio_mta",
+                "{client_addr}": self.client_ip, "{client_name}": "unknown",
+                "{client_port}": str(self.client_port)})
+            await self.milters.connect("unknown", self.client_ip, self.client_port)
+
+    def _milter_macros(self) -> dict[str, str]:
+        assert self.conn is not None
+        macros = {"{auth_authen}": self.conn.authenticated_user or ""}
+        if self.tls is not None:
+            macros["{tls_version}"] = self.tls.split(" ", 1)[0]
+        return macros
+
+    async def _milter_rcpt(self, address: str) -> Reply | None:
+        if self.milters is None:
+            return None
+        self._no_deadline()
+        return await self.milters.rcpt(address, [])
+
+    def _milter_refused(self, reply: Reply, envelope: Envelope, queue_id: str) -> Reply:
+        if reply.code < 400:  # discarded: acknowledged, never delivered
+            return reply
+        log.event("smtpd.reject", client=self.client_ip, sender=envelope.sender_address,
+                  code=reply.code, reply=str(reply), milter=True)
+        self._rejected(reply, "milter")
         return reply
 
     async def _starttls(self) -> bool:

@@ -1,0 +1,1 @@
+"""Milter client (SPEC §11): sans-IO protocol, trio connection, per-session chain."""
