@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -204,17 +205,33 @@ async def run_send(host: str, port: int, sessions: int, messages: int, size: int
     return result
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a ``[server] workers`` supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        out.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                pass
+    return out
+
+
 def read_status(pid: int) -> dict[str, int]:
-    """VmRSS/VmHWM etc. of a process in KiB (empty when it is gone)."""
+    """VmRSS/VmHWM etc. in KiB, summed over the process and its children (empty when gone)."""
     out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.startswith("Vm"):
-                    out[key] = int(value.split()[0])
-    except (OSError, ValueError, IndexError):
-        return {}
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key.startswith("Vm"):
+                        out[key] = out.get(key, 0) + int(value.split()[0])
+        except (OSError, ValueError, IndexError):
+            if member == pid:
+                return {}
     return out
 
 
