@@ -18,6 +18,7 @@ Both print one JSON object on stdout. Only loopback addresses are accepted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import resource
@@ -212,10 +213,8 @@ def _tree(pid: int) -> list[int]:
         current = todo.pop(0)
         out.append(current)
         for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 todo.extend(int(child) for child in (task / "children").read_text().split())
-            except (OSError, ValueError):
-                pass
     return out
 
 
