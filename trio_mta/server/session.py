@@ -406,13 +406,15 @@ class Session:
             if reply.code < 400:
                 # The application vouches for this recipient; if the message later
                 # falls through to the queue it goes where routing would send it.
-                self.envelope.recipients.append(Recipient(address, router.expand(address)))
+                self.envelope.recipients.append(
+                    Recipient(address, router.expand(address), event.params))
         else:
             verdict = router.check_recipient(
                 address, client_ip=self.client_ip, authenticated=self.authenticated)
             reply = verdict.reply
             if verdict.accepted:
-                self.envelope.recipients.append(Recipient(address, verdict.targets))
+                self.envelope.recipients.append(
+                    Recipient(address, verdict.targets, event.params))
         if reply.code >= 400:
             log.event("smtpd.reject", client=self.client_ip, rcpt=address,
                       code=reply.code, reply=str(reply))
