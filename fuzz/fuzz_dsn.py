@@ -51,9 +51,9 @@ def test_one_input(data: bytes) -> None:
         notify = command.params.notify
         if notify != ("NEVER",) and notify != tuple(w for w in NOTIFY_ORDER if w in notify):
             raise AssertionError(f"{line!r}: NOTIFY {notify!r}")
-    if isinstance(command, Mail) and command.params.envid is not None:
-        if not command.params.envid.isascii():
-            raise AssertionError(f"{line!r}: non-ASCII ENVID")
+    envid = command.params.envid if isinstance(command, Mail) else None
+    if envid is not None and not envid.isascii():
+        raise AssertionError(f"{line!r}: non-ASCII ENVID")
     again = parse_command(format_command(command)[:-2])
     if again != command:
         raise AssertionError(f"{line!r}: {command!r} formats back as {again!r}")
