@@ -14,7 +14,7 @@ import trio
 from trio_mta.config import Config, RelayConfig
 from trio_mta.delivery.outcome import Outcome
 from trio_mta.mta import MTA
-from trio_mta.queue.store import QueueStore
+from trio_mta.queue.store import NewMessage, NewRecipient, QueueStore
 
 from .dnsserver import DnsServer
 from .maildirs import new_files, wait_for_mail
@@ -173,4 +173,20 @@ def test_an_older_queue_gains_the_dsn_columns_and_still_bounces(tmp_path: Path) 
     (finished,) = store.bounce_candidates()
     assert [r.notify for r in finished.failed] == [None, None]  # no NOTIFY: bounced as before
     assert finished.notices == () and finished.ret is None and finished.envid is None
+    store.close()
+
+
+def test_a_delivered_recipient_that_asked_for_success_keeps_its_message_for_the_report(
+        tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue.sqlite3")
+    rcpts = (NewRecipient("bob@example.test", "bob@example.test", "bob", notify=("SUCCESS",)),
+             NewRecipient("eve@example.test", "eve@example.test", "eve"))
+    store.insert([("M1", NewMessage("alice@example.test", rcpts, BODY, envid="e1"))], now=1.0)
+    store.mark_delivered([r.rcpt_id for r in store.due(2.0, 10)], now=2.0,
+                         outcome=Outcome("delivered", "2.0.0", "ok", stage="local"))
+    assert store.purge_finished(keep_failed=True) == 0
+    (finished,) = store.bounce_candidates()
+    assert [(n.address, n.action) for n in finished.notices] == [("bob@example.test",
+                                                                  "delivered")]
+    assert finished.failed == () and finished.envid == "e1"
     store.close()

@@ -1044,14 +1044,15 @@ class QueueStore:
     def purge_finished(self, *, keep_failed: bool = False) -> int:
         """Drop messages with no pending/deferred recipient; returns how many.
 
-        keep_failed=True keeps messages that still have a failed recipient (their
-        bounce has not been queued yet).
+        keep_failed=True keeps messages that still have a failed recipient or owe
+        a success DSN (their report has not been queued yet).
         """
         finished = ("pending", "deferred", "failed") if keep_failed else UNFINISHED
+        owed = " OR r.notice IS NOT NULL" if keep_failed else ""
         with _errors("purge"), self._transaction("NORMAL") as conn:
             done = conn.execute(
                 "SELECT id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
-                f" WHERE r.message_id = m.id AND r.status IN ({_marks(len(finished))}))",
+                f" WHERE r.message_id = m.id AND (r.status IN ({_marks(len(finished))}){owed}))",
                 finished,
             ).fetchall()
             _delete_messages(conn, done)
