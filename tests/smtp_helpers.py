@@ -39,7 +39,7 @@ from trio_mta.smtp import (
     Vrfy,
     format_command,
 )
-from trio_mta.smtp.commands import MAX_LINE, MAX_MAIL_LINE
+from trio_mta.smtp.commands import NOTIFY_ORDER, RcptParams, max_line_length
 
 BANNER = Reply(220, None, "mx.test ESMTP")
 PASSWORD = "secret"
@@ -193,22 +193,31 @@ mail_params = st.builds(
     body=st.sampled_from([None, "7BIT", "8BITMIME", "BINARYMIME"]),
     smtputf8=st.booleans(),
     auth=st.none() | st.just("<>") | st.text(_SAFE_TEXT, min_size=1, max_size=30),
+    ret=st.sampled_from([None, "FULL", "HDRS"]),
+    envid=st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+                              min_size=1, max_size=30),
 )
+notify = st.none() | st.just(("NEVER",)) | st.lists(
+    st.sampled_from(NOTIFY_ORDER), min_size=1, unique=True).map(
+    lambda words: tuple(w for w in NOTIFY_ORDER if w in words))
+rcpt_params = st.builds(RcptParams, notify=notify,
+                        orcpt=st.none() | st.text(_SAFE_TEXT, min_size=1, max_size=40))
 
 
 def _fits(cmd: Command) -> bool:
-    limit = MAX_MAIL_LINE if isinstance(cmd, Mail) else MAX_LINE
     try:
-        return len(format_command(cmd)) <= limit
+        line = format_command(cmd)
     except Exception:
         return False
+    return len(line) <= max_line_length(line)
 
 
 commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Ehlo, words),
     st.builds(Helo, words),
     st.builds(Mail, paths | st.just(Path("", "")), mail_params),
-    st.builds(Rcpt, paths | st.just(Path("postmaster", "")) | st.just(Path("PostMaster", ""))),
+    st.builds(Rcpt, paths | st.just(Path("postmaster", "")) | st.just(Path("PostMaster", "")),
+              rcpt_params),
     st.just(Data()),
     st.builds(Bdat, st.integers(0, 10**18 - 1), st.booleans()),
     st.just(Rset()),

@@ -376,7 +376,7 @@ def test_delayed_only_report_is_worded_as_a_warning() -> None:
 
 
 @pytest.mark.parametrize("bad", [
-    dict(status="5.1"), dict(status="3.1.1"), dict(status="5.1.1 "), dict(action="delivered"),
+    dict(status="5.1"), dict(status="3.1.1"), dict(status="5.1.1 "), dict(action="expanded"),
 ])
 def test_invalid_recipient_fields_are_refused(bad: dict[str, str]) -> None:
     fields: dict[str, Any] = dict(address="b@x.test", original=None, status="5.1.1",

@@ -87,6 +87,7 @@ def test_empty_file_gives_the_spec_defaults(tmp_path: Path) -> None:
     queue = config.queue
     assert (queue.retry_initial, queue.retry_max, queue.max_age) == (300.0, 3600.0, 432000.0)
     assert queue.concurrency == 20
+    assert queue.delay_warning == 4 * 3600.0  # RFC 3461 NOTIFY=DELAY, SPEC §11
     limits = config.limits
     assert limits.max_message_size == 36700160
     assert (limits.max_recipients, limits.max_connections, limits.max_connections_per_ip) == (
@@ -602,6 +603,11 @@ ERROR_CASES: list[tuple[str, str]] = [
         "[queue].retry_initial: must not exceed [queue].retry_max (2h > 1h)",
     ),
     ("[queue]\nconcurrency = 0", "[queue].concurrency: must be a positive integer, got 0"),
+    (
+        '[queue]\ndelay_warning = "soon"',
+        '[queue].delay_warning: must be a duration: seconds, or a string like "30s", "5m", '
+        '"2h", "5d", "1h30m", got "soon"',
+    ),
     ("[queue]\nconcurrency = 2.5", "[queue].concurrency: must be a positive integer, got 2.5"),
     (
         "[queue]\nmax_age = -1",

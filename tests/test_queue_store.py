@@ -463,7 +463,7 @@ def test_a_version_2_queue_is_migrated_and_its_rows_stay_readable(tmp_path: Path
     readonly.close()
     store = QueueStore(path)
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
-    assert version == 4
+    assert version == 5
     after = store.show("OLD")
     for info in (before, after):
         assert info is not None

@@ -581,7 +581,7 @@ async def test_smarthost_by_name_with_auth_over_starttls(ca: trustme.CA) -> None
 
 
 @contextmanager
-def smtp_sink(address: str, port: int) -> Iterator[Path]:
+def smtp_sink(address: str, port: int, *options: str) -> Iterator[Path]:
     """smtp-sink on address:port dumping each transaction into the yielded folder."""
     binary = shutil.which("smtp-sink") or (
         "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None
@@ -591,7 +591,7 @@ def smtp_sink(address: str, port: int) -> Iterator[Path]:
     dump = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
     dump.chmod(0o777)  # smtp-sink writes as nobody after binding
     process = subprocess.Popen(
-        [binary, "-u", "nobody", "-d", f"{dump}/%M.", f"{address}:{port}", "100"],
+        [binary, "-u", "nobody", *options, "-d", f"{dump}/%M.", f"{address}:{port}", "100"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -22,6 +22,7 @@ from trio_mta.smtp import (
     Path,
     Quit,
     Rcpt,
+    RcptParams,
     Rset,
     StartTls,
     Vrfy,
@@ -119,7 +120,7 @@ def test_parse(line: bytes, command: Command) -> None:
     (b"MAIL FROM:<a@b> SIZE=1 SIZE=2", 555, "5.5.4"),
     (b"MAIL FROM:<a@b> size=1 SIZE=1", 555, "5.5.4"),
     (b"MAIL FROM:<a@b> FROB=1", 555, "5.5.4"),
-    (b"MAIL FROM:<a@b> RET=HDRS", 555, "5.5.4"),
+    (b"MAIL FROM:<a@b> RET=NONE", 501, "5.5.4"),
     (b"MAIL FROM:<a@b> SIZE=big", 555, "5.5.4"),
     (b"MAIL FROM:<a@b> SIZE", 555, "5.5.4"),
     (b"MAIL FROM:<a@b> SIZE=123456789012345678901", 555, "5.5.4"),
@@ -133,7 +134,8 @@ def test_parse(line: bytes, command: Command) -> None:
     (b"MAIL FROM:<a@b> AUTH=+FF", 555, "5.5.4"),
     (b"MAIL FROM:<a@b> =x", 555, "5.5.4"),
     (b"MAIL FROM:<a@b> -X", 555, "5.5.4"),
-    (b"RCPT TO:<a@b> NOTIFY=NEVER", 555, "5.5.4"),
+    (b"RCPT TO:<a@b> NOTIFY=NEVER,DELAY", 501, "5.5.4"),
+    (b"RCPT TO:<a@b> X-FLAG", 555, "5.5.4"),
     (b"MAIL FROM:<j\xc3\xb6rg@b>", 553, "5.6.7"),
 ])
 def test_refused(line: bytes, code: int, status: str) -> None:
@@ -156,14 +158,14 @@ def test_line_length_limits() -> None:
     assert parse_command(b"NOOP " + b"x" * 505) == Noop("x" * 505)
     assert refused(b"NOOP " + b"x" * 506) == (500, "5.5.2")
     assert refused(b"X" * 600) == (500, "5.5.2")
-    # MAIL grows by 26 (RFC 1870 SIZE) and 500 (RFC 4954 AUTH=).
+    # MAIL grows by 26 (RFC 1870 SIZE), 500 (RFC 4954 AUTH=) and 100 (RFC 3461 ENVID, RET).
     auth = b"a" * 480
     line = b"MAIL FROM:<" + b"s" * 60 + b"@example.org> SIZE=1000 AUTH=" + auth
     assert 510 < len(line) <= 1036
     assert parse_command(line) == Mail(Path("s" * 60, "example.org"),
                                        MailParams(size=1000, auth=auth.decode()))
-    assert refused(line + b"a" * (1037 - len(line))) == (500, "5.5.2")
-    assert refused(b"RCPT TO:<a@b> " + b" " * 510) == (500, "5.5.2")
+    assert refused(line + b"a" * (1137 - len(line))) == (500, "5.5.2")
+    assert refused(b"RCPT TO:<a@b> " + b" " * 1010) == (500, "5.5.2")
 
 
 @pytest.mark.parametrize(("command", "wire"), [
@@ -172,8 +174,8 @@ def test_line_length_limits() -> None:
     (Mail(Path("a b", "x"), MailParams(size=10, body="8BITMIME", smtputf8=True, auth="a+b=c d")),
      b'MAIL FROM:<"a b"@x> SIZE=10 BODY=8BITMIME SMTPUTF8 AUTH=a+2Bb+3Dc+20d\r\n'),
     (Rcpt(Path("postmaster", "")), b"RCPT TO:<postmaster>\r\n"),
-    (Rcpt(Path("x", "y"), {"NOTIFY": "NEVER", "X-FLAG": None}),
-     b"RCPT TO:<x@y> NOTIFY=NEVER X-FLAG\r\n"),
+    (Rcpt(Path("x", "y"), RcptParams(notify=("SUCCESS", "DELAY"), orcpt="a+b@c")),
+     b"RCPT TO:<x@y> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;a+2Bb@c\r\n"),
     (Bdat(5), b"BDAT 5\r\n"),
     (Bdat(0, True), b"BDAT 0 LAST\r\n"),
     (Auth("PLAIN", "AGEAYg=="), b"AUTH PLAIN AGEAYg==\r\n"),

@@ -117,12 +117,12 @@ def ehlo_lines(**options: object) -> list[str]:
 def test_ehlo_reply_lists_extensions() -> None:
     assert ehlo_lines() == [
         "250-mx.test", "250-PIPELINING", "250-SIZE 10000", "250-8BITMIME",
-        "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250 STARTTLS"]
+        "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250-DSN", "250 STARTTLS"]
     assert ehlo_lines(tls_active=True)[-1] == "250 AUTH PLAIN LOGIN"
     assert "250-STARTTLS" not in ehlo_lines(tls_active=True)
-    assert ehlo_lines(starttls=False)[-1] == "250 CHUNKING"
+    assert ehlo_lines(starttls=False)[-1] == "250 DSN"
     assert ehlo_lines(auth_requires_tls=False)[-1] == "250 AUTH PLAIN LOGIN"
-    assert ehlo_lines(tls_active=True, auth_mechanisms=())[-1] == "250 CHUNKING"
+    assert ehlo_lines(tls_active=True, auth_mechanisms=())[-1] == "250 DSN"
     assert ehlo_lines(tls_active=True, auth_mechanisms=["login"])[-1] == "250 AUTH LOGIN"
 
 
@@ -238,9 +238,14 @@ def test_rset_and_new_ehlo_reset_the_transaction() -> None:
         "TransactionReset", "MailFrom", "TransactionReset", "Hello"]
 
 
-def test_rcpt_parameters_are_refused() -> None:
-    assert talk(EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y> NOTIFY=NEVER\r\n")[1][-1] == (
-        b"555 5.5.4 RCPT parameters not supported")
+def test_unknown_rcpt_parameters_are_refused() -> None:
+    assert talk(EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y> X-FLAG\r\n")[1][-1] == (
+        b"555 5.5.4 Unsupported parameter: X-FLAG")
+
+
+def test_rcpt_dsn_parameters_need_ehlo() -> None:
+    lines = talk(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y> NOTIFY=NEVER\r\n")[1]
+    assert lines[-1] == b"555 5.5.4 ESMTP parameters require EHLO"
 
 
 def test_utf8_recipient_needs_smtputf8_mail() -> None:
@@ -313,7 +318,8 @@ def test_overlong_line_with_bare_cr_gets_the_same_reply_for_any_split() -> None:
 @pytest.mark.parametrize("line", [
     b"NOOP " + b"x" * 300 + b"\r" + b"x" * 300 + b"\r\n",  # 512 < length <= 1038
     b"NOOP " + b"x" * 600 + b"\n",
-    b"MAIL FROM:<" + b"x" * 1100 + b"\rx>\r\n",
+    b"MAIL FROM:<" + b"x" * 1200 + b"\rx>\r\n",
+    b"RCPT TO:<" + b"x" * 1100 + b"\rx>\r\n",
     b"x" * 2000 + b"\n",
 ])
 def test_line_length_is_judged_before_line_endings(line: bytes) -> None:
@@ -637,7 +643,8 @@ def _line_near_a_limit(verb: bytes, size: int, stray: list[tuple[int, bytes]],
 _LINES_NEAR_LIMITS = st.builds(
     _line_near_a_limit,
     st.sampled_from([b"", b"NOOP ", b"RCPT TO:<", b"MAIL FROM:<", b"AUTH PLAIN "]),
-    st.sampled_from([505, 509, 510, 511, 512, 1030, 1035, 1036, 1037, 1038, 1039, 1500,
+    st.sampled_from([505, 509, 510, 511, 512, 1010, 1011, 1012, 1013, 1030, 1035, 1036, 1037,
+                     1038, 1039, 1136, 1137, 1138, 1139, 1500,
                      12287, 12288, 12289, 12290, 12291]),
     st.lists(st.tuples(st.integers(0, 13_000), st.sampled_from([b"\r", b"\n", b"\x00", b"\r\n"])),
              max_size=3),

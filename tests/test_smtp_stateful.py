@@ -30,6 +30,7 @@ from trio_mta.smtp import (
     ServerConnection,
     StartTlsRequest,
 )
+from trio_mta.smtp.commands import max_line_length
 from trio_mta.smtp.server import MAX_PENDING_PLAINTEXT
 
 from .smtp_helpers import BANNER, merge_body, replies, split_at
@@ -259,8 +260,9 @@ class Conversation(RuleBasedStateMachine):
     def overlong(self, verb: bytes, size: int, stray: list[tuple[int, bytes]],
                  ending: bytes) -> None:
         """Over the verb's limit, whatever else is wrong with it: 'Line too long'."""
-        if verb == b"MAIL FROM:<" and size <= 1038:
-            size += 1038
+        limit = max_line_length(verb)
+        if size <= limit:
+            size += limit
         line = bytearray(verb + b"a" * (size - len(verb) - len(ending)))
         for where, what in stray:
             at = len(verb) + where % (len(line) - len(verb))

@@ -368,7 +368,8 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             for shard in shards:
                 shard_scheduler = _scheduler(config, shard.store, remote)
                 shard_bouncer = Bouncer(shard.store, router, hostname=config.hostname,
-                                        host_tag=tag, on_queued=shard_scheduler.wake)
+                                        host_tag=tag, on_queued=shard_scheduler.wake,
+                                        delay_warning=config.queue.delay_warning)
                 shard_scheduler.on_failed = shard_bouncer.kick
                 shard_scheduler.on_outcome = _observe(metrics)
                 await services.start(shard_scheduler.run)

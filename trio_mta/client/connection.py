@@ -52,6 +52,7 @@ from trio_mta.smtp.client import (
     ClientConnection,
     ClientEvent,
     CommandResult,
+    DsnRequest,
     Greeting,
     HelloResult,
     StartTlsResult,
@@ -384,6 +385,11 @@ class SMTPClient:
         return self._conn.max_size
 
     @property
+    def dsn(self) -> bool:
+        """The server advertised DSN: RFC 3461 parameters are passed on to it."""
+        return self._conn.dsn
+
+    @property
     def extensions(self) -> Mapping[str, str]:
         """EHLO keywords (upper case) and their parameters, as of the last EHLO."""
         return dict(self._conn.extensions)
@@ -422,6 +428,7 @@ class SMTPClient:
         data: bytes,
         *,
         smtputf8: bool | None = None,
+        dsn: DsnRequest | None = None,
     ) -> TransactionResult:
         """One MAIL/RCPT/DATA transaction; ``result.outcomes[i]`` decides recipient i.
 
@@ -429,11 +436,12 @@ class SMTPClient:
         without sending anything, a message over the server's SIZE (552 5.3.4,
         RFC 1870 §6) and non-ASCII addresses to a server without SMTPUTF8
         (553 5.6.7: RFC 6531 §3.2 forbids sending them, X.6.7 is its §3.5 code).
-        Raises ``ValueError`` for an address that is not a valid path.
+        Raises ``ValueError`` for an address that is not a valid path. ``dsn``
+        goes out only if the server advertised DSN (see :attr:`dsn`).
         """
         self._check_usable()
         try:
-            self._conn.send_mail(sender, recipients, data, smtputf8=smtputf8)
+            self._conn.send_mail(sender, recipients, data, smtputf8=smtputf8, dsn=dsn)
         except LocalProtocolError as exc:
             raise ValueError(str(exc)) from None
         return await self._exchange(

@@ -187,6 +187,7 @@ class QueueConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0
     concurrency: int = 20
+    delay_warning: float = 4 * 3600.0  # RFC 3461 NOTIFY=DELAY: when the one notice goes
 
 
 @dataclass(frozen=True)
@@ -549,6 +550,7 @@ class _Loader:
             retry_max=table.get("retry_max", duration, d.retry_max),
             max_age=table.get("max_age", duration, d.max_age),
             concurrency=table.get("concurrency", schema.positive_int, d.concurrency),
+            delay_warning=table.get("delay_warning", duration, d.delay_warning),
         )
         table.close()
         if queue.retry_initial > queue.retry_max:

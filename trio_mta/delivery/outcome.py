@@ -47,6 +47,9 @@ class Outcome:
     remote_host: str | None = None
     remote_address: str | None = None
     stage: Stage | None = None
+    # Delivered to a next hop that advertised DSN and got our RFC 3461 parameters:
+    # any success notice is its to send (RFC 3461 §6.2.1); not stored.
+    dsn_passed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("delivered", "deferred", "failed"):

@@ -55,6 +55,8 @@ from trio_mta.delivery.outcome import Kind, Outcome, Stage
 from trio_mta.dns import DnsError, MailHost, Resolver
 from trio_mta.metrics import Metrics
 from trio_mta.smtp.address import parse_path
+from trio_mta.smtp.client import DsnRequest
+from trio_mta.smtp.commands import RcptParams
 from trio_mta.smtp.errors import CommandError
 from trio_mta.smtp.replies import Reply
 from trio_mta.tls import client_context
@@ -322,7 +324,7 @@ class RemoteAgent:
             for address in host.addresses:
                 try:
                     client, result = await self._send(route, plan, address, sender,
-                                                      recipients, data)
+                                                      recipients, data, _dsn_request(items))
                 except SMTPClientError as exc:
                     failure = _failure(exc, host.name, address, route.port)
                     if failure.stage == "tls":
@@ -334,7 +336,7 @@ class RemoteAgent:
                     continue
                 if plan.sts_testing and client.tls is None:
                     testing_failure(route.domain, host.name, "the session was not encrypted")
-                outcomes = [_outcome(reply, host.name, client.address, stage)
+                outcomes = [_outcome(reply, host.name, client.address, stage, client.dsn)
                             for reply, stage in zip(result.outcomes, _stages(result),
                                                     strict=True)]
                 summary = _summary(outcomes)
@@ -419,7 +421,8 @@ class RemoteAgent:
         return client
 
     async def _send(self, route: _Route, plan: HostPlan, address: str, sender: str,
-                    recipients: list[str], data: bytes) -> tuple[SMTPClient, TransactionResult]:
+                    recipients: list[str], data: bytes,
+                    dsn: DsnRequest | None = None) -> tuple[SMTPClient, TransactionResult]:
         """One transaction at ``address``; a reused connection found dead is replaced once.
 
         Only a failure with no reply at all is retried: the server then never
@@ -428,7 +431,7 @@ class RemoteAgent:
         client, reused = await self._checkout(route, plan, address)
         for retry in (False, True):
             try:
-                result = await client.send(sender, recipients, data)
+                result = await client.send(sender, recipients, data, dsn=dsn)
             except SMTPClientError as exc:
                 await client.aclose()
                 if retry or not reused or exc.reply is not None:
@@ -494,6 +497,15 @@ def _valid_path(address: str, *, null_ok: bool) -> bool:
     return True
 
 
+def _dsn_request(items: list[DeliveryItem]) -> DsnRequest | None:
+    """The RFC 3461 parameters the client gave, for a next hop that takes them."""
+    first = items[0].rcpt
+    params = tuple(RcptParams(notify=i.rcpt.notify, orcpt=i.rcpt.orcpt) for i in items)
+    if first.ret is None and first.envid is None and params == (RcptParams(),) * len(params):
+        return None
+    return DsnRequest(params, ret=first.ret, envid=first.envid)
+
+
 def _ours(kind: Kind, status: str, text: str, stage: Stage = "route") -> Outcome:
     """An outcome we decided ourselves, without a server's reply."""
     return Outcome(kind, status, text, stage=stage)
@@ -505,12 +517,14 @@ def _kind(code: int) -> Kind:
     return "failed" if code >= 500 else "deferred"  # 4xx, and 3xx where a final reply belonged
 
 
-def _outcome(reply: Reply, host: str, address: str, stage: Stage | None) -> Outcome:
+def _outcome(reply: Reply, host: str, address: str, stage: Stage | None,
+             dsn_passed: bool = False) -> Outcome:
     kind = _kind(reply.code)
     default = {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}[kind]
     # A 3xx where a final reply belonged carries no usable status of its own.
     status = reply.status if reply.status and reply.status[0] == default[0] else default
-    return Outcome(kind, status, reply.text, reply.code, host, address, stage)
+    return Outcome(kind, status, reply.text, reply.code, host, address, stage,
+                   dsn_passed=dsn_passed and kind == "delivered")
 
 
 def _stages(result: TransactionResult) -> list[Stage]:

@@ -28,9 +28,10 @@ MAX_LINE = 998  # octets, CRLF excluded (RFC 5322 §2.1.1)
 _FOLD_AT = 78  # preferred header line length (RFC 5322 §2.1.1)
 _TEXT_WIDTH = 76
 
-# RFC 3464 §2.3.3; "delivered", "relayed" and "expanded" are success
-# notices, which this MTA does not send.
-_ACTIONS = frozenset({"failed", "delayed"})
+# RFC 3464 §2.3.3; "delivered" and "relayed" are the success notices RFC 3461
+# NOTIFY=SUCCESS asks for ("expanded" is not sent: aliases report "delivered").
+_ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed"})
+_SUCCESS = frozenset({"delivered", "relayed"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # RFC 3464 §2.3.4 / RFC 3463 §2
 MAX_HEADERS = 64 * 1024  # octets of a returned header section (text/rfc822-headers)
 _HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 field name
@@ -77,6 +78,7 @@ class FailedRecipient:
     # True: ``diagnostic`` is a server's SMTP reply ("smtp;", RFC 3464 §2.3.6);
     # False: our own finding (DNS, TLS, expiry), typed "X-trio-mta;" as Postfix's X-Postfix.
     smtp_reply: bool = False
+    orcpt: str | None = None  # RFC 3461 ORCPT: reported as Original-Recipient
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
@@ -93,14 +95,16 @@ def needs_bounce(sender: str) -> bool:
 def build_bounce(*, reporting_mta: str, sender: str, queue_id: str, arrival: float,
                  recipients: Sequence[FailedRecipient], original: bytes,
                  now: float | None = None, return_full_message: bool = False,
-                 max_original: int = 256 * 1024, max_headers: int = MAX_HEADERS) -> bytes:
+                 max_original: int = 256 * 1024, max_headers: int = MAX_HEADERS,
+                 envid: str | None = None) -> bytes:
     """The DSN telling ``sender`` that ``recipients`` of message ``queue_id`` failed.
 
     ``original`` is the message as queued. Only its header section is returned
     unless ``return_full_message``; then at most ``max_original`` octets of it,
     cut at a line end, so a bounce of a huge message stays small. A returned
     header section is cut to ``max_headers`` octets, between two fields; the
-    explanation says when either was cut.
+    explanation says when either was cut. ``envid`` (RFC 3461 ENVID) is
+    reported as Original-Envelope-Id.
     """
     if not needs_bounce(sender):
         raise ValueError("no delivery status notification for the null sender (RFC 5321 §6.1)")
@@ -112,13 +116,16 @@ def build_bounce(*, reporting_mta: str, sender: str, queue_id: str, arrival: flo
     attached, truncated = _returned(original, return_full_message, limit)
     parts = [
         _text_part(host, recipients, return_full_message, truncated, limit),
-        _status_part(host, queue_id, arrival, recipients),
+        _status_part(host, queue_id, arrival, recipients, envid),
         attached,
     ]
     boundary = _boundary(parts)
-    delayed_only = all(r.action == "delayed" for r in recipients)
-    subject = ("Delayed Mail (still being retried)" if delayed_only
-               else "Undelivered Mail Returned to Sender")
+    if all(r.action == "delayed" for r in recipients):
+        subject = "Delayed Mail (still being retried)"
+    elif all(r.action in _SUCCESS for r in recipients):
+        subject = "Successful Mail Delivery Report"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
     fields = [
         ("From", f"MAILER-DAEMON@{host} (Mail Delivery System)"),
         ("To", _text(sender)),
@@ -148,7 +155,12 @@ def _text_part(host: str, recipients: Sequence[FailedRecipient], full: bool,
                truncated: bool, max_original: int) -> bytes:
     """Part 1: what happened, for a person (RFC 6522 §3 requires it first)."""
     returned = "It's attached below." if full else "Its headers are attached below."
-    if all(r.action == "delayed" for r in recipients):
+    if all(r.action in _SUCCESS for r in recipients):
+        news = ("Your message was successfully delivered to the destination(s) listed "
+                "below. If the message was delivered to a mailbox you will receive no "
+                "further notifications. Otherwise you may still receive notifications "
+                "of mail delivery errors from other systems. " + returned)
+    elif all(r.action == "delayed" for r in recipients):
         news = ("This is a warning only; you do not need to resend your message. "
                 "It could not be delivered yet to one or more recipients, and the "
                 "mail system will keep trying. " + returned)
@@ -190,6 +202,11 @@ def _reason(rcpt: FailedRecipient) -> str:
     who = f"<{_text(rcpt.address)}>"
     if rcpt.original is not None and rcpt.original != rcpt.address:
         who += f" (expanded from <{_text(rcpt.original)}>)"
+    if rcpt.action == "delivered":
+        return f"{who}: delivered to mailbox"
+    if rcpt.action == "relayed":
+        hop = f" {_host(rcpt.remote_mta)}" if rcpt.remote_mta else ""
+        return f"{who}: relayed to host{hop} that does not send delivery notifications"
     diagnostic = _ascii(rcpt.diagnostic) if rcpt.diagnostic else None
     remote = _host(rcpt.remote_mta) if rcpt.remote_mta else None
     if diagnostic and remote:
@@ -208,16 +225,23 @@ def _describe(status: str) -> str:
 
 
 def _status_part(host: str, queue_id: str, arrival: float,
-                 recipients: Sequence[FailedRecipient]) -> bytes:
+                 recipients: Sequence[FailedRecipient], envid: str | None = None) -> bytes:
     """Part 2: the machine-readable report (RFC 3464 §2.1), all 7-bit."""
-    blocks = [_header_lines([
+    message_fields = []
+    if envid is not None:
+        message_fields.append(("Original-Envelope-Id", _ascii(envid)))  # RFC 3464 §2.2.1
+    message_fields += [
         ("Reporting-MTA", f"dns; {host}"),
         ("X-Queue-ID", _ascii(queue_id)),  # RFC 3464 §2.4 extension field
         ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
-    ])]
+    ]
+    blocks = [_header_lines(message_fields)]
     for rcpt in recipients:
         fields = [("Final-Recipient", _address_field(rcpt.address))]
-        if rcpt.original is not None and rcpt.original != rcpt.address:
+        if rcpt.orcpt is not None:
+            # RFC 3464 §2.3.1: the ORCPT the client gave, as given.
+            fields.append(("Original-Recipient", _address_field(rcpt.orcpt)))
+        elif rcpt.original is not None and rcpt.original != rcpt.address:
             fields.append(("Original-Recipient", _address_field(rcpt.original)))
         fields += [("Action", rcpt.action), ("Status", rcpt.status)]
         if rcpt.remote_mta:

@@ -49,8 +49,9 @@ UNFINISHED = ("pending", "deferred")
 # 2: recipients_failed index (bounces); 3: outcome fields as columns; 4: body_index,
 # damaged, doomed_bodies (body files, queue/bodies.py). The script is idempotent;
 # columns added after a table's first release are listed in _ADDED_COLUMNS and
-# added to older databases by _migrate.
-_SCHEMA_VERSION = 4
+# added to older databases by _migrate. 5: RFC 3461 DSN columns (ret, envid; notify,
+# orcpt, notice, warned).
+_SCHEMA_VERSION = 5
 # next_attempt of the recipients of a damaged message: never due until a flush
 # (every server start is one) tries the body again.
 SET_ASIDE_UNTIL = 253402300799.0  # 9999-12-31T23:59:59Z
@@ -62,7 +63,9 @@ CREATE TABLE IF NOT EXISTS messages (
     sender      TEXT NOT NULL,
     received_at REAL NOT NULL,
     size        INTEGER NOT NULL,
-    meta        TEXT NOT NULL DEFAULT '{}'
+    meta        TEXT NOT NULL DEFAULT '{}',
+    ret         TEXT,              -- RFC 3461 RET: FULL | HDRS | NULL
+    envid       TEXT               -- RFC 3461 ENVID, decoded
 );
 CREATE TABLE IF NOT EXISTS bodies (
     message_id  TEXT PRIMARY KEY,
@@ -86,7 +89,11 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_text    TEXT,
     last_host    TEXT,
     last_address TEXT,
-    last_stage   TEXT
+    last_stage   TEXT,
+    notify       TEXT,             -- RFC 3461 NOTIFY as given ("SUCCESS,DELAY"), NULL: absent
+    orcpt        TEXT,             -- RFC 3461 ORCPT address (rfc822), decoded
+    notice       TEXT,             -- a success DSN owed: 'delivered' | 'relayed'
+    warned       INTEGER NOT NULL DEFAULT 0  -- the one delay DSN was queued
 );
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients (message_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (local, next_attempt)
@@ -127,11 +134,15 @@ CREATE TRIGGER IF NOT EXISTS messages_gone AFTER DELETE ON messages BEGIN
     DELETE FROM damaged WHERE message_id = old.id;
 END;
 """
-# Version 3's outcome columns, added to tables created by versions 1 and 2.
+# Version 3's outcome columns, added to tables created by versions 1 and 2, and
+# version 5's DSN columns.
 _ADDED_COLUMNS: Final = {
+    "messages": (("ret", "TEXT"), ("envid", "TEXT")),
     "recipients": (
         ("last_code", "INTEGER"), ("last_status", "TEXT"), ("last_text", "TEXT"),
         ("last_host", "TEXT"), ("last_address", "TEXT"), ("last_stage", "TEXT"),
+        ("notify", "TEXT"), ("orcpt", "TEXT"), ("notice", "TEXT"),
+        ("warned", "INTEGER NOT NULL DEFAULT 0"),
     ),
     "attempts": (
         ("code", "INTEGER"), ("status", "TEXT"), ("text", "TEXT"), ("host", "TEXT"),
@@ -151,6 +162,24 @@ class NewRecipient:
     address: str
     original: str
     mailbox: str | None  # None: remote recipient
+    notify: tuple[str, ...] | None = None  # RFC 3461 NOTIFY; None: not given (FAILURE)
+    orcpt: str | None = None  # RFC 3461 ORCPT address
+
+
+def wants(notify: tuple[str, ...] | None, kind: str) -> bool:
+    """Whether a recipient with ``notify`` gets a DSN of ``kind`` (RFC 3461 §4.1).
+
+    Without NOTIFY only failures are reported, as before DSN existed.
+    """
+    return kind == "FAILURE" if notify is None else kind in notify
+
+
+def _notify_text(notify: tuple[str, ...] | None) -> str | None:
+    return None if notify is None else ",".join(notify)
+
+
+def _notify_of(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(text.split(","))
 
 
 @dataclass(frozen=True)
@@ -162,6 +191,8 @@ class NewMessage:
     # A large body already in a fsynced spool file: the message is `data` (then
     # only the prepended trace headers) followed by the file's bytes.
     spooled: SpooledBody | None = None
+    ret: Literal["FULL", "HDRS"] | None = None  # RFC 3461 §4.3
+    envid: str | None = None  # RFC 3461 §4.4
 
     @property
     def size(self) -> int:
@@ -178,6 +209,10 @@ class DueRecipient:
     sender: str
     attempts: int
     received_at: float
+    notify: tuple[str, ...] | None = None  # RFC 3461, passed on to a next hop with DSN
+    orcpt: str | None = None
+    ret: Literal["FULL", "HDRS"] | None = None
+    envid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +236,43 @@ class FailedRecord:
     original: str
     outcome: Outcome
     failed_at: float
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class NoticeRecord:
+    """A delivered recipient that asked for a success DSN (NOTIFY=SUCCESS)."""
+
+    address: str
+    original: str
+    action: Literal["delivered", "relayed"]
+    delivered_at: float
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class DelayedRecord:
+    """A recipient still waiting that asked for a delay DSN (NOTIFY=DELAY)."""
+
+    rcpt_id: int
+    address: str
+    original: str
+    last: Outcome | None
+    updated_at: float
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class DelayedMessage:
+    """A message whose ``delayed`` recipients have waited past the delay warning."""
+
+    message_id: str
+    sender: str
+    received_at: float
+    data: bytes
+    delayed: tuple[DelayedRecord, ...]
+    envid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +328,9 @@ class FinishedMessage:
     received_at: float
     data: bytes
     failed: tuple[FailedRecord, ...]
+    notices: tuple[NoticeRecord, ...] = ()
+    ret: Literal["FULL", "HDRS"] | None = None
+    envid: str | None = None
 
 
 def _chunks(seq: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -310,6 +385,8 @@ def _recipient_row(update: RecipientUpdate, now: float) -> tuple[Any, ...]:
         None if delivered else update.outcome.detail,
         now,
         *((None,) * 6 if delivered else _outcome_columns(update.outcome)),
+        delivered,
+        update.outcome.dsn_passed,
         update.rcpt_id,
     )
 
@@ -540,7 +617,8 @@ class QueueStore:
         index = []
         rcpts = []
         for message_id, msg in items:
-            messages.append((message_id, msg.sender, now, msg.size, json.dumps(dict(msg.meta))))
+            messages.append((message_id, msg.sender, now, msg.size, json.dumps(dict(msg.meta)),
+                             msg.ret, msg.envid))
             if msg.spooled is None:
                 bodies.append((message_id, msg.data))
                 index.append((message_id, b"", 0, len(msg.data), crc_of(msg.data)))
@@ -548,10 +626,12 @@ class QueueStore:
                 index.append((message_id, msg.data, 1, msg.spooled.size, msg.spooled.crc))
             for r in msg.recipients:
                 rcpts.append(
-                    (message_id, r.address, r.original, r.mailbox, r.mailbox is not None, now, now)
+                    (message_id, r.address, r.original, r.mailbox, r.mailbox is not None, now, now,
+                     _notify_text(r.notify), r.orcpt)
                 )
         conn.executemany(
-            "INSERT INTO messages (id, sender, received_at, size, meta) VALUES (?,?,?,?,?)",
+            "INSERT INTO messages (id, sender, received_at, size, meta, ret, envid)"
+            " VALUES (?,?,?,?,?,?,?)",
             messages,
         )
         conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?,?)", bodies)
@@ -561,7 +641,7 @@ class QueueStore:
         )
         conn.executemany(
             "INSERT INTO recipients (message_id, address, original, mailbox, local, status,"
-            " next_attempt, updated_at) VALUES (?,?,?,?,?,'pending',?,?)",
+            " next_attempt, updated_at, notify, orcpt) VALUES (?,?,?,?,?,'pending',?,?,?,?)",
             rcpts,
         )
 
@@ -581,7 +661,7 @@ class QueueStore:
             for kind in kinds:
                 rows += conn.execute(
                     "SELECT r.next_attempt, r.message_id, r.id, r.address, r.original, r.mailbox,"
-                    " m.sender, r.attempts, m.received_at"
+                    " m.sender, r.attempts, m.received_at, r.notify, r.orcpt, m.ret, m.envid"
                     " FROM recipients r JOIN messages m ON m.id = r.message_id"
                     " WHERE r.local = ? AND r.status IN ('pending', 'deferred')"
                     " AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?",
@@ -593,7 +673,11 @@ class QueueStore:
             for row in rows:
                 if row[2] in self._leased:
                     continue
-                out.append(DueRecipient(*row[1:]))
+                (_, message_id, rcpt_id, address, original, mailbox, sender, attempts,
+                 received_at, notify, orcpt, ret, envid) = row
+                out.append(DueRecipient(message_id, rcpt_id, address, original, mailbox, sender,
+                                        attempts, received_at, _notify_of(notify), orcpt, ret,
+                                        envid))
                 if len(out) == limit:
                     break
             self._leased.update(r.rcpt_id for r in out)
@@ -755,7 +839,12 @@ class QueueStore:
                 "UPDATE recipients SET status = ?, attempts = attempts + 1,"
                 " next_attempt = COALESCE(?, next_attempt), last_error = ?, updated_at = ?,"
                 " last_code = ?, last_status = ?, last_text = ?, last_host = ?,"
-                " last_address = ?, last_stage = ? WHERE id = ?",
+                " last_address = ?, last_stage = ?,"
+                # RFC 3461 §6.2: a success DSN is owed for NOTIFY=SUCCESS unless the
+                # next hop took the request over.
+                " notice = CASE WHEN ? AND (',' || notify || ',') LIKE '%,SUCCESS,%'"
+                "  THEN CASE WHEN local THEN 'delivered' WHEN ? THEN NULL ELSE 'relayed' END"
+                "  END WHERE id = ?",
                 [_recipient_row(u, now) for u in updates],
             )
             # INSERT ... SELECT skips recipients deleted meanwhile (`queue delete`).
@@ -787,7 +876,8 @@ class QueueStore:
             (mid,)
             for mid in message_ids
             if conn.execute(
-                "SELECT 1 FROM recipients WHERE message_id = ? AND status != 'delivered' LIMIT 1",
+                "SELECT 1 FROM recipients WHERE message_id = ?"
+                " AND (status != 'delivered' OR notice IS NOT NULL) LIMIT 1",
                 (mid,),
             ).fetchone()
             is None
@@ -817,40 +907,95 @@ class QueueStore:
     # -- bounces ----------------------------------------------------------------------
 
     def bounce_candidates(self, limit: int = 20) -> list[FinishedMessage]:
-        """Finished messages with failed recipients whose bounce is not queued yet.
+        """Finished messages with failed recipients, or success DSNs owed, not reported yet.
 
-        One bounce per message (RFC 3464 reports all its failures together), so a
+        One report per message (RFC 3464 reports all its recipients together), so a
         message waits until every recipient is delivered or failed.
         """
         with _errors("read"), self._read() as conn:
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(
-                    "SELECT m.id, m.sender, m.received_at FROM messages m"
+                    "SELECT m.id, m.sender, m.received_at, m.ret, m.envid FROM messages m"
                     " WHERE m.id IN (SELECT DISTINCT message_id FROM recipients"
-                    "                WHERE status = 'failed')"
+                    "                WHERE status = 'failed' OR notice IS NOT NULL)"
                     " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
                     "                 AND r.status IN ('pending', 'deferred'))"
                     " ORDER BY m.received_at LIMIT ?",
                     (limit,),
                 ).fetchall()
                 found = []
-                for message_id, sender, received_at in rows:
+                for message_id, sender, received_at, ret, envid in rows:
                     failed = tuple(
-                        FailedRecord(address, original, _outcome("failed", fields), updated_at)
-                        for address, original, updated_at, *fields in conn.execute(
-                            "SELECT address, original, updated_at, " + _LAST_COLUMNS
+                        FailedRecord(address, original, _outcome("failed", fields), updated_at,
+                                     _notify_of(notify), orcpt)
+                        for address, original, updated_at, notify, orcpt, *fields
+                        in conn.execute(
+                            "SELECT address, original, updated_at, notify, orcpt, "
+                            + _LAST_COLUMNS
                             + " FROM recipients WHERE message_id = ? AND status = 'failed'"
                             " ORDER BY id",
                             (message_id,),
                         )
                     )
-                    found.append((message_id, sender, received_at, failed))
+                    notices = tuple(
+                        NoticeRecord(*row) for row in conn.execute(
+                            "SELECT address, original, notice, updated_at, orcpt FROM recipients"
+                            " WHERE message_id = ? AND status = 'delivered'"
+                            " AND notice IS NOT NULL ORDER BY id",
+                            (message_id,),
+                        )
+                    )
+                    found.append((message_id, sender, received_at, failed, notices, ret, envid))
             finally:
                 conn.execute("COMMIT")
         bodies = self.bodies([row[0] for row in found])  # outside the read lock: it takes it
-        return [FinishedMessage(mid, sender, received_at, bodies[mid].read(), failed)
-                for mid, sender, received_at, failed in found if mid in bodies]
+        return [FinishedMessage(mid, sender, received_at, bodies[mid].read(), failed, notices,
+                                ret, envid)
+                for mid, sender, received_at, failed, notices, ret, envid in found
+                if mid in bodies]
+
+    def delay_candidates(self, older_than: float, limit: int = 20) -> list[DelayedMessage]:
+        """Messages with recipients that asked for NOTIFY=DELAY, still unfinished, received
+        before ``older_than`` and not warned yet (one delay DSN per recipient)."""
+        with _errors("read"), self._read() as conn:
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    "SELECT r.message_id, m.sender, m.received_at, m.envid, r.id, r.address,"
+                    " r.original, r.updated_at, r.orcpt, r.attempts, " + _LAST_COLUMNS
+                    + " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                    " WHERE r.status IN ('pending', 'deferred') AND NOT r.warned"
+                    " AND (',' || r.notify || ',') LIKE '%,DELAY,%' AND m.received_at <= ?"
+                    " ORDER BY m.received_at, r.id LIMIT ?",
+                    (older_than, limit * 50),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        grouped: dict[str, tuple[str, float, str | None, list[DelayedRecord]]] = {}
+        for (mid, sender, received_at, envid, rcpt_id, address, original, updated_at, orcpt,
+             attempts, *fields) in rows:
+            if mid not in grouped:
+                if len(grouped) == limit:
+                    continue
+                grouped[mid] = (sender, received_at, envid, [])
+            last = _outcome("deferred", fields) if attempts and fields[1] else None
+            grouped[mid][3].append(
+                DelayedRecord(rcpt_id, address, original, last, updated_at, orcpt))
+        bodies = self.bodies(list(grouped))
+        return [DelayedMessage(mid, sender, received_at, bodies[mid].read(), tuple(records),
+                               envid)
+                for mid, (sender, received_at, envid, records) in grouped.items()
+                if mid in bodies]
+
+    def warned(self, rcpt_ids: Sequence[int], notice: tuple[str, NewMessage] | None, *,
+               now: float) -> None:
+        """Queue the delay DSN and mark its recipients warned, in ONE fsynced step."""
+        with _errors("warn"), self._transaction("FULL") as conn:
+            if notice is not None:
+                self._insert_rows(conn, [notice], now)
+            conn.executemany("UPDATE recipients SET warned = 1 WHERE id = ?",
+                             [(i,) for i in rcpt_ids])
 
     def settle(self, message_id: str, bounce: tuple[str, NewMessage] | None, *,
                now: float) -> None:
@@ -899,14 +1044,15 @@ class QueueStore:
     def purge_finished(self, *, keep_failed: bool = False) -> int:
         """Drop messages with no pending/deferred recipient; returns how many.
 
-        keep_failed=True keeps messages that still have a failed recipient (their
-        bounce has not been queued yet).
+        keep_failed=True keeps messages that still have a failed recipient or owe
+        a success DSN (their report has not been queued yet).
         """
         finished = ("pending", "deferred", "failed") if keep_failed else UNFINISHED
+        owed = " OR r.notice IS NOT NULL" if keep_failed else ""
         with _errors("purge"), self._transaction("NORMAL") as conn:
             done = conn.execute(
                 "SELECT id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
-                f" WHERE r.message_id = m.id AND r.status IN ({_marks(len(finished))}))",
+                f" WHERE r.message_id = m.id AND (r.status IN ({_marks(len(finished))}){owed}))",
                 finished,
             ).fetchall()
             _delete_messages(conn, done)

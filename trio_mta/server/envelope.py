@@ -12,7 +12,7 @@ from typing import Protocol
 
 from trio_mta.queue.bodies import MessageContent
 from trio_mta.routing.router import Target
-from trio_mta.smtp import MailParams, Path, Reply
+from trio_mta.smtp import MailParams, Path, RcptParams, Reply
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Recipient:
 
     address: str
     targets: tuple[Target, ...]
+    params: RcptParams = field(default_factory=RcptParams)  # RFC 3461 NOTIFY, ORCPT
 
 
 @dataclass

@@ -33,7 +33,7 @@ from trio_mta.delivery.agent import DeliveryItem
 from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.outcome import Outcome
 from trio_mta.queue.bodies import MessageContent, StoredBody
-from trio_mta.queue.store import DueRecipient, NewRecipient
+from trio_mta.queue.store import DueRecipient, NewRecipient, wants
 from trio_mta.server.envelope import Envelope, SessionInfo
 from trio_mta.server.queue_sink import QueueSink, queue_recipients
 from trio_mta.smtp import Reply
@@ -113,7 +113,9 @@ class ImmediateLocalDelivery:
         if any(not rcpt.targets for rcpt in envelope.recipients):
             return await self.queue.accept(envelope, session, content, queue_id)
         recipients = queue_recipients(envelope)
-        local = [r for r in recipients if r.mailbox is not None]
+        # NOTIFY=SUCCESS recipients take the queue, whose bouncer sends the success
+        # DSN (RFC 3461 §6.2) once they are delivered; the rest need no report.
+        local = [r for r in recipients if r.mailbox is not None and not wants(r.notify, "SUCCESS")]
         if not local:
             return await self.queue.accept(envelope, session, content, queue_id)
         now = time.time()
@@ -137,15 +139,15 @@ class ImmediateLocalDelivery:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return await self.queue.accept(envelope, session, content, queue_id)
         await request.done.wait()
-        left = self._record(items, request.outcomes)
-        remaining = [r for r in recipients if r.mailbox is None] + left
+        left = self._record(items, request.outcomes, local)
+        remaining = [r for r in recipients if r not in local] + left
         if not remaining:
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         return await self.queue.accept(envelope, session, content, queue_id,
                                        recipients=tuple(remaining))
 
-    def _record(self, items: list[DeliveryItem],
-                outcomes: Sequence[Outcome]) -> list[NewRecipient]:
+    def _record(self, items: list[DeliveryItem], outcomes: Sequence[Outcome],
+                origin: Sequence[NewRecipient]) -> list[NewRecipient]:
         """Log what was delivered (as the scheduler does) and return what the queue must take."""
         left: list[NewRecipient] = []
         now = time.time()
@@ -163,6 +165,5 @@ class ImmediateLocalDelivery:
                 log.warning("queue.deferred", id=rcpt.message_id, to=rcpt.address,
                             mailbox=rcpt.mailbox, attempts=1, detail=outcome.detail,
                             next_attempt="queued")
-            left.append(NewRecipient(address=rcpt.address, original=rcpt.original,
-                                     mailbox=rcpt.mailbox))
+            left.append(origin[index])
         return left

@@ -28,7 +28,8 @@ def queue_recipients(envelope: Envelope) -> tuple[NewRecipient, ...]:
                 continue
             seen.add(key)
             out.append(NewRecipient(address=target.address, original=rcpt.address,
-                                    mailbox=mailbox))
+                                    mailbox=mailbox, notify=rcpt.params.notify,
+                                    orcpt=rcpt.params.orcpt))
     return tuple(out)
 
 
@@ -65,7 +66,8 @@ class QueueSink:
         message = NewMessage(sender=envelope.sender_address,
                              recipients=recipients or queue_recipients(envelope),
                              data=data, meta=meta,
-                             spooled=spooled)
+                             spooled=spooled, ret=envelope.params.ret,
+                             envid=envelope.params.envid)
         try:
             await self.writer.submit(message, queue_id=queue_id)
         except QueueError as exc:

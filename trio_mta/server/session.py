@@ -433,7 +433,8 @@ class Session:
             if reply.code < 400:
                 # The application vouches for this recipient; if the message later
                 # falls through to the queue it goes where routing would send it.
-                self.envelope.recipients.append(Recipient(address, router.expand(address)))
+                self.envelope.recipients.append(
+                    Recipient(address, router.expand(address), event.params))
         else:
             verdict = router.check_recipient(
                 address, client_ip=self.client_ip, authenticated=self.authenticated)
@@ -441,7 +442,8 @@ class Session:
             if verdict.accepted:
                 refusal = await self._milter_rcpt(address)
                 if refusal is None:
-                    self.envelope.recipients.append(Recipient(address, verdict.targets))
+                    self.envelope.recipients.append(
+                        Recipient(address, verdict.targets, event.params))
                 else:
                     reply = refusal
         if reply.code >= 400:

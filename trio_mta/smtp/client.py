@@ -74,6 +74,8 @@ from trio_mta.smtp.commands import (
     Noop,
     Quit,
     Rcpt,
+    RcptParams,
+    Ret,
     Rset,
     StartTls,
     format_command,
@@ -89,11 +91,21 @@ __all__ = [
     "ClientConnection",
     "ClientEvent",
     "CommandResult",
+    "DsnRequest",
     "Greeting",
     "HelloResult",
     "StartTlsResult",
     "TransactionResult",
 ]
+
+
+@dataclass(frozen=True)
+class DsnRequest:
+    """RFC 3461 parameters for one transaction: RET and ENVID, one RcptParams per recipient."""
+
+    recipients: tuple[RcptParams, ...]
+    ret: Ret | None = None
+    envid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +220,11 @@ class ClientConnection:
         return "PIPELINING" in self.extensions
 
     @property
+    def dsn(self) -> bool:
+        """The server takes RFC 3461 parameters: it reports from here on."""
+        return "DSN" in self.extensions
+
+    @property
     def starttls(self) -> bool:
         return "STARTTLS" in self.extensions
 
@@ -302,18 +319,23 @@ class ClientConnection:
         self._start(self._auth_step(mechanism, username, password, authzid))
 
     def send_mail(self, sender: str | Path, recipients: Sequence[str | Path], body: bytes,
-                  *, smtputf8: bool | None = None) -> None:
+                  *, smtputf8: bool | None = None, dsn: DsnRequest | None = None) -> None:
         """One transaction; ``body`` is the RFC 5322 message (any line ends).
 
         ``smtputf8``: request SMTPUTF8; by default when an address is not ASCII.
+        ``dsn``: RFC 3461 RET/ENVID and per-recipient NOTIFY/ORCPT, sent only
+        when the server advertised DSN (§5: never to one that did not).
         """
+        if dsn is not None and len(dsn.recipients) != len(recipients):
+            raise LocalProtocolError("send_mail() needs one RcptParams per recipient")
         mail_from = _path(sender, null_ok=True)
         rcpt_to = [_path(rcpt, null_ok=False) for rcpt in recipients]
         if not rcpt_to:
             raise LocalProtocolError("send_mail() needs at least one recipient")
         if smtputf8 is None:
             smtputf8 = not all(str(p).isascii() for p in (mail_from, *rcpt_to))
-        self._start(self._mail_step(mail_from, rcpt_to, body, smtputf8))
+        self._start(self._mail_step(mail_from, rcpt_to, body, smtputf8,
+                                    dsn if self.dsn else None))
 
     def rset(self) -> None:
         self._start(self._simple_step(Rset()))
@@ -411,7 +433,7 @@ class ClientConnection:
         return CommandResult(reply)
 
     def _mail_step(self, sender: Path, recipients: list[Path], body: bytes,
-                   smtputf8: bool) -> _Step:
+                   smtputf8: bool, dsn: DsnRequest | None) -> _Step:
         count = len(recipients)
         if smtputf8 and not self.smtputf8:
             refusal = Reply(553, "5.6.7", "Server does not support SMTPUTF8 addresses")
@@ -429,7 +451,10 @@ class ClientConnection:
                 size=size if "SIZE" in self.extensions else None,
                 body="8BITMIME" if eight_bit else None,  # RFC 6152 §3
                 smtputf8=smtputf8,
+                ret=dsn.ret if dsn is not None else None,
+                envid=dsn.envid if dsn is not None else None,
             )
+        rcpt_params = list(dsn.recipients) if dsn is not None else [RcptParams()] * count
         rset = self._needs_rset
         self._needs_rset = True  # until the transaction provably ended on the server
         if rset:
@@ -437,8 +462,8 @@ class ClientConnection:
         if self.pipelining:
             # RFC 2920 §3.1: MAIL, RCPTs and DATA in one group, DATA last.
             self._send(Mail(sender, params))
-            for rcpt in recipients:
-                self._send(Rcpt(rcpt))
+            for rcpt, rcpt_param in zip(recipients, rcpt_params, strict=True):
+                self._send(Rcpt(rcpt, rcpt_param))
             self._send(Data())
             replies = yield int(rset) + count + 2
             replies = replies[int(rset):]
@@ -450,11 +475,11 @@ class ClientConnection:
             self._send(Mail(sender, params))
             (mail_reply,) = yield 1
             rcpt_replies = []
-            for rcpt in recipients:
+            for rcpt, rcpt_param in zip(recipients, rcpt_params, strict=True):
                 if not mail_reply.is_success:
                     rcpt_replies.append(None)
                     continue
-                self._send(Rcpt(rcpt))
+                self._send(Rcpt(rcpt, rcpt_param))
                 (reply,) = yield 1
                 rcpt_replies.append(reply)
             if not any(r is not None and r.is_success for r in rcpt_replies):

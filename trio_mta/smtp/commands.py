@@ -1,4 +1,5 @@
-"""SMTP command lines to typed values and back (RFC 5321 §4.1, RFC 1870, 3030, 4954, 6152, 6531).
+"""SMTP command lines to typed values and back (RFC 5321 §4.1; RFCs 1870, 3030, 3461, 4954,
+6152, 6531).
 
 :func:`parse_command` is strict where leniency has bitten MTAs before (line
 length, stray CR/LF, unknown or repeated ESMTP parameters) and tolerant only
@@ -10,8 +11,8 @@ Every rejection is a :class:`CommandError` whose ``reply`` the server sends.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from trio_mta.smtp.address import Path, echo, match_path
@@ -20,12 +21,20 @@ from trio_mta.smtp.replies import Reply
 
 #: RFC 5321 §4.5.3.1.4: command line including CRLF.
 MAX_LINE = 512
-#: MAIL may be longer: RFC 1870 §3 (SIZE, +26) and RFC 4954 §5 (AUTH=, +500).
-MAX_MAIL_LINE = MAX_LINE + 26 + 500
+#: MAIL may be longer: RFC 1870 §3 (SIZE, +26), RFC 4954 §5 (AUTH=, +500) and
+#: RFC 3461 §5 (RET and ENVID, +100).
+MAX_MAIL_LINE = MAX_LINE + 26 + 500 + 100
+#: RCPT may be longer: RFC 3461 §5 (NOTIFY and ORCPT, +500).
+MAX_RCPT_LINE = MAX_LINE + 500
 
 BodyType: TypeAlias = Literal["7BIT", "8BITMIME", "BINARYMIME"]
 _BODY_TYPES: dict[str, BodyType] = {"7BIT": "7BIT", "8BITMIME": "8BITMIME",
                                     "BINARYMIME": "BINARYMIME"}
+Ret: TypeAlias = Literal["FULL", "HDRS"]
+#: RFC 3461 §4.1 NOTIFY keywords, in the order :func:`format_command` writes them.
+NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
+MAX_ENVID = 100  # RFC 3461 §4.4: characters of the xtext
+MAX_ORCPT = 500  # RFC 3461 §4.2: characters of the whole value
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class MailParams:
     body: BodyType | None = None
     smtputf8: bool = False
     auth: str | None = None  # RFC 4954 §5 AUTH=, xtext-decoded; "<>" stays "<>"
+    ret: Ret | None = None  # RFC 3461 §4.3: what a DSN returns of the message
+    envid: str | None = None  # RFC 3461 §4.4, xtext-decoded: echoed as Original-Envelope-Id
 
 
 @dataclass(frozen=True)
@@ -55,10 +66,22 @@ class Mail:
 
 
 @dataclass(frozen=True)
+class RcptParams:
+    """RFC 3461 RCPT parameters; anything else is refused at parse time.
+
+    ``notify`` is ``("NEVER",)`` or a non-empty subset of :data:`NOTIFY_ORDER`
+    in that order (None: not given, which means FAILURE, §4.1); ``orcpt`` is
+    the xtext-decoded address of an ``rfc822`` ORCPT (§4.2).
+    """
+
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
 class Rcpt:
     path: Path
-    # Parsing refuses every RCPT parameter today; formatting sends these (e.g. NOTIFY).
-    params: Mapping[str, str | None] = field(default_factory=dict)
+    params: RcptParams = RcptParams()
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,7 @@ _C1_OR_SEPARATOR = re.compile("[\x80-\x9f\u2028\u2029]")
 _FROM = re.compile(r"(?i:FROM): *(?=<)")
 _TO = re.compile(r"(?i:TO): *(?=<)")
 _NO_MAIL_PARAMS = MailParams()
+_NO_RCPT_PARAMS = RcptParams()
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")  # esmtp-keyword
 _VALUE = re.compile("[\\x21-\\x3c\\x3e-\\x7e\u0080-\U0010ffff]+\\Z")  # esmtp-value (+RFC 6531)
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
@@ -183,11 +207,12 @@ def _parse_rcpt(rest: str, utf8_ok: bool) -> Command:
         raise _err(501, "5.5.2", "Syntax: RCPT TO:<address>")
     path, end = match_path(rest, prefix.end(), smtputf8=True, allow_null=False,
                            allow_postmaster=True)
-    if end != len(rest) and _params_text(rest, end, "Syntax: RCPT TO:<address>"):
-        raise _err(555, "5.5.4", "RCPT parameters not supported")
+    params = _NO_RCPT_PARAMS
+    if end != len(rest):
+        params = _rcpt_params(_params_text(rest, end, "Syntax: RCPT TO:<address>"))
     if not (utf8_ok or rest.isascii() or rest[:end].isascii()):
         raise _err(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
-    return Rcpt(path)
+    return Rcpt(path, params)
 
 
 def _params_text(rest: str, end: int, syntax: str) -> list[str]:
@@ -197,14 +222,9 @@ def _params_text(rest: str, end: int, syntax: str) -> list[str]:
     return tail.split(" ") if tail.strip(" ") else []
 
 
-def _mail_params(tokens: list[str]) -> MailParams:
-    """The four parameters we offer; each is validated by its own rule, so the
-    generic esmtp-keyword/value grammar is only consulted to word the refusal
-    of anything else."""
-    size: int | None = None
-    body: BodyType | None = None
-    smtputf8 = False
-    auth: str | None = None
+def _split_params(tokens: list[str]) -> list[tuple[str, bool, str]]:
+    """(upper-case keyword, has "=", value) per parameter; a repeated keyword is refused."""
+    out = []
     seen: set[str] = set()
     for token in tokens:
         if not token:
@@ -214,6 +234,28 @@ def _mail_params(tokens: list[str]) -> MailParams:
         if key in seen:
             raise _err(555, "5.5.4", f"Duplicate parameter: {echo(key, 40)}")
         seen.add(key)
+        out.append((key, bool(eq), value))
+    return out
+
+
+def _refuse_param(key: str, eq: bool, value: str) -> CommandError:
+    if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+        token = f"{key}={value}" if eq else key
+        return _err(555, "5.5.4", f"Malformed parameter: {echo(token, 40)}")
+    return _err(555, "5.5.4", f"Unsupported parameter: {echo(key, 40)}")
+
+
+def _mail_params(tokens: list[str]) -> MailParams:
+    """The parameters we offer; each is validated by its own rule, so the
+    generic esmtp-keyword/value grammar is only consulted to word the refusal
+    of anything else."""
+    size: int | None = None
+    body: BodyType | None = None
+    smtputf8 = False
+    auth: str | None = None
+    ret: Ret | None = None
+    envid: str | None = None
+    for key, eq, value in _split_params(tokens):
         if key == "SIZE":
             if not (eq and value.isdigit() and value.isascii() and len(value) <= 20):
                 raise _err(555, "5.5.4", "Invalid value for SIZE")
@@ -229,25 +271,85 @@ def _mail_params(tokens: list[str]) -> MailParams:
         elif key == "AUTH":
             if not value:
                 raise _err(555, "5.5.4", "Invalid value for AUTH")
-            auth = _xtext_decode(value)  # RFC 4954 §5
-        elif not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise _err(555, "5.5.4", f"Malformed parameter: {echo(token, 40)}")
+            # RFC 4954 §5
+            auth = _xtext_decode(value, _err(555, "5.5.4", "Invalid value for AUTH"))
+        elif key == "RET":
+            upper = value.upper() if eq else ""
+            if upper not in ("FULL", "HDRS"):
+                raise _err(501, "5.5.4", "Invalid value for RET (FULL or HDRS)")
+            ret = "FULL" if upper == "FULL" else "HDRS"  # RFC 3461 §4.3
+        elif key == "ENVID":
+            bad = _err(501, "5.5.4", f"Invalid value for ENVID (xtext, at most {MAX_ENVID})")
+            if not value or len(value) > MAX_ENVID:
+                raise bad
+            envid = _xtext_decode(value, bad)  # RFC 3461 §4.4
+            if not envid.isascii():
+                raise bad
         else:
-            raise _err(555, "5.5.4", f"Unsupported parameter: {echo(key, 40)}")
-    return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth)
+            raise _refuse_param(key, eq, value)
+    return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth, ret=ret, envid=envid)
 
 
-def _xtext_decode(value: str) -> str:
+def _rcpt_params(tokens: list[str]) -> RcptParams:
+    """RFC 3461 §4.1-4.2 NOTIFY and ORCPT; malformed values get 501 5.5.4 (§5.2)."""
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    for key, eq, value in _split_params(tokens):
+        if key == "NOTIFY":
+            notify = _notify(value if eq else "")
+        elif key == "ORCPT":
+            bad = _err(501, "5.5.4", "Invalid value for ORCPT (rfc822;xtext)")
+            kind, semi, address = value.partition(";")
+            if kind.lower() != "rfc822":
+                if semi and kind:
+                    raise _err(501, "5.5.4", "Unsupported ORCPT address type (only rfc822)")
+                raise bad
+            if not address or len(value) > MAX_ORCPT:
+                raise bad
+            orcpt = _xtext_decode(address, bad)
+        else:
+            raise _refuse_param(key, eq, value)
+    return RcptParams(notify=notify, orcpt=orcpt)
+
+
+def _notify(value: str) -> tuple[str, ...]:
+    """NEVER alone, or SUCCESS/FAILURE/DELAY each at most once (RFC 3461 §4.1)."""
+    words = value.upper().split(",")
+    if words == ["NEVER"]:
+        return ("NEVER",)
+    if "NEVER" in words:
+        raise _err(501, "5.5.4", "NOTIFY=NEVER cannot be combined with other values")
+    if len(set(words)) != len(words):
+        raise _err(501, "5.5.4", "Duplicate value in NOTIFY")
+    if not words or not set(words) <= set(NOTIFY_ORDER):
+        raise _err(501, "5.5.4", "Invalid value for NOTIFY (NEVER or SUCCESS,FAILURE,DELAY)")
+    return tuple(word for word in NOTIFY_ORDER if word in words)
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 §4 xtext to text (UTF-8 octets); ValueError for invalid xtext."""
+    try:
+        return _xtext_decode(value, _err(501, "5.5.4", "Invalid xtext"))
+    except CommandError as exc:
+        raise ValueError(str(exc.reply)) from None
+
+
+def _xtext_decode(value: str, bad: CommandError) -> str:
     if not _XTEXT.match(value):
-        raise _err(555, "5.5.4", "Invalid value for AUTH")
+        raise bad
     raw = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
     try:
         decoded = raw.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
-        raise _err(555, "5.5.4", "Invalid value for AUTH") from None
+        raise bad from None
     if _CONTROL.search(decoded):
-        raise _err(555, "5.5.4", "Invalid value for AUTH")
+        raise bad
     return decoded
+
+
+def xtext_encode(value: str) -> str:
+    """Text as RFC 3461 §4 xtext: "+", "=" and octets outside "!".."~" become "+XX"."""
+    return _xtext_encode(value)
 
 
 def _xtext_encode(value: str) -> str:
@@ -300,10 +402,13 @@ _PARSERS: dict[bytes, Callable[[str, bool], Command]] = {
 def max_line_length(line: bytes) -> int:
     """The most octets, CRLF included, a command line starting with ``line`` may have.
 
-    Only the first five octets matter (MAIL may be longer), so the server can
-    apply the same limit to a line it has not finished receiving.
+    Only the first five octets matter (MAIL and RCPT may be longer), so the
+    server can apply the same limit to a line it has not finished receiving.
     """
-    return MAX_MAIL_LINE if line[:5].upper() == b"MAIL " else MAX_LINE
+    verb = line[:5].upper()
+    if verb == b"MAIL ":
+        return MAX_MAIL_LINE
+    return MAX_RCPT_LINE if verb == b"RCPT " else MAX_LINE
 
 
 def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
@@ -334,8 +439,14 @@ def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
     return parser(rest.strip(" "), smtputf8_ok)
 
 
-def _format_params(params: Mapping[str, str | None]) -> str:
-    return "".join(f" {k}" if v is None else f" {k}={v}" for k, v in params.items())
+def format_rcpt_params(params: RcptParams) -> str:
+    """The RCPT parameters as sent on the wire, each preceded by a space."""
+    out = []
+    if params.notify is not None:
+        out.append(f" NOTIFY={','.join(params.notify)}")
+    if params.orcpt is not None:
+        out.append(f" ORCPT=rfc822;{_xtext_encode(params.orcpt)}")
+    return "".join(out)
 
 
 def format_mail_params(params: MailParams) -> str:
@@ -349,6 +460,10 @@ def format_mail_params(params: MailParams) -> str:
         out.append(" SMTPUTF8")
     if params.auth is not None:
         out.append(f" AUTH={_xtext_encode(params.auth)}")
+    if params.ret is not None:
+        out.append(f" RET={params.ret}")
+    if params.envid is not None:
+        out.append(f" ENVID={_xtext_encode(params.envid)}")
     return "".join(out)
 
 
@@ -361,7 +476,7 @@ def _format_text(cmd: Command) -> str:
         case Mail(path, params):
             return f"MAIL FROM:<{path}>{format_mail_params(params)}"
         case Rcpt(path, params):
-            return f"RCPT TO:<{path}>{_format_params(params)}"
+            return f"RCPT TO:<{path}>{format_rcpt_params(params)}"
         case Data():
             return "DATA"
         case Bdat(size, last):

@@ -9,12 +9,11 @@ the machine has already queued whatever reply they needed.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, TypeAlias
 
 from trio_mta.smtp.address import Path
-from trio_mta.smtp.commands import MailParams, Quit
+from trio_mta.smtp.commands import MailParams, Quit, RcptParams
 from trio_mta.smtp.replies import Reply
 
 
@@ -40,7 +39,7 @@ class RcptTo:
     """Decision: a 2xx reply adds the recipient."""
 
     path: Path
-    params: Mapping[str, str | None] = field(default_factory=dict)
+    params: RcptParams = field(default_factory=RcptParams)
 
 
 @dataclass(frozen=True)

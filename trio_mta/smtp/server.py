@@ -76,6 +76,7 @@ from trio_mta.smtp.commands import (
     Noop,
     Quit,
     Rcpt,
+    RcptParams,
     Rset,
     StartTls,
     Vrfy,
@@ -145,6 +146,7 @@ _SASL_EMPTY = Reply(334, None, "")
 _SASL_USERNAME = Reply(334, None, "VXNlcm5hbWU6")  # "Username:", RFC 4954 practice for LOGIN
 _SASL_PASSWORD = Reply(334, None, "UGFzc3dvcmQ6")  # "Password:"
 _NO_MAIL_PARAMS = MailParams()
+_NO_RCPT_PARAMS = RcptParams()
 
 
 @lru_cache(maxsize=512)
@@ -449,7 +451,7 @@ class ServerConnection:
         self._table = _table(tls, auth)
         self._row = self._table[self._state]
         lines = [self._hostname, "PIPELINING", f"SIZE {self._max_size}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
+                 "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN"]
         if tls is _TlsOffer.OFFERED:
             lines.append("STARTTLS")
         if self._mechanisms and (self._tls or not self._auth_requires_tls):
@@ -556,7 +558,9 @@ class ServerConnection:
             self._decide(MailFrom(cmd.path, params))
 
     def _on_rcpt(self, cmd: Rcpt) -> None:
-        if self._rcpts >= self._max_rcpt:
+        if not self._esmtp and cmd.params != _NO_RCPT_PARAMS:
+            self._error(_NO_PARAMS)  # RFC 5321 §4.1.1.11: parameters need EHLO
+        elif self._rcpts >= self._max_rcpt:
             self._queue(_TOO_MANY_RCPT)  # RFC 5321 §4.5.3.1.10
         else:
             self._decide(RcptTo(cmd.path, cmd.params))
