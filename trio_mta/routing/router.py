@@ -105,6 +105,7 @@ class Router:
         )
         self._aliases = {address_key(k): tuple(v) for k, v in local.aliases.items()}
         self._networks = relay.trusted_networks
+        self._trusted: dict[str, bool] = {}  # is_trusted answers by address string
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -118,8 +119,19 @@ class Router:
         """Whether *ip* is in ``[relay].trusted_networks``; not an IP address: False.
 
         An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``, what a dual-stack socket reports
-        for an IPv4 peer) is judged as the IPv4 address it carries.
+        for an IPv4 peer) is judged as the IPv4 address it carries. Answers are remembered
+        for the last few thousand addresses: the check runs at every RCPT and parsing the
+        address showed in the per-message profile.
         """
+        known = self._trusted.get(ip)
+        if known is not None:
+            return known
+        if len(self._trusted) >= 4096:
+            self._trusted.clear()
+        self._trusted[ip] = verdict = self._judge(ip)
+        return verdict
+
+    def _judge(self, ip: str) -> bool:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
