@@ -20,6 +20,7 @@ import dns.inet
 import dns.name
 import dns.nameserver
 import dns.rcode
+import dns.rdata
 import dns.rdatatype
 import dns.resolver
 import trio
@@ -205,6 +206,23 @@ class Resolver:
         if found.error is not None:
             raise found.error
         raise DnsPermanentError(f"host {_text(name)} has no A/AAAA records", _NO_ROUTE)
+
+    async def records(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
+        """The *rdtype* records at *name*, CNAMEs followed (mail authentication's lookups).
+
+        NXDOMAIN and "no such type" are both ``[]``: SPF (void lookups), DKIM (no key)
+        and DMARC (no policy) treat them alike. A name that is not a valid domain is
+        ``[]`` too. Every other failure is :class:`DnsTemporaryError`.
+        """
+        try:
+            qname = dns.name.from_text(name.strip())
+        except dns.exception.DNSException:
+            return []
+        try:
+            answer = await self._query(qname, dns.rdatatype.from_text(rdtype))
+        except dns.resolver.NXDOMAIN:
+            return []
+        return [] if answer.rrset is None else list(answer.rrset)
 
     async def _implicit_mx(self, name: dns.name.Name) -> MailHost:
         """RFC 5321 §5.1: without MX records the domain itself is the host, preference 0.

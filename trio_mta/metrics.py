@@ -38,6 +38,8 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 
 OUTCOMES = ("delivered", "deferred", "failed")
 DESTINATIONS = ("local", "remote")
+AUTH_METHODS = ("spf", "dkim", "dmarc")
+AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 REJECT_REASONS = ("relay_denied", "unknown_user", "too_big", "bad_line_ending",
                   "queue_error", "auth_required", "handler")
 
@@ -139,6 +141,10 @@ class Metrics:
         self._auth = Counter(
             "trio_mta_auth_attempts", "SMTP AUTH attempts by result.",
             ["result"], registry=reg)
+        self._mail_auth = Counter(
+            "trio_mta_mail_auth_results",
+            "SPF, DKIM (one per signature) and DMARC results on inbound mail (SPEC §9).",
+            ["method", "result"], registry=reg)
         self._queue = _QueueCollector()
         reg.register(self._queue)
         self._queue_source: Callable[[], QueueStats] | None = None
@@ -155,6 +161,10 @@ class Metrics:
             self._rejected.labels(reason)
         for result in ("success", "failure"):
             self._auth.labels(result)
+        for method in AUTH_METHODS:
+            for result in AUTH_RESULTS:
+                if method == "spf" or result not in ("softfail",):
+                    self._mail_auth.labels(method, result)
 
     def connection_opened(self, listener: str, tls: bool) -> None:
         self._connections.labels(listener, "true" if tls else "false").inc()
@@ -193,6 +203,12 @@ class Metrics:
 
     def auth_result(self, ok: bool) -> None:
         self._auth.labels("success" if ok else "failure").inc()
+
+    def mail_auth_result(self, method: str, result: str) -> None:
+        """One SPF, DKIM or DMARC verdict; results outside RFC 8601's words are caller bugs."""
+        if method not in AUTH_METHODS or result not in AUTH_RESULTS:
+            raise ValueError(f"mail_auth_result({method!r}, {result!r})")
+        self._mail_auth.labels(method, result).inc()
 
     def render(self) -> bytes:
         """The text exposition, queue stats fetched first. Blocking: call from a thread.

@@ -1,0 +1,170 @@
+"""DKIM verification (RFC 6376 §6) of every signature on a message, with dkimpy.
+
+dkimpy looks keys up through a ``dnsfunc`` callback and would do blocking DNS of
+its own; here the lookups are split off: :func:`key_names` says which TXT records
+the signatures need, the trio resolver fetches them (see :mod:`.inbound`), and
+:func:`verify` hands dkimpy a ``dnsfunc`` that answers from those records only.
+Verification itself is CPU work with no I/O.
+
+Results use RFC 8601 §2.7.1's words: ``pass``, ``fail`` (the signature or body hash
+does not match), ``neutral`` (a signature we cannot evaluate: unknown algorithm),
+``temperror`` (the key lookup failed), ``permerror`` (malformed signature, no key).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+__all__ = ["DkimResult", "KeyAnswer", "SignatureInfo", "key_names", "signatures", "verify"]
+
+MIN_KEY_BITS = 1024  # RFC 8301 §3.2
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    """What a DKIM-Signature field claims, before any check."""
+
+    domain: str  # d=, lower-cased
+    selector: str  # s=
+    algorithm: str  # a=
+    b_prefix: str  # first 8 characters of b=, RFC 6008 header.b
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+
+@dataclass(frozen=True)
+class KeyAnswer:
+    """What DNS said about one key name: TXT strings (joined per record) or a failure."""
+
+    records: tuple[bytes, ...] = ()
+    temporary_error: str | None = None
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    result: str  # pass | fail | neutral | temperror | permerror
+    domain: str
+    selector: str
+    algorithm: str
+    b_prefix: str
+    reason: str = ""
+
+
+_SIGNATURE = re.compile(rb"dkim-signature", re.IGNORECASE)
+
+
+def signatures(message: bytes) -> list[SignatureInfo | None]:
+    """One entry per DKIM-Signature field, top first; None for one that does not parse."""
+    try:
+        headers, _ = dkim.rfc822_parse(_head(message))
+    except dkim.MessageFormatError:
+        return []
+    out: list[SignatureInfo | None] = []
+    for name, value in headers:
+        if not _SIGNATURE.fullmatch(name):
+            continue
+        try:
+            tags = parse_tag_value(value)
+            b = re.sub(rb"\s+", b"", tags.get(b"b", b""))
+            out.append(SignatureInfo(
+                domain=tags[b"d"].decode("ascii").strip().lower(),
+                selector=tags[b"s"].decode("ascii").strip(),
+                algorithm=tags.get(b"a", b"").decode("ascii").strip().lower(),
+                b_prefix=b[:8].decode("ascii")))
+        except (InvalidTagValueList, KeyError, UnicodeDecodeError):
+            out.append(None)
+    return out
+
+
+def key_names(found: list[SignatureInfo | None]) -> list[str]:
+    """The TXT names to fetch, each once."""
+    return list(dict.fromkeys(sig.key_name for sig in found if sig is not None))
+
+
+def verify(message: bytes, found: list[SignatureInfo | None],
+           keys: Mapping[str, KeyAnswer]) -> list[DkimResult]:
+    """Check every signature in *found* (from :func:`signatures` on the same *message*)."""
+    if not found:
+        return []
+    results: list[DkimResult] = []
+    checker: dkim.DKIM | None = None
+    for index, sig in enumerate(found):
+        if sig is None:
+            results.append(DkimResult("permerror", "", "", "", "", "malformed signature"))
+            continue
+
+        def done(result: str, reason: str = "", sig: SignatureInfo = sig) -> None:
+            results.append(DkimResult(result, sig.domain, sig.selector, sig.algorithm,
+                                      sig.b_prefix, reason))
+
+        if sig.algorithm not in ("rsa-sha256", "ed25519-sha256", "rsa-sha1"):
+            done("neutral", f"unknown algorithm {sig.algorithm!r}")
+            continue
+        answer = keys.get(sig.key_name, KeyAnswer(temporary_error="key not looked up"))
+        if answer.temporary_error is not None:
+            done("temperror", answer.temporary_error)
+            continue
+        record = _key_record(answer.records)
+        if record is None:
+            done("permerror", f"no key at {sig.key_name}")
+            continue
+        try:
+            dkim.evaluate_pk(sig.key_name.encode("ascii"), record)
+        except Exception as exc:  # KeyFormatError, binascii.Error, nacl's ValueError
+            done("permerror", f"unusable key at {sig.key_name}: {exc}")
+            continue
+        if checker is None:
+            checker = dkim.DKIM(message, minkey=MIN_KEY_BITS, logger=_QUIET)
+        try:
+            ok = checker.verify(index, dnsfunc=lambda _name, timeout=0, r=record: r)
+        except dkim.ValidationError as exc:
+            text = str(exc)
+            done("fail" if "body hash" in text else "permerror", text)
+            continue
+        except (dkim.MessageFormatError, dkim.KeyFormatError, dkim.ParameterError,
+                dkim.UnknownKeyTypeError, dkim.NaClNotFoundError) as exc:
+            done("permerror", str(exc))
+            continue
+        except Exception as exc:  # dkimpy on hostile input: never crash the session
+            done("permerror", f"{type(exc).__name__}: {exc}")
+            continue
+        if ok:
+            done("pass")
+        else:
+            done("fail", "signature did not verify")
+    return results
+
+
+def _key_record(records: tuple[bytes, ...]) -> bytes | None:
+    """The key record among the TXT records of a name (the one with ``p=``)."""
+    for record in records:
+        if b"p=" in record:
+            return record
+    return None
+
+
+def _head(message: bytes) -> bytes:
+    """The header block only: enough for :func:`signatures`, and cheap on big messages."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 4]
+
+
+class _Quiet:
+    """dkimpy logs every failure at ERROR; our result carries the reason instead."""
+
+    def debug(self, *args: object) -> None: ...
+    def info(self, *args: object) -> None: ...
+    def warning(self, *args: object) -> None: ...
+    def error(self, *args: object) -> None: ...
+    def isEnabledFor(self, level: int) -> bool:
+        return False
+
+
+_QUIET = _Quiet()

@@ -1,0 +1,185 @@
+"""Verifying one inbound transaction: SPF at RCPT or end of DATA, DKIM and DMARC at end.
+
+:class:`Verifier` holds what every session shares (settings, resolver, metrics);
+:meth:`Verifier.begin` gives a :class:`Check` for one transaction, which the SMTP
+session calls at two points: :meth:`Check.at_rcpt` (only refuses when
+``spf_enforce`` is on) and :meth:`Check.at_end_of_data`, which strips forged
+``Authentication-Results:``, runs the checks and returns our header.
+
+Every DNS lookup goes through :class:`~trio_mta.dns.Resolver` with its timeout, SPF
+runs in a worker thread (pyspf is synchronous) and big messages are hashed in one
+too, so the event loop never waits. No outcome of a check loses a message: DNS
+trouble is ``temperror`` and the mail is accepted unless a policy says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dkim
+import trio
+from dns.rdtypes.ANY.TXT import TXT
+
+from trio_mta.auth import dkim_verify
+from trio_mta.auth.dkim_verify import DkimResult, KeyAnswer
+from trio_mta.auth.dmarc import DmarcResult, check_dmarc
+from trio_mta.auth.results import authentication_results, strip_ours
+from trio_mta.auth.signing import from_domains
+from trio_mta.auth.spf import SpfResult, check_spf
+from trio_mta.config.loader import VerifyConfig
+from trio_mta.dns import DnsTemporaryError, Resolver
+from trio_mta.metrics import Metrics
+from trio_mta.smtp import Reply
+
+__all__ = ["Check", "Outcome", "Verifier"]
+
+# Above this size body hashing runs in a worker thread (a 30 MB message would hold
+# the event loop for a second); below it the thread hop costs more than the hash.
+THREAD_THRESHOLD = 256 * 1024
+SPF_TIME_FACTOR = 4  # one SPF check may take this many DNS timeouts (20 s by default)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the end-of-DATA check decided."""
+
+    header: bytes  # our Authentication-Results field, CRLF-terminated
+    message: bytes  # the message with forged Authentication-Results removed
+    refusal: Reply | None  # set when dmarc_enforce refuses the message
+    spf: SpfResult | None = None
+    dkim: tuple[DkimResult, ...] | None = None
+    dmarc: DmarcResult | None = None
+
+    def log_fields(self) -> dict[str, str]:
+        """``spf=pass dkim=pass,fail dmarc=pass`` for the smtpd.accepted line."""
+        fields: dict[str, str] = {}
+        if self.spf is not None:
+            fields["spf"] = self.spf.result
+        if self.dkim is not None:
+            fields["dkim"] = ",".join(r.result for r in self.dkim) or "none"
+        if self.dmarc is not None:
+            fields["dmarc"] = self.dmarc.result
+        return fields
+
+
+class Verifier:
+    def __init__(self, settings: VerifyConfig, resolver: Resolver, *, hostname: str,
+                 dns_timeout: float, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.hostname = hostname
+        self.spf_timeout = dns_timeout * SPF_TIME_FACTOR
+        self.metrics = metrics
+        # pyspf threads wait on trio most of the time; the bound is on threads, not CPU.
+        self.spf_threads = trio.CapacityLimiter(32)
+
+    def begin(self, *, client_ip: str, sender: str, helo: str | None) -> Check:
+        return Check(self, client_ip, sender, helo)
+
+    def count(self, method: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.mail_auth_result(method, result)
+
+
+@dataclass
+class Check:
+    verifier: Verifier
+    client_ip: str
+    sender: str
+    helo: str | None
+    _spf: SpfResult | None = field(default=None, init=False)
+
+    async def spf(self) -> SpfResult:
+        """Evaluated once per transaction, however often asked."""
+        if self._spf is None:
+            v = self.verifier
+            self._spf = await check_spf(v.resolver, self.client_ip, self.sender, self.helo,
+                                        timeout=v.spf_timeout, limiter=v.spf_threads)
+        return self._spf
+
+    async def at_rcpt(self) -> Reply | None:
+        """``spf_enforce``: SPF ``fail`` refuses the recipient (RFC 7372 X.7.23)."""
+        if not self.verifier.settings.spf_enforce:
+            return None
+        result = await self.spf()
+        if result.result != "fail":
+            return None
+        return Reply(550, "5.7.23",
+                     f"SPF fail: {result.domain} does not allow {self.client_ip} to send "
+                     "its mail")
+
+    async def at_end_of_data(self, message: bytes) -> Outcome:
+        v = self.verifier
+        settings = v.settings
+        message = strip_ours(message, v.hostname)
+        spf: SpfResult | None = None
+        dkim_results: list[DkimResult] | None = None
+        async with trio.open_nursery() as nursery:
+            if settings.spf or settings.dmarc:
+                async def run_spf() -> None:
+                    nonlocal spf
+                    spf = await self.spf()
+                nursery.start_soon(run_spf)
+            if settings.dkim or settings.dmarc:
+                async def run_dkim() -> None:
+                    nonlocal dkim_results
+                    dkim_results = await self._dkim(message)
+                nursery.start_soon(run_dkim)
+        dmarc: DmarcResult | None = None
+        if settings.dmarc:
+            dmarc = await self._dmarc(message, spf, dkim_results or [])
+        shown_spf = spf if settings.spf else None
+        shown_dkim = dkim_results if settings.dkim else None
+        if shown_spf is not None:
+            v.count("spf", shown_spf.result)
+        for item in shown_dkim or ():
+            v.count("dkim", item.result)
+        if shown_dkim == []:
+            v.count("dkim", "none")
+        if dmarc is not None:
+            v.count("dmarc", dmarc.result)
+        header = authentication_results(v.hostname, spf=shown_spf, dkim=shown_dkim,
+                                        dmarc=dmarc, sender=self.sender, helo=self.helo or "")
+        refusal = None
+        if (settings.dmarc_enforce and dmarc is not None and dmarc.result == "fail"
+                and dmarc.disposition == "reject"):
+            refusal = Reply(550, "5.7.1",
+                            f"Email rejected per DMARC policy for {dmarc.from_domain}")
+        return Outcome(header, message, refusal, shown_spf,
+                       None if shown_dkim is None else tuple(shown_dkim), dmarc)
+
+    async def _dkim(self, message: bytes) -> list[DkimResult]:
+        found = dkim_verify.signatures(message)
+        if not found:
+            return []
+        keys: dict[str, KeyAnswer] = {}
+
+        async def fetch(name: str) -> None:
+            try:
+                rdatas = await self.verifier.resolver.records(name, "TXT")
+            except DnsTemporaryError as exc:
+                keys[name] = KeyAnswer(temporary_error=str(exc))
+                return
+            keys[name] = KeyAnswer(tuple(b"".join(rd.strings) for rd in rdatas
+                                         if isinstance(rd, TXT)))
+
+        async with trio.open_nursery() as nursery:
+            for name in dkim_verify.key_names(found):
+                nursery.start_soon(fetch, name)
+        if len(message) > THREAD_THRESHOLD:
+            return await trio.to_thread.run_sync(dkim_verify.verify, message, found, keys)
+        return dkim_verify.verify(message, found, keys)
+
+    async def _dmarc(self, message: bytes, spf: SpfResult | None,
+                     dkim_results: list[DkimResult]) -> DmarcResult:
+        end = message.find(b"\r\n\r\n")
+        try:
+            headers, _ = dkim.rfc822_parse(message if end < 0 else message[:end + 4])
+        except dkim.MessageFormatError:
+            headers = []
+        domains = set(from_domains(headers))
+        if len(domains) != 1:
+            # RFC 7489 §6.6.1: no usable From: domain, or several, cannot be evaluated.
+            why = "no From: domain" if not domains else "several From: domains"
+            return DmarcResult("permerror", "", reason=why)
+        return await check_dmarc(self.verifier.resolver, domains.pop(), spf, dkim_results)
