@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("user")
     _add_config(passwd, top=False)
 
+    from trio_mta.cli import dkim
+    _add_config(dkim.add_parser(sub, _Parser), top=False)
+
     # sendmail's flags (-oi, -fSENDER, -ti) are getopt-style, not argparse's: a
     # prefix no argument can start with hands every one of them to trio_mta.cli.sendmail.
     sendmail = sub.add_parser("sendmail", prefix_chars="\0", add_help=False,
@@ -121,6 +124,9 @@ def _main(argv: list[str]) -> int:
     if command == "sendmail":  # sysexits.h codes, config errors included
         from trio_mta.cli.sendmail import run_sendmail
         return run_sendmail(args.sendmail_args, config_path=args.config)
+    if command == "dkim":  # needs no configuration: it makes a key for one
+        from trio_mta.cli.dkim import run_dkim_command
+        return run_dkim_command(args)
     config = load_config(args.config)
     if command == "check-config":
         return _check_config(config)
@@ -149,6 +155,8 @@ def _check_config(config: Config) -> int:
     print(f"hostname: {config.hostname}")
     for line in config.describe_listeners():
         print(f"listen: {line}")
+    for key in config.dkim.sign:  # loaded by Config.load: a bad key never gets here
+        print(f"dkim: signs {key.describe()}")
     return EXIT_OK
 
 
