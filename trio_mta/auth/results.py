@@ -68,10 +68,9 @@ def authentication_results(authserv: str, *, spf: SpfResult | None,
         results.append(authres.dmarc.DMARCAuthenticationResult(
             result=dmarc.result, result_comment=comment,
             header_from=dmarc.from_domain or None))
-    header = authres.AuthenticationResultsHeader(authserv_id=authserv, results=results)
-    text = str(header)
     if not results:
-        text = f"Authentication-Results: {authserv}; none"
+        return f"Authentication-Results: {authserv}; none\r\n".encode()
+    text = str(authres.AuthenticationResultsHeader(authserv_id=authserv, results=results))
     # Fold between result clauses so no line runs past ~78 octets (RFC 5322 §2.1.1).
     return text.replace("; ", ";\r\n\t").encode("utf-8") + b"\r\n"
 
