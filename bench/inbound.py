@@ -123,6 +123,38 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a supervisor and its workers under ``--workers``)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        out.append(current)
+        # Per thread: trio starts processes from its worker threads.
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+    return out
+
+
+def tree_cpu(pids: Sequence[int]) -> float | None:
+    """CPU of every process in ``pids``; None when one of them is gone."""
+    values = [cpu_seconds(pid) for pid in pids]
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def loops(pids: Sequence[int]) -> list[int]:
+    """The processes whose main thread is an event loop: the workers, else the one process."""
+    return list(pids[1:]) if len(pids) > 1 else list(pids)
+
+
+def tree_schedstat(pids: Sequence[int]) -> tuple[float, float] | None:
+    """schedstat of every event-loop thread in ``pids``, summed."""
+    stats = [schedstat(pid, pid) for pid in loops(pids)]
+    if not stats or any(s is None for s in stats):
+        return None
+    return (sum(s[0] for s in stats if s is not None), sum(s[1] for s in stats if s is not None))
+
+
 def schedstat(pid: int, tid: int) -> tuple[float, float] | None:
     """(seconds on a CPU, seconds runnable but waiting for one) of one thread."""
     try:
@@ -202,10 +234,11 @@ class Target:
 class TrioServer:
     """`python -m trio_mta serve` as a subprocess with a fresh state_dir per start."""
 
-    def __init__(self, root: Path, port: int, log_level: str) -> None:
+    def __init__(self, root: Path, port: int, log_level: str, workers: int = 1) -> None:
         self.root = root
         self.port = port
         self.log_level = log_level
+        self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = root / "bench.toml"
         self.state = root / "state"
@@ -222,7 +255,8 @@ class TrioServer:
             f'[[listen]]\naddress = "{HOST}:{self.port}"\nmode = "smtp"\n'
             f'[local]\ndomains = ["bench.test"]\n'
             f'[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n'
-            f'[log]\nlevel = "{self.log_level}"\n')
+            f'[log]\nlevel = "{self.log_level}"\n'
+            f'[server]\nworkers = {self.workers}\n')
 
     def start(self) -> Target:
         if port_open(self.port):
@@ -471,18 +505,22 @@ def measure(target: Target, kind: str, size: int, sessions: int, rep: int, messa
     cmd = make(target, size, sessions, messages)
     run = Run(target.name, kind, size, sessions, rep, shlex.join(cmd), messages)
     clear_maildir(target.maildir)
-    cpu0 = cpu_seconds(target.pid) if target.pid else None
-    loop0 = schedstat(target.pid, target.pid) if target.pid else None
+    # trio_mta under --workers: the supervisor and its workers, loops summed.
+    pids = process_tree(target.pid) if target.pid and target.name == "trio" else (
+        [target.pid] if target.pid else [])
+    cpu0 = tree_cpu(pids) if pids else None
+    loop0 = tree_schedstat(pids) if pids else None
     rc, client_s, delivered_s, seen, output = drive(cmd, target, messages, timeout,
                                                     workdir / "client.out")
-    if target.pid:
-        cpu1 = cpu_seconds(target.pid)
-        loop1 = schedstat(target.pid, target.pid)
+    if pids:
+        cpu1 = tree_cpu(pids)
+        loop1 = tree_schedstat(pids)
         run.cpu_s = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
         if target.name == "trio" and loop0 and loop1:
             run.loop_cpu_s, run.loop_wait_s = loop1[0] - loop0[0], loop1[1] - loop0[1]
         if target.name == "trio":  # a fresh process per run: its peak is this run's
-            run.peak_rss_kib = proc_status(target.pid).get("VmHWM")
+            peaks = [proc_status(pid).get("VmHWM") for pid in pids]
+            run.peak_rss_kib = sum(p for p in peaks if p is not None) or None
     run.client_s, run.delivered_s, run.delivered_files = client_s, delivered_s, seen
     problems = []
     if kind == "loadgen":
@@ -901,6 +939,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="seconds one run may take before it is stopped and reported (default 300)")
     ap.add_argument("--log-level", default="warning", help="trio_mta's log level (default warning)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server logs)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="trio_mta's [server] workers (default 1; 0 = one per core); CPU, "
+                         "RSS and loop figures then sum the supervisor and every worker")
     a = ap.parse_args(argv)
     q = a.quick
     a.messages = a.messages or (300 if q else 2000)
@@ -944,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("smtp-source is not available (apt-get install -y postfix failed)")
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-"))
-    server = TrioServer(workdir, a.port, a.log_level)
+    server = TrioServer(workdir, a.port, a.log_level, a.workers)
     res = Results()
     fsyncs: list[FsyncResult] = []
     idle: tuple[str, dict[str, object]] | None = None

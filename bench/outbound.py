@@ -390,8 +390,9 @@ def summarise_profile(path: Path, top: int = 10) -> str:
     for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         out.append(f"    {100 * n / total:5.1f}%  {f}")
     out.append("  inclusive (trio_mta frames):")
+    entry_points = ("(trio_mta/cli/main.py)", "(trio_mta/__main__.py)")
     ours = [(f, n) for f, n in inclusive.items()
-            if "trio_mta/" in f and not f.endswith(("(trio_mta/cli/main.py)", "(trio_mta/__main__.py)"))]
+            if "trio_mta/" in f and not f.endswith(entry_points)]
     for f, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
         out.append(f"    {100 * n / total:5.1f}%  {f}")
     out.append("  by category (first match in the stack, in this order):")
@@ -636,7 +637,7 @@ class TrioMta(Mta):
             return 0, 0
         rows = store.list_messages()
         deferred = sum(1 for m in rows
-                       if all(r["status"] == "deferred" for r in m["recipients"]))
+                       if all(r.status == "deferred" for r in m.recipients))
         return len(rows), deferred
 
     def flush(self) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _LISTENING = re.compile(r"smtpd\.listening mode=(\w+) address=(\S+)")
+_WORKER = re.compile(r"worker\.started worker=(\d+) pid=(\d+)")
 
 
 def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
@@ -56,13 +57,31 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.log.append(line)
 
-    def wait_for_log(self, needle: str, timeout: float = 10) -> bool:
+    def wait_for_log(self, needle: str, timeout: float = 10, count: int = 1) -> bool:
+        """True once ``count`` lines hold ``needle`` (one per worker: ``count=workers``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(needle in line for line in list(self.log)):
+            if self.count_log(needle) >= count:
                 return True
             time.sleep(0.05)
         return False
+
+    def count_log(self, needle: str) -> int:
+        return sum(needle in line for line in list(self.log))
+
+    def worker_pids(self) -> dict[int, int]:
+        """The latest pid of each worker started by a supervising parent (empty if none)."""
+        pids: dict[int, int] = {}
+        for line in list(self.log):
+            match = _WORKER.search(line)
+            if match:
+                pids[int(match.group(1))] = int(match.group(2))
+        return pids
+
+    @property
+    def workers(self) -> int:
+        """How many processes serve: the supervisor's worker count, else 1."""
+        return len(self.worker_pids()) or 1
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         self.proc.send_signal(sig)

@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
-from trio_mta.queue.dsn import FailedRecipient, build_bounce, needs_bounce
+from trio_mta.delivery.outcome import Outcome
+from trio_mta.queue.bouncer import failed_recipient
+from trio_mta.queue.dsn import MAX_HEADERS, FailedRecipient, build_bounce, needs_bounce
+from trio_mta.queue.store import FailedRecord
 
 NOW = 1_700_003_600.0
 ARRIVAL = 1_700_000_000.0
@@ -30,12 +33,12 @@ ORIGINAL = (
 UNKNOWN = FailedRecipient(
     address="bob@remote.test", original="Bob@Remote.test", status="5.1.1",
     diagnostic="550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown",
-    remote_mta="mx.remote.test", last_attempt=ATTEMPT,
+    remote_mta="mx.remote.test", last_attempt=ATTEMPT, smtp_reply=True,
 )
 FULL = FailedRecipient(
     address="carol@other.test", original=None, status="5.2.2",
     diagnostic="552-5.2.2 mailbox full\r\n552 5.2.2 try again much later",
-    remote_mta="mx1.other.test", last_attempt=ATTEMPT + 10,
+    remote_mta="mx1.other.test", last_attempt=ATTEMPT + 10, smtp_reply=True,
 )
 NULL_MX = FailedRecipient(
     address="dave@null.test", original="dave@null.test", status="5.1.10",
@@ -250,7 +253,8 @@ def test_line_ends_are_normalized_to_crlf() -> None:
 def test_long_diagnostic_is_folded_under_998_octets() -> None:
     words = " ".join(f"word{n}" for n in range(600))
     diagnostic = f"550 5.7.1 {words}"
-    rcpt = FailedRecipient("bob@remote.test", None, "5.7.1", diagnostic, "mx.remote.test", None)
+    rcpt = FailedRecipient("bob@remote.test", None, "5.7.1", diagnostic, "mx.remote.test", None,
+                           smtp_reply=True)
     data = bounce(recipients=[rcpt])  # asserts every line <= 998
     block = status_blocks(parse(data))[1]
     assert unfolded(block["Diagnostic-Code"]) == f"smtp; {diagnostic}"
@@ -260,7 +264,8 @@ def test_long_diagnostic_is_folded_under_998_octets() -> None:
 
 def test_unbreakable_diagnostic_is_split_not_dropped() -> None:
     token = "x" * 2500
-    rcpt = FailedRecipient("bob@remote.test", None, "5.0.0", f"550 {token}", None, None)
+    rcpt = FailedRecipient("bob@remote.test", None, "5.0.0", f"550 {token}", None, None,
+                           smtp_reply=True)
     block = status_blocks(parse(bounce(recipients=[rcpt])))[1]
     assert "".join(str(block["Diagnostic-Code"]).split()) == f"smtp;550{token}"
 
@@ -321,7 +326,8 @@ def test_non_ascii_original_headers_survive_byte_for_byte() -> None:
 
 def test_internationalized_addresses_keep_the_report_7bit() -> None:
     rcpt = FailedRecipient("jürgen+x@münchen.test", "Jürgen@münchen.test", "5.1.1",
-                           "550 5.1.1 unknown \u00fcser", "mx.münchen.test", None)
+                           "550 5.1.1 unknown \u00fcser", "mx.münchen.test", None,
+                           smtp_reply=True)
     data = bounce(recipients=[rcpt], sender="ana@españa.test")
     msg = parse(data)
     # RFC 6532 §3.2: raw UTF-8 in the header (the stdlib parser cannot decode
@@ -384,3 +390,55 @@ def test_a_bounce_needs_recipients() -> None:
     with pytest.raises(ValueError, match="at least one recipient"):
         build_bounce(reporting_mta="mx.example.test", sender="a@example.test", queue_id="Q",
                      arrival=ARRIVAL, recipients=[], original=ORIGINAL)
+
+
+def test_returned_headers_are_capped_at_a_field_boundary() -> None:
+    """A 9 MB header section used to come back whole: a 9 MB bounce."""
+    fields = b"".join(b"X-Filler-%06d: %s\r\n" % (n, b"y" * 80) for n in range(90_000))
+    folded = b"X-Folded: start\r\n" + b"".join(b" more %d\r\n" % n for n in range(10_000))
+    original = b"Subject: huge\r\n" + fields + folded + b"\r\nbody\r\n"
+    assert len(original) > 8_000_000
+    data = bounce(original=original)
+    assert len(data) < MAX_HEADERS + 8192
+    msg = parse(data)
+    raw = parts(msg)[2].get_payload(decode=True)
+    assert isinstance(raw, bytes)
+    assert len(raw) <= MAX_HEADERS
+    assert raw.startswith(b"Subject: huge\r\nX-Filler-000000: ")
+    assert raw.endswith(b"y\r\n")  # the last field kept is whole
+    assert original.startswith(raw)
+    text = " ".join(text_of(parts(msg)[0]).split())
+    assert f"The returned headers were cut to their first {MAX_HEADERS} octets" in text
+
+
+def test_a_folded_field_is_never_returned_in_part() -> None:
+    original = b"Subject: s\r\nX-Long: a\r\n" + b" b" * 5000 + b"\r\n\r\nbody\r\n"
+    raw = parts(parse(bounce(original=original, max_headers=1000)))[2].get_payload(decode=True)
+    assert raw == b"Subject: s\r\n"
+
+
+def test_dsn_fields_come_from_the_recorded_outcome() -> None:
+    replied = FailedRecord("bob@remote.test", "bob@remote.test", Outcome(
+        "failed", "5.1.1", "no such user", 550, "mx.remote.test", "192.0.2.1", "rcpt"), ATTEMPT)
+    ours = FailedRecord("carol@null.test", "alias@null.test", Outcome(
+        "failed", "5.1.10", "null.test does not accept mail (null MX)", stage="dns"), ATTEMPT)
+    expired = FailedRecord("dave@down.test", "dave@down.test", Outcome(
+        "failed", "4.4.7",
+        "message expired after 9 attempts; last error: 4.4.1 mx1.down.test [192.0.2.7]:25: "
+        "Connection refused; mx2.down.test [192.0.2.8]:25: 421 4.3.2 shutting down",
+        stage="queue"), ATTEMPT)
+    rcpts = [failed_recipient(r) for r in (replied, ours, expired)]
+    msg = parse(bounce(recipients=rcpts))
+    first, second, third = status_blocks(msg)[1:]
+    assert first["Status"] == "5.1.1"
+    assert first["Remote-MTA"] == "dns; mx.remote.test"
+    assert first["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert second["Status"] == "5.1.10"
+    assert second["Original-Recipient"] == "rfc822; alias@null.test"
+    assert "Remote-MTA" not in second
+    assert second["Diagnostic-Code"] == "X-trio-mta; null.test does not accept mail (null MX)"
+    assert third["Status"] == "4.4.7"
+    diagnostic = unfolded(third["Diagnostic-Code"])
+    assert diagnostic.startswith("X-trio-mta; message expired after 9 attempts")
+    assert "[192.0.2.7]:25: Connection refused; mx2.down.test [192.0.2.8]:25: 421 4.3.2" in (
+        diagnostic)

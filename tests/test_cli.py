@@ -140,6 +140,19 @@ nameservers = ["{host}:{port}"]
     assert json.loads(after.stdout) == []
 
 
+def test_every_queue_command_says_there_is_no_queue_and_where(tmp_path: Path) -> None:
+    """`queue list` used to print "Mail queue is empty" (exit 0) where flush said no queue."""
+    config = write_config(tmp_path, BASE)
+    where = str(tmp_path / "state" / "queue.sqlite3")
+    for command in (["list"], ["list", "--json"], ["show", "X"], ["flush"], ["delete", "X"]):
+        result = run_cli("queue", *command, "--config", str(config))
+        assert result.returncode == 1, command
+        assert result.stdout == "", command
+        assert f"trio-mta queue: no queue at {where}" in result.stderr, command
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "queue.sqlite3").exists()  # looking creates nothing
+
+
 def test_sighup_reloads_maps_for_an_open_session(tmp_path: Path) -> None:
     mapped = BASE + """
 [local.mailboxes]
@@ -154,12 +167,13 @@ def test_sighup_reloads_maps_for_an_open_session(tmp_path: Path) -> None:
             assert client.rcpt("bob@cli.test")[0] == 550
             config.write_text(mapped + '"bob@cli.test" = "bob"\n')
             server.proc.send_signal(signal.SIGHUP)
-            assert server.wait_for_log("config.reloaded")
+            # No [server] workers: one per core; each worker reloads on its own.
+            assert server.wait_for_log("config.reloaded", count=server.workers)
             assert client.rcpt("bob@cli.test")[0] == 250  # same session, new map
             # A broken file is logged and the running config kept.
             config.write_text(mapped + "[limits]\nmax_recipients = -1\n")
             server.proc.send_signal(signal.SIGHUP)
-            assert server.wait_for_log("config.reload_failed")
+            assert server.wait_for_log("config.reload_failed", count=server.workers)
             assert client.rcpt("bob@cli.test")[0] == 250
             assert client.rcpt("carol@cli.test")[0] == 550
     finally:

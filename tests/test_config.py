@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_mta.config.checks import open_relay_warning, writable_file_problem
+from trio_mta.config.durations import format_duration, parse_duration
 from trio_mta.config.loader import (
     Config,
     ConfigError,
@@ -22,8 +24,7 @@ from trio_mta.config.loader import (
     TlsConfig,
     default_hostname,
 )
-from trio_mta.config.durations import format_duration, parse_duration
-from trio_mta.config.schema import parse_host_port
+from trio_mta.config.schema import format_host_port, parse_host_port
 
 BASE = Path("/etc/trio-mta")
 
@@ -828,6 +829,24 @@ def test_parse_host_port_with_default(text: str, expected: tuple[str, int]) -> N
     assert parse_host_port(text, default_port=7) == expected
 
 
+def test_format_host_port_brackets_ipv6_only() -> None:
+    assert format_host_port("127.0.0.1", 25) == "127.0.0.1:25"
+    assert format_host_port("mx.example.org", 587) == "mx.example.org:587"
+    assert format_host_port("::1", 2525) == "[::1]:2525"
+    assert ListenConfig("2001:db8::1", 0).address == "[2001:db8::1]:0"
+
+
+_HOSTS = st.one_of(
+    st.ip_addresses().map(str),
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
+)
+
+
+@given(_HOSTS, st.integers(min_value=0, max_value=65535))
+def test_format_host_port_reads_back(host: str, port: int) -> None:
+    assert parse_host_port(format_host_port(host, port)) == (host, port)
+
+
 # -- durations --------------------------------------------------------------------------------
 
 
@@ -876,3 +895,43 @@ def test_format_duration(seconds: float, text: str) -> None:
 @given(st.integers(min_value=0, max_value=10**9))
 def test_format_then_parse_is_identity(seconds: int) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
+
+
+# -- cross-key checks (check-config) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "networks", "warns"),
+    [
+        ("0.0.0.0:25", ["0.0.0.0/0"], True),
+        ("[::]:25", ["::/0"], True),
+        ("192.0.2.1:25", ["10.0.0.0/8", "::/0"], True),
+        ("mx.example.org:25", ["0.0.0.0/0"], True),  # a name may resolve to anything
+        ("127.0.0.1:25", ["0.0.0.0/0"], False),
+        ("[::1]:25", ["::/0"], False),
+        ("localhost:25", ["0.0.0.0/0"], False),
+        ("0.0.0.0:25", ["0.0.0.0/1", "128.0.0.0/1"], False),  # wide, but said on purpose
+    ],
+)
+def test_open_relay_warning(listen: str, networks: list[str], warns: bool) -> None:
+    config = Config.from_mapping(
+        {"listen": [{"address": listen}], "relay": {"trusted_networks": networks}},
+        base_dir=BASE,
+    )
+    warning = open_relay_warning(config)
+    assert (warning is not None) == warns, warning
+    if warning is not None:
+        assert warning.startswith("[relay].trusted_networks: ") and listen in warning
+
+
+def test_writable_file_problem(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    assert writable_file_problem(tmp_path / "file") is None
+    assert writable_file_problem(tmp_path / "a" / "b" / "new.log") is None
+    directory = tmp_path / "dir"
+    assert writable_file_problem(directory) == f"{directory} is a directory, not a file"
+    assert writable_file_problem(tmp_path / "file" / "x" / "y.log") == (
+        f"cannot create {tmp_path / 'file' / 'x' / 'y.log'}: {tmp_path / 'file'} is not a directory"
+    )
+    assert not (tmp_path / "a").exists()  # checking creates nothing

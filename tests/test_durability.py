@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -22,8 +23,11 @@ mode = "smtp"
 domains = ["durable.test"]
 [queue]
 retry_initial = "1s"
+[server]
+workers = {workers}
 """
 SEQ = re.compile(rb"X-Seq: (\d+)")
+BODY = b"x" * 500
 
 
 async def _sender(port: int, worker: int, acked: set[int], stop: trio.Event) -> None:
@@ -41,7 +45,7 @@ async def _sender(port: int, worker: int, acked: set[int], stop: trio.Event) -> 
             for _ in range(3):
                 await client.reply()
             await client.send(b"Subject: load\r\nX-Seq: %d\r\n\r\n%s\r\n.\r\n"
-                              % (seq, b"x" * 500))
+                              % (seq, BODY))
             if (await client.reply()).startswith(b"250"):
                 acked.add(seq)
             await client.aclose()
@@ -50,18 +54,27 @@ async def _sender(port: int, worker: int, acked: set[int], stop: trio.Event) -> 
 
 
 def _delivered(root: Path) -> set[int]:
+    """Sequence numbers of complete messages in the Maildirs; a truncated one fails."""
     found: set[int] = set()
     for path in root.glob("*/new/*"):
-        match = SEQ.search(path.read_bytes())
+        data = path.read_bytes()
+        match = SEQ.search(data)
         if match:
+            assert data.endswith(b"\n\n" + BODY + b"\n"), f"truncated: {path}"
             found.add(int(match.group(1)))
     return found
+
+
+async def _wait_delivered(acked: set[int], root: Path) -> None:
+    with trio.move_on_after(40):
+        while not acked <= _delivered(root):
+            await trio.sleep(0.2)
 
 
 @pytest.mark.slow
 async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     config = tmp_path / "mta.toml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG.format(workers=1))  # the one-process path; workers below
     server = ServerProcess.start(config)
     acked: set[int] = set()
     stop = trio.Event()
@@ -75,9 +88,46 @@ async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     root = tmp_path / "state" / "mail"
     restarted = ServerProcess.start(config)
     try:
-        with trio.move_on_after(30):
-            while not acked <= _delivered(root):
-                await trio.sleep(0.2)
+        await _wait_delivered(acked, root)
+    finally:
+        assert restarted.stop(signal.SIGTERM) == 0
+    missing = acked - _delivered(root)
+    assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:10]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["worker", "parent", "every process"])
+async def test_sigkill_with_workers_loses_nothing(tmp_path: Path, victim: str) -> None:
+    """SPEC §12: the guarantee holds for each process, whichever of them dies."""
+    config = tmp_path / "mta.toml"
+    config.write_text(CONFIG.format(workers=2))
+    server = ServerProcess.start(config)
+    pids = server.worker_pids()
+    assert len(pids) == 2
+    acked: set[int] = set()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for worker in range(16):
+            nursery.start_soon(_sender, server.ports["smtp"], worker, acked, stop)
+        await trio.sleep(2.5)
+        if victim == "worker":
+            os.kill(pids[1], signal.SIGKILL)  # the parent restarts it
+            await trio.sleep(1.0)  # keep the load on while it does
+        else:
+            targets = [server.proc.pid] + (list(pids.values()) if victim != "parent" else [])
+            for pid in targets:
+                os.kill(pid, signal.SIGKILL)
+        stop.set()
+    assert len(acked) > 50, "the load generator should have had many messages accepted"
+    root = tmp_path / "state" / "mail"
+    if victim == "worker":
+        assert server.wait_for_log("worker.died worker=1 status=SIGKILL")
+        restarted = server
+    else:
+        server.proc.wait()
+        restarted = ServerProcess.start(config, timeout=60)
+    try:
+        await _wait_delivered(acked, root)
     finally:
         assert restarted.stop(signal.SIGTERM) == 0
     missing = acked - _delivered(root)

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_mta.delivery.agent import DeliveryItem
 from trio_mta.delivery.maildir import MaildirAgent, escape_host, safe_join
 from trio_mta.queue.store import DueRecipient
+from trio_mta.routing.mailmap import safe_mailbox_name
 
 HOST = "mx.example.test"
 DATA = b"Received: from a\r\nSubject: hi\r\n\r\nline one\r\nline two\r\n"
@@ -131,6 +134,40 @@ async def test_mailbox_names_never_escape_root(tmp_path: Path, mailbox: str) -> 
     assert files(root) == []
     with pytest.raises(ValueError):
         safe_join(root, mailbox)
+
+
+@pytest.mark.parametrize("mailbox", ["é" * 128, "a\u2028b", "a\u2029b", "\U0010ffff"])
+async def test_delivery_refuses_every_name_routing_refuses(tmp_path: Path, mailbox: str) -> None:
+    # Regression: delivery had its own rule (255 characters, not octets; no U+2028/2029).
+    with pytest.raises(ValueError):
+        safe_mailbox_name(mailbox)
+    [outcome] = await agent(tmp_path).deliver([item(mailbox, address="x@example.test")])
+    assert (outcome.kind, outcome.detail[:6]) == ("failed", "5.3.5 ")
+    assert files(tmp_path) == []
+
+
+_PATHISH = st.text(alphabet="./\\%2efa\x00\n ~:\u2028é", max_size=130)
+
+
+@given(name=st.one_of(st.text(), _PATHISH, st.text(st.characters(codec=None), max_size=20)))
+def test_a_name_is_refused_or_one_folder_inside_the_root(
+    maildir_root: Path, name: str
+) -> None:
+    try:
+        path = safe_join(maildir_root, name)
+    except ValueError:
+        with pytest.raises(ValueError):
+            safe_mailbox_name(name)  # refused for the one rule's reason, not another
+        return
+    assert safe_mailbox_name(name) == name
+    assert path.parent == maildir_root and path.name == name
+    assert Path(name).parts == (name,)
+    assert Path(os.path.realpath(path)).parent == Path(os.path.realpath(maildir_root))
+
+
+@pytest.fixture(scope="module")
+def maildir_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("root")
 
 
 async def test_symlink_out_of_root_is_refused(tmp_path: Path) -> None:

@@ -57,13 +57,14 @@ async def start(nursery: trio.Nursery, make_config: Callable[..., Config], zone:
     return server
 
 
-def submit(server: MTA, rcpts: list[str], sender: str = "alice@example.test") -> str:
+def submit(server: MTA, rcpts: list[str], sender: str = "alice@example.test",
+           body: bytes = BODY) -> str:
     with smtplib.SMTP(*server.address("smtp"), timeout=10) as client:
         client.ehlo("app.example.test")
         client.mail(sender)
         for rcpt in rcpts:
             assert client.rcpt(rcpt)[0] == 250
-        code, text = client.data(BODY)
+        code, text = client.data(body)
         assert code == 250, text
         return text.decode().rsplit(" ", 1)[1]
 
@@ -215,6 +216,11 @@ async def test_expiry_bounces_and_null_sender_never_bounces(
     [path] = await wait_for_mail(server.config.local.maildir_root, "alice", timeout=20)
     fields = status_fields(dsn_of(path))
     assert "Status: 4.4.7" in fields and "Action: failed" in fields
+    # The diagnostic names each MX host tried, with its own cause.
+    diagnostic = " ".join(fields.split())
+    assert "Diagnostic-Code: X-trio-mta; message expired after" in diagnostic
+    assert (f"mx1.remote.test [127.0.0.2]:{port}: Connection refused; "
+            f"mx2.remote.test [127.0.0.3]:{port}: Connection refused") in diagnostic
     await queue_empty(server)  # the <> message expired too, without a bounce
     await trio.sleep(0.5)
     assert len(new_files(server.config.local.maildir_root, "alice")) == 1
@@ -233,7 +239,69 @@ async def test_required_tls_keeps_mail_deferred(nursery: trio.Nursery,
 
         def status() -> str | None:
             rows = store.list_messages()
-            return str(rows[0]["recipients"][0]["status"]) if rows else None
+            return rows[0].recipients[0].status if rows else None
 
         await wait_until(lambda: status() == "deferred")
     assert recorder.messages == []
+
+
+def cli_config_for(server: MTA, tmp_path: Path) -> Path:
+    path = tmp_path / "cli.toml"
+    path.write_text(f'state_dir = "{server.config.state_dir}"\n'
+                    '[local]\ndomains = ["example.test"]\n')
+    return path
+
+
+async def test_queue_list_and_show_name_each_unreachable_hosts_cause(
+        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer,
+        port: int, tmp_path: Path) -> None:
+    """Both MX hosts refuse connections: the deferral names each, with its cause."""
+    server = await start(nursery, make_config, zone, port,
+                         queue={"retry_initial": "1h", "retry_max": "1h"})
+    queue_id = await trio.to_thread.run_sync(submit, server, ["bob@remote.test"])
+    assert server.store is not None
+    store = server.store
+
+    def deferred() -> bool:
+        rows = store.list_messages()
+        return bool(rows) and rows[0].recipients[0].status == "deferred"
+
+    await wait_until(deferred)
+    cli = cli_config_for(server, tmp_path)
+    expected = (f"mx1.remote.test [127.0.0.2]:{port}: Connection refused; "
+                f"mx2.remote.test [127.0.0.3]:{port}: Connection refused")
+    listed = await trio.to_thread.run_sync(
+        lambda: run_cli("queue", "list", "--config", str(cli)))
+    assert listed.returncode == 0, listed.stderr
+    assert expected in listed.stdout
+    shown = await trio.to_thread.run_sync(
+        lambda: run_cli("queue", "show", queue_id, "--config", str(cli)))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count(expected) == 2  # the last error and the attempt's history
+    (row,) = json.loads((await trio.to_thread.run_sync(
+        lambda: run_cli("queue", "list", "--json", "--config", str(cli)))).stdout)
+    assert row["recipients"][0]["last_error"] == f"4.4.1 {expected}"
+
+
+async def test_long_lines_are_made_to_fit_for_a_next_hop_that_refuses_them(
+        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer,
+        port: int) -> None:
+    """aiosmtpd answers "500 Line too long" to a line over 998 octets: it used to bounce."""
+    recorder = Recorder()
+    subject = " ".join(f"word{n}" for n in range(400))  # ~3400 octets, foldable
+    text = ("é" * 2000 + "\r\nshort line\r\n" + "z" * 5000 + "\r\n").encode()
+    body = (f"From: alice@example.test\r\nSubject: {subject}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            "\r\n").encode() + text
+    with aiosmtpd_peer(recorder, "127.0.0.2", port):
+        server = await start(nursery, make_config, zone, port)
+        await trio.to_thread.run_sync(lambda: submit(server, ["bob@remote.test"], body=body))
+        await wait_until(lambda: len(recorder.messages) == 1)
+        await queue_empty(server)
+    received = recorder.messages[0].content
+    assert max(len(line) for line in received.split(b"\r\n")) <= 998
+    message = email.message_from_bytes(received, policy=email.policy.default)
+    assert " ".join(str(message["Subject"]).split()) == subject
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert message.get_payload(decode=True) == text
+    assert new_files(server.config.local.maildir_root, "alice") == []  # no bounce

@@ -26,6 +26,7 @@ import trustme
 
 from trio_mta.config import Config
 from trio_mta.mta import MTA, serve
+from trio_mta.queue.store import QueuedMessage
 
 from .dnsserver import DnsServer
 from .maildirs import wait_for_mail
@@ -104,10 +105,10 @@ async def wait_for_postfix_mail(postfix: PostfixInstance, mailbox: str) -> Path:
     return files[0]
 
 
-async def wait_for_empty_queue(mta: MTA) -> list[dict[str, Any]]:
+async def wait_for_empty_queue(mta: MTA) -> list[QueuedMessage]:
     """The queue's unfinished messages once none is left, or as they stand at the timeout."""
     assert mta.store is not None
-    rows: list[dict[str, Any]] = []
+    rows: list[QueuedMessage] = []
     with trio.move_on_after(DELIVERY_TIMEOUT):
         while rows := await trio.to_thread.run_sync(mta.store.list_messages):
             await trio.sleep(0.05)
@@ -185,12 +186,12 @@ async def test_verify_refuses_postfix_cert_outside_trust_store(
     with trio.move_on_after(DELIVERY_TIMEOUT):
         while True:
             [row] = await trio.to_thread.run_sync(mta.store.list_messages)
-            [rcpt] = row["recipients"]
-            if rcpt["status"] == "deferred":
+            [rcpt] = row.recipients
+            if rcpt.status == "deferred":
                 break
             await trio.sleep(0.05)
-    assert rcpt["status"] == "deferred", rcpt
-    assert "certificate" in rcpt["last_error"], rcpt
+    assert rcpt.status == "deferred", rcpt
+    assert "certificate" in (rcpt.last_error or ""), rcpt
     assert postfix.maildir_new("refused") == []
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.outcomes import o
 from trio_mta.queue.ids import host_tag_for, is_queue_id, new_queue_id
-from trio_mta.queue.report import format_list, format_show
+from trio_mta.queue.report import format_list, format_show, message_json
 from trio_mta.queue.store import (
     NewMessage,
     NewRecipient,
@@ -75,7 +76,7 @@ def test_insert_is_visible_to_a_separate_connection_and_survives_reopen(tmp_path
     store.insert([("ID1", message(local("alice"), remote("bob@remote.test")))], now=NOW)
     # Another process (the CLI) reads through its own connection while the server runs.
     other = QueueStore(path, readonly=True)
-    assert [row["id"] for row in other.list_messages()] == ["ID1"]
+    assert [row.id for row in other.list_messages()] == ["ID1"]
     other.close()
     store.close()
     reopened = QueueStore(path)
@@ -97,7 +98,7 @@ def test_failed_insert_stores_nothing(store: QueueStore) -> None:
     store.insert([("DUP", message(local("alice")))], now=NOW)
     with pytest.raises(QueueError):
         store.insert([("NEW", message(local("bob"))), ("DUP", message(local("carol")))], now=NOW)
-    assert [row["id"] for row in store.list_messages()] == ["DUP"]
+    assert [row.id for row in store.list_messages()] == ["DUP"]
 
 
 def test_due_returns_fields_filters_by_kind_and_leases(store: QueueStore) -> None:
@@ -144,13 +145,14 @@ def test_bodies_are_read_once_per_message(store: QueueStore) -> None:
 def test_defer_records_error_attempt_and_next_time(store: QueueStore) -> None:
     store.insert([("M1", message(remote("bob@remote.test")))], now=NOW)
     (r,) = store.due(NOW, 10)
-    store.defer(r.rcpt_id, now=NOW + 5, next_attempt=NOW + 600, error="451 4.3.0 try later")
+    store.defer(r.rcpt_id, now=NOW + 5, next_attempt=NOW + 600,
+        outcome=o("deferred", "451 4.3.0 try later"))
     assert store.due(NOW + 599, 10) == []
     assert store.next_due() == NOW + 600
     (again,) = store.due(NOW + 600, 10)
     assert again.attempts == 1
     (row,) = store.list_messages()
-    assert row["recipients"] == [
+    assert message_json(row)["recipients"] == [
         {
             "address": "bob@remote.test",
             "status": "deferred",
@@ -164,7 +166,7 @@ def test_defer_records_error_attempt_and_next_time(store: QueueStore) -> None:
 def test_list_json_shape_is_spec_8(store: QueueStore) -> None:
     store.insert([("M1", message(local("alice"), remote("bob@remote.test")))], now=NOW)
     rows = store.list_messages()
-    assert json.loads(json.dumps(rows)) == [
+    assert json.loads(format_list(rows, json_output=True)) == [
         {
             "id": "M1",
             "sender": "s@example.org",
@@ -193,14 +195,16 @@ def test_list_json_shape_is_spec_8(store: QueueStore) -> None:
 def test_fully_delivered_message_is_purged_at_once(store: QueueStore) -> None:
     store.insert([("M1", message(local("a"), local("b"))), ("M2", message(local("c")))], now=NOW)
     rcpts = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
-    store.mark_delivered([rcpts["a@example.test"]], now=NOW, detail="2.0.0 ok")
-    (row,) = [r for r in store.list_messages() if r["id"] == "M1"]
-    assert [(r["status"], r["next_attempt"]) for r in row["recipients"]] == [
+    store.mark_delivered([rcpts["a@example.test"]], now=NOW, outcome=o("delivered", "2.0.0 ok"))
+    (row,) = [r for r in store.list_messages() if r.id == "M1"]
+    assert [(r.status, r.next_attempt) for r in row.recipients] == [
         ("delivered", None),
-        ("pending", "2027-01-15T08:00:00Z"),
+        ("pending", NOW),
     ]
     store.mark_delivered(
-        [rcpts["b@example.test"], rcpts["c@example.test"]], now=NOW, detail="2.0.0 ok"
+        [rcpts["b@example.test"], rcpts["c@example.test"]],
+        now=NOW,
+        outcome=o("delivered", "2.0.0 ok"),
     )
     assert store.list_messages() == []
     assert store.show("M1") is None
@@ -212,15 +216,15 @@ def test_failed_recipients_stay_until_purged(store: QueueStore) -> None:
     rcpts = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
     store.update(
         [
-            RecipientUpdate(rcpts["a@example.test"], "delivered", "2.0.0 ok"),
-            RecipientUpdate(rcpts["x@remote.test"], "failed", "550 5.1.1 no such user"),
+            RecipientUpdate(rcpts["a@example.test"], o("delivered", "2.0.0 ok")),
+            RecipientUpdate(rcpts["x@remote.test"], o("failed", "550 5.1.1 no such user")),
         ],
         now=NOW + 1,
     )
     assert store.list_messages() == []  # every recipient is delivered or failed
     info = store.show("M1")
     assert info is not None
-    assert [r["status"] for r in info["recipients"]] == ["delivered", "failed"]
+    assert [r.status for r in info.recipients] == ["delivered", "failed"]
     assert store.purge_finished(keep_failed=True) == 0
     assert store.purge_finished() == 1
     assert store.show("M1") is None
@@ -233,15 +237,15 @@ def test_update_releases_leases_and_ignores_deleted_messages(store: QueueStore) 
     assert store.delete("M2")
     store.update(
         [
-            RecipientUpdate(due["M1"].rcpt_id, "deferred", "4.2.0 busy", NOW + 1),
-            RecipientUpdate(due["M2"].rcpt_id, "delivered", "2.0.0 ok"),
+            RecipientUpdate(due["M1"].rcpt_id, o("deferred", "4.2.0 busy"), NOW + 1),
+            RecipientUpdate(due["M2"].rcpt_id, o("delivered", "2.0.0 ok")),
         ],
         now=NOW,
     )
     assert store.leased == 0
     assert [r.message_id for r in store.due(NOW + 1, 10)] == ["M1"]
     with pytest.raises(ValueError):
-        store.update([RecipientUpdate(due["M1"].rcpt_id, "deferred", "x")], now=NOW)
+        store.update([RecipientUpdate(due["M1"].rcpt_id, o("deferred", "x"))], now=NOW)
 
 
 def test_failed_update_keeps_the_leases(tmp_path: Path) -> None:
@@ -251,12 +255,12 @@ def test_failed_update_keeps_the_leases(tmp_path: Path) -> None:
     blocker = sqlite3.connect(store.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(QueueError):
-        store.mark_delivered([r.rcpt_id], now=NOW, detail="2.0.0 ok")
+        store.mark_delivered([r.rcpt_id], now=NOW, outcome=o("delivered", "2.0.0 ok"))
     # Still leased: handing it out again would deliver it twice.
     assert store.due(NOW, 10) == []
     blocker.execute("ROLLBACK")
     blocker.close()
-    store.mark_delivered([r.rcpt_id], now=NOW, detail="2.0.0 ok")
+    store.mark_delivered([r.rcpt_id], now=NOW, outcome=o("delivered", "2.0.0 ok"))
     assert store.leased == 0
     store.close()
 
@@ -267,7 +271,8 @@ def test_failed_update_keeps_the_leases(tmp_path: Path) -> None:
 def test_flush_makes_deferred_due_now(store: QueueStore) -> None:
     store.insert([("M1", message(local("a"))), ("M2", message(remote("b@remote.test")))], now=NOW)
     for r in store.due(NOW, 10):
-        store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600, error="4.4.1 no answer")
+        store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600,
+            outcome=o("deferred", "4.4.1 no answer"))
     assert store.due(NOW + 10, 10) == []
     assert store.flush("M1", now=NOW + 10) == 1
     assert [r.message_id for r in store.due(NOW + 10, 10)] == ["M1"]
@@ -279,7 +284,7 @@ def test_flush_makes_deferred_due_now(store: QueueStore) -> None:
 def test_flush_from_another_connection_is_seen(tmp_path: Path, store: QueueStore) -> None:
     store.insert([("M1", message(local("a")))], now=NOW)
     (r,) = store.due(NOW, 10)
-    store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600, error="4.2.0 locked")
+    store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600, outcome=o("deferred", "4.2.0 locked"))
     cli = QueueStore(store.path)
     assert cli.flush(now=NOW + 1) == 1
     cli.close()
@@ -301,17 +306,18 @@ def test_show_has_envelope_history_and_headers(store: QueueStore) -> None:
         now=NOW,
     )
     (r,) = store.due(NOW, 10)
-    store.defer(r.rcpt_id, now=NOW + 1, next_attempt=NOW + 60, error="4.2.0 mailbox busy")
+    store.defer(r.rcpt_id, now=NOW + 1, next_attempt=NOW + 60,
+        outcome=o("deferred", "4.2.0 mailbox busy"))
     info = store.show("M1")
     assert info is not None
-    assert info["sender"] == "s@example.org"
-    assert info["meta"] == {"client": "192.0.2.1", "helo": "client.test"}
-    assert info["headers"] == "Received: from client\nSubject: hello\n"
-    (rcpt,) = info["recipients"]
-    assert rcpt["original"] == "postmaster@example.test"
-    assert rcpt["mailbox"] == "alice"
-    assert rcpt["history"] == [
-        {"at": "2027-01-15T08:00:01Z", "outcome": "deferred", "detail": "4.2.0 mailbox busy"}
+    assert info.sender == "s@example.org"
+    assert info.meta == {"client": "192.0.2.1", "helo": "client.test"}
+    assert info.headers == "Received: from client\nSubject: hello\n"
+    (rcpt,) = info.recipients
+    assert rcpt.original == "postmaster@example.test"
+    assert rcpt.mailbox == "alice"
+    assert [(a.at, a.outcome, a.detail) for a in rcpt.history] == [
+        (NOW + 1, o("deferred", "4.2.0 mailbox busy"), "4.2.0 mailbox busy")
     ]
     assert store.show("NOPE") is None
 
@@ -344,10 +350,10 @@ def test_locked_database_is_a_queue_error(tmp_path: Path) -> None:
 # -- `queue list` / `queue show` rendering ------------------------------------------------
 
 
-def test_format_list_json_is_the_store_rows(store: QueueStore) -> None:
+def test_format_list_json_is_one_object_per_message(store: QueueStore) -> None:
     store.insert([("M1", message(local("alice")))], now=NOW)
     rows = store.list_messages()
-    assert json.loads(format_list(rows, json_output=True)) == rows
+    assert json.loads(format_list(rows, json_output=True)) == [message_json(r) for r in rows]
     assert format_list([], json_output=True) == "[]"
     assert format_list([], json_output=False) == "Mail queue is empty"
 
@@ -356,7 +362,8 @@ def test_format_list_human_shows_status_retry_and_error(store: QueueStore) -> No
     store.insert([("M1", message(local("alice"), remote("bob@remote.test"), sender=""))], now=NOW)
     due = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
     store.defer(
-        due["bob@remote.test"], now=NOW, next_attempt=NOW + 600, error="451 4.3.0 try\x1b[2J later"
+        due["bob@remote.test"], now=NOW, next_attempt=NOW + 600,
+        outcome=o("deferred", "451 4.3.0 try\x1b[2J later"),
     )
     text = format_list(store.list_messages(), json_output=False, now=NOW + 300)
     lines = text.splitlines()
@@ -374,8 +381,10 @@ def test_format_show_has_envelope_history_and_headers(store: QueueStore) -> None
     rcpt = NewRecipient("alice@example.test", "postmaster@example.test", "alice")
     store.insert([("M1", message(rcpt, remote("bob@remote.test")))], now=NOW)
     due = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
-    store.fail(due["bob@remote.test"], now=NOW + 2, error="550 5.1.1 unknown user")
-    text = format_show(store.show("M1") or {}, now=NOW + 7200)
+    store.fail(due["bob@remote.test"], now=NOW + 2, outcome=o("failed", "550 5.1.1 unknown user"))
+    info = store.show("M1")
+    assert info is not None
+    text = format_show(info, now=NOW + 7200)
     assert "Queue ID:  M1" in text
     assert "Received:  2027-01-15T08:00:00Z (2h ago)" in text
     assert "Client:    192.0.2.1" in text
@@ -383,3 +392,89 @@ def test_format_show_has_envelope_history_and_headers(store: QueueStore) -> None
     assert "<bob@remote.test>  (remote)" in text
     assert "2027-01-15T08:00:02Z  failed     550 5.1.1 unknown user" in text
     assert text.endswith("Headers:\n  Received: from client\n  Subject: hello")
+
+
+# -- outcome fields and schema migration ---------------------------------------------------
+
+# The schema of trio_mta 0.x up to version 2, before outcomes had columns.
+V2_SCHEMA = """
+CREATE TABLE messages (id TEXT PRIMARY KEY, sender TEXT NOT NULL, received_at REAL NOT NULL,
+    size INTEGER NOT NULL, meta TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE bodies (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE recipients (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
+    address TEXT NOT NULL, original TEXT NOT NULL, mailbox TEXT, local INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'deferred', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL, last_error TEXT,
+    updated_at REAL NOT NULL);
+CREATE INDEX recipients_message ON recipients (message_id);
+CREATE INDEX recipients_due ON recipients (local, next_attempt)
+    WHERE status IN ('pending', 'deferred');
+CREATE TABLE attempts (id INTEGER PRIMARY KEY, rcpt_id INTEGER NOT NULL, at REAL NOT NULL,
+    outcome TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX attempts_rcpt ON attempts (rcpt_id);
+CREATE INDEX recipients_failed ON recipients (message_id) WHERE status = 'failed';
+PRAGMA user_version=2;
+"""
+
+
+def version_2_queue(path: Path) -> None:
+    """A queue as version 2 left it: one deferred and one failed recipient, text only."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(V2_SCHEMA)
+    conn.execute("INSERT INTO messages VALUES ('OLD', 's@example.org', ?, ?, '{}')",
+                 (NOW, len(DATA)))
+    conn.execute("INSERT INTO bodies VALUES ('OLD', ?)", (DATA,))
+    for rcpt_id, address, status, error in [
+        (1, "a@remote.test", "deferred", "451 4.3.0 try later (mx.remote.test[192.0.2.1])"),
+        (2, "b@remote.test", "failed", "550 5.1.1 no such user (mx.remote.test[192.0.2.1])"),
+    ]:
+        conn.execute(
+            "INSERT INTO recipients VALUES (?, 'OLD', ?, ?, NULL, 0, ?, 1, ?, ?, ?)",
+            (rcpt_id, address, address, status, NOW + 600, error, NOW + 1),
+        )
+        conn.execute("INSERT INTO attempts (rcpt_id, at, outcome, detail) VALUES (?, ?, ?, ?)",
+                     (rcpt_id, NOW + 1, status, error))
+    conn.close()
+
+
+def test_outcome_fields_round_trip_through_the_store(store: QueueStore) -> None:
+    store.insert([("M1", message(remote("bob@remote.test")))], now=NOW)
+    (r,) = store.due(NOW, 10)
+    sent = o("failed", "550 5.1.1 no such user", remote_host="mx.remote.test",
+             remote_address="192.0.2.1", stage="rcpt")
+    store.fail(r.rcpt_id, now=NOW + 1, outcome=sent)
+    info = store.show("M1")
+    assert info is not None
+    (rcpt,) = info.recipients
+    assert rcpt.last == sent
+    assert rcpt.last_error == "550 5.1.1 no such user (mx.remote.test[192.0.2.1], rcpt)"
+    assert [a.outcome for a in rcpt.history] == [sent]
+    (finished,) = store.bounce_candidates()
+    assert [f.outcome for f in finished.failed] == [sent]
+
+
+def test_a_version_2_queue_is_migrated_and_its_rows_stay_readable(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    version_2_queue(path)
+    # The CLI may read it before the server has migrated it.
+    readonly = QueueStore(path, readonly=True)
+    before = readonly.show("OLD")
+    readonly.close()
+    store = QueueStore(path)
+    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    assert version == 3
+    after = store.show("OLD")
+    for info in (before, after):
+        assert info is not None
+        deferred, failed = info.recipients
+        assert deferred.last_error == "451 4.3.0 try later (mx.remote.test[192.0.2.1])"
+        assert deferred.last is not None and deferred.last.status == "4.3.0"
+        assert failed.last is not None and failed.last.status == "5.1.1"
+        assert [a.outcome.status for a in failed.history] == ["5.1.1"]
+    assert [m.id for m in store.list_messages()] == ["OLD"]
+    # New attempts on old rows record every field.
+    (due,) = store.due(NOW + 600, 10)
+    store.mark_delivered([due.rcpt_id], now=NOW + 601, outcome=o("delivered", "250 2.0.0 ok"))
+    (finished,) = store.bounce_candidates()
+    assert [(f.address, f.outcome.status) for f in finished.failed] == [("b@remote.test", "5.1.1")]
+    store.close()

@@ -37,7 +37,7 @@ async def test_submit_returns_id_once_committed(store: QueueStore) -> None:
         assert is_queue_id(qid) and qid.endswith("-TEST")
         # Committed: another connection (another process, say) sees it at once.
         other = QueueStore(store.path, readonly=True)
-        assert [row["id"] for row in other.list_messages()] == [qid]
+        assert [row.id for row in other.list_messages()] == [qid]
         other.close()
         assert await writer.submit(message(), queue_id=writer.new_id()) != qid
         nursery.cancel_scope.cancel()
@@ -62,7 +62,7 @@ async def test_concurrent_submits_share_few_commits(store: QueueStore) -> None:
     assert writer.commits <= 20, writer.commits  # group commit: one fsync per batch
     assert store.durable_commits == writer.commits
     assert len(woken) == writer.commits
-    assert {row["id"] for row in store.list_messages()} == set(ids)
+    assert {row.id for row in store.list_messages()} == set(ids)
 
 
 async def test_max_batch_bounds_a_transaction(store: QueueStore) -> None:
@@ -89,7 +89,7 @@ async def test_failed_commit_raises_queue_error_and_writer_goes_on(store: QueueS
         qid = await writer.submit(message())
         nursery.cancel_scope.cancel()
     blocker.close()
-    assert [row["id"] for row in store.list_messages()] == [qid]
+    assert [row.id for row in store.list_messages()] == [qid]
     assert writer.messages == 1
 
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -35,9 +36,11 @@ from tests.test_client import (
 from trio_mta.client import Timeouts
 from trio_mta.config import RelayConfig
 from trio_mta.delivery.agent import DeliveryItem, Outcome
+from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
-from trio_mta.queue.store import DueRecipient
+from trio_mta.queue.scheduler import Scheduler
+from trio_mta.queue.store import DueRecipient, NewMessage, NewRecipient, QueueStore
 
 HOSTNAME = "relay.local.test"
 BODY = b"From: alice@local.test\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -64,7 +67,6 @@ def item(
 
 
 def make_agent(dns: DnsServer, relay: RelayConfig, **options: Any) -> RemoteAgent:
-    options.setdefault("concurrency", 4)
     options.setdefault("timeouts", FAST)
     return RemoteAgent(relay, Resolver([dns.address], timeout=2.0), hostname=HOSTNAME, **options)
 
@@ -107,8 +109,9 @@ async def test_delivered_over_starttls(ca: trustme.CA, caplog: pytest.LogCapture
     ):
         outcomes = await make_agent(dns, RelayConfig(port=port)).deliver([item("bob@remote.test")])
     assert outcomes == [
-        Outcome("delivered", f"250 2.0.0 Ok: queued ({MX1}[127.0.0.2])"),
+        Outcome("delivered", "2.0.0", "Ok: queued", 250, MX1, "127.0.0.2", "data"),
     ]
+    assert outcomes[0].detail == f"250 2.0.0 Ok: queued ({MX1}[127.0.0.2])"
     (received,) = handler.messages
     assert received.tls
     assert (received.mail_from, received.rcpt_tos) == ("alice@local.test", ["bob@remote.test"])
@@ -189,14 +192,54 @@ async def test_5xx_greeting_skips_the_rest_of_that_host(nursery: trio.Nursery) -
     assert second_address == []
 
 
-async def test_all_hosts_down_defers_with_the_last_reason() -> None:
+async def test_one_host_down_defers_with_its_cause() -> None:
     port = free_port()
     with DnsServer(ONE_MX) as dns:
         outcomes = await make_agent(dns, RelayConfig(port=port)).deliver([item("bob@remote.test")])
-    (outcome,) = outcomes
+    assert outcomes == [
+        Outcome("deferred", "4.4.1", "Connection refused", None, MX1, "127.0.0.2", "connect")
+    ]
+    assert outcomes[0].detail == f"4.4.1 Connection refused ({MX1}[127.0.0.2], connect)"
+
+
+async def test_a_deferral_keeps_every_hosts_cause(nursery: trio.Nursery) -> None:
+    """It used to say only "all attempts to connect to 127.0.0.2:PORT failed", and only
+    for the last MX host."""
+    port = free_port()
+
+    async def shutting_down(stream: trio.SocketStream, seen: list[bytes]) -> None:
+        await stream.send_all(b"421 4.3.2 shutting down\r\n")
+
+    await scripted_peer(nursery, "127.0.0.3", shutting_down, port)
+    records = {
+        "remote.test": [("MX", "10 mx1.remote.test."), ("MX", "20 mx2.remote.test.")],
+        "mx1.remote.test": [("A", "127.0.0.2")],  # nothing listens there
+        "mx2.remote.test": [("A", "127.0.0.3")],
+    }
+    with DnsServer(records) as dns:
+        (outcome,) = await make_agent(dns, RelayConfig(port=port)).deliver(
+            [item("bob@remote.test")]
+        )
     assert outcome.kind == "deferred"
-    assert outcome.detail.startswith("4.4.1 connect to 127.0.0.2 port")
-    assert outcome.detail.endswith(f"({MX1}[127.0.0.2])")
+    assert outcome.text == (
+        f"mx1.remote.test [127.0.0.2]:{port}: Connection refused; "
+        f"mx2.remote.test [127.0.0.3]:{port}: 421 4.3.2 shutting down"
+    )
+    assert (outcome.status, outcome.code, outcome.remote_host) == ("4.3.2", None, None)
+
+
+async def test_a_deferral_over_many_addresses_stays_bounded() -> None:
+    port = free_port()
+    addresses = [("A", f"127.0.1.{n}") for n in range(1, 40)]
+    records = {"remote.test": [("MX", "10 mx1.remote.test.")], "mx1.remote.test": addresses}
+    with DnsServer(records) as dns:
+        (outcome,) = await make_agent(dns, RelayConfig(port=port)).deliver(
+            [item("bob@remote.test")]
+        )
+    assert outcome.kind == "deferred"
+    assert len(outcome.detail) <= 1000
+    assert outcome.text.startswith(f"mx1.remote.test [127.0.1.1]:{port}: Connection refused; ")
+    assert outcome.text.endswith(" more")
 
 
 async def test_no_mx_falls_back_to_the_domain_address() -> None:
@@ -207,7 +250,7 @@ async def test_no_mx_falls_back_to_the_domain_address() -> None:
         aiosmtpd_peer(handler, "127.0.0.2", port),
     ):
         outcomes = await make_agent(dns, RelayConfig(port=port)).deliver([item("bob@plain.test")])
-    assert outcomes == [Outcome("delivered", "250 2.0.0 Ok: queued (plain.test[127.0.0.2])")]
+    assert [o.detail for o in outcomes] == ["250 2.0.0 Ok: queued (plain.test[127.0.0.2])"]
     assert handler.messages[0].rcpt_tos == ["bob@plain.test"]
 
 
@@ -215,12 +258,14 @@ async def test_null_mx_fails_5_1_10_and_servfail_defers() -> None:
     records = {"nomail.test": [("MX", "0 .")], "broken.test": [("A", "127.0.0.2")]}
     with DnsServer(records) as dns:
         dns.servfail("broken.test")
-        outcomes = await make_agent(dns, RelayConfig(port=free_port())).deliver(
-            [item("bob@nomail.test"), item("carol@broken.test")]
-        )
+        agent = make_agent(dns, RelayConfig(port=free_port()))
+        outcomes = [
+            *await agent.deliver([item("bob@nomail.test")]),
+            *await agent.deliver([item("carol@broken.test")]),
+        ]
     assert kinds(outcomes) == ["failed", "deferred"]
-    assert outcomes[0].detail.startswith("5.1.10 ")
-    assert outcomes[1].detail.startswith("4.4.3 ")
+    assert (outcomes[0].status, outcomes[0].stage, outcomes[0].code) == ("5.1.10", "dns", None)
+    assert (outcomes[1].status, outcomes[1].stage) == ("4.4.3", "dns")
 
 
 async def test_address_literal_goes_straight_to_the_address() -> None:
@@ -248,11 +293,13 @@ async def test_our_own_mx_entry_and_everything_below_it_are_skipped() -> None:
         "mx3.remote.test": [("A", "127.0.0.3")],
     }
     with DnsServer(records) as dns, aiosmtpd_peer(handler, "127.0.0.3", port):
-        outcomes = await make_agent(dns, RelayConfig(port=port)).deliver(
-            [item("bob@loop.test"), item("carol@mid.test")]
-        )
+        agent = make_agent(dns, RelayConfig(port=port))
+        outcomes = [
+            *await agent.deliver([item("bob@loop.test")]),
+            *await agent.deliver([item("carol@mid.test")]),
+        ]
     assert kinds(outcomes) == ["failed", "deferred"]
-    assert outcomes[0].detail.startswith("5.4.6 ")
+    assert (outcomes[0].status, outcomes[0].stage) == ("5.4.6", "route")
     assert "127.0.0.2" in outcomes[1].detail
     assert handler.messages == []
 
@@ -272,12 +319,13 @@ async def test_per_recipient_replies_decide_each_outcome() -> None:
         outcomes = await make_agent(dns, RelayConfig(port=port)).deliver(
             [item("a@remote.test"), item("b@remote.test"), item("c@remote.test")]
         )
-    peer = f"({MX1}[127.0.0.2])"
+    mx = (MX1, "127.0.0.2")
     assert outcomes == [
-        Outcome("delivered", f"250 2.0.0 Ok: queued {peer}"),
-        Outcome("failed", f"550 5.1.1 <b@remote.test>: no such user {peer}"),
-        Outcome("deferred", f"451 4.2.0 <c@remote.test>: greylisted {peer}"),
+        Outcome("delivered", "2.0.0", "Ok: queued", 250, *mx, "data"),
+        Outcome("failed", "5.1.1", "<b@remote.test>: no such user", 550, *mx, "rcpt"),
+        Outcome("deferred", "4.2.0", "<c@remote.test>: greylisted", 451, *mx, "rcpt"),
     ]
+    assert outcomes[1].detail == f"550 5.1.1 <b@remote.test>: no such user ({MX1}[127.0.0.2], rcpt)"
     assert [m.rcpt_tos for m in handler.messages] == [["a@remote.test"]]
 
 
@@ -293,8 +341,9 @@ async def test_final_reply_applies_to_every_accepted_recipient(data_reply: str, 
             [item("a@remote.test"), item("x@remote.test"), item("c@remote.test")]
         )
     assert kinds(outcomes) == [kind, "failed", kind]
-    assert outcomes[0].detail == f"{data_reply} ({MX1}[127.0.0.2])"
-    assert outcomes[1].detail.startswith("550 5.1.1 unknown")
+    assert outcomes[0].reply == data_reply
+    assert [o.stage for o in outcomes] == ["data", "rcpt", "data"]
+    assert outcomes[1].reply == "550 5.1.1 unknown"
 
 
 async def test_message_over_the_size_limit_fails_5_3_4() -> None:
@@ -321,7 +370,8 @@ async def test_required_tls_defers_on_a_host_without_starttls() -> None:
         outcomes = await agent.deliver([item("bob@remote.test")])
     (outcome,) = outcomes
     assert outcome.kind == "deferred"
-    assert outcome.detail == f"4.7.10 STARTTLS not offered ({MX1}[127.0.0.2])"
+    assert outcome == Outcome("deferred", "4.7.10", "STARTTLS not offered", None, MX1,
+                              "127.0.0.2", "tls")
     assert handler.messages == []
 
 
@@ -344,12 +394,14 @@ async def test_verify_checks_the_certificate_against_the_mx_name(
         DnsServer(records) as dns,
         aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(ca, MX1)),
     ):
-        outcomes = await make_agent(dns, relay).deliver(
-            [item("bob@good.test"), item("carol@bad.test")]
-        )
+        agent = make_agent(dns, relay)
+        outcomes = [
+            *await agent.deliver([item("bob@good.test")]),
+            *await agent.deliver([item("carol@bad.test")]),
+        ]
     assert kinds(outcomes) == ["delivered", "deferred"]
-    assert "certificate verification failed" in outcomes[1].detail
-    assert outcomes[1].detail.startswith("4.7.5 ")
+    assert "certificate verification failed" in outcomes[1].text
+    assert (outcomes[1].status, outcomes[1].stage) == ("4.7.5", "tls")
     assert [m.rcpt_tos for m in handler.messages] == [["bob@good.test"]]
 
 
@@ -369,31 +421,22 @@ async def test_opportunistic_delivers_in_plain_text_when_the_handshake_breaks(
 # --- transactions and connections -----------------------------------------------------
 
 
-async def test_one_transaction_per_message_and_domain() -> None:
+async def test_one_batch_is_one_transaction_and_must_be_one_destination() -> None:
+    """Grouping is the scheduler's: the agent refuses a batch it would have to split."""
     port = free_port()
-    first, second = Recorder(), Recorder()
-    records = {
-        **ONE_MX,
-        "other.test": [("MX", "10 mx.other.test.")],
-        "mx.other.test": [("A", "127.0.0.3")],
-    }
-    batch = [
-        item("a@remote.test"),
-        item("z@other.test"),
-        item("b@remote.test"),
-        item("c@REMOTE.test"),
-    ]
-    with (
-        DnsServer(records) as dns,
-        aiosmtpd_peer(first, "127.0.0.2", port),
-        aiosmtpd_peer(second, "127.0.0.3", port),
-    ):
-        outcomes = await make_agent(dns, RelayConfig(port=port)).deliver(batch)
-    assert kinds(outcomes) == ["delivered"] * 4
+    first = Recorder()
+    batch = [item("a@remote.test"), item("b@remote.test"), item("c@REMOTE.test")]
+    with DnsServer(ONE_MX) as dns, aiosmtpd_peer(first, "127.0.0.2", port):
+        agent = make_agent(dns, RelayConfig(port=port))
+        outcomes = await agent.deliver(batch)
+        with pytest.raises(ValueError, match="one message to one destination"):
+            await agent.deliver([item("a@remote.test"), item("z@other.test")])
+        with pytest.raises(ValueError, match="one message to one destination"):
+            await agent.deliver([item("a@remote.test"), item("b@remote.test", message_id="Q2")])
+    assert kinds(outcomes) == ["delivered"] * 3
     assert [m.rcpt_tos for m in first.messages] == [
         ["a@remote.test", "b@remote.test", "c@REMOTE.test"]
     ]
-    assert [m.rcpt_tos for m in second.messages] == [["z@other.test"]]
 
 
 async def test_connection_reused_for_the_next_message_then_closed_when_idle() -> None:
@@ -413,7 +456,8 @@ async def test_connection_reused_for_the_next_message_then_closed_when_idle() ->
     assert handler.connections == 2
 
 
-async def test_a_slow_domain_cannot_take_every_slot() -> None:
+async def test_a_slow_domain_cannot_take_every_slot(tmp_path: Path) -> None:
+    """The scheduler owns the per-destination limit; the agent delivers what it is given."""
     port = free_port()
     slow, fast = Recorder(data_delay=0.5), Recorder()
     records = {
@@ -422,29 +466,41 @@ async def test_a_slow_domain_cannot_take_every_slot() -> None:
         "fast.test": [("MX", "10 mx.fast.test.")],
         "mx.fast.test": [("A", "127.0.0.3")],
     }
-    finished: dict[str, float] = {}
+    store = QueueStore(tmp_path / "queue.sqlite3")
+    now = time.time()
+
+    def to(address: str) -> NewMessage:
+        return NewMessage("alice@local.test", (NewRecipient(address, address, None),), BODY)
+
+    store.insert([(f"S{n}", to("bob@slow.test")) for n in range(4)], now=now)
+    store.insert([("F", to("bob@fast.test"))], now=now + 0.001)
     with (
         DnsServer(records) as dns,
         aiosmtpd_peer(slow, "127.0.0.2", port),
         aiosmtpd_peer(fast, "127.0.0.3", port),
     ):
-        agent = make_agent(dns, RelayConfig(port=port), concurrency=3, per_destination=2)
+        agent = make_agent(dns, RelayConfig(port=port))
+        scheduler = Scheduler(
+            store, local_agent=MaildirAgent(tmp_path, HOSTNAME, limiter=trio.CapacityLimiter(1)),
+            remote_agent=agent, retry_initial=60, retry_max=60, max_age=3600, concurrency=3,
+            per_domain=2, poll_interval=0.05,
+        )
         start = trio.current_time()
-
-        async def one(address: str, queue_id: str) -> None:
-            outcomes = await agent.deliver([item(address, message_id=queue_id)])
-            assert kinds(outcomes) == ["delivered"]
-            finished[queue_id] = trio.current_time() - start
-
         async with trio.open_nursery() as nursery:
-            for n in range(4):
-                nursery.start_soon(one, "bob@slow.test", f"S{n}")
-            await trio.sleep(0.1)
-            assert agent.saturated("slow.test")
-            nursery.start_soon(one, "bob@fast.test", "F")
+            await nursery.start(agent.run)
+            await nursery.start(scheduler.run)
+            with trio.fail_after(10):
+                while not fast.messages:
+                    await trio.sleep(0.01)
+                fast_done = trio.current_time() - start
+                while scheduler.delivered < 5:
+                    await trio.sleep(0.01)
+            all_done = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+    store.close()
     assert slow.max_in_data == 2
-    assert finished["F"] < 0.5 < min(finished[f"S{n}"] for n in range(4))
-    assert max(finished[f"S{n}"] for n in range(4)) >= 1.0  # two rounds of two
+    assert fast_done < 0.5
+    assert all_done >= 1.0  # two rounds of two
 
 
 # --- smarthost ---------------------------------------------------------------------------
@@ -517,8 +573,7 @@ async def test_smarthost_by_name_with_auth_over_starttls(ca: trustme.CA) -> None
     assert handler.messages[0].tls
     assert kinds(refused) == ["deferred"]
     assert refused[0].detail == (
-        "535 5.7.8 Authentication credentials invalid "
-        "(smarthost.remote.test[127.0.0.3], AUTH PLAIN)"
+        "535 5.7.8 Authentication credentials invalid (smarthost.remote.test[127.0.0.3], auth)"
     )
 
 

@@ -350,10 +350,24 @@ TRAVERSAL_LOCAL_PARTS = [
 def test_catch_all_rejects_unsafe_names_at_rcpt(local_part: str) -> None:
     verdict = rcpt(router(), f"{local_part}@example.org", ip="127.0.0.1", auth=True)
     assert not verdict.accepted and verdict.targets == ()
-    assert (verdict.reply.code, verdict.reply.status) == (550, "5.1.3")
     text = verdict.reply.text
-    assert text.endswith(">: Recipient address rejected: bad mailbox")
+    if any(ord(c) < 32 for c in local_part):
+        # Control characters are refused as address syntax before any mailbox lookup.
+        assert (verdict.reply.code, verdict.reply.status) == (553, "5.1.3")
+        assert text.startswith("Bad recipient address syntax: U+00")
+    else:
+        assert (verdict.reply.code, verdict.reply.status) == (550, "5.1.3")
+        assert text.endswith(">: Recipient address rejected: bad mailbox")
     assert not any(ord(c) < 32 for c in text)  # echoed address cannot inject reply lines
+
+
+@pytest.mark.parametrize("local_part", ['"a\x85b"', '"a\u2028b"', "a\x9bb", '"a\x7fb"'])
+def test_recipient_with_control_characters_is_refused_as_syntax(local_part: str) -> None:
+    for domain in ("example.org", "far.test"):  # local and relayed alike
+        verdict = rcpt(router(), f"{local_part}@{domain}", ip="127.0.0.1", auth=True)
+        assert not verdict.accepted and verdict.targets == ()
+        assert (verdict.reply.code, verdict.reply.status) == (553, "5.1.3")
+        assert verdict.reply.text.endswith("not allowed in an address")
 
 
 def test_hand_made_unsafe_mapping_is_refused_too() -> None:

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.outcomes import o
 from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem, Outcome
 from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.queue.scheduler import Scheduler, backoff_delay
@@ -50,7 +51,7 @@ class Scripted:
     """A delivery agent whose answers the test decides (pure trio, no threads)."""
 
     def __init__(self, decide: Callable[[DeliveryItem], Outcome] | None = None) -> None:
-        self.decide = decide or (lambda item: Outcome("delivered", "250 2.0.0 ok"))
+        self.decide = decide or (lambda item: o("delivered", "250 2.0.0 ok"))
         self.calls: list[tuple[float, list[DeliveryItem]]] = []
         self.called = trio.Event()
         self.gate: trio.Event | None = None  # when set, deliveries wait for it
@@ -124,7 +125,7 @@ async def running(scheduler: Scheduler) -> AsyncIterator[None]:
 def status(store: QueueStore, message_id: str) -> list[tuple[str, str, int]]:
     info = store.show(message_id)
     assert info is not None
-    return [(r["address"], r["status"], r["attempts"]) for r in info["recipients"]]
+    return [(r.address, r.status, r.attempts) for r in info.recipients]
 
 
 # -- pure backoff ----------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_backoff_doubles_caps_and_jitters() -> None:
 
 async def test_retry_schedule_then_expiry(store: QueueStore, autojump_clock: object) -> None:
     store.insert([("M1", msg(loc("alice")))], now=vclock())
-    agent = Scripted(lambda item: Outcome("deferred", "4.2.0 mailbox busy"))
+    agent = Scripted(lambda item: o("deferred", "4.2.0 mailbox busy"))
     with trio.fail_after(10_000):
         async with running(make(store, agent)):
             while store.list_messages():
@@ -158,13 +159,17 @@ async def test_retry_schedule_then_expiry(store: QueueStore, autojump_clock: obj
         assert 0.9 * base <= gap <= min(1.1 * base, 300) + 0.01, (gaps, base)
     assert times[-1] == pytest.approx(1000)
     assert len(times) in (6, 7)  # depends on the jitter
-    (rcpt,) = store.show("M1")["recipients"]  # type: ignore[index]
-    assert rcpt["status"] == "failed"
-    assert rcpt["attempts"] == len(times)
-    assert rcpt["last_error"].startswith(
-        f"4.4.7 message expired after {len(times)} attempts: 4.2.0 mailbox busy"
+    info = store.show("M1")
+    assert info is not None
+    (rcpt,) = info.recipients
+    assert rcpt.status == "failed"
+    assert rcpt.attempts == len(times)
+    assert rcpt.last is not None
+    assert (rcpt.last.status, rcpt.last.stage) == ("4.4.7", "queue")
+    assert rcpt.last.text == (
+        f"message expired after {len(times)} attempts; last error: 4.2.0 mailbox busy"
     )
-    assert [h["outcome"] for h in rcpt["history"]] == ["deferred"] * (len(times) - 1) + ["failed"]
+    assert [h.outcome.kind for h in rcpt.history] == ["deferred"] * (len(times) - 1) + ["failed"]
     assert store.list_messages() == []
 
 
@@ -172,9 +177,9 @@ async def test_permanent_failure_is_not_retried(store: QueueStore, autojump_cloc
     store.insert([("M1", msg(loc("alice"), loc("bob")))], now=vclock())
     agent = Scripted(
         lambda item: (
-            Outcome("failed", "5.2.0 nope")
+            o("failed", "5.2.0 nope")
             if item.rcpt.mailbox == "bob"
-            else Outcome("delivered", "2.0.0 ok")
+            else o("delivered", "2.0.0 ok")
         )
     )
     with trio.fail_after(10_000):
@@ -198,7 +203,7 @@ async def test_crashing_agent_defers_and_the_queue_goes_on(
             await super().deliver(items)
             if len(self.calls) == 1:
                 raise RuntimeError("disk on fire")
-            return [] if len(self.calls) == 2 else [Outcome("delivered", "ok")] * len(items)
+            return [] if len(self.calls) == 2 else [o("delivered", "ok")] * len(items)
 
     agent = Flaky()
     sched = make(store, agent)
@@ -277,7 +282,8 @@ async def test_startup_recovery_makes_everything_due(
     crashed = QueueStore(path)
     crashed.insert([("M1", msg(loc("alice"))), ("M2", msg(loc("bob")))], now=vclock())
     leased = {r.message_id: r for r in crashed.due(vclock(), 10)}  # both in flight...
-    crashed.defer(leased["M2"].rcpt_id, now=vclock(), next_attempt=vclock() + 86400, error="4.x")
+    crashed.defer(leased["M2"].rcpt_id, now=vclock(), next_attempt=vclock() + 86400,
+        outcome=o("deferred", "4.0.0 x"))
     crashed.close()  # ...when the process died
     store = QueueStore(path)
     agent = Scripted()
@@ -313,7 +319,8 @@ async def test_flush_from_another_process_is_seen_by_polling(
         await trio.sleep(5)
         store.insert([("M1", msg(loc("alice")))], now=vclock())
         (r,) = store.due(vclock(), 10)  # as if an earlier attempt had deferred it
-        store.defer(r.rcpt_id, now=vclock(), next_attempt=vclock() + 3600, error="4.2.0 busy")
+        store.defer(r.rcpt_id, now=vclock(), next_attempt=vclock() + 3600,
+            outcome=o("deferred", "4.2.0 busy"))
         await trio.sleep(10.5)  # between two polls
         assert agent.calls == []
         cli = QueueStore(store.path)  # `trio-mta queue flush` runs in another process
@@ -376,7 +383,7 @@ async def test_results_are_kept_while_the_database_refuses_them(
     def lock_then_deliver(item: DeliveryItem) -> Outcome:
         if not agent.calls[1:]:
             blocker.execute("BEGIN IMMEDIATE")  # another writer hogs the database
-        return Outcome("delivered", "2.0.0 ok")
+        return o("delivered", "2.0.0 ok")
 
     agent = Scripted(lock_then_deliver)
     sched = make(store, agent)
@@ -402,7 +409,7 @@ async def test_without_remote_agent_remote_recipients_are_untouched(
     store: QueueStore, autojump_clock: object
 ) -> None:
     store.insert([("M1", msg(loc("alice"), rem("x@remote.test")))], now=vclock())
-    before = store.list_messages()[0]["recipients"][1]
+    before = store.list_messages()[0].recipients[1]
     agent = Scripted()
     with trio.fail_after(10_000):
         async with running(make(store, agent)):
@@ -410,8 +417,8 @@ async def test_without_remote_agent_remote_recipients_are_untouched(
             await trio.sleep(2000)
     assert [i.rcpt.address for _, items in agent.calls for i in items] == ["alice@example.test"]
     (row,) = store.list_messages()
-    assert row["recipients"][1] == before  # still pending, no attempt, same next_attempt
-    assert row["recipients"][0]["status"] == "delivered"
+    assert row.recipients[1] == before  # still pending, no attempt, same next_attempt
+    assert row.recipients[0].status == "delivered"
 
 
 async def test_remote_agent_gets_one_group_per_message_and_domain(
@@ -450,15 +457,13 @@ async def test_remote_agent_gets_one_group_per_message_and_domain(
 
 
 class OneSlowDomain(Scripted):
-    """A remote agent whose slow.test destination holds one connection and is then full."""
+    """A remote agent whose slow.test deliveries wait for the gate; it enforces no limits."""
 
     def __init__(self) -> None:
         super().__init__()
         self.slow_busy = 0
+        self.slow_max = 0
         self.gate = trio.Event()
-
-    def saturated(self, domain: str) -> bool:
-        return domain == "slow.test" and self.slow_busy >= 1
 
     async def deliver(self, items: Sequence[DeliveryItem]) -> list[Outcome]:
         slow = items[0].rcpt.address.endswith("@slow.test")
@@ -467,6 +472,7 @@ class OneSlowDomain(Scripted):
         if not slow:
             return [self.decide(item) for item in items]
         self.slow_busy += 1
+        self.slow_max = max(self.slow_max, self.slow_busy)
         try:
             assert self.gate is not None
             await self.gate.wait()
@@ -482,6 +488,7 @@ async def test_a_saturated_destination_does_not_take_every_slot(
     store.insert([(f"F{i}", msg(rem(f"u{i}@fast.test"))) for i in range(4)], now=vclock() + 1)
     remote = OneSlowDomain()
     sched = make(store, Scripted(), remote, concurrency=3)
+    assert sched.per_domain == 1  # half of 3, at least 1
     with trio.fail_after(10_000):
         async with running(sched):
             # slow.test is full after its first message: the fast mail goes meanwhile.
@@ -496,4 +503,66 @@ async def test_a_saturated_destination_does_not_take_every_slot(
             remote.gate.set()
             while sched.delivered < 8:
                 await trio.sleep(1)
+    assert remote.slow_max == 1
     assert store.list_messages() == []
+
+
+async def test_through_a_smarthost_one_destination_may_use_every_slot(
+    store: QueueStore, autojump_clock: object
+) -> None:
+    """Everything goes to one next hop: no per-domain share, one batch per message."""
+    store.insert([(f"S{i}", msg(rem(f"u{i}@slow.test"), rem(f"v{i}@other.test")))
+                  for i in range(4)], now=vclock())
+    remote = OneSlowDomain()
+    sched = make(store, Scripted(), remote, concurrency=3, single_destination=True)
+    with trio.fail_after(10_000):
+        async with running(sched):
+            while remote.slow_busy < 3:
+                await trio.sleep(1)
+            await trio.sleep(30)
+            assert remote.slow_busy == 3  # every slot, and no more
+            assert remote.gate is not None
+            remote.gate.set()
+            while sched.delivered < 8:
+                await trio.sleep(1)
+    assert remote.slow_max == 3
+    assert sorted(len(items) for _, items in remote.calls) == [2, 2, 2, 2]
+    assert store.list_messages() == []
+
+
+class DeletedWhileLeased(QueueStore):
+    """A queue whose messages in `doomed` are deleted by `trio-mta queue delete` (another
+    connection, as the CLI's) right after the scheduler leased them, before it reads
+    their bodies."""
+
+    doomed: set[str]
+
+    def data_many(self, message_ids: Sequence[str]) -> dict[str, bytes]:
+        for message_id in set(message_ids) & self.doomed:
+            cli = QueueStore(self.path)
+            assert cli.delete(message_id)
+            cli.close()
+        return super().data_many(message_ids)
+
+
+async def test_a_remote_message_deleted_after_its_lease_is_skipped(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    store = DeletedWhileLeased(tmp_path / "queue.sqlite3")
+    store.doomed = {"GONE"}
+    store.insert([("GONE", msg(rem("a@remote.test")))], now=vclock())
+    remote = Scripted()
+    sched = make(store, Scripted(), remote)
+    with trio.fail_after(10_000):
+        async with running(sched):
+            while store.show("GONE") is not None:
+                await trio.sleep(1)
+            await trio.sleep(5)
+            store.insert([("KEPT", msg(rem("b@remote.test")))], now=vclock())
+            sched.wake()
+            await remote.wait_calls(1)
+            while sched.delivered < 1:
+                await trio.sleep(1)
+    assert [i.rcpt.message_id for _, items in remote.calls for i in items] == ["KEPT"]
+    assert store.list_messages() == []
+    store.close()

@@ -75,10 +75,10 @@ async def test_submission_requires_auth_then_relays(server: MTA,
     assert await trio.to_thread.run_sync(unauthenticated) == 530
     await trio.to_thread.run_sync(_starttls_send, port, client_context, True, "far@remote.test")
     rows = await trio.to_thread.run_sync(server.store.list_messages)
-    assert [r["address"] for row in rows for r in row["recipients"]] == ["far@remote.test"]
-    shown = await trio.to_thread.run_sync(server.store.show, rows[0]["id"])
+    assert [r.address for row in rows for r in row.recipients] == ["far@remote.test"]
+    shown = await trio.to_thread.run_sync(server.store.show, rows[0].id)
     assert shown is not None
-    assert "Authenticated sender: alice" in str(shown)
+    assert "Authenticated sender: alice" in shown.headers
 
 
 async def test_relay_denied_before_auth_on_smtp(server: MTA,
@@ -210,3 +210,105 @@ async def test_generated_certificate_is_reused(nursery: trio.Nursery,
             return str(client.sock.version())  # type: ignore[union-attr]
 
     assert (await trio.to_thread.run_sync(handshake)).startswith("TLSv1.")
+
+
+async def _tls_client(server: MTA, client_context: ssl.SSLContext) -> RawClient:
+    """A raw client that has said EHLO over STARTTLS (so AUTH is offered)."""
+    client = await RawClient.connect(*server.address("smtp"))
+    await client.reply()
+    await client.command(b"EHLO c.test")
+    await client.command(b"STARTTLS")
+    client_context.check_hostname = False
+    await client.starttls(client_context, HOSTNAME)
+    await client.command(b"EHLO c.test")
+    return client
+
+
+async def test_auth_plain_refuses_a_foreign_authorization_identity(
+        server: MTA, client_context: ssl.SSLContext) -> None:
+    # RFC 4616 §2: authzid "bob" with alice's credentials asks to act as bob;
+    # without proxy authorization that must fail, not log in as alice.
+    client = await _tls_client(server, client_context)
+    reply = await client.command(b"AUTH PLAIN " + trio_b64(f"bob\0{USER}\0{PASSWORD}"))
+    assert reply.startswith(b"535 5.7.8"), reply
+    # An authzid equal to the authcid is the same identity: accepted.
+    reply = await client.command(b"AUTH PLAIN " + trio_b64(f"{USER}\0{USER}\0{PASSWORD}"))
+    assert reply.startswith(b"235 2.7.0"), reply
+
+
+async def test_received_names_utf8smtp_for_smtputf8_transactions(
+        server: MTA, client_context: ssl.SSLContext) -> None:
+    # RFC 6531 §3.7.3: a transaction that used SMTPUTF8 is "with UTF8SMTP[S][A]".
+    client_context.check_hostname = False
+
+    def send(port: int, tls: bool, rcpt: str) -> None:
+        client: smtplib.SMTP
+        if tls:
+            client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=client_context)
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        with client:
+            client.ehlo("c.test")
+            if tls:
+                client.login(USER, PASSWORD)
+            client.sendmail("jörg@remote.test", [rcpt], b"Subject: eai\r\n\r\nhi\r\n",
+                            mail_options=["SMTPUTF8"])
+
+    root = server.config.local.maildir_root
+    await trio.to_thread.run_sync(send, server.address("smtps")[1], True, "dora@example.test")
+    [path] = await wait_for_mail(root, "dora")
+    assert b" with UTF8SMTPSA id " in path.read_bytes()
+    await trio.to_thread.run_sync(send, server.address("smtp")[1], False, "emil@example.test")
+    [path] = await wait_for_mail(root, "emil")
+    assert b" with UTF8SMTP id " in path.read_bytes()
+
+
+@pytest.mark.parametrize("limit", ["max_connections", "max_connections_per_ip"])
+async def test_smtps_over_limit_gets_421_inside_tls(
+        nursery: trio.Nursery, make_config: Callable[..., Config],
+        client_context: ssl.SSLContext, limit: str) -> None:
+    mta: MTA = await nursery.start(serve, make_config(limits={limit: 1}))
+    holder = await RawClient.connect(*mta.address("smtp"))
+    assert (await holder.reply()).startswith(b"220")
+    client_context.check_hostname = False
+
+    def refused() -> tuple[int, bytes]:
+        try:
+            smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=10,
+                             context=client_context)
+        except smtplib.SMTPConnectError as exc:
+            return exc.smtp_code, exc.smtp_error
+        raise AssertionError("connected despite the limit")
+
+    code, text = await trio.to_thread.run_sync(refused)
+    assert code == 421 and text.startswith(b"4.7.0 "), (code, text)
+
+
+async def test_smtps_refusal_flood_closes_without_clear_text(
+        nursery: trio.Nursery, make_config: Callable[..., Config],
+        client_context: ssl.SSLContext) -> None:
+    mta: MTA = await nursery.start(serve, make_config(limits={"max_connections_per_ip": 1}))
+    holder = await RawClient.connect(*mta.address("smtp"))
+    assert (await holder.reply()).startswith(b"220")
+    # Every refusal handshake slot is busy (as under a flood of refused clients):
+    # the next refused smtps client is closed, never sent clear text.
+    slots = mta.state.refusal_handshakes
+    borrowers = [object() for _ in range(int(slots.total_tokens))]
+    for borrower in borrowers:
+        slots.acquire_on_behalf_of_nowait(borrower)
+    client_context.check_hostname = False
+
+    def handshake() -> BaseException:
+        try:
+            smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=10,
+                             context=client_context)
+        except (OSError, smtplib.SMTPException) as exc:
+            return exc
+        raise AssertionError("connected despite the limit")
+
+    error = await trio.to_thread.run_sync(handshake)
+    # A clean close: EOF or reset during the handshake, not a record of clear text.
+    clean = (ssl.SSLEOFError, ConnectionResetError, smtplib.SMTPServerDisconnected)
+    assert isinstance(error, clean), repr(error)
+    for borrower in borrowers:
+        slots.release_on_behalf_of(borrower)

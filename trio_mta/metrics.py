@@ -18,6 +18,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -26,8 +27,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from trio_mta import log
+from trio_mta.config.schema import format_host_port
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsListenError", "serve_metrics"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "MetricsListenError", "Renderable", "serve_metrics"]
 
 QueueStats = tuple[int, float | None]
 
@@ -254,10 +256,6 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _parse_head(head: bytes) -> tuple[bytes, str]:
     """(method, path) from a request head without its blank line (RFC 9112 §2-§5).
 
@@ -317,8 +315,16 @@ def _response(status: int, body: bytes = b"", *, content_type: str = "text/plain
     return header.encode("ascii") + (b"" if head_only else body)
 
 
+class Renderable(Protocol):
+    """What ``/metrics`` serves: one process's :class:`Metrics`, or a sum over workers."""
+
+    def render(self) -> bytes:
+        """The text exposition; blocking, called from a thread."""
+        ...
+
+
 class _Exporter:
-    def __init__(self, metrics: Metrics, read_timeout: float) -> None:
+    def __init__(self, metrics: Renderable, read_timeout: float) -> None:
         self.metrics = metrics
         self.read_timeout = read_timeout
         self.slots = trio.Semaphore(MAX_CONNECTIONS)
@@ -412,12 +418,12 @@ async def _bind(host: str, port: int) -> trio.SocketListener:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise MetricsListenError(
-            f"cannot listen on {_format_address(host, port)} ([metrics].listen): {reason}"
+            f"cannot listen on {format_host_port(host, port)} ([metrics].listen): {reason}"
         ) from None
     return trio.SocketListener(sock)
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int, *,
+async def serve_metrics(metrics: Renderable, host: str, port: int, *,
                         read_timeout: float = READ_TIMEOUT,
                         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                         ) -> None:
@@ -431,5 +437,5 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, *,
     exporter = _Exporter(metrics, read_timeout)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exporter.accept_loop, listener, nursery)
-        log.event("metrics.listening", address=_format_address(host, bound_port))
+        log.event("metrics.listening", address=format_host_port(host, bound_port))
         task_status.started((host, bound_port))

@@ -16,29 +16,41 @@ import resource
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from trio_mta import log
 from trio_mta.config import Config
+from trio_mta.config.schema import format_host_port
 from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
-from trio_mta.metrics import Metrics, serve_metrics
+from trio_mta.metrics import Metrics, QueueStats, serve_metrics
 from trio_mta.queue.bouncer import Bouncer
-from trio_mta.queue.ids import host_tag_for
+from trio_mta.queue.ids import host_tag_for, worker_tag
 from trio_mta.queue.scheduler import Scheduler
-from trio_mta.queue.store import DueRecipient, QueueStore
+from trio_mta.queue.shards import ShardLock, drained_by, shard_path
+from trio_mta.queue.store import DueRecipient, QueueError, QueueStore
 from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import Router
 from trio_mta.server.envelope import MessageSink
 from trio_mta.server.handler import Handler, HandlerSink
 from trio_mta.server.limits import ConnectionLimits
-from trio_mta.server.listeners import BoundListener, Listener, ListenError, accept_loop, bind
+from trio_mta.server.listeners import (
+    BoundListener,
+    Listener,
+    ListenError,
+    accept_loop,
+    adopt,
+    bind,
+)
 from trio_mta.server.passwords import PasswordFile
 from trio_mta.server.queue_sink import QueueSink
 from trio_mta.server.session import ServerState
 from trio_mta.tls import ensure_certificate, server_context
+from trio_mta.workers.metrics import answer_metrics_requests
+from trio_mta.workers.slot import WorkerSlot
 
 __all__ = ["MTA", "ListenError", "Listener", "serve"]
 
@@ -55,6 +67,8 @@ class MTA:
     store: QueueStore | None  # None when serving without the durable queue
     scheduler: Scheduler | None
     bouncer: Bouncer | None
+    # Scheduler and bouncer of each leftover shard this process drains (queue/shards.py).
+    drains: list[tuple[Scheduler, Bouncer]] = field(default_factory=list)
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def stop(self) -> None:
@@ -80,12 +94,14 @@ class MTA:
         state.ssl_context = ssl_context
         state.passwords = PasswordFile(new.auth.users_file)
         state.limits.reconfigure(new.limits.max_connections, new.limits.max_connections_per_ip)
-        if self.bouncer is not None:
-            self.bouncer.router = state.router
-        if self.scheduler is not None:
-            self.scheduler.retry_initial = new.queue.retry_initial
-            self.scheduler.retry_max = new.queue.retry_max
-            self.scheduler.max_age = new.queue.max_age
+        primary: list[tuple[Scheduler, Bouncer]] = []
+        if self.scheduler is not None and self.bouncer is not None:
+            primary.append((self.scheduler, self.bouncer))
+        for scheduler, bouncer in [*primary, *self.drains]:
+            bouncer.router = state.router
+            scheduler.retry_initial = new.queue.retry_initial
+            scheduler.retry_max = new.queue.retry_max
+            scheduler.max_age = new.queue.max_age
         self.config = new
         log.event("config.reloaded", source=str(new.source or "built-in defaults"))
 
@@ -113,6 +129,7 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "[queue].concurrency": (old.queue.concurrency, new.queue.concurrency),
         "[metrics]": (old.metrics, new.metrics),
         "[log]": (old.log, new.log),
+        "[server].workers": (old.server, new.server),
     }
     return [name for name, (before, after) in checks.items() if before != after]
 
@@ -137,6 +154,7 @@ async def serve(
     *,
     handler: Handler | None = None,
     queue: bool = True,
+    worker: WorkerSlot | None = None,
     task_status: trio.TaskStatus[MTA] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the MTA until cancelled or ``MTA.stop()``; started() once every listener accepts.
@@ -145,6 +163,12 @@ async def serve(
     recipients and take messages itself. ``queue=False`` runs without the
     durable queue and its scheduler: every message must then be taken by the
     handler, and nothing is delivered to Maildir or relayed.
+
+    ``worker`` is for ``trio-mta serve`` under ``[server] workers``: serve the
+    sockets the parent bound, accept into this worker's queue shard and drain
+    the shards no running worker accepts into (:mod:`trio_mta.queue.shards`).
+    Without it (embedding, ``workers = 1``) this is the one process: it binds
+    ``[[listen]]`` itself, accepts into shard 0 and drains every other shard.
     """
     if not queue and handler is None:
         raise ValueError("serve(queue=False) needs a handler to take the messages")
@@ -152,50 +176,125 @@ async def serve(
     await trio.to_thread.run_sync(
         lambda: config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
     ssl_context = await trio.to_thread.run_sync(build_ssl_context, config)
-    store = await trio.to_thread.run_sync(QueueStore, config.queue_path) if queue else None
+    shards: list[_Shard] = []
     bound: list[BoundListener] = []
     try:
-        for listen in config.listen:
-            bound.append(await bind(listen))
-        await _run(config, store, bound, ssl_context, handler, task_status)
+        if queue:
+            shards = await _open_shards(config, worker)
+        if worker is None:
+            for listen in config.listen:
+                bound.append(await bind(listen))
+        else:
+            bound = [adopt(listen, sock) for listen, sock in worker.listeners]
+        await _run(config, shards, bound, ssl_context, handler, worker, task_status)
     finally:
         for b in bound:
             b.socket_listener.socket.close()
-        if store is not None:
-            store.close()
+        for shard in shards:
+            shard.store.close()
+            shard.lock.release()
 
 
-async def _run(config: Config, store: QueueStore | None, bound: list[BoundListener],
+@dataclass
+class _Shard:
+    """One queue shard this process delivers; only the first one is written by sessions."""
+
+    index: int
+    store: QueueStore
+    lock: ShardLock
+
+
+async def _open_shards(config: Config, worker: WorkerSlot | None) -> list[_Shard]:
+    """This process's own shard first, then the leftovers it drains.
+
+    A worker waits for its own shard's lock: the previous holder can only be
+    a worker of a killed parent, still finishing its graceful stop. A leftover
+    that another process holds is skipped: someone is delivering it already.
+    """
+    index, count = (worker.index, worker.count) if worker is not None else (0, 1)
+    own = shard_path(config.state_dir, index)
+    lock = ShardLock(own)
+    if not await trio.to_thread.run_sync(lock.try_acquire):
+        if worker is None:
+            log.warning("queue.shard_in_use", shard=index, path=str(own))
+        else:
+            log.warning("queue.shard_waiting", shard=index, path=str(own))
+            while not await trio.to_thread.run_sync(lock.try_acquire):
+                await trio.sleep(0.2)
+    shards: list[_Shard] = []
+    try:
+        shards.append(_Shard(index, await _open_store(own), lock))
+        extras = await trio.to_thread.run_sync(drained_by, config.state_dir, index, count)
+        for extra in extras:
+            path = shard_path(config.state_dir, extra)
+            extra_lock = ShardLock(path)
+            if not await trio.to_thread.run_sync(extra_lock.try_acquire):
+                log.event("queue.shard_skipped", shard=extra, reason="in use by another process")
+                continue
+            try:
+                store = await _open_store(path)
+            except BaseException:
+                extra_lock.release()
+                raise
+            shards.append(_Shard(extra, store, extra_lock))
+            log.event("queue.draining", shard=extra)
+    except BaseException:
+        for shard in shards:
+            shard.store.close()
+            shard.lock.release()
+        lock.release()
+        raise
+    return shards
+
+
+async def _open_store(path: Path) -> QueueStore:
+    """Open one shard; a broken file is a QueueError naming it (one line at the CLI)."""
+    try:
+        return await trio.to_thread.run_sync(QueueStore, path)
+    except QueueError as exc:
+        raise QueueError(f"{path}: {exc}") from None
+
+
+async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
                ssl_context: ssl.SSLContext, handler: Handler | None,
-               task_status: trio.TaskStatus[MTA]) -> None:
+               worker: WorkerSlot | None, task_status: trio.TaskStatus[MTA]) -> None:
     tag = host_tag_for(config.hostname)
+    if worker is not None:
+        tag = worker_tag(tag, worker.index)
     metrics = Metrics()
     async with trio.open_nursery() as services:
-        metrics_address = config.metrics.address
+        metrics_address = config.metrics.address if worker is None else None
         if metrics_address is not None:
             metrics_address = await services.start(serve_metrics, metrics, *metrics_address)
+        if worker is not None and worker.metrics_channel is not None:
+            services.start_soon(answer_metrics_requests, metrics, worker.metrics_channel)
         sink: MessageSink | None = None
         scheduler: Scheduler | None = None
         bouncer: Bouncer | None = None
+        drains: list[tuple[Scheduler, Bouncer]] = []
         router = Router(config.local, config.relay)
-        if store is not None:
+        if shards:
+            store = shards[0].store
             writer = QueueWriter(store, tag)
             await services.start(writer.run)
             remote = RemoteAgent(
                 config.relay,
                 Resolver(config.dns.nameservers, config.dns.timeout,
                          prefer_ipv4=config.relay.prefer_ipv4),
-                hostname=config.hostname, concurrency=config.queue.concurrency)
+                hostname=config.hostname)
             await services.start(remote.run)
-            scheduler = _scheduler(config, store, remote)
+            for shard in shards:
+                shard_scheduler = _scheduler(config, shard.store, remote)
+                shard_bouncer = Bouncer(shard.store, router, hostname=config.hostname,
+                                        host_tag=tag, on_queued=shard_scheduler.wake)
+                shard_scheduler.on_failed = shard_bouncer.kick
+                shard_scheduler.on_outcome = _observe(metrics)
+                await services.start(shard_scheduler.run)
+                await services.start(shard_bouncer.run)
+                drains.append((shard_scheduler, shard_bouncer))
+            scheduler, bouncer = drains.pop(0)
             writer.on_committed = scheduler.wake
-            bouncer = Bouncer(store, router, hostname=config.hostname, host_tag=tag,
-                              on_queued=scheduler.wake)
-            scheduler.on_failed = bouncer.kick
-            scheduler.on_outcome = _observe(metrics)
-            metrics.set_queue_stats_source(store.stats)
-            await services.start(scheduler.run)
-            await services.start(bouncer.run)
+            metrics.set_queue_stats_source(_stats_of([shard.store for shard in shards]))
             sink = QueueSink(writer)
         if handler is not None:
             sink = HandlerSink(handler, sink)
@@ -214,13 +313,16 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
         )
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
                   metrics_address=metrics_address,
-                  store=store, scheduler=scheduler, bouncer=bouncer)
+                  store=shards[0].store if shards else None, scheduler=scheduler,
+                  bouncer=bouncer, drains=drains)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for b in bound:
                     accepting.start_soon(accept_loop, b, state, sessions)
-                for info in mta.listeners:
-                    log.event("smtpd.listening", mode=info.mode, address=_addr(info))
+                if worker is None:  # a supervised worker's parent announces the listeners
+                    for info in mta.listeners:
+                        address = format_host_port(info.host, info.port)
+                        log.event("smtpd.listening", mode=info.mode, address=address)
                 task_status.started(mta)
                 await mta._stop.wait()
                 log.event("mta.stopping", sessions=len(state.sessions))
@@ -229,6 +331,21 @@ async def _run(config: Config, store: QueueStore | None, bound: list[BoundListen
             sessions.cancel_scope.deadline = trio.current_time() + state.shutdown_grace
         services.cancel_scope.cancel()
     log.event("mta.stopped")
+
+
+def _stats_of(stores: list[QueueStore]) -> Callable[[], QueueStats]:
+    """Queue gauges over every shard this process delivers: sizes add up, ages take the oldest."""
+
+    def stats() -> QueueStats:
+        size, oldest = 0, None
+        for store in stores:
+            count, age = store.stats()
+            size += count
+            if age is not None and (oldest is None or age > oldest):
+                oldest = age
+        return size, oldest
+
+    return stats
 
 
 def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Scheduler:
@@ -241,9 +358,9 @@ def _scheduler(config: Config, store: QueueStore, remote: RemoteAgent) -> Schedu
         retry_max=config.queue.retry_max,
         max_age=config.queue.max_age,
         concurrency=config.queue.concurrency,
-        # Through a smarthost every domain shares one destination: no per-domain
-        # share to keep, the agent's own limit is the only one.
-        per_domain=config.queue.concurrency if config.relay.smarthost else None,
+        # Through a smarthost every domain shares one next hop: recipients group
+        # by message only, and there is no per-domain share to keep.
+        single_destination=bool(config.relay.smarthost),
         # Batches of 32 keep fsyncs per message near 1 (one new/ fsync per folder
         # per batch) while bounding the bodies held in memory at once.
         batch_size=32,
@@ -262,5 +379,3 @@ def _observe(metrics: Metrics) -> Callable[[DueRecipient, str, float], None]:
     return observe
 
 
-def _addr(info: Listener) -> str:
-    return f"[{info.host}]:{info.port}" if ":" in info.host else f"{info.host}:{info.port}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
 import ssl
 from pathlib import Path
@@ -21,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from trio_mta.safeio import replace_file
 
 __all__ = [
     "ClientTLSMode",
@@ -93,8 +94,9 @@ def ensure_certificate(
         key_pem, cert_pem = _self_signed_pem(hostname)
         # Key first: a crash between the two renames leaves a mismatched pair, which
         # _generated_pair_usable() detects and replaces on the next start.
-        _write_atomically(key_path, key_pem, mode=0o600)
-        _write_atomically(cert_path, cert_pem, mode=0o644)
+        # replace_file sets the mode at creation, so the key is never briefly world-readable.
+        replace_file(key_path, key_pem, mode=0o600)
+        replace_file(cert_path, cert_pem, mode=0o644)
     except OSError as exc:
         where = exc.filename or tls_dir
         raise TLSConfigError(
@@ -174,31 +176,6 @@ def _self_signed_pem(hostname: str) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, never
-    a torn one; the mode is set at creation so the key is never briefly world-readable."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits we want (0644 cert)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _public_der(public_key: PublicKeyTypes) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from trio_mta.auth.keys import DkimKeyError, generate_pem, load_key, txt_record, write_private
 from trio_mta.cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
@@ -18,8 +19,9 @@ from trio_mta.config import schema
 __all__ = ["add_parser", "run_dkim_command"]
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+def add_parser(sub: argparse._SubParsersAction[Any],
                parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """``dkim keygen`` under *sub*; *parser_class* is the caller's (errors exit 2)."""
     dkim = sub.add_parser("dkim", help="DKIM signing keys")
     dsub = dkim.add_subparsers(dest="dkim_command", parser_class=parser_class, required=True)
     keygen = dsub.add_parser("keygen", help="write a new private key, print its TXT record")

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_mta import log
+from trio_mta import __version__, log
 from trio_mta.cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from trio_mta.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from trio_mta.mta import MTA
+    from trio_mta.workers.worker import WorkerSpec
+
+WORKER_COMMAND = "_worker"  # internal: a supervised worker, see trio_mta.workers
 
 
 
@@ -45,6 +48,8 @@ def _add_config(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trio-mta", description="A mail transfer agent on trio.")
+    parser.add_argument("--version", action="store_true",
+                        help=f"print trio-mta {__version__} and exit")
     _add_config(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -114,7 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if argv[:1] == [WORKER_COMMAND] and len(argv) >= 2:
+        return _serve(build_parser().parse_args(["serve", *argv[2:]]), worker=argv[1])
     args = build_parser().parse_args(argv)
+    if args.version:  # SPEC §13
+        print(f"trio-mta {__version__}")
+        return EXIT_OK
     command = args.command or "serve"
     if command == "serve":
         if args.command is None:
@@ -141,38 +151,84 @@ def _main(argv: list[str]) -> int:
 
 
 def _check_config(config: Config) -> int:
+    from trio_mta.config.checks import open_relay_warning
+    from trio_mta.config.summary import describe
     from trio_mta.mta import build_ssl_context
     from trio_mta.tls import TLSConfigError
 
+    errors = []
     try:
         if config.tls.cert is not None or config.tls.key is not None:
             build_ssl_context(config)
     except TLSConfigError as exc:
-        print(f"trio-mta: config: {exc}", file=sys.stderr)
+        errors.append(str(exc))
+    log_problem = _log_file_problem(config, flag=False)
+    if log_problem is not None:
+        errors.append(log_problem)
+    if errors:
+        for line in errors:
+            print(f"trio-mta: config: {line}", file=sys.stderr)
         return EXIT_USAGE
     source = config.source or "built-in defaults"
     print(f"configuration ok ({source})")
-    print(f"hostname: {config.hostname}")
-    for line in config.describe_listeners():
-        print(f"listen: {line}")
-    for key in config.dkim.sign:  # loaded by Config.load: a bad key never gets here
-        print(f"dkim: signs {key.describe()}")
+    for line in describe(config):
+        print(line)
+    warning = open_relay_warning(config)
+    if warning is not None:
+        print(f"trio-mta: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _log_file_problem(config: Config, *, flag: bool) -> str | None:
+    """``[log].file: ...`` (or ``--log-file: ...`` when the flag set it) if it cannot be used."""
+    from trio_mta.config.checks import writable_file_problem
+
+    if config.log.file is None:
+        return None
+    problem = writable_file_problem(config.log.file)
+    if problem is None:
+        return None
+    return f"{'--log-file' if flag else '[log].file'}: {problem}"
+
+
+def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
+    """Serve in this process, or supervise ``[server] workers`` processes (SPEC §12).
+
+    ``worker`` is the spec a supervisor hands a worker it starts.
+    """
     from trio_mta.mta import ListenError
+    from trio_mta.queue.store import QueueError
     from trio_mta.tls import TLSConfigError
 
     config = load_config(args.config).with_overrides(
         listen=args.listen, state_dir=args.state_dir,
         log_level=args.log_level, log_file=args.log_file)
-    log.setup(config.log.level, config.log.file, config.log.format)
+    spec: WorkerSpec | None = None
+    if worker is not None:
+        from trio_mta.workers.worker import WorkerSpec
+
+        spec = WorkerSpec.from_json(worker)
+        log.set_context(worker=spec.index)
+    from_flag = args.log_file is not None
+    problem = _log_file_problem(config, flag=from_flag)
+    if problem is None:
+        try:
+            log.setup(config.log.level, config.log.file, config.log.format)
+        except OSError as error:  # changed since the check: still one line, naming the key
+            where = "--log-file" if from_flag else "[log].file"
+            problem = f"{where}: cannot open {config.log.file}: {error.strerror or error}"
+    if problem is not None:
+        print(f"trio-mta: config: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        trio.run(_serve_until_signal, config, args)
+        if spec is None and config.server.effective_workers > 1:
+            from trio_mta.workers.supervisor import supervise
+
+            return trio.run(supervise, config, _serve_flags(args))
+        trio.run(_serve_until_signal, config, args, spec)
     except Exception as raw:
         exc = _sole_exception(raw)
-        if isinstance(exc, ListenError):
+        if isinstance(exc, ListenError | QueueError):
             print(f"trio-mta: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         if isinstance(exc, TLSConfigError):
@@ -186,6 +242,22 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_flags(args: argparse.Namespace) -> list[str]:
+    """``serve``'s flags again, for the workers: they load the same configuration."""
+    flags: list[str] = []
+    if args.config:
+        flags += ["--config", os.path.abspath(args.config)]
+    for listen in args.listen or ():
+        flags += ["--listen", listen]
+    if args.state_dir is not None:
+        flags += ["--state-dir", os.path.abspath(args.state_dir)]
+    if args.log_level is not None:
+        flags += ["--log-level", args.log_level]
+    if args.log_file is not None:
+        flags += ["--log-file", os.path.abspath(args.log_file)]
+    return flags
+
+
 def _sole_exception(exc: BaseException) -> BaseException:
     """Nurseries wrap errors in groups; a single cause is reported as itself."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -193,34 +265,54 @@ def _sole_exception(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _serve_until_signal(config: Config, args: argparse.Namespace) -> None:
+async def _serve_until_signal(config: Config, args: argparse.Namespace,
+                              spec: WorkerSpec | None = None) -> None:
     from trio_mta.mta import serve
 
     wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    slot = spec.slot() if spec is not None else None
     with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run_serve(task_status: trio.TaskStatus[MTA]) -> None:
-                await serve(config, task_status=task_status)
+                await serve(config, worker=slot, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: no more signals to watch
 
             mta: MTA = await nursery.start(run_serve)
-            nursery.start_soon(_watch_signals, signals, mta, args, nursery.cancel_scope)
+            # A supervised worker may get a stop signal twice at once: forwarded by
+            # its parent and sent by a service manager to the whole group.
+            nursery.start_soon(_watch_signals, signals, mta, args, nursery.cancel_scope,
+                               0.0 if spec is None else DUPLICATE_WINDOW)
+            if spec is not None:
+                from trio_mta.workers.worker import notify_ready, watch_parent
+
+                log.event("worker.ready", pid=os.getpid(), of=spec.count)
+                notify_ready(spec)
+                nursery.start_soon(watch_parent, spec, mta)
+
+
+DUPLICATE_WINDOW = 1.0
 
 
 async def _watch_signals(signals: AsyncIterator[int], mta: MTA, args: argparse.Namespace,
-                         scope: trio.CancelScope) -> None:
-    """SIGHUP: reload. First SIGTERM/SIGINT: graceful stop; a second one: stop now."""
-    stopping = False
+                         scope: trio.CancelScope, duplicate_window: float = 0.0) -> None:
+    """SIGHUP: reload. First SIGTERM/SIGINT: graceful stop; a second one: stop now.
+
+    A second stop signal within ``duplicate_window`` seconds of the first is the
+    same request delivered twice, not an operator insisting.
+    """
+    stopping_since: float | None = None
     async for signum in signals:
         log.event("mta.signal", signal=signal.Signals(signum).name)
         if signum == signal.SIGHUP:
             await _reload(mta, args)
             continue
-        if stopping:
+        if stopping_since is not None:
+            if trio.current_time() - stopping_since < duplicate_window:
+                continue
             scope.cancel()
             return
-        stopping = True
+        stopping_since = trio.current_time()
         mta.stop()
 
 

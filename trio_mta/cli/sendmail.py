@@ -28,6 +28,7 @@ import trio
 
 from trio_mta.client import SMTPClient, SMTPClientError, SMTPConnectError, SMTPResponseError
 from trio_mta.config import Config, ConfigError
+from trio_mta.config.schema import format_host_port
 from trio_mta.smtp.address import Path, parse_path
 from trio_mta.smtp.errors import CommandError
 from trio_mta.smtp.replies import Reply
@@ -390,8 +391,9 @@ async def submit(host: str, port: int, helo: str, sender: str, recipients: Seque
     try:
         client = await SMTPClient.connect(host, port, helo_name=helo, tls="none")
     except SMTPConnectError as exc:
+        where = format_host_port(host, port)
         raise SendmailError(EX_TEMPFAIL, f"cannot reach the trio-mta server at "
-                                         f"{_show(host, port)}; is it running? ({exc})") from None
+                                         f"{where}; is it running? ({exc})") from None
     except SMTPClientError as exc:
         raise _session_failure(exc) from None
     refused: dict[str, str] = {}
@@ -442,10 +444,6 @@ def refusal_exit_code(reply: Reply) -> int:
     if status == "5.3.4" or status.startswith("5.6."):
         return EX_DATAERR
     return EX_UNAVAILABLE
-
-
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _session_failure(exc: SMTPClientError) -> SendmailError:

@@ -29,6 +29,7 @@ byte at a time cannot hold a connection forever.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -603,11 +604,31 @@ def _unbracket(host: str) -> str:
 
 
 def _why(exc: BaseException) -> str:
-    """A short reason: the OS error text, or the SSL/OS cause trio wrapped."""
+    """A short reason: the OS error text, or the SSL/OS cause trio wrapped.
+
+    ``trio.open_tcp_stream`` reports a failed connect as "all attempts to
+    connect to ... failed", the real causes ("Connection refused") in the
+    exception group it chains: those are what an operator needs.
+    """
     cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
+    group = cause.__cause__ if cause is not None else None
+    if isinstance(cause, OSError) and isinstance(group, BaseExceptionGroup):
+        reasons = [
+            os.strerror(leaf.errno) if isinstance(leaf, OSError) and leaf.errno else _why(leaf)
+            for leaf in _leaves(group)
+        ]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
     return str(cause or exc) or type(cause or exc).__name__
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _tls_reason(exc: trio.BrokenResourceError) -> str:

@@ -19,6 +19,7 @@ from trio_mta.config.loader import (
     MetricsConfig,
     QueueConfig,
     RelayConfig,
+    ServerConfig,
     TlsConfig,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "MetricsConfig",
     "QueueConfig",
     "RelayConfig",
+    "ServerConfig",
     "TlsConfig",
 ]

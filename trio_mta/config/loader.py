@@ -39,6 +39,7 @@ __all__ = [
     "MetricsConfig",
     "QueueConfig",
     "RelayConfig",
+    "ServerConfig",
     "TlsConfig",
     "VerifyConfig",
 ]
@@ -77,7 +78,7 @@ class ListenConfig:
     @property
     def address(self) -> str:
         """``host:port`` as the config writes it, IPv6 in brackets."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return schema.format_host_port(self.host, self.port)
 
     @classmethod
     def parse(cls, text: str) -> ListenConfig:
@@ -194,6 +195,27 @@ class MetricsConfig:
         return schema.parse_host_port(self.listen) if self.listen else None
 
 
+MAX_WORKERS = 1024  # two base32 characters of worker number in a queue ID tag
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: how many worker processes serve (SPEC §12); 0 = one per CPU core."""
+
+    workers: int = 0
+
+    @property
+    def effective_workers(self) -> int:
+        """``workers``, with 0 resolved to the cores this process may run on."""
+        if self.workers:
+            return self.workers
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, MAX_WORKERS))
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = "info"
@@ -250,6 +272,7 @@ class Config:
     auth: AuthConfig
     metrics: MetricsConfig
     log: LogConfig
+    server: ServerConfig = ServerConfig()
     source: Path | None = None
     dkim: DkimConfig = field(default_factory=DkimConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -387,6 +410,7 @@ class _Loader:
             auth=self._auth(root.table("auth", "[auth]"), state_dir),
             metrics=self._metrics(root.table("metrics", "[metrics]")),
             log=self._log(root.table("log", "[log]")),
+            server=self._server(root.table("server", "[server]")),
             dkim=self._dkim(root.table("dkim", "[dkim]")),
             verify=self._verify(root.table("verify", "[verify]")),
             _derived=frozenset(self.derived),
@@ -534,6 +558,11 @@ class _Loader:
         table.close()
         return metrics
 
+    def _server(self, table: Table) -> ServerConfig:
+        server = ServerConfig(workers=table.get("workers", _workers, ServerConfig.workers))
+        table.close()
+        return server
+
     def _log(self, table: Table) -> LogConfig:
         log = LogConfig(
             level=table.get("level", schema.choice(get_args(LogLevel)), LogConfig.level),
@@ -590,6 +619,12 @@ class _Loader:
         if verify.dmarc_enforce and not verify.dmarc:
             table.error("dmarc_enforce", "needs [verify].dmarc = true")
         return verify
+
+
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be an integer 0..{MAX_WORKERS} (0: one per CPU core)")
+    return value
 
 
 def _optional_host_port(value: Any) -> str:

@@ -188,6 +188,12 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
     return host, number
 
 
+def format_host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:25``): what :func:`parse_host_port`
+    reads back, and how every message and log line shows an address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def host_port(value: Any) -> tuple[str, int]:
     if not isinstance(value, str):
         raise ValueError('must be "host:port" or "[ipv6]:port"')

@@ -1,38 +1,28 @@
 """The delivery-agent interface: what the scheduler hands an agent and what it gets back.
 
 An agent (Maildir, remote SMTP) receives due items and returns one
-:class:`Outcome` per item, in order. Outcomes are data the queue can act on
-without parsing text.
+:class:`~trio_mta.delivery.outcome.Outcome` per item, in order. Outcomes are
+data the queue can act on without parsing text. Grouping by destination and
+concurrency limits belong to the scheduler: an agent delivers the batch it is
+given, as soon as it is given it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol
 
+from trio_mta.delivery.outcome import Outcome
 from trio_mta.queue.store import DueRecipient
 
-__all__ = ["DeliveryAgent", "DeliveryItem", "DestinationLimited", "Outcome"]
+__all__ = ["DeliveryAgent", "DeliveryItem", "Outcome"]
 
 
 @dataclass(frozen=True)
 class DeliveryItem:
     rcpt: DueRecipient
     data: bytes  # shared between recipients of one message: fetched once per batch
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: Literal["delivered", "deferred", "failed"]
-    detail: str  # reply text with enhanced status code, e.g. "451 4.3.0 try later"
-
-
-@runtime_checkable
-class DestinationLimited(Protocol):
-    """An agent with per-destination limits tells the scheduler when one is full."""
-
-    def saturated(self, domain: str) -> bool: ...
 
 
 class DeliveryAgent(Protocol):

@@ -11,20 +11,20 @@ with LF line ends, the form Postfix's local(8) and Dovecot's LDA write.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
 import time
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
-from trio_mta.delivery.agent import DeliveryItem, Outcome
+from trio_mta.delivery.agent import DeliveryItem
+from trio_mta.delivery.outcome import Kind, Outcome
+from trio_mta.routing.mailmap import safe_mailbox_name
+from trio_mta.safeio import fsync_directory, write_file_durably
 
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _NAME_ATTEMPTS = 8
 
 
@@ -32,24 +32,18 @@ class UnsafeMailbox(ValueError):
     """A mailbox name that is a path, or that resolves outside the Maildir root."""
 
 
-def check_mailbox_name(name: str) -> str:
-    """Return `name` if it is a single, plain folder name; raise UnsafeMailbox otherwise.
-
-    Routing checks this at RCPT already; delivery re-checks because the queue may
-    hold mail accepted under an older configuration (SPEC §3: a mailbox name is
-    never a path).
-    """
-    if not name or len(name) > 255 or name.startswith("."):
-        raise UnsafeMailbox(f"invalid mailbox name {name!r}")
-    for ch in name:
-        if ch in "/\\%" or unicodedata.category(ch).startswith("C"):
-            raise UnsafeMailbox(f"invalid mailbox name {name!r}")
-    return name
-
-
 def safe_join(root: Path, name: str) -> Path:
-    """`root/name`, refusing names and symlinks that would lead outside `root`."""
-    path = root / check_mailbox_name(name)
+    """`root/name`, refusing names and symlinks that would lead outside `root`.
+
+    The name rule is routing's (:func:`~trio_mta.routing.mailmap.safe_mailbox_name`), checked
+    again here because the queue may hold mail accepted under an older configuration
+    (SPEC §3: a mailbox name is never a path); the symlink check is what only delivery,
+    which touches the filesystem, can do.
+    """
+    try:
+        path = root / safe_mailbox_name(name)
+    except ValueError as exc:
+        raise UnsafeMailbox(f"invalid mailbox name {name!r}: {exc}") from None
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     if os.path.dirname(real) != real_root:
@@ -60,14 +54,6 @@ def safe_join(root: Path, name: str) -> Path:
 def escape_host(hostname: str) -> str:
     """Host part of a Maildir name: "/" and ":" are escaped as the convention says."""
     return hostname.replace("/", "\\057").replace(":", "\\072")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ensure_dir(path: Path) -> None:
@@ -85,7 +71,7 @@ def _ensure_dir(path: Path) -> None:
         except FileExistsError:
             return
     # The new entry must survive a crash, or new/ could vanish with mail in it.
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 def _make_maildir(maildir: Path) -> None:
@@ -94,16 +80,20 @@ def _make_maildir(maildir: Path) -> None:
         _ensure_dir(maildir / sub)
 
 
-def _error_detail(mailbox: str, exc: OSError) -> str:
+def _write_error(mailbox: str, exc: OSError) -> Outcome:
     """RFC 3463 codes: 4.2.2 mailbox full, 4.3.1 system full, 4.3.0 system, 4.2.0 mailbox."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EDQUOT:
-        return f"4.2.2 mailbox {mailbox} over quota: {reason}"
+        return _local("deferred", "4.2.2", f"mailbox {mailbox} over quota: {reason}")
     if exc.errno == errno.ENOSPC:
-        return f"4.3.1 mail system full: {reason}"
+        return _local("deferred", "4.3.1", f"mail system full: {reason}")
     if exc.errno in (errno.EROFS, errno.EIO):
-        return f"4.3.0 mail system error writing to {mailbox}: {reason}"
-    return f"4.2.0 cannot deliver to mailbox {mailbox}: {reason}"
+        return _local("deferred", "4.3.0", f"mail system error writing to {mailbox}: {reason}")
+    return _local("deferred", "4.2.0", f"cannot deliver to mailbox {mailbox}: {reason}")
+
+
+def _local(kind: Kind, status: str, text: str) -> Outcome:
+    return Outcome(kind, status, text, stage="local")
 
 
 class MaildirAgent:
@@ -120,7 +110,7 @@ class MaildirAgent:
         self._pid = os.getpid()
 
     async def deliver(self, items: Sequence[DeliveryItem]) -> list[Outcome]:
-        outcomes: list[Outcome] = [Outcome("deferred", "4.3.0 not attempted")] * len(items)
+        outcomes: list[Outcome] = [_local("deferred", "4.3.0", "not attempted")] * len(items)
         placed: list[Path | None] = [None] * len(items)  # new/ folder of each written file
         lf_bodies: dict[str, bytes] = {}
         # Each mailbox is resolved (realpath: several stat calls) once per batch,
@@ -144,13 +134,13 @@ class MaildirAgent:
 
         async def sync_folder(folder: Path) -> None:
             try:
-                await trio.to_thread.run_sync(_fsync_dir, folder, limiter=self._limiter)
+                await trio.to_thread.run_sync(fsync_directory, folder, limiter=self._limiter)
                 self.dirs_synced += 1
             except OSError as exc:
                 # The file is in new/ but not durably: retry later (maybe a duplicate).
                 for i, where in enumerate(placed):
                     if where == folder:
-                        outcomes[i] = Outcome("deferred", _error_detail(folder.parent.name, exc))
+                        outcomes[i] = _write_error(folder.parent.name, exc)
 
         async with trio.open_nursery() as nursery:
             for folder in folders:
@@ -164,7 +154,7 @@ class MaildirAgent:
         """Worker thread: deliver one file; returns its outcome and new/ folder."""
         rcpt = item.rcpt
         if rcpt.mailbox is None:
-            return Outcome("failed", "5.3.5 not a local mailbox"), None
+            return _local("failed", "5.3.5", "not a local mailbox"), None
         maildir = maildirs.get(rcpt.mailbox)
         if maildir is None:
             try:
@@ -173,7 +163,7 @@ class MaildirAgent:
                 maildir = exc
             maildirs[rcpt.mailbox] = maildir
         if isinstance(maildir, UnsafeMailbox):
-            return Outcome("failed", f"5.3.5 {maildir}"), None
+            return _local("failed", "5.3.5", str(maildir)), None
         body = lf_bodies.get(rcpt.message_id)
         if body is None:
             body = lf_bodies[rcpt.message_id] = item.data.replace(b"\r\n", b"\n")
@@ -181,8 +171,8 @@ class MaildirAgent:
         try:
             name = self._place(maildir, head, body)
         except OSError as exc:
-            return Outcome("deferred", _error_detail(rcpt.mailbox, exc)), None
-        return Outcome("delivered", f"2.0.0 delivered to maildir {rcpt.mailbox} as {name}"), (
+            return _write_error(rcpt.mailbox, exc), None
+        return _local("delivered", "2.0.0", f"delivered to maildir {rcpt.mailbox} as {name}"), (
             maildir / "new"
         )
 
@@ -190,12 +180,19 @@ class MaildirAgent:
         seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
         return f"{seconds}.M{nanos // 1000}P{self._pid}Q{next(self._counter)}.{self._host}"
 
-    def _open_tmp(self, maildir: Path) -> tuple[int, str]:
+    def _place(self, maildir: Path, head: bytes, body: bytes) -> str:
+        """tmp/NAME, fsynced, renamed to new/NAME; the caller fsyncs new/ once per batch."""
         created = False
         for _ in range(_NAME_ATTEMPTS):
             name = self._unique_name()
             try:
-                return os.open(maildir / "tmp" / name, _FILE_FLAGS, 0o600), name
+                write_file_durably(
+                    maildir / "tmp" / name, maildir / "new" / name, (head, body),
+                    mode=0o600, fsync_dir=False,
+                    # tmp/ existed but new/ did not (made by hand, or half-made by a
+                    # concurrent delivery): complete the Maildir and rename once more.
+                    make_target_dir=lambda: _make_maildir(maildir),
+                )
             except FileExistsError:
                 continue
             except FileNotFoundError:
@@ -203,30 +200,6 @@ class MaildirAgent:
                     raise
                 _make_maildir(maildir)
                 created = True
+                continue
+            return name
         raise FileExistsError(errno.EEXIST, "no unique file name in tmp/", str(maildir))
-
-    def _place(self, maildir: Path, head: bytes, body: bytes) -> str:
-        fd, name = self._open_tmp(maildir)
-        tmp = maildir / "tmp" / name
-        try:
-            try:
-                for chunk in (head, body):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.rename(tmp, maildir / "new" / name)
-            except FileNotFoundError:
-                # tmp/ existed but new/ did not (made by hand, or half-made by a
-                # concurrent delivery): complete the Maildir and try once more.
-                _make_maildir(maildir)
-                os.rename(tmp, maildir / "new" / name)
-        except BaseException:
-            # Never leave a partial file in tmp/.
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return name

@@ -4,26 +4,27 @@ Routing is by MX (RFC 5321 §5.1, through :class:`~trio_mta.dns.Resolver`), by
 an address literal (``user@[192.0.2.1]`` goes straight there), or, with
 ``[relay] smarthost`` set, everything to the smarthost. Every host and each of
 its addresses is tried in order until one answers; from then on that host's
-replies decide: 2xx delivered, 4xx deferred, 5xx failed, the reply text and the
-host kept as the detail. Connection-level trouble (refused, timeout, 4xx
-greeting, TLS required but unavailable) moves on to the next address, a 5xx
-greeting to the next host; when nothing answers, every recipient is deferred
-with the last reason.
+replies decide: 2xx delivered, 4xx deferred, 5xx failed, each outcome carrying
+the reply's code, status and text, the host and the stage. Connection-level
+trouble (refused, timeout, 4xx greeting, TLS required but unavailable) moves on
+to the next address, a 5xx greeting to the next host; when nothing answers,
+every recipient is deferred with each address's own cause, bounded in length.
 
-Connections are bounded globally (``concurrency``) and per destination domain,
-so one slow domain cannot hold every slot, and kept open for a few seconds
-after a transaction: the next message to the same address (port and TLS
-policy) reuses the connection after an RSET proves it alive. A pooled
-connection is only ever in one task's hands. :meth:`RemoteAgent.run` closes
-idle connections; run it in the same nursery as the scheduler.
+A batch is one message for one destination (the scheduler groups and limits;
+see :mod:`trio_mta.queue.scheduler`); each batch is one transaction. Lines
+longer than SMTP allows are made to fit on the way out
+(:mod:`trio_mta.delivery.longlines`). Connections are kept open for a few
+seconds after a transaction: the next message to the same address (port and
+TLS policy) reuses it. A pooled connection is only ever in one task's hands.
+:meth:`RemoteAgent.run` closes idle connections; run it in the same nursery as
+the scheduler.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -34,12 +35,15 @@ from trio_mta.client import (
     SMTPClient,
     SMTPClientError,
     SMTPResponseError,
+    SMTPTLSError,
     Timeouts,
     TLSMode,
     TransactionResult,
 )
 from trio_mta.config import RelayConfig
-from trio_mta.delivery.agent import DeliveryItem, Outcome
+from trio_mta.delivery.agent import DeliveryItem
+from trio_mta.delivery.longlines import fit_lines
+from trio_mta.delivery.outcome import Kind, Outcome, Stage
 from trio_mta.dns import DnsError, MailHost, Resolver
 from trio_mta.smtp.address import parse_path
 from trio_mta.smtp.errors import CommandError
@@ -49,6 +53,8 @@ from trio_mta.tls import client_context
 __all__ = ["RemoteAgent"]
 
 _CLOSE_TIMEOUT: Final = 2.0  # shutting down: QUIT to idle connections, then drop them
+_CAUSE_MAX: Final = 200  # characters of one address's cause in a deferral's text
+_CAUSES_MAX: Final = 800  # characters of all of them together
 
 # (address, port, TLS mode, verified host name or ""). The name is part of the key
 # in verify mode: a connection authenticated for one MX name is not reused for
@@ -63,7 +69,6 @@ class _Route:
     mode: TLSMode
     context: ssl.SSLContext | None
     credentials: tuple[str, str] | None
-    destination: str | None  # per-destination limit key; None: only the global limit
 
 
 class _Undeliverable(Exception):
@@ -72,12 +77,6 @@ class _Undeliverable(Exception):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.detail)
         self.outcome = outcome
-
-
-@dataclass
-class _Destination:
-    limiter: trio.CapacityLimiter
-    users: int = 0
 
 
 @dataclass
@@ -118,10 +117,8 @@ class _Pool:
 
 
 class RemoteAgent:
-    """The :class:`~trio_mta.queue.scheduler.DeliveryAgent` for non-local recipients.
+    """The :class:`~trio_mta.delivery.agent.DeliveryAgent` for non-local recipients.
 
-    ``per_destination`` defaults to half of ``concurrency`` (at least 1), so a
-    domain that answers slowly leaves the other half for everyone else.
     ``idle_timeout`` 0 turns connection reuse off.
     """
 
@@ -131,21 +128,14 @@ class RemoteAgent:
         resolver: Resolver,
         *,
         hostname: str,
-        concurrency: int,
-        per_destination: int | None = None,
         timeouts: Timeouts | None = None,
         idle_timeout: float = 5.0,
     ) -> None:
-        if concurrency < 1 or (per_destination is not None and per_destination < 1):
-            raise ValueError("concurrency and per_destination must be at least 1")
         if idle_timeout < 0:
             raise ValueError("idle_timeout must not be negative")
         self._relay = relay
         self._resolver = resolver
         self._hostname = hostname.lower().rstrip(".")
-        self._per_destination = per_destination or max(1, concurrency // 2)
-        self._limiter = trio.CapacityLimiter(concurrency)
-        self._destinations: dict[str, _Destination] = {}
         self._timeouts = timeouts or Timeouts()
         self._idle_timeout = idle_timeout
         self._pool = _Pool()
@@ -169,44 +159,22 @@ class RemoteAgent:
     # --- the DeliveryAgent protocol ---------------------------------------------
 
     async def deliver(self, items: Sequence[DeliveryItem]) -> Sequence[Outcome]:
-        """One transaction per (message, domain) group, groups side by side."""
-        outcomes: list[Outcome] = [Outcome("deferred", "4.3.0 not attempted")] * len(items)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for index, item in enumerate(items):
-            key = (item.rcpt.message_id, _domain(item.rcpt.address))
-            groups.setdefault(key, []).append(index)
+        """One transaction for the batch: one message to one destination.
 
-        async def run_group(domain: str, indexes: list[int]) -> None:
-            group = [items[i] for i in indexes]
-            try:
-                results = await self._deliver_group(domain, group)
-            except Exception as exc:
-                # One group's bug must not cancel its siblings mid-transaction:
-                # a sibling's 250 lost that way would mean a duplicate later.
-                log.error(
-                    "delivery.agent_error", agent="RemoteAgent", domain=domain, error=repr(exc)
-                )
-                results = [Outcome("deferred", f"4.3.0 internal delivery error: {exc}")] * len(
-                    group
-                )
-            for i, outcome in zip(indexes, results, strict=True):
-                outcomes[i] = outcome
-
-        async with trio.open_nursery() as nursery:
-            for (_, domain), indexes in groups.items():
-                nursery.start_soon(run_group, domain, indexes)
-        return outcomes
-
-    def saturated(self, domain: str) -> bool:
-        """True while ``domain`` uses its whole per-destination share.
-
-        The scheduler can leave such a domain's mail queued instead of handing
-        it over to wait here, so its slots go to other domains.
+        Raises ValueError for a batch that mixes messages, or domains when
+        routing by MX: grouping is the scheduler's job, and guessing here
+        would hide its mistake.
         """
-        if self._relay.smarthost:
-            return self._limiter.available_tokens == 0
-        entry = self._destinations.get(domain.lower())
-        return entry is not None and entry.limiter.available_tokens == 0
+        if not items:
+            return []
+        first = items[0].rcpt
+        domain = _domain(first.address)
+        for item in items:
+            if item.rcpt.message_id != first.message_id or (
+                not self._relay.smarthost and _domain(item.rcpt.address) != domain
+            ):
+                raise ValueError("a remote batch must be one message to one destination")
+        return await self._deliver_group(domain, list(items))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close connections idle longer than ``idle_timeout`` until cancelled, then all."""
@@ -233,12 +201,12 @@ class RemoteAgent:
     async def _deliver_group(self, domain: str, items: list[DeliveryItem]) -> list[Outcome]:
         first = items[0].rcpt
         if not _valid_path(first.sender, null_ok=True):
-            detail = f"5.1.7 invalid sender address <{first.sender}>"
-            return [Outcome("failed", detail)] * len(items)
+            outcome = _ours("failed", "5.1.7", f"invalid sender address <{first.sender}>")
+            return [outcome] * len(items)
         outcomes: list[Outcome | None] = [
             None
             if _valid_path(item.rcpt.address, null_ok=False)
-            else Outcome("failed", f"5.1.3 invalid recipient address <{item.rcpt.address}>")
+            else _ours("failed", "5.1.3", f"invalid recipient address <{item.rcpt.address}>")
             for item in items
         ]
         todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
@@ -248,10 +216,9 @@ class RemoteAgent:
             except _Undeliverable as exc:
                 results = [exc.outcome] * len(todo)
             else:
-                async with self._slot(route.destination):
-                    results = await self._transact(
-                        route, first.message_id, first.sender, [items[i] for i in todo]
-                    )
+                results = await self._transact(
+                    route, first.message_id, first.sender, [items[i] for i in todo]
+                )
             for i, outcome in zip(todo, results, strict=True):
                 outcomes[i] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
@@ -266,15 +233,14 @@ class RemoteAgent:
             except DnsError as exc:
                 # The smarthost is our own configuration, not the recipient's
                 # domain: even NXDOMAIN is a reason to wait, never to bounce.
-                detail = f"4.4.3 smarthost {host}: {exc}"
-                raise _Undeliverable(Outcome("deferred", detail)) from None
+                text = f"smarthost {host}: {exc}"
+                raise _Undeliverable(_ours("deferred", "4.4.3", text, "dns")) from None
             return _Route(
                 (found,),
                 port,
                 self._smarthost_mode,
                 self._smarthost_context,
                 relay.smarthost_credentials,
-                None,
             )
         literal = _address_literal(domain)
         if literal is not None:
@@ -283,9 +249,9 @@ class RemoteAgent:
             try:
                 hosts = self._without_self(domain, await self._resolver.mail_hosts(domain))
             except DnsError as exc:
-                kind: Literal["failed", "deferred"] = "failed" if exc.permanent else "deferred"
-                raise _Undeliverable(Outcome(kind, f"{exc.status} {exc}")) from None
-        return _Route(hosts, relay.port, relay.tls, self._mx_context, None, domain)
+                kind: Kind = "failed" if exc.permanent else "deferred"
+                raise _Undeliverable(_ours(kind, exc.status, str(exc), "dns")) from None
+        return _Route(hosts, relay.port, relay.tls, self._mx_context, None)
 
     async def _host_addresses(self, host: str) -> MailHost:
         try:
@@ -300,51 +266,32 @@ class RemoteAgent:
             return tuple(hosts)
         kept = tuple(h for h in hosts if h.preference < min(ours))
         if not kept:
-            detail = (
-                f"5.4.6 mail for {domain} loops back to myself ({self._hostname} is its best MX)"
-            )
-            raise _Undeliverable(Outcome("failed", detail))
+            text = f"mail for {domain} loops back to myself ({self._hostname} is its best MX)"
+            raise _Undeliverable(_ours("failed", "5.4.6", text, "route"))
         return kept
-
-    @asynccontextmanager
-    async def _slot(self, destination: str | None) -> AsyncIterator[None]:
-        """The per-destination limit first, so waiting for a busy domain holds no global slot."""
-        if destination is None:
-            async with self._limiter:
-                yield
-            return
-        entry = self._destinations.get(destination)
-        if entry is None:
-            entry = _Destination(trio.CapacityLimiter(self._per_destination))
-            self._destinations[destination] = entry
-        entry.users += 1
-        try:
-            async with entry.limiter, self._limiter:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._destinations[destination]
 
     async def _transact(
         self, route: _Route, queue_id: str, sender: str, items: list[DeliveryItem]
     ) -> list[Outcome]:
         """Try the route's hosts and addresses in order; the first that answers decides."""
         recipients = [item.rcpt.address for item in items]
-        data = items[0].data
-        last = "4.4.1 no address to connect to"
+        data = fit_lines(items[0].data)
+        failures: list[Outcome] = []
         for host in route.hosts:
             for address in host.addresses:
-                peer = f"{host.name}[{address}]"
                 try:
                     client, result = await self._send(route, host, address, sender,
                                                       recipients, data)
                 except SMTPClientError as exc:
-                    last = self._unreachable(queue_id, host, address, _failure_detail(exc, peer))
+                    failure = _failure(exc, host.name, address, route.port)
+                    failures.append(failure)
+                    self._unreachable(queue_id, host, address, failure.detail)
                     if _permanent_greeting(exc):
                         break  # a 5xx greeting speaks for the whole host
                     continue
-                outcomes = [_outcome(reply, client.peer) for reply in result.outcomes]
+                outcomes = [_outcome(reply, host.name, client.address, stage)
+                            for reply, stage in zip(result.outcomes, _stages(result),
+                                                    strict=True)]
                 log.event(
                     "delivery.attempt",
                     id=queue_id,
@@ -356,11 +303,11 @@ class RemoteAgent:
                 )
                 await self._checkin(self._key(route, host, address), client)
                 return outcomes
-        return [Outcome("deferred", last)] * len(items)
+        return [_unreachable(failures, route.port)] * len(items)
 
     @staticmethod
-    def _unreachable(queue_id: str, host: MailHost, address: str, detail: str) -> str:
-        """Log an address that did not get as far as a transaction; return the reason."""
+    def _unreachable(queue_id: str, host: MailHost, address: str, detail: str) -> None:
+        """Log an address that did not get as far as a transaction."""
         log.event(
             "delivery.attempt",
             id=queue_id,
@@ -369,7 +316,6 @@ class RemoteAgent:
             reply=detail,
             outcome="unreachable",
         )
-        return detail
 
     def _key(self, route: _Route, host: MailHost, address: str) -> _PoolKey:
         return (address, route.port, route.mode, host.name if route.mode == "verify" else "")
@@ -475,8 +421,8 @@ def _address_literal(domain: str) -> str | None:
             return str(ipaddress.IPv6Address(inner[5:]))
         return str(ipaddress.IPv4Address(inner))
     except ValueError:
-        detail = f"5.1.2 unsupported address literal {domain}"
-        raise _Undeliverable(Outcome("failed", detail)) from None
+        text = f"unsupported address literal {domain}"
+        raise _Undeliverable(_ours("failed", "5.1.2", text, "route")) from None
 
 
 def _valid_path(address: str, *, null_ok: bool) -> bool:
@@ -487,20 +433,91 @@ def _valid_path(address: str, *, null_ok: bool) -> bool:
     return True
 
 
-def _outcome(reply: Reply, peer: str) -> Outcome:
-    detail = f"{reply} ({peer})"
-    if 200 <= reply.code < 300:
-        return Outcome("delivered", detail)
-    if reply.code >= 500:
-        return Outcome("failed", detail)
-    return Outcome("deferred", detail)  # 4xx, and 3xx where a final reply belonged
+def _ours(kind: Kind, status: str, text: str, stage: Stage = "route") -> Outcome:
+    """An outcome we decided ourselves, without a server's reply."""
+    return Outcome(kind, status, text, stage=stage)
 
 
-def _failure_detail(exc: SMTPClientError, peer: str) -> str:
-    """The server's own words first when it said something, like transaction details."""
+def _kind(code: int) -> Kind:
+    if 200 <= code < 300:
+        return "delivered"
+    return "failed" if code >= 500 else "deferred"  # 4xx, and 3xx where a final reply belonged
+
+
+def _outcome(reply: Reply, host: str, address: str, stage: Stage | None) -> Outcome:
+    kind = _kind(reply.code)
+    default = {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}[kind]
+    # A 3xx where a final reply belonged carries no usable status of its own.
+    status = reply.status if reply.status and reply.status[0] == default[0] else default
+    return Outcome(kind, status, reply.text, reply.code, host, address, stage)
+
+
+def _stages(result: TransactionResult) -> list[Stage]:
+    """Per recipient, the transaction step whose reply decided it."""
+    out: list[Stage] = []
+    for rcpt in result.rcpt_replies:
+        if not 200 <= result.mail_reply.code < 300 or rcpt is None:
+            out.append("mail")
+        elif not 200 <= rcpt.code < 300 or result.data_reply is None:
+            out.append("rcpt")
+        else:
+            out.append("data")
+    return out
+
+
+_SESSION_STAGES: Final[dict[str, Stage]] = {"greeting": "greeting", "EHLO": "ehlo",
+                                            "STARTTLS": "tls"}
+
+
+def _failure(exc: SMTPClientError, host: str, address: str, port: int) -> Outcome:
+    """One address that gave no transaction: its own reason, as data.
+
+    The server's own words when it said something (a 421 greeting, a refused
+    AUTH); otherwise what went wrong locally, without the "connect to X port
+    P" preamble the client puts in front (the outcome names the address).
+    """
+    if isinstance(exc, SMTPTLSError):
+        stage: Stage = "tls"
+    elif exc.stage is not None:
+        stage = _SESSION_STAGES.get(exc.stage, "auth" if exc.stage.startswith("AUTH") else "ehlo")
+    else:
+        stage = "connect"
+    # Whatever the reply said (even a 2xx before a failed handshake), this is a deferral.
+    status = exc.status if exc.status[:1] in ("4", "5") else "4.0.0"
     if exc.reply is not None:
-        return f"{exc.reply} ({peer}, {exc.stage})" if exc.stage else f"{exc.reply} ({peer})"
-    return f"{exc.status} {exc} ({peer})"
+        return Outcome("deferred", status, exc.reply.text, exc.reply.code, host, address, stage)
+    text = str(exc).removeprefix(f"connect to {address} port {port}: ")
+    return Outcome("deferred", status, text, None, host, address, stage)
+
+
+def _unreachable(failures: list[Outcome], port: int) -> Outcome:
+    """The deferral when no address answered: each address's cause, bounded in length.
+
+    With one address tried its outcome stands as it is (code, host, stage);
+    with several, the text lists them in order, e.g.
+    ``mx1.example [192.0.2.1]:25: Connection refused; mx2.example [192.0.2.2]:25:
+    421 4.3.2 shutting down``, and the status is the last one's.
+    """
+    if not failures:
+        return _ours("deferred", "4.4.1", "no address to connect to", "connect")
+    if len(failures) == 1:
+        return failures[0]
+    causes = [_clip(f"{f.remote_host} [{f.remote_address}]:{port}: {f.reply if f.code else f.text}",
+                    _CAUSE_MAX) for f in failures]
+    text = "; ".join(causes)
+    if len(text) > _CAUSES_MAX:
+        kept: list[str] = []
+        for cause in causes:
+            if len("; ".join([*kept, cause])) > _CAUSES_MAX - 20:
+                break
+            kept.append(cause)
+        text = "; ".join(kept) + f"; and {len(causes) - len(kept)} more"
+    last = failures[-1]
+    return Outcome("deferred", last.status, text, stage=last.stage)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _permanent_greeting(exc: SMTPClientError) -> bool:

@@ -10,7 +10,6 @@ senders never get a bounce (RFC 5321 §6.1: no bounce for a bounce).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 
@@ -29,28 +28,25 @@ from trio_mta.queue.store import (
 )
 from trio_mta.routing.router import LocalTarget, Router
 
-_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-# The remote agent notes the peer as "(mx.example.org[192.0.2.1])" or "(name[ip], stage)".
-_PEER = re.compile(r"\(([A-Za-z0-9.-]+)\[[0-9A-Fa-f:.]+\]")
-
-
-def status_of(error: str) -> str:
-    """The RFC 3463 code a failure carries; a failure without one is 5.0.0."""
-    match = _STATUS.search(error)
-    if match is None or match.group(1) == "2":
-        return "5.0.0"
-    return ".".join(match.groups())
-
 
 def failed_recipient(record: FailedRecord) -> FailedRecipient:
-    peer = _PEER.search(record.error)
+    """A failed recipient's DSN fields, straight from its recorded outcome.
+
+    A server's reply is quoted as ``smtp; <code> <status> <text>`` with the
+    server as Remote-MTA (RFC 3464 §2.3.5-6); our own findings (DNS, expiry,
+    an unreachable host) are worded as ours.
+    """
+    outcome = record.outcome
+    # A failure can only carry a failure's status; "2.x.x" would contradict Action.
+    status = outcome.status if outcome.status[0] in "45" else "5.0.0"
     return FailedRecipient(
         address=record.address,
         original=record.original if record.original.lower() != record.address.lower() else None,
-        status=status_of(record.error),
-        diagnostic=record.error or None,
-        remote_mta=peer.group(1) if peer else None,
+        status=status,
+        diagnostic=(outcome.reply if outcome.code is not None else outcome.text) or None,
+        remote_mta=outcome.remote_host if outcome.code is not None else None,
         last_attempt=record.failed_at,
+        smtp_reply=outcome.code is not None,
     )
 
 

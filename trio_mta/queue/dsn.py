@@ -32,7 +32,7 @@ _TEXT_WIDTH = 76
 # notices, which this MTA does not send.
 _ACTIONS = frozenset({"failed", "delayed"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # RFC 3464 §2.3.4 / RFC 3463 §2
-_SMTP_REPLY = re.compile(r"[2-5]\d\d(?:[ -]|$)")
+MAX_HEADERS = 64 * 1024  # octets of a returned header section (text/rfc822-headers)
 _HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 field name
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
@@ -74,6 +74,9 @@ class FailedRecipient:
     remote_mta: str | None  # host name of the MTA that gave the diagnostic
     last_attempt: float | None  # seconds since the epoch
     action: str = "failed"
+    # True: ``diagnostic`` is a server's SMTP reply ("smtp;", RFC 3464 §2.3.6);
+    # False: our own finding (DNS, TLS, expiry), typed "X-trio-mta;" as Postfix's X-Postfix.
+    smtp_reply: bool = False
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
@@ -90,12 +93,14 @@ def needs_bounce(sender: str) -> bool:
 def build_bounce(*, reporting_mta: str, sender: str, queue_id: str, arrival: float,
                  recipients: Sequence[FailedRecipient], original: bytes,
                  now: float | None = None, return_full_message: bool = False,
-                 max_original: int = 256 * 1024) -> bytes:
+                 max_original: int = 256 * 1024, max_headers: int = MAX_HEADERS) -> bytes:
     """The DSN telling ``sender`` that ``recipients`` of message ``queue_id`` failed.
 
     ``original`` is the message as queued. Only its header section is returned
     unless ``return_full_message``; then at most ``max_original`` octets of it,
-    cut at a line end, so a bounce of a huge message stays small.
+    cut at a line end, so a bounce of a huge message stays small. A returned
+    header section is cut to ``max_headers`` octets, between two fields; the
+    explanation says when either was cut.
     """
     if not needs_bounce(sender):
         raise ValueError("no delivery status notification for the null sender (RFC 5321 §6.1)")
@@ -103,9 +108,10 @@ def build_bounce(*, reporting_mta: str, sender: str, queue_id: str, arrival: flo
         raise ValueError("a delivery status notification needs at least one recipient")
     when = time.time() if now is None else now
     host = _host(reporting_mta)
-    attached, truncated = _returned(original, return_full_message, max_original)
+    limit = max_original if return_full_message else max_headers
+    attached, truncated = _returned(original, return_full_message, limit)
     parts = [
-        _text_part(host, recipients, return_full_message, truncated, max_original),
+        _text_part(host, recipients, return_full_message, truncated, limit),
         _status_part(host, queue_id, arrival, recipients),
         attached,
     ]
@@ -156,8 +162,11 @@ def _text_part(host: str, recipients: Sequence[FailedRecipient], full: bool,
         "If you do so, please include this problem report. You can delete your "
         "own text from the attached returned message.",
     ]
-    if truncated:
+    if truncated and full:
         paragraphs.append(f"The returned message was cut to its first {max_original} octets.")
+    elif truncated:
+        paragraphs.append(f"The returned headers were cut to their first {max_original} "
+                          "octets, after a complete header field.")
     lines: list[str] = []
     for paragraph in paragraphs:
         lines += [*textwrap.wrap(paragraph, _TEXT_WIDTH), ""]
@@ -217,7 +226,7 @@ def _status_part(host: str, queue_id: str, arrival: float,
             diagnostic = _ascii(rcpt.diagnostic)
             # RFC 3464 §2.3.6: "smtp" only for an actual SMTP reply; our own
             # findings (DNS, TLS, expiry) get a private X- type as Postfix's.
-            kind = "smtp" if _SMTP_REPLY.match(diagnostic) else "X-trio-mta"
+            kind = "smtp" if rcpt.smtp_reply else "X-trio-mta"
             fields.append(("Diagnostic-Code", f"{kind}; {diagnostic}"))
         if rcpt.last_attempt is not None:
             fields.append(("Last-Attempt-Date",
@@ -240,6 +249,9 @@ def _returned(original: bytes, full: bool, limit: int) -> tuple[bytes, bool]:
     header, body = _split_original(original)
     lines = [piece for line in header for piece in _wrap(line, b" ")]
     truncated = False
+    if not full and sum(len(line) + 2 for line in lines) > limit:
+        kept = _cut_fields(lines, limit)
+        lines, truncated = kept, len(kept) < len(lines)
     if full:
         lines.append(b"")
         lines += [piece for line in body for piece in _wrap(line, b"")]
@@ -288,6 +300,17 @@ def _cut(lines: list[bytes], limit: int) -> list[bytes]:
         if size > limit:
             return lines[:index]
     return lines
+
+
+def _cut_fields(lines: list[bytes], limit: int) -> list[bytes]:
+    """The leading whole header fields (with their continuation lines) that fit in ``limit``."""
+    kept = _cut(lines, limit)
+    end = len(kept)
+    if end < len(lines):
+        # Drop a field whose continuation lines did not all fit.
+        while end > 0 and lines[end][:1] in (b" ", b"\t"):
+            end -= 1
+    return lines[:end]
 
 
 def _wrap(line: bytes, continuation: bytes) -> list[bytes]:

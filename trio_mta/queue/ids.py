@@ -2,8 +2,10 @@
 
 An ID is 12 characters of Crockford base32 (microseconds since the epoch shifted
 left by 8 bits, plus a per-process counter in the low bits) followed by "-" and a
-short tag derived from the host name. DESIGN.md "Scaling past one machine": several
-instances share Maildir storage and logs, so an ID must name its host.
+short tag derived from the host name, followed under ``[server] workers`` by two
+characters naming the worker. DESIGN.md "Scaling past one machine": several
+instances share Maildir storage and logs, so an ID must name its host; workers of
+one host start in the same microsecond often enough that it must name the worker too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def host_tag_for(hostname: str) -> str:
 
 
 host_tag = host_tag_for  # the name serve() uses
+
+WORKER_CHARS = 2
+
+
+def worker_tag(host_tag: str, worker: int) -> str:
+    """``host_tag`` plus the worker number: IDs of two workers can never collide."""
+    if not 0 <= worker < 32 ** WORKER_CHARS:
+        raise ValueError(f"worker number must be 0..{32 ** WORKER_CHARS - 1}, got {worker}")
+    return host_tag + _encode(worker, WORKER_CHARS)
 
 
 def new_queue_id(host_tag: str) -> str:

@@ -1,10 +1,11 @@
 """Text and JSON for `trio-mta queue list` and `queue show`.
 
-Input is what QueueStore.list_messages / show return (timestamps already ISO-8601
-"Z"). JSON output is exactly those objects (SPEC §8). Human output follows
-Postfix's mailq: one block per message, one line per recipient, the last error
-under it. Text that came from the network (addresses, errors, headers) is
-escaped so control characters cannot play tricks on the admin's terminal.
+Input is what QueueStore.list_messages / show return: dataclasses with unix
+times; this module alone turns them into text. JSON output has the shape of
+SPEC §8 (ISO-8601 "Z" times). Human output follows Postfix's mailq: one block
+per message, one line per recipient, the last error under it. Text that came
+from the network (addresses, errors, headers) is escaped so control characters
+cannot play tricks on the admin's terminal.
 """
 
 from __future__ import annotations
@@ -12,9 +13,38 @@ from __future__ import annotations
 import json
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from trio_mta.queue.store import UNFINISHED, QueuedMessage, RecipientState
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix time as ISO-8601 UTC with a "Z", as SPEC §8 shows."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def message_json(message: QueuedMessage) -> dict[str, Any]:
+    """One element of `queue list --json` (SPEC §8)."""
+    return {
+        "id": message.id,
+        "sender": message.sender,
+        "received_at": iso(message.received_at),
+        "size": message.size,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "attempts": r.attempts,
+                "next_attempt": iso(r.next_attempt),
+                "last_error": r.last_error,
+            }
+            for r in message.recipients
+        ],
+    }
 
 
 def _clean(text: object) -> str:
@@ -25,12 +55,6 @@ def _clean(text: object) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-def _parse(stamp: str | None) -> float | None:
-    if not stamp:
-        return None
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def _span(seconds: float) -> str:
@@ -44,37 +68,35 @@ def _span(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _when(stamp: str | None, now: float) -> str:
-    ts = _parse(stamp)
+def _when(ts: float | None, now: float) -> str:
     if ts is None:
         return "-"
     if ts <= now:
         return "now"
-    return f"{stamp} (in {_span(ts - now)})"
+    return f"{iso(ts)} (in {_span(ts - now)})"
 
 
 def _recipient_lines(
-    rcpt: Mapping[str, Any], now: float, indent: str, *, address: bool = True
+    rcpt: RecipientState, now: float, indent: str, *, address: bool = True
 ) -> list[str]:
-    status = rcpt["status"]
-    line = f"{indent}{status:<9}  "
+    line = f"{indent}{rcpt.status:<9}  "
     if address:
-        line += f"<{_clean(rcpt['address'])}>  "
-    line += f"attempts {rcpt['attempts']}"
-    if status in ("pending", "deferred"):
-        line += f", next retry {_when(rcpt.get('next_attempt'), now)}"
+        line += f"<{_clean(rcpt.address)}>  "
+    line += f"attempts {rcpt.attempts}"
+    if rcpt.status in UNFINISHED:
+        line += f", next retry {_when(rcpt.next_attempt, now)}"
     lines = [line]
-    if rcpt.get("last_error"):
-        lines.append(f"{indent}{'':<9}  {_clean(rcpt['last_error'])}")
+    if rcpt.last_error:
+        lines.append(f"{indent}{'':<9}  {_clean(rcpt.last_error)}")
     return lines
 
 
 def format_list(
-    rows: Sequence[Mapping[str, Any]], *, json_output: bool, now: float | None = None
+    rows: Sequence[QueuedMessage], *, json_output: bool, now: float | None = None
 ) -> str:
     """`queue list` output (no trailing newline)."""
     if json_output:
-        return json.dumps(list(rows), indent=2)
+        return json.dumps([message_json(row) for row in rows], indent=2)
     if not rows:
         return "Mail queue is empty"
     now = time.time() if now is None else now
@@ -82,14 +104,13 @@ def format_list(
     waiting = 0
     total = 0
     for row in rows:
-        received = _parse(row["received_at"])
-        age = _span(now - received) if received is not None else "?"
-        sender = _clean(row["sender"]) if row["sender"] else ""
-        lines.append(f"{row['id']:<18} {age:>6} {row['size']:>9}  <{sender}>")
-        for rcpt in row["recipients"]:
+        age = _span(now - row.received_at)
+        sender = _clean(row.sender) if row.sender else ""
+        lines.append(f"{row.id:<18} {age:>6} {row.size:>9}  <{sender}>")
+        for rcpt in row.recipients:
             lines.extend(_recipient_lines(rcpt, now, "    "))
-            waiting += rcpt["status"] in ("pending", "deferred")
-        total += int(row["size"])
+            waiting += rcpt.status in UNFINISHED
+        total += row.size
         lines.append("")
     count = len(rows)
     lines.append(
@@ -99,33 +120,31 @@ def format_list(
     return "\n".join(lines)
 
 
-def format_show(info: Mapping[str, Any], *, now: float | None = None) -> str:
+def format_show(info: QueuedMessage, *, now: float | None = None) -> str:
     """`queue show ID` output (no trailing newline)."""
     now = time.time() if now is None else now
-    received = _parse(info["received_at"])
-    ago = f" ({_span(now - received)} ago)" if received is not None else ""
     fields = [
-        ("Queue ID", info["id"]),
-        ("Sender", f"<{_clean(info['sender'])}>"),
-        ("Received", f"{info['received_at']}{ago}"),
-        ("Size", f"{info['size']} bytes"),
+        ("Queue ID", info.id),
+        ("Sender", f"<{_clean(info.sender)}>"),
+        ("Received", f"{iso(info.received_at)} ({_span(now - info.received_at)} ago)"),
+        ("Size", f"{info.size} bytes"),
     ]
-    for key, value in sorted(dict(info.get("meta") or {}).items()):
+    for key, value in sorted(dict(info.meta).items()):
         if value:
             fields.append((_clean(key).replace("_", " ").capitalize(), _clean(value)))
     width = max(len(name) for name, _ in fields) + 3
     lines = [f"{name + ':':<{width}}{value}" for name, value in fields]
     lines += ["", "Recipients:"]
-    for rcpt in info["recipients"]:
-        where = f"mailbox {_clean(rcpt['mailbox'])}" if rcpt.get("mailbox") else "remote"
-        if rcpt.get("original") and rcpt["original"] != rcpt["address"]:
-            where += f", for <{_clean(rcpt['original'])}>"
-        lines.append(f"  <{_clean(rcpt['address'])}>  ({where})")
+    for rcpt in info.recipients:
+        where = f"mailbox {_clean(rcpt.mailbox)}" if rcpt.mailbox else "remote"
+        if rcpt.original and rcpt.original != rcpt.address:
+            where += f", for <{_clean(rcpt.original)}>"
+        lines.append(f"  <{_clean(rcpt.address)}>  ({where})")
         lines.extend(_recipient_lines(rcpt, now, "    ", address=False))
-        for attempt in rcpt.get("history", []):
+        for attempt in rcpt.history:
             lines.append(
-                f"      {attempt['at']}  {attempt['outcome']:<9}  {_clean(attempt['detail'])}"
+                f"      {iso(attempt.at)}  {attempt.outcome.kind:<9}  {_clean(attempt.detail)}"
             )
     lines += ["", "Headers:"]
-    lines += [f"  {_clean(line)}" for line in str(info.get("headers", "")).splitlines()]
+    lines += [f"  {_clean(line)}" for line in info.headers.splitlines()]
     return "\n".join(lines)

@@ -4,8 +4,13 @@ One loop task leases due recipients (so none is handed out twice), starts
 delivery batches in its nursery and goes on accepting wake-ups while they run.
 Local recipients go to the local agent in batches of up to `batch_size`, so the
 Maildir agent fsyncs files in parallel and each `new/` folder once per batch;
-remote ones go to the remote agent grouped by message and domain (one SMTP
-transaction each), at most `concurrency` at once. Under steady load a new local
+remote ones go to the remote agent grouped by message and destination (one
+SMTP transaction each), at most `concurrency` at once and at most `per_domain`
+of them to one destination, so one slow domain cannot hold every slot (as
+Postfix's qmgr: the scheduler owns grouping and limits, the agent delivers the
+batch it is given). A destination is the recipient's domain, or, with
+`single_destination` (a smarthost), one next hop for everything: then recipients
+group by message only and the one destination may use every slot. Under steady load a new local
 batch starts at most every `batch_window` seconds, so mail gathers into batches
 and a Maildir folder is fsynced once per batch, not once per message.
 
@@ -35,8 +40,10 @@ from typing import TypeVar
 import trio
 
 from trio_mta import log
-from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem, DestinationLimited, Outcome
-from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate, iso
+from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem
+from trio_mta.delivery.outcome import Outcome
+from trio_mta.queue.report import iso
+from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate
 
 T = TypeVar("T")
 _REMOTE_FETCH_PER_SLOT = 8  # remote recipients looked at per free connection slot
@@ -68,6 +75,7 @@ class Scheduler:
         max_age: float,
         concurrency: int,
         per_domain: int | None = None,
+        single_destination: bool = False,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
         batch_size: int = 128,
@@ -86,9 +94,13 @@ class Scheduler:
         self.retry_max = retry_max
         self.max_age = max_age
         self.concurrency = concurrency
+        self.single_destination = single_destination
         # One slow domain may hold at most this many of the `concurrency` slots.
-        self.per_domain = per_domain if per_domain is not None else max(1, concurrency // 2)
-        self._remote_domains: collections.Counter[str] = collections.Counter()
+        if single_destination:
+            self.per_domain = concurrency
+        else:
+            self.per_domain = per_domain if per_domain is not None else max(1, concurrency // 2)
+        self._busy: collections.Counter[str] = collections.Counter()  # batches per destination
         self.clock = clock  # unix time; tests pass a MockClock-based one
         self.poll_interval = poll_interval
         self.batch_size = batch_size
@@ -175,25 +187,24 @@ class Scheduler:
             for start in range(0, len(local_due), self.batch_size):
                 chunk = local_due[start : start + self.batch_size]
                 self._local_active += 1
-                nursery.start_soon(self._run_batch, self.local_agent, chunk, bodies, True)
+                nursery.start_soon(self._run_batch, self.local_agent, chunk, bodies, None)
         if remote_due and self.remote_agent is not None:
             groups: dict[tuple[str, str], list[DueRecipient]] = {}
             for r in remote_due:
-                groups.setdefault((r.message_id, _domain(r.address)), []).append(r)
+                groups.setdefault((r.message_id, self._destination(r)), []).append(r)
             spare: list[int] = []
-            limited = self.remote_agent if isinstance(self.remote_agent, DestinationLimited) \
-                else None
-            for (_, domain), group in groups.items():
-                if self._remote_domains[domain] >= self.per_domain or (
-                        limited is not None and limited.saturated(domain)):
+            for (_, destination), group in groups.items():
+                if self._busy[destination] >= self.per_domain:
                     # Its destination is busy: holding a slot to wait there would let
                     # one slow domain take every slot. A finishing batch wakes us.
                     spare.extend(r.rcpt_id for r in group)
                     remote_waiting = True
                 elif self._remote_active < self.concurrency:
                     self._remote_active += 1
-                    self._remote_domains[domain] += 1
-                    nursery.start_soon(self._run_batch, self.remote_agent, group, bodies, False)
+                    self._busy[destination] += 1
+                    nursery.start_soon(
+                        self._run_batch, self.remote_agent, group, bodies, destination
+                    )
                 else:
                     spare.extend(r.rcpt_id for r in group)
             if spare:
@@ -235,13 +246,17 @@ class Scheduler:
             local_due = [r for r in local_due if r.message_id in bodies]
         return local_due, remote_due, bodies, next_local, next_remote
 
+    def _destination(self, rcpt: DueRecipient) -> str:
+        return "" if self.single_destination else _domain(rcpt.address)
+
     async def _run_batch(
         self,
         agent: DeliveryAgent,
         rcpts: list[DueRecipient],
         bodies: dict[str, bytes],
-        local: bool,
+        destination: str | None,
     ) -> None:
+        """Deliver one batch: local (``destination`` None) or one remote destination."""
         recorded = False
         try:
             missing = list({r.message_id for r in rcpts} - bodies.keys())
@@ -269,14 +284,15 @@ class Scheduler:
             if not recorded:
                 with trio.CancelScope(shield=True):
                     await self._thread(self.store.release, [r.rcpt_id for r in rcpts])
-            if local:
+            if destination is None:
                 self._local_active -= 1
             else:
+                # The destination comes from the dispatcher, not from rcpts: a batch
+                # whose message was deleted meanwhile has no recipients left.
                 self._remote_active -= 1
-                domain = _domain(rcpts[0].address)
-                self._remote_domains[domain] -= 1
-                if not self._remote_domains[domain]:
-                    del self._remote_domains[domain]
+                self._busy[destination] -= 1
+                if not self._busy[destination]:
+                    del self._busy[destination]
             self.wake()
 
     async def _record(self, updates: list[RecipientUpdate], now: float) -> None:
@@ -306,30 +322,33 @@ class Scheduler:
             outcomes = list(await agent.deliver(items))
         except Exception as exc:
             log.error("delivery.agent_error", agent=type(agent).__name__, error=str(exc))
-            return [Outcome("deferred", f"4.3.0 internal delivery error: {exc}")] * len(items)
+            return [_internal(f"internal delivery error: {exc}")] * len(items)
         if len(outcomes) != len(items):
             log.error(
                 "delivery.agent_error",
                 agent=type(agent).__name__,
                 error=f"{len(outcomes)} outcomes for {len(items)} recipients",
             )
-            return [Outcome("deferred", "4.3.0 internal delivery error")] * len(items)
+            return [_internal("internal delivery error")] * len(items)
         return outcomes
 
     def _update_for(self, rcpt: DueRecipient, outcome: Outcome, now: float) -> RecipientUpdate:
-        if outcome.kind == "delivered":
-            return RecipientUpdate(rcpt.rcpt_id, "delivered", outcome.detail)
-        if outcome.kind == "failed":
-            return RecipientUpdate(rcpt.rcpt_id, "failed", outcome.detail)
+        if outcome.kind != "deferred":
+            return RecipientUpdate(rcpt.rcpt_id, outcome)
         expires = rcpt.received_at + self.max_age
         if now >= expires:
             # RFC 3463 4.4.7: delivery time expired; the last error says why.
-            detail = f"4.4.7 message expired after {rcpt.attempts + 1} attempts: {outcome.detail}"
-            return RecipientUpdate(rcpt.rcpt_id, "failed", detail)
+            expired = Outcome(
+                "failed",
+                "4.4.7",
+                f"message expired after {rcpt.attempts + 1} attempts; last error: {outcome.detail}",
+                stage="queue",
+            )
+            return RecipientUpdate(rcpt.rcpt_id, expired)
         delay = backoff_delay(
             rcpt.attempts + 1, initial=self.retry_initial, maximum=self.retry_max, rng=self._rng
         )
-        return RecipientUpdate(rcpt.rcpt_id, "deferred", outcome.detail, min(now + delay, expires))
+        return RecipientUpdate(rcpt.rcpt_id, outcome, min(now + delay, expires))
 
     def _log(self, rcpts: Sequence[DueRecipient], updates: Sequence[RecipientUpdate]) -> None:
         """One line per recipient and attempt, Postfix-style, carrying the queue ID (SPEC §6)."""
@@ -340,13 +359,17 @@ class Scheduler:
                 self.deferred += 1
             else:
                 self.failed += 1
-            event = "queue.expired" if u.detail.startswith("4.4.7 message expired") else None
+            expired = u.outcome.stage == "queue" and u.outcome.status == "4.4.7"
             log.event(
-                event or f"queue.{u.status}",
+                "queue.expired" if expired else f"queue.{u.status}",
                 id=r.message_id,
                 to=r.address,
                 mailbox=r.mailbox,
                 attempts=r.attempts + 1,
                 next_attempt=iso(u.next_attempt),
-                detail=u.detail,
+                detail=u.outcome.detail,
             )
+
+
+def _internal(text: str) -> Outcome:
+    return Outcome("deferred", "4.3.0", text, stage="queue")

@@ -27,13 +27,17 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, cast
+
+from trio_mta.delivery.outcome import Outcome, Stage, status_in
 
 Status = Literal["pending", "deferred", "delivered", "failed"]
 UNFINISHED = ("pending", "deferred")
-_SCHEMA_VERSION = 2  # 2: recipients_failed index (bounces); the script is idempotent
+# 2: recipients_failed index (bounces); 3: outcome fields as columns. The script
+# is idempotent; columns added after a table's first release are listed in
+# _ADDED_COLUMNS and added to older databases by _migrate.
+_SCHEMA_VERSION = 3
 _CHUNK = 500  # stay far below SQLite's host-parameter limit
 
 _SCHEMA = """
@@ -60,7 +64,13 @@ CREATE TABLE IF NOT EXISTS recipients (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
     last_error   TEXT,
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    last_code    INTEGER,
+    last_status  TEXT,
+    last_text    TEXT,
+    last_host    TEXT,
+    last_address TEXT,
+    last_stage   TEXT
 );
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients (message_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (local, next_attempt)
@@ -70,12 +80,31 @@ CREATE TABLE IF NOT EXISTS attempts (
     rcpt_id  INTEGER NOT NULL,
     at       REAL NOT NULL,
     outcome  TEXT NOT NULL,
-    detail   TEXT NOT NULL
+    detail   TEXT NOT NULL,
+    code     INTEGER,
+    status   TEXT,
+    text     TEXT,
+    host     TEXT,
+    address  TEXT,
+    stage    TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_rcpt ON attempts (rcpt_id);
 CREATE INDEX IF NOT EXISTS recipients_failed ON recipients (message_id)
     WHERE status = 'failed';
 """
+# Version 3's outcome columns, added to tables created by versions 1 and 2.
+_ADDED_COLUMNS: Final = {
+    "recipients": (
+        ("last_code", "INTEGER"), ("last_status", "TEXT"), ("last_text", "TEXT"),
+        ("last_host", "TEXT"), ("last_address", "TEXT"), ("last_stage", "TEXT"),
+    ),
+    "attempts": (
+        ("code", "INTEGER"), ("status", "TEXT"), ("text", "TEXT"), ("host", "TEXT"),
+        ("address", "TEXT"), ("stage", "TEXT"),
+    ),
+}
+# The status a pre-version-3 row gets when its text carries none.
+_DEFAULT_STATUS: Final = {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}
 
 
 class QueueError(Exception):
@@ -111,12 +140,15 @@ class DueRecipient:
 
 @dataclass(frozen=True)
 class RecipientUpdate:
-    """One attempt's result; `next_attempt` is required for 'deferred'."""
+    """One attempt's result; `next_attempt` is required when it is deferred."""
 
     rcpt_id: int
-    status: Literal["delivered", "deferred", "failed"]
-    detail: str
+    outcome: Outcome
     next_attempt: float | None = None
+
+    @property
+    def status(self) -> Literal["delivered", "deferred", "failed"]:
+        return self.outcome.kind
 
 
 @dataclass(frozen=True)
@@ -125,8 +157,51 @@ class FailedRecord:
 
     address: str
     original: str
-    error: str
+    outcome: Outcome
     failed_at: float
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One recorded attempt (``queue show``'s history)."""
+
+    at: float
+    outcome: Outcome
+    detail: str  # the one-line text recorded with it
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    """A queued recipient as ``queue list`` / ``queue show`` report it.
+
+    ``last_error`` is the one-line text recorded with the last attempt, as
+    SPEC §8 shows it; ``last`` is that attempt as data (None: never tried, or
+    delivered). ``next_attempt`` is None once the recipient is finished.
+    """
+
+    address: str
+    original: str
+    mailbox: str | None
+    status: Status
+    attempts: int
+    next_attempt: float | None
+    updated_at: float
+    last_error: str | None
+    last: Outcome | None
+    history: tuple[Attempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message in the queue; ``meta`` and ``headers`` are filled by ``show`` only."""
+
+    id: str
+    sender: str
+    received_at: float
+    size: int
+    recipients: tuple[RecipientState, ...]
+    meta: Mapping[str, str] = field(default_factory=dict)
+    headers: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,13 +213,6 @@ class FinishedMessage:
     received_at: float
     data: bytes
     failed: tuple[FailedRecord, ...]
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix time as ISO-8601 UTC with a "Z", as SPEC §8 shows."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _chunks(seq: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -160,6 +228,129 @@ def _header_section(data: bytes) -> str:
     end = data.find(b"\r\n\r\n")
     head = data if end < 0 else data[: end + 2]
     return head.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def _outcome(kind: str, fields: Sequence[Any]) -> Outcome:
+    """An Outcome from its stored columns (code, status, text, host, address, stage)."""
+    code, status, text, host, address, stage = fields
+    return Outcome(
+        cast(Literal["delivered", "deferred", "failed"], kind),
+        status or _DEFAULT_STATUS.get(kind, "4.0.0"),
+        text or "",
+        code,
+        host,
+        address,
+        cast(Stage | None, stage),
+    )
+
+
+def _outcome_columns(outcome: Outcome) -> tuple[Any, ...]:
+    return (
+        outcome.code,
+        outcome.status,
+        outcome.text,
+        outcome.remote_host,
+        outcome.remote_address,
+        outcome.stage,
+    )
+
+
+_LAST_COLUMNS: Final = "last_code, last_status, last_text, last_host, last_address, last_stage"
+
+
+def _recipient_row(update: RecipientUpdate, now: float) -> tuple[Any, ...]:
+    """Parameters of ``update``'s UPDATE: a delivered recipient keeps no error."""
+    delivered = update.status == "delivered"
+    return (
+        update.status,
+        update.next_attempt,
+        None if delivered else update.outcome.detail,
+        now,
+        *((None,) * 6 if delivered else _outcome_columns(update.outcome)),
+        update.rcpt_id,
+    )
+
+
+def _recipient_state(
+    row: Sequence[Any], history: tuple[Attempt, ...] = ()
+) -> RecipientState:
+    """From (address, original, mailbox, status, attempts, next_attempt, updated_at,
+    last_error, *last columns)."""
+    address, original, mailbox, status, attempts, next_attempt, updated_at, error = row[:8]
+    fields = row[8:]
+    last: Outcome | None = None
+    if fields[1] is not None and status != "delivered":
+        last = _outcome(status, fields)
+    elif error is not None and status != "delivered":
+        # A row of an older version not migrated yet (a read-only open): text only.
+        last = _outcome(status, (None, status_in(error), error, None, None, None))
+    return RecipientState(
+        address=address,
+        original=original,
+        mailbox=mailbox,
+        status=status,
+        attempts=attempts,
+        next_attempt=next_attempt if status in UNFINISHED else None,
+        updated_at=updated_at,
+        last_error=error,
+        last=last,
+        history=history,
+    )
+
+
+_STATE_COLUMNS: Final = (
+    "address, original, mailbox, status, attempts, next_attempt, updated_at, last_error, "
+    + _LAST_COLUMNS
+)
+_ATTEMPT_COLUMNS: Final = "a.code, a.status, a.text, a.host, a.address, a.stage"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """What listings select: the outcome columns, or NULLs in an older database."""
+
+    state: str
+    attempt: str
+
+
+_COLUMNS: Final = _Columns(_STATE_COLUMNS, _ATTEMPT_COLUMNS)
+
+
+def _readable_columns(conn: sqlite3.Connection) -> _Columns:
+    """A read-only handle cannot migrate: read an older database's rows as they are."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(recipients)")}
+    if "last_status" in have:
+        return _COLUMNS
+    nulls = ", ".join(["NULL"] * 6)
+    return _Columns(_STATE_COLUMNS.replace(_LAST_COLUMNS, nulls), nulls)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a database made by an older version lacks, and fill them in.
+
+    Old rows only had the one-line text: it becomes ``text``, and the RFC 3463
+    code in it (if any) ``status``, so those rows read and bounce as before.
+    """
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    for rcpt_id, status, error in conn.execute(
+        "SELECT id, status, last_error FROM recipients"
+        " WHERE last_error IS NOT NULL AND last_status IS NULL"
+    ).fetchall():
+        conn.execute(
+            "UPDATE recipients SET last_status = ?, last_text = ? WHERE id = ?",
+            (status_in(error) or _DEFAULT_STATUS.get(status, "4.0.0"), error, rcpt_id),
+        )
+    for attempt_id, kind, detail in conn.execute(
+        "SELECT id, outcome, detail FROM attempts WHERE status IS NULL"
+    ).fetchall():
+        conn.execute(
+            "UPDATE attempts SET status = ?, text = ? WHERE id = ?",
+            (status_in(detail) or _DEFAULT_STATUS.get(kind, "4.0.0"), detail, attempt_id),
+        )
 
 
 @contextmanager
@@ -184,12 +375,14 @@ class QueueStore:
         self._leased: set[int] = set()
         self._sync = ""
         self._writer: sqlite3.Connection | None = None
+        self._columns = _COLUMNS
         with _errors("open"):
             if readonly:
                 if not self.path.exists():
                     raise QueueError(f"no queue database at {self.path}")
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
                 self._reader = self._connect(uri, busy_timeout, uri=True)
+                self._columns = _readable_columns(self._reader)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # Mail is private: SQLite gives -wal and -shm the database file's mode.
@@ -216,9 +409,10 @@ class QueueStore:
             return
         try:
             # executescript commits any open transaction first, so BEGIN goes inside it.
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;"
-            )
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}")
+            _migrate(conn)
+            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -389,24 +583,20 @@ class QueueStore:
         with _errors("update"), self._transaction("NORMAL") as conn:
             conn.executemany(
                 "UPDATE recipients SET status = ?, attempts = attempts + 1,"
-                " next_attempt = COALESCE(?, next_attempt), last_error = ?, updated_at = ?"
-                " WHERE id = ?",
-                [
-                    (
-                        u.status,
-                        u.next_attempt,
-                        None if u.status == "delivered" else u.detail,
-                        now,
-                        u.rcpt_id,
-                    )
-                    for u in updates
-                ],
+                " next_attempt = COALESCE(?, next_attempt), last_error = ?, updated_at = ?,"
+                " last_code = ?, last_status = ?, last_text = ?, last_host = ?,"
+                " last_address = ?, last_stage = ? WHERE id = ?",
+                [_recipient_row(u, now) for u in updates],
             )
             # INSERT ... SELECT skips recipients deleted meanwhile (`queue delete`).
             conn.executemany(
-                "INSERT INTO attempts (rcpt_id, at, outcome, detail)"
-                " SELECT id, ?, ?, ? FROM recipients WHERE id = ?",
-                [(now, u.status, u.detail, u.rcpt_id) for u in updates],
+                "INSERT INTO attempts (rcpt_id, at, outcome, detail, code, status, text, host,"
+                " address, stage) SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM recipients"
+                " WHERE id = ?",
+                [
+                    (now, u.status, u.outcome.detail, *_outcome_columns(u.outcome), u.rcpt_id)
+                    for u in updates
+                ],
             )
             if purge_delivered:
                 self._purge_delivered(conn, ids)
@@ -434,14 +624,14 @@ class QueueStore:
         ]
         _delete_messages(conn, done)
 
-    def mark_delivered(self, rcpt_ids: Sequence[int], *, now: float, detail: str) -> None:
-        self.update([RecipientUpdate(i, "delivered", detail) for i in rcpt_ids], now=now)
+    def mark_delivered(self, rcpt_ids: Sequence[int], *, now: float, outcome: Outcome) -> None:
+        self.update([RecipientUpdate(i, outcome) for i in rcpt_ids], now=now)
 
-    def defer(self, rcpt_id: int, *, now: float, next_attempt: float, error: str) -> None:
-        self.update([RecipientUpdate(rcpt_id, "deferred", error, next_attempt)], now=now)
+    def defer(self, rcpt_id: int, *, now: float, next_attempt: float, outcome: Outcome) -> None:
+        self.update([RecipientUpdate(rcpt_id, outcome, next_attempt)], now=now)
 
-    def fail(self, rcpt_id: int, *, now: float, error: str) -> None:
-        self.update([RecipientUpdate(rcpt_id, "failed", error)], now=now)
+    def fail(self, rcpt_id: int, *, now: float, outcome: Outcome) -> None:
+        self.update([RecipientUpdate(rcpt_id, outcome)], now=now)
 
     def stats(self, now: float | None = None) -> tuple[int, float | None]:
         """(recipients not yet delivered or failed, age in seconds of the oldest) for metrics."""
@@ -478,10 +668,11 @@ class QueueStore:
                 out = []
                 for message_id, sender, received_at, data in rows:
                     failed = tuple(
-                        FailedRecord(address, original, error or "", updated_at)
-                        for address, original, error, updated_at in conn.execute(
-                            "SELECT address, original, last_error, updated_at FROM recipients"
-                            " WHERE message_id = ? AND status = 'failed' ORDER BY id",
+                        FailedRecord(address, original, _outcome("failed", fields), updated_at)
+                        for address, original, updated_at, *fields in conn.execute(
+                            "SELECT address, original, updated_at, " + _LAST_COLUMNS
+                            + " FROM recipients WHERE message_id = ? AND status = 'failed'"
+                            " ORDER BY id",
                             (message_id,),
                         )
                     )
@@ -551,8 +742,8 @@ class QueueStore:
             _delete_messages(conn, done)
         return len(done)
 
-    def list_messages(self) -> list[dict[str, Any]]:
-        """Queued messages in the shape of SPEC §8, oldest first."""
+    def list_messages(self) -> list[QueuedMessage]:
+        """Messages with a recipient still pending or deferred, oldest first (SPEC §8)."""
         with _errors("list"), self._read() as conn:
             conn.execute("BEGIN")
             try:
@@ -562,35 +753,22 @@ class QueueStore:
                     " AND r.status IN ('pending', 'deferred')) ORDER BY received_at, id"
                 ).fetchall()
                 rcpts = conn.execute(
-                    "SELECT r.message_id, r.address, r.status, r.attempts, r.next_attempt,"
-                    " r.last_error FROM recipients r WHERE r.message_id IN (SELECT message_id"
-                    " FROM recipients WHERE status IN ('pending', 'deferred')) ORDER BY r.id"
+                    f"SELECT message_id, {self._columns.state} FROM recipients WHERE message_id IN"
+                    " (SELECT message_id FROM recipients WHERE status IN ('pending', 'deferred'))"
+                    " ORDER BY id"
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")
-        by_message: dict[str, list[dict[str, Any]]] = {}
-        for message_id, address, status, attempts, next_attempt, last_error in rcpts:
-            by_message.setdefault(message_id, []).append(
-                {
-                    "address": address,
-                    "status": status,
-                    "attempts": attempts,
-                    "next_attempt": iso(next_attempt) if status in UNFINISHED else None,
-                    "last_error": last_error,
-                }
-            )
+        by_message: dict[str, list[RecipientState]] = {}
+        for message_id, *row in rcpts:
+            by_message.setdefault(message_id, []).append(_recipient_state(row))
         return [
-            {
-                "id": message_id,
-                "sender": sender,
-                "received_at": iso(received_at),
-                "size": size,
-                "recipients": by_message.get(message_id, []),
-            }
+            QueuedMessage(message_id, sender, received_at, size,
+                          tuple(by_message.get(message_id, ())))
             for message_id, sender, received_at, size in msgs
         ]
 
-    def show(self, message_id: str) -> dict[str, Any] | None:
+    def show(self, message_id: str) -> QueuedMessage | None:
         """Everything about one message (also finished ones not yet purged)."""
         with _errors("show"), self._read() as conn:
             conn.execute("BEGIN")
@@ -603,56 +781,39 @@ class QueueStore:
                 if msg is None:
                     return None
                 rcpts = conn.execute(
-                    "SELECT id, address, original, mailbox, status, attempts, next_attempt,"
-                    " last_error, updated_at FROM recipients WHERE message_id = ? ORDER BY id",
+                    f"SELECT id, {self._columns.state} FROM recipients WHERE message_id = ?"
+                    " ORDER BY id",
                     (message_id,),
                 ).fetchall()
                 history = conn.execute(
-                    "SELECT a.rcpt_id, a.at, a.outcome, a.detail FROM attempts a"
+                    f"SELECT a.rcpt_id, a.at, a.outcome, a.detail, {self._columns.attempt}"
+                    " FROM attempts a"
                     " JOIN recipients r ON r.id = a.rcpt_id WHERE r.message_id = ?"
                     " ORDER BY a.id",
                     (message_id,),
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")
-        attempts_by_rcpt: dict[int, list[dict[str, Any]]] = {}
-        for rcpt_id, at, outcome, detail in history:
+        attempts_by_rcpt: dict[int, list[Attempt]] = {}
+        for rcpt_id, at, kind, detail, *fields in history:
+            if fields[1] is None:  # an older database's row: text only
+                fields = [None, status_in(detail), detail, None, None, None]
             attempts_by_rcpt.setdefault(rcpt_id, []).append(
-                {"at": iso(at), "outcome": outcome, "detail": detail}
+                Attempt(at, _outcome(kind, fields), detail)
             )
         mid, sender, received_at, size, meta, data = msg
-        return {
-            "id": mid,
-            "sender": sender,
-            "received_at": iso(received_at),
-            "size": size,
-            "meta": json.loads(meta),
-            "recipients": [
-                {
-                    "address": address,
-                    "original": original,
-                    "mailbox": mailbox,
-                    "status": status,
-                    "attempts": attempts,
-                    "next_attempt": iso(next_attempt) if status in UNFINISHED else None,
-                    "last_error": last_error,
-                    "updated_at": iso(updated_at),
-                    "history": attempts_by_rcpt.get(rcpt_id, []),
-                }
-                for (
-                    rcpt_id,
-                    address,
-                    original,
-                    mailbox,
-                    status,
-                    attempts,
-                    next_attempt,
-                    last_error,
-                    updated_at,
-                ) in rcpts
-            ],
-            "headers": _header_section(bytes(data)) if data is not None else "",
-        }
+        return QueuedMessage(
+            id=mid,
+            sender=sender,
+            received_at=received_at,
+            size=size,
+            recipients=tuple(
+                _recipient_state(row, tuple(attempts_by_rcpt.get(rcpt_id, ())))
+                for rcpt_id, *row in rcpts
+            ),
+            meta=json.loads(meta),
+            headers=_header_section(bytes(data)) if data is not None else "",
+        )
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

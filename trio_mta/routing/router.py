@@ -7,6 +7,7 @@ the SMTP session can call it inline for every RCPT.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from trio_mta.config import LocalConfig, RelayConfig
@@ -26,7 +27,10 @@ __all__ = [
     "RemoteTarget",
     "Router",
     "Target",
+    "control_character",
     "safe_mailbox_name",
+    "unsafe_recipient",
+    "unsafe_sender",
 ]
 
 
@@ -57,6 +61,35 @@ class RcptVerdict:
 
 
 _ACCEPTED = Reply(250, "2.1.5", ("Ok",))
+
+# C0 and C1 controls, DEL and the Unicode line/paragraph separators. The SMTP
+# grammar keeps C0 out of a command line, but RFC 6531 admits any non-ASCII
+# character, quoted or not, and an address goes verbatim into Return-Path:,
+# Delivered-To: and logs, where NEL or U+2028 would start a new line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def control_character(text: str) -> str | None:
+    """The first control or line-separator character of ``text`` as ``U+NNNN``, or None."""
+    found = _CONTROL.search(text)
+    return None if found is None else f"U+{ord(found.group()):04X}"
+
+
+def unsafe_sender(address: str) -> Reply | None:
+    """The refusal of a MAIL FROM address holding a control character, or None."""
+    char = control_character(address)
+    if char is None:
+        return None
+    return Reply(501, "5.1.7", (f"Bad sender address syntax: {char} not allowed in an address",))
+
+
+def unsafe_recipient(address: str) -> Reply | None:
+    """The refusal of a RCPT TO address holding a control character, or None."""
+    char = control_character(address)
+    if char is None:
+        return None
+    return Reply(553, "5.1.3",
+                 (f"Bad recipient address syntax: {char} not allowed in an address",))
 
 
 class Router:
@@ -109,6 +142,9 @@ class Router:
         is not subject to relay rules (the local domain took responsibility). A remote one
         needs ``relay_allowed_for_mode`` and either a trusted client or AUTH (SPEC §3 table).
         """
+        refusal = unsafe_recipient(address)
+        if refusal is not None:
+            return RcptVerdict(False, refusal, ())
         shown = _printable(address)
         normalized = self._normalize(address)
         try:

@@ -29,6 +29,7 @@ class TraceInfo:
     tls: str | None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
     auth_user: str | None
     recipients: tuple[str, ...]
+    smtputf8: bool = False  # the transaction's MAIL carried SMTPUTF8
 
 
 def address_literal(ip: str) -> str:
@@ -44,10 +45,12 @@ def address_literal(ip: str) -> str:
 
 
 def _protocol(info: TraceInfo) -> str:
-    # RFC 3848 transmission types: ESMTP, then S for TLS and A for AUTH.
+    """The ``with`` clause: RFC 3848 ESMTP[S][A], or for a transaction that used
+    SMTPUTF8 the UTF8SMTP[S][A] types RFC 6531 §3.7.3 registers instead."""
     if not info.esmtp:
         return "SMTP"
-    return "ESMTP" + ("S" if info.tls else "") + ("A" if info.auth_user else "")
+    base = "UTF8SMTP" if info.smtputf8 else "ESMTP"
+    return base + ("S" if info.tls else "") + ("A" if info.auth_user else "")
 
 
 def _clean(text: str) -> str:

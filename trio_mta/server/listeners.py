@@ -8,6 +8,7 @@ is a one-line error naming the address (``ListenError``), and
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from dataclasses import dataclass
 
@@ -15,11 +16,12 @@ import trio
 
 from trio_mta import log
 from trio_mta.config import ListenConfig
+from trio_mta.config.schema import format_host_port
 from trio_mta.server.session import ServerState, Session
 
 
 class ListenError(Exception):
-    """A listener could not be bound; the message names the address."""
+    """A listener could not be bound, or accept(2) failed for good; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,6 @@ class BoundListener:
     config: ListenConfig
     socket_listener: trio.SocketListener
     info: Listener
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def bind(listen: ListenConfig) -> BoundListener:
@@ -60,27 +58,60 @@ async def bind(listen: ListenConfig) -> BoundListener:
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use"
         raise ListenError(
-            f"cannot listen on {_format_address(host, listen.port)} ({listen.mode}): {reason}"
+            f"cannot listen on {format_host_port(host, listen.port)} ({listen.mode}): {reason}"
         ) from None
     port = sock.getsockname()[1]
     return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
 
 
+def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
+    """A socket some other process bound and put in listening state (a supervisor)."""
+    port = sock.getsockname()[1]
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return BoundListener(listen, listener, Listener(listen.mode, listen.host, port))
+
+
+# accept(2) errors that mean "the system is out of something right now", as in
+# trio's serve_listeners: pause and retry. Any other error is a broken listener.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE = 0.1
+# While accept keeps failing for capacity, say so again at most this often.
+ACCEPT_LOG_INTERVAL = 60.0
+
+
 async def accept_loop(bound: BoundListener, state: ServerState,
                       sessions: trio.Nursery) -> None:
-    """Accept until cancelled; each connection runs as a task in ``sessions``."""
+    """Accept until cancelled; each connection runs as a task in ``sessions``.
+
+    Running out of file descriptors or memory pauses accepting (logged once when
+    it starts, then at most once a minute, and once when it ends); any other
+    accept error ends the server with a ``ListenError`` naming the listener.
+    """
     listener = bound.socket_listener
     mode = bound.config.mode
+    where = f"{format_host_port(bound.info.host, bound.info.port)} ({mode})"
+    failures = 0
+    logged_at = -math.inf
     async with listener:
         while True:
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                # EMFILE and friends: back off instead of spinning, as trio's
-                # serve_listeners does.
-                log.error("smtpd.accept_failed", listener=bound.info.port, error=str(exc))
-                await trio.sleep(0.1)
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise ListenError(
+                        f"accepting on {where} failed: {exc.strerror or exc}") from exc
+                failures += 1
+                now = trio.current_time()
+                if now - logged_at >= ACCEPT_LOG_INTERVAL:
+                    logged_at = now
+                    log.error("smtpd.accept_paused", listener=where,
+                              error=errno.errorcode.get(exc.errno or 0, str(exc)),
+                              failures=failures, retry=ACCEPT_PAUSE)
+                await trio.sleep(ACCEPT_PAUSE)
                 continue
+            if failures:
+                log.warning("smtpd.accept_resumed", listener=where, failures=failures)
+                failures, logged_at = 0, -math.inf
             sessions.start_soon(_handle, stream, state, mode)
 
 

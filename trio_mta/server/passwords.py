@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from trio_mta.safeio import replace_file
 
 __all__ = [
     "PasswordFile",
@@ -266,32 +267,12 @@ class PasswordFile:
     def _write(self, data: bytes) -> None:
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             old = os.stat(self.path)
         except FileNotFoundError:
-            old = None
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                if old is not None:
-                    # Keep the owner, so root running `passwd` does not lock out a
-                    # server that runs as its own user; only root may do this.
-                    with contextlib.suppress(PermissionError):
-                        os.fchown(fd, old.st_uid, old.st_gid)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            owner = None
+        else:
+            # Keep the owner, so root running `passwd` does not lock out a
+            # server that runs as its own user; only root may do this.
+            owner = (old.st_uid, old.st_gid)
+        replace_file(self.path, data, mode=0o600, owner=owner)

@@ -9,6 +9,7 @@ replies in one write, in order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import ssl
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from trio_mta import log
 from trio_mta.config import Config
 from trio_mta.metrics import Metrics
 from trio_mta.queue.ids import new_queue_id
-from trio_mta.routing.router import Router
+from trio_mta.routing.router import Router, control_character, unsafe_sender
 from trio_mta.server.envelope import Envelope, MessageSink, Recipient, SessionInfo
 from trio_mta.server.handler import Handler, as_reply, guarded_hook
 from trio_mta.server.headers import TraceInfo, received_header, submission_headers
@@ -46,6 +47,10 @@ from trio_mta.tls import describe
 
 RECEIVE_SIZE = 65536
 MAX_AUTH_FAILURES = 3
+# An smtps client refused for the connection limits gets its 421 inside TLS;
+# these bound the handshakes spent on clients we are refusing anyway.
+REFUSAL_HANDSHAKE_TIMEOUT = 5.0
+MAX_REFUSAL_HANDSHAKES = 8
 
 
 @dataclass
@@ -62,6 +67,8 @@ class ServerState:
     handler: Handler | None = None
     metrics: Metrics | None = None
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
+    refusal_handshakes: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(MAX_REFUSAL_HANDSHAKES))
     auth_failure_delay: float = 1.0
     shutdown_grace: float = 30.0
     shutting_down: bool = False
@@ -113,22 +120,36 @@ class Session:
 
     # -- I/O helpers ----------------------------------------------------------
     #
-    # One cancel scope (``_io``) bounds the whole conversation; each read
-    # moves its deadline (command_timeout, or data_timeout inside DATA). A
-    # write that blocks because the client stopped reading runs out of the
-    # same deadline. One scope per connection instead of one per read and
-    # write: scope set-up was a tenth of the server's CPU per message.
+    # One cancel scope (``_io``) bounds the whole conversation; each read and
+    # each write moves its deadline (command_timeout, or data_timeout inside
+    # DATA), so a client that stops reading is dropped like one that stops
+    # writing, even after our own unbounded work (``_no_deadline``). One scope
+    # per connection instead of one per read and write: scope set-up was a
+    # tenth of the server's CPU per message.
+
+    def _arm(self) -> None:
+        """Give the client's next read or write the timeout its phase allows."""
+        assert self.conn is not None and self._io is not None
+        limits = self.limits
+        self._io.deadline = trio.current_time() + (
+            limits.data_timeout if self.conn.in_data else limits.command_timeout)
 
     async def _flush(self) -> None:
         assert self.conn is not None
         out = self.conn.data_to_send()
         if out:
+            self._arm()
             await self.stream.send_all(out)
 
     async def _send_now(self, reply: Reply) -> None:
-        """Write one reply directly, outside the machine (banner refusals, timeouts)."""
+        """Write one reply directly, outside the machine (banner refusals, timeouts).
+
+        Best effort: after a timeout cancelled a write, a TLS stream is broken
+        and the client gets no goodbye, which must not turn into a session error.
+        """
         with trio.move_on_after(5):
-            await self.stream.send_all(reply.format())
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self.stream.send_all(reply.format())
 
     async def _receive(self) -> bytes:
         assert self.conn is not None and self._io is not None
@@ -136,9 +157,7 @@ class Session:
         self._idle = self.envelope is None and not in_data
         if self._idle and self.state.shutting_down:
             raise _ShutdownWhileIdle
-        limits = self.limits
-        self._io.deadline = trio.current_time() + (
-            limits.data_timeout if in_data else limits.command_timeout)
+        self._arm()
         try:
             return bytes(await self.stream.receive_some(RECEIVE_SIZE))
         finally:
@@ -157,8 +176,11 @@ class Session:
         refusal = state.limits.over_limit(self.client_ip)
         if refusal is not None:
             log.warning("smtpd.refused", client=self.client_ip, reason=refusal)
-            await self._send_now(Reply(421, "4.7.0", f"{cfg.hostname} Error: {refusal}"))
-            await self.stream.aclose()
+            try:
+                await self._refuse(Reply(421, "4.7.0", f"{cfg.hostname} Error: {refusal}"))
+            finally:
+                with trio.move_on_after(2):  # TLS close_notify may block
+                    await self.stream.aclose()
             return
         metrics = state.metrics
         with state.limits.admit(self.client_ip):
@@ -174,6 +196,26 @@ class Session:
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + 2  # TLS close_notify may block
                     await self.stream.aclose()
+
+    async def _refuse(self, reply: Reply) -> None:
+        """Say ``reply`` before any conversation; on smtps inside TLS.
+
+        A clear-text 421 on an smtps port is garbage to the client's TLS stack
+        (WRONG_VERSION_NUMBER), so the handshake comes first, briefly. When
+        more refused clients are already handshaking (a flood), the
+        connection closes without a word instead of spending more on them.
+        """
+        if self.mode == "smtps":
+            try:
+                self.state.refusal_handshakes.acquire_nowait()
+            except trio.WouldBlock:
+                return
+            try:
+                if not await self._handshake(REFUSAL_HANDSHAKE_TIMEOUT):
+                    return
+            finally:
+                self.state.refusal_handshakes.release()
+        await self._send_now(reply)
 
     async def _converse(self) -> None:
         cfg = self.state.config
@@ -210,13 +252,15 @@ class Session:
             auth_mechanisms=("PLAIN", "LOGIN") if self.state.passwords is not None else (),
         )
 
-    async def _handshake(self) -> bool:
+    async def _handshake(self, timeout: float | None = None) -> bool:
         """Wrap the stream in TLS; False (connection over) when the handshake fails."""
         ctx = self.state.ssl_context
         if ctx is None:
             return False
         tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
-        with trio.move_on_after(self.limits.command_timeout) as scope:
+        limit = self.limits.command_timeout if timeout is None else min(
+            timeout, self.limits.command_timeout)
+        with trio.move_on_after(limit) as scope:
             try:
                 await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -303,6 +347,12 @@ class Session:
             reply = Reply(530, "5.7.0", "Authentication required")
             self._rejected(reply)
             return reply
+        refusal = unsafe_sender(str(event.path))
+        if refusal is not None:
+            log.event("smtpd.reject", client=self.client_ip, sender=str(event.path),
+                      code=refusal.code, reply=str(refusal))
+            self._rejected(refusal)
+            return refusal
         self.envelope = Envelope(sender=event.path, params=event.params)
         return Reply(250, "2.1.0", "Ok")
 
@@ -312,7 +362,9 @@ class Session:
         router = self.state.router
         handler = self.state.handler
         decided = None
-        if handler is not None:
+        # An address with control characters is refused by the router (553 5.1.3)
+        # before any handler could vouch for it and let it reach the headers.
+        if handler is not None and control_character(address) is None:
             decided = await guarded_hook(handler.handle_rcpt(self._info(), self.envelope,
                                                              address), "handle_rcpt")
         if decided is not None:
@@ -351,7 +403,8 @@ class Session:
         trace = received_header(TraceInfo(
             helo=info.helo, client_ip=self.client_ip, hostname=cfg.hostname, queue_id=queue_id,
             esmtp=info.esmtp, tls=self.tls, auth_user=info.auth_user,
-            recipients=tuple(r.address for r in envelope.recipients)))
+            recipients=tuple(r.address for r in envelope.recipients),
+            smtputf8=envelope.params.smtputf8))
         if self.trusted or self.authenticated:
             trace += submission_headers(body, queue_id=queue_id, hostname=cfg.hostname)
         self._no_deadline()
@@ -385,8 +438,15 @@ class Session:
     async def _auth(self, event: AuthAttempt) -> Reply:
         self._no_deadline()
         passwords = self.state.passwords
-        ok = passwords is not None and await passwords.verify_async(
-            event.username, event.password, limiter=self.state.auth_limiter)
+        # RFC 4616 §2: a non-empty authzid other than the authcid asks to act as
+        # someone else; we have no proxy authorization, so that is a failure.
+        foreign = bool(event.authzid) and event.authzid != event.username
+        # No stored user name holds a control character (validate_username), so
+        # such a name fails without a password check, with a reply that says why.
+        control = control_character(event.username) or control_character(event.authzid)
+        ok = (not foreign and control is None and passwords is not None
+              and await passwords.verify_async(event.username, event.password,
+                                               limiter=self.state.auth_limiter))
         if self.state.metrics is not None:
             self.state.metrics.auth_result(ok)
         if ok:
@@ -395,7 +455,11 @@ class Session:
             return Reply(235, "2.7.0", "Authentication successful")
         self.auth_failures += 1
         log.warning("smtpd.auth", client=self.client_ip, user=event.username,
-                    mechanism=event.mechanism, result="failed", failures=self.auth_failures)
+                    authzid=event.authzid if foreign else None, mechanism=event.mechanism,
+                    result="failed", failures=self.auth_failures)
         # A growing pause per failure slows password guessing on one connection.
         await trio.sleep(self.state.auth_failure_delay * self.auth_failures)
+        if control is not None:
+            text = f"Authentication credentials invalid: {control} not allowed in a user name"
+            return Reply(535, "5.7.8", text)
         return Reply(535, "5.7.8", "Authentication credentials invalid")

@@ -121,6 +121,7 @@ _TOO_LONG = Reply(500, "5.5.2", "Line too long")
 _BARE_CR_LF = Reply(500, "5.5.2", "Bare CR or LF in command line")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_C1_OR_SEPARATOR = re.compile("[\x80-\x9f\u2028\u2029]")
 _FROM = re.compile(r"(?i:FROM): *(?=<)")
 _TO = re.compile(r"(?i:TO): *(?=<)")
 _NO_MAIL_PARAMS = MailParams()
@@ -154,6 +155,9 @@ def _hello(cls: type[Ehlo] | type[Helo], name: str) -> Callable[[str, bool], Com
         # printable token is taken (non-ASCII only with SMTPUTF8, RFC 6531 §3.7.1).
         if not _TOKEN.match(rest) or (not utf8_ok and not rest.isascii()):
             raise _err(501, "5.5.2", f"Syntax: {name} hostname")
+        if _C1_OR_SEPARATOR.search(rest):
+            # C0 never gets here; NEL or U+2028 would break the log line or header it lands in.
+            raise _err(501, "5.5.2", f"Control character in {name} hostname")
         return cls(rest)
 
     return parse

@@ -1,0 +1,75 @@
+"""The parent binds every listener once per worker, with SO_REUSEPORT.
+
+Why one socket per worker rather than one socket shared by all: with a shared
+socket every idle worker wakes for each connection and the first to call
+``accept()`` wins (a thundering herd, and the least loaded worker is not
+the one that tends to win under epoll). With SO_REUSEPORT the kernel hashes
+each new connection onto one socket of the group, so each worker accepts
+only its own share and never wakes for another's. The cost is that a
+connection hashed to a dead worker waits for its restart; because the parent
+keeps every socket open, it waits in that socket's backlog instead of being
+reset, and the restarted worker picks it up. Where SO_REUSEPORT is missing,
+one socket is shared by every worker.
+
+SO_REUSEPORT would also let a second trio-mta of the same user join the group
+silently; a plain bind of the address first (``_check_free``) keeps "address
+already in use" a one-line error, as with one process. The parent binds, so a
+later privilege drop can bind low ports as root before giving them away.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from trio_mta.config import ListenConfig
+from trio_mta.config.schema import format_host_port
+from trio_mta.server.listeners import ListenError
+
+BACKLOG = 1024
+HAVE_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
+
+
+def _socket(listen: ListenConfig, port: int, *, reuseport: bool, listening: bool) -> socket.socket:
+    host = listen.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind((host, port))
+        if listening:
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        raise ListenError(
+            f"cannot listen on {format_host_port(host, port)} ({listen.mode}): {reason}"
+        ) from None
+    return sock
+
+
+def bind_group(listen: ListenConfig, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one address (the same one ``count`` times without
+    SO_REUSEPORT); raises :class:`ListenError` naming the address."""
+    reuseport = HAVE_REUSEPORT and count > 1
+    if reuseport and listen.port:
+        _socket(listen, listen.port, reuseport=False, listening=False).close()
+    first = _socket(listen, listen.port, reuseport=reuseport, listening=True)
+    if not reuseport:
+        return [first] * count
+    group = [first]
+    port = first.getsockname()[1]  # port 0: the others join the port the kernel chose
+    try:
+        while len(group) < count:
+            group.append(_socket(listen, port, reuseport=True, listening=True))
+    except BaseException:
+        for sock in group:
+            sock.close()
+        raise
+    return group
