@@ -43,7 +43,7 @@ DESTINATIONS = ("local", "remote")
 AUTH_METHODS = ("spf", "dkim", "dmarc")
 AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 REJECT_REASONS = ("relay_denied", "unknown_user", "too_big", "bad_line_ending",
-                  "queue_error", "auth_required", "handler")
+                  "queue_error", "auth_required", "handler", "spf_fail", "dmarc_reject")
 
 # ``generate_latest`` writes text format 0.0.4; recent prometheus-client releases
 # point CONTENT_TYPE_LATEST at 1.0.0, which is not what that function produces.

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from trio_mta import log
+from trio_mta.auth.service import MailAuth
 from trio_mta.config import Config
 from trio_mta.config.schema import format_host_port
 from trio_mta.delivery.maildir import MaildirAgent
@@ -91,6 +92,7 @@ class MTA:
         state = self.state
         state.config = new
         state.router = Router(new.local, new.relay)
+        state.mail_auth = MailAuth(new, metrics=self.metrics)
         state.ssl_context = ssl_context
         state.passwords = PasswordFile(new.auth.users_file)
         state.limits.reconfigure(new.limits.max_connections, new.limits.max_connections_per_ip)
@@ -310,6 +312,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             host_tag=tag,
             handler=handler,
             metrics=metrics,
+            mail_auth=MailAuth(config, metrics=metrics),
         )
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
                   metrics_address=metrics_address,

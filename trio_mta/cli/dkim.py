@@ -22,7 +22,7 @@ __all__ = ["add_parser", "run_dkim_command"]
 def add_parser(sub: argparse._SubParsersAction[Any],
                parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """``dkim keygen`` under *sub*; *parser_class* is the caller's (errors exit 2)."""
-    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dkim: argparse.ArgumentParser = sub.add_parser("dkim", help="DKIM signing keys")
     dsub = dkim.add_subparsers(dest="dkim_command", parser_class=parser_class, required=True)
     keygen = dsub.add_parser("keygen", help="write a new private key, print its TXT record")
     keygen.add_argument("domain")

@@ -13,10 +13,13 @@ import contextlib
 import math
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from trio_mta import log
+from trio_mta.auth.inbound import Check
+from trio_mta.auth.service import MailAuth
 from trio_mta.config import Config
 from trio_mta.metrics import Metrics
 from trio_mta.queue.ids import new_queue_id
@@ -73,6 +76,7 @@ class ServerState:
     shutdown_grace: float = 30.0
     shutting_down: bool = False
     sessions: set[Session] = field(default_factory=set)
+    mail_auth: MailAuth | None = None  # DKIM signing, SPF/DKIM/DMARC checks (SPEC §9)
 
     def begin_shutdown(self) -> None:
         """Idle sessions leave at once (421 4.3.2); busy ones finish their transaction."""
@@ -101,6 +105,7 @@ class Session:
         self.client_port = client_port
         self.tls: str | None = None
         self.envelope: Envelope | None = None
+        self.auth_check: Check | None = None  # this transaction's SPEC §9 checks
         self.body: list[bytes] = []
         self.auth_failures = 0
         self._io: trio.CancelScope | None = None
@@ -334,6 +339,7 @@ class Session:
     def _reset(self) -> None:
         self.envelope = None
         self.body = []
+        self.auth_check = None
 
     # -- policy -----------------------------------------------------------------
 
@@ -354,11 +360,24 @@ class Session:
             self._rejected(refusal)
             return refusal
         self.envelope = Envelope(sender=event.path, params=event.params)
+        if self.state.mail_auth is not None:
+            assert self.conn is not None
+            self.auth_check = self.state.mail_auth.check(
+                mode=self.mode, trusted=self.trusted, authenticated=self.authenticated,
+                client_ip=self.client_ip, sender=str(event.path), helo=self.conn.helo_name)
         return Reply(250, "2.1.0", "Ok")
 
     async def _rcpt(self, event: RcptTo) -> Reply:
         assert self.envelope is not None
         address = str(event.path)
+        if self.auth_check is not None:
+            self._no_deadline()  # SPF has its own time limit
+            refusal = await self.auth_check.at_rcpt()
+            if refusal is not None:  # [verify] spf_enforce
+                log.event("smtpd.reject", client=self.client_ip, rcpt=address,
+                          code=refusal.code, reply=str(refusal), spf="fail")
+                self._rejected(refusal, "spf_fail")
+                return refusal
         router = self.state.router
         handler = self.state.handler
         decided = None
@@ -397,6 +416,7 @@ class Session:
         cfg = self.state.config
         envelope = self.envelope
         body = b"".join(self.body)
+        check = self.auth_check
         self._reset()
         queue_id = new_queue_id(self.state.host_tag)
         info = self._info()
@@ -408,6 +428,12 @@ class Session:
         if self.trusted or self.authenticated:
             trace += submission_headers(body, queue_id=queue_id, hostname=cfg.hostname)
         self._no_deadline()
+        body, trace, auth_fields, refusal = await self._mail_auth(check, body, trace, queue_id)
+        if refusal is not None:
+            log.event("smtpd.reject", client=self.client_ip, sender=envelope.sender_address,
+                      code=refusal.code, reply=str(refusal), **auth_fields)
+            self._rejected(refusal, "dmarc_reject")
+            return refusal
         reply = await self.state.sink.accept(envelope, info, trace + body, queue_id)
         metrics = self.state.metrics
         if metrics is not None:
@@ -418,8 +444,26 @@ class Session:
         log.event("smtpd.accepted" if reply.code < 400 else "smtpd.reject",
                   id=queue_id if reply.code < 400 else None, client=self.client_ip,
                   sender=envelope.sender_address, nrcpt=len(envelope.recipients),
-                  size=len(body), tls=self.tls, auth=info.auth_user, code=reply.code)
+                  size=len(body), tls=self.tls, auth=info.auth_user, code=reply.code,
+                  **auth_fields)
         return reply
+
+    async def _mail_auth(self, check: Check | None, body: bytes, trace: bytes, queue_id: str,
+                         ) -> tuple[bytes, bytes, dict[str, Any], Reply | None]:
+        """SPEC §9 at the end of DATA: (body, trace, log fields, refusal).
+
+        Mail checked on the way in gets our Authentication-Results above our Received
+        (forged ones gone from the body); mail from our own users is DKIM-signed, once,
+        before it is queued, so every copy carries the signature. The two never mix.
+        """
+        mail_auth = self.state.mail_auth
+        if check is not None:
+            outcome = await check.at_end_of_data(body)
+            return (outcome.message, outcome.header + trace, outcome.log_fields(),
+                    outcome.refusal)
+        if mail_auth is not None and (self.trusted or self.authenticated):
+            trace = await mail_auth.sign(trace + body, queue_id=queue_id) + trace
+        return body, trace, {}, None
 
     async def _starttls(self) -> bool:
         assert self.conn is not None
