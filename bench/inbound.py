@@ -243,6 +243,7 @@ class TrioServer:
         self.config = root / "bench.toml"
         self.state = root / "state"
         self.command = [sys.executable, "-m", "trio_mta", "serve", "--config", str(self.config)]
+        self.extra_config = ""  # more TOML (bench/mailauth.py: [[dkim.sign]], [verify])
 
     def target(self) -> Target:
         pid = self.proc.pid if self.proc else None
@@ -256,7 +257,7 @@ class TrioServer:
             f'[local]\ndomains = ["bench.test"]\n'
             f'[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n'
             f'[log]\nlevel = "{self.log_level}"\n'
-            f'[server]\nworkers = {self.workers}\n')
+            f'[server]\nworkers = {self.workers}\n' + self.extra_config)
 
     def start(self) -> Target:
         if port_open(self.port):
@@ -942,6 +943,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=1,
                     help="trio_mta's [server] workers (default 1; 0 = one per core); CPU, "
                          "RSS and loop figures then sum the supervisor and every worker")
+    ap.add_argument("--dkim", choices=["ed25519", "rsa"],
+                    help="only the mail authentication column: delivered msg/s without and "
+                         "with DKIM signing by this key type (bench/mailauth.py)")
+    ap.add_argument("--verify", action="store_true",
+                    help="only the mail authentication column: without and with SPF, DKIM "
+                         "and DMARC verification of DKIM-signed inbound mail")
     a = ap.parse_args(argv)
     q = a.quick
     a.messages = a.messages or (300 if q else 2000)
@@ -986,6 +993,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-"))
     server = TrioServer(workdir, a.port, a.log_level, a.workers)
+    if a.dkim or a.verify:
+        import mailauth  # bench/, the script's own folder, is on sys.path
+
+        try:
+            return mailauth.run(a, server, workdir, sys.modules[__name__])
+        except SetupError as exc:
+            say(f"setup: {exc}")
+            return 1
+        finally:
+            server.stop()
+            if not a.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
     res = Results()
     fsyncs: list[FsyncResult] = []
     idle: tuple[str, dict[str, object]] | None = None

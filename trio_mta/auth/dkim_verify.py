@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-__all__ = ["DkimResult", "KeyAnswer", "SignatureInfo", "key_names", "signatures", "verify"]
+__all__ = ["DkimResult", "KeyAnswer", "Parsed", "SignatureInfo", "key_names", "parse",
+           "signatures", "verify"]
 
 MIN_KEY_BITS = 1024  # RFC 8301 §3.2
 
@@ -60,12 +62,25 @@ class DkimResult:
 _SIGNATURE = re.compile(rb"dkim-signature", re.IGNORECASE)
 
 
-def signatures(message: bytes) -> list[SignatureInfo | None]:
-    """One entry per DKIM-Signature field, top first; None for one that does not parse."""
+Parsed = tuple[list[list[bytes]], bytes]  # dkimpy's rfc822_parse: headers, body
+
+
+def parse(message: bytes) -> Parsed | None:
+    """The message split once for every check (dkimpy's parser); None if it cannot be."""
     try:
-        headers, _ = dkim.rfc822_parse(_head(message))
+        headers, body = dkim.rfc822_parse(message)
     except dkim.MessageFormatError:
+        return None
+    return headers, body
+
+
+def signatures(message: bytes | Parsed | None) -> list[SignatureInfo | None]:
+    """One entry per DKIM-Signature field, top first; None for one that does not parse."""
+    if isinstance(message, bytes):
+        message = parse(_head(message))
+    if message is None:
         return []
+    headers = message[0]
     out: list[SignatureInfo | None] = []
     for name, value in headers:
         if not _SIGNATURE.fullmatch(name):
@@ -88,11 +103,14 @@ def key_names(found: list[SignatureInfo | None]) -> list[str]:
     return list(dict.fromkeys(sig.key_name for sig in found if sig is not None))
 
 
-def verify(message: bytes, found: list[SignatureInfo | None],
+def verify(message: bytes | Parsed, found: list[SignatureInfo | None],
            keys: Mapping[str, KeyAnswer]) -> list[DkimResult]:
     """Check every signature in *found* (from :func:`signatures` on the same *message*)."""
     if not found:
         return []
+    parsed = parse(message) if isinstance(message, bytes) else message
+    if parsed is None:
+        return [DkimResult("permerror", "", "", "", "", "unparsable message") for _ in found]
     results: list[DkimResult] = []
     checker: dkim.DKIM | None = None
     for index, sig in enumerate(found):
@@ -115,13 +133,13 @@ def verify(message: bytes, found: list[SignatureInfo | None],
         if record is None:
             done("permerror", f"no key at {sig.key_name}")
             continue
-        try:
-            dkim.evaluate_pk(sig.key_name.encode("ascii"), record)
-        except Exception as exc:  # KeyFormatError, binascii.Error, nacl's ValueError
-            done("permerror", f"unusable key at {sig.key_name}: {exc}")
+        problem = _key_problem(record)
+        if problem is not None:
+            done("permerror", f"unusable key at {sig.key_name}: {problem}")
             continue
         if checker is None:
-            checker = dkim.DKIM(message, minkey=MIN_KEY_BITS, logger=_QUIET)
+            checker = dkim.DKIM(None, minkey=MIN_KEY_BITS, logger=_QUIET)
+            checker.headers, checker.body = parsed
         try:
             ok = checker.verify(index, dnsfunc=lambda _name, timeout=0, r=record: r)
         except dkim.ValidationError as exc:
@@ -140,6 +158,17 @@ def verify(message: bytes, found: list[SignatureInfo | None],
         else:
             done("fail", "signature did not verify")
     return results
+
+
+@lru_cache(maxsize=1024)
+def _key_problem(record: bytes) -> str | None:
+    """Why a key record cannot verify anything, or None (dkimpy parses it again later;
+    remembering the verdict per record keeps that to once per key, not per message)."""
+    try:
+        dkim.evaluate_pk(b"key", record)
+    except Exception as exc:  # KeyFormatError, binascii.Error, nacl's ValueError
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def _key_record(records: tuple[bytes, ...]) -> bytes | None:

@@ -6,17 +6,16 @@ session calls at two points: :meth:`Check.at_rcpt` (only refuses when
 ``spf_enforce`` is on) and :meth:`Check.at_end_of_data`, which strips forged
 ``Authentication-Results:``, runs the checks and returns our header.
 
-Every DNS lookup goes through :class:`~trio_mta.dns.Resolver` with its timeout, SPF
-runs in a worker thread (pyspf is synchronous) and big messages are hashed in one
-too, so the event loop never waits. No outcome of a check loses a message: DNS
-trouble is ``temperror`` and the mail is accepted unless a policy says otherwise.
+Every DNS lookup goes through :class:`~trio_mta.dns.Resolver` with its timeout and
+big messages are hashed in a worker thread, so the event loop never waits. No
+outcome of a check loses a message: DNS trouble is ``temperror`` and the mail is
+accepted unless a policy says otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import dkim
 import trio
 from dns.rdtypes.ANY.TXT import TXT
 
@@ -70,8 +69,6 @@ class Verifier:
         self.hostname = hostname
         self.spf_timeout = dns_timeout * SPF_TIME_FACTOR
         self.metrics = metrics
-        # pyspf threads wait on trio most of the time; the bound is on threads, not CPU.
-        self.spf_threads = trio.CapacityLimiter(32)
 
     def begin(self, *, client_ip: str, sender: str, helo: str | None) -> Check:
         return Check(self, client_ip, sender, helo)
@@ -94,7 +91,7 @@ class Check:
         if self._spf is None:
             v = self.verifier
             self._spf = await check_spf(v.resolver, self.client_ip, self.sender, self.helo,
-                                        timeout=v.spf_timeout, limiter=v.spf_threads)
+                                        timeout=v.spf_timeout)
         return self._spf
 
     async def at_rcpt(self) -> Reply | None:
@@ -112,6 +109,7 @@ class Check:
         v = self.verifier
         settings = v.settings
         message = strip_ours(message, v.hostname)
+        parsed = dkim_verify.parse(message)
         spf: SpfResult | None = None
         dkim_results: list[DkimResult] | None = None
         async with trio.open_nursery() as nursery:
@@ -123,11 +121,11 @@ class Check:
             if settings.dkim or settings.dmarc:
                 async def run_dkim() -> None:
                     nonlocal dkim_results
-                    dkim_results = await self._dkim(message)
+                    dkim_results = await self._dkim(message, parsed)
                 nursery.start_soon(run_dkim)
         dmarc: DmarcResult | None = None
         if settings.dmarc:
-            dmarc = await self._dmarc(message, spf, dkim_results or [])
+            dmarc = await self._dmarc(parsed, spf, dkim_results or [])
         shown_spf = spf if settings.spf else None
         shown_dkim = dkim_results if settings.dkim else None
         if shown_spf is not None:
@@ -148,8 +146,9 @@ class Check:
         return Outcome(header, message, refusal, shown_spf,
                        None if shown_dkim is None else tuple(shown_dkim), dmarc)
 
-    async def _dkim(self, message: bytes) -> list[DkimResult]:
-        found = dkim_verify.signatures(message)
+    async def _dkim(self, message: bytes, parsed: dkim_verify.Parsed | None
+                    ) -> list[DkimResult]:
+        found = dkim_verify.signatures(parsed)
         if not found:
             return []
         keys: dict[str, KeyAnswer] = {}
@@ -163,21 +162,21 @@ class Check:
             keys[name] = KeyAnswer(tuple(b"".join(rd.strings) for rd in rdatas
                                          if isinstance(rd, TXT)))
 
-        async with trio.open_nursery() as nursery:
-            for name in dkim_verify.key_names(found):
-                nursery.start_soon(fetch, name)
+        names = dkim_verify.key_names(found)
+        if len(names) == 1:
+            await fetch(names[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(fetch, name)
+        assert parsed is not None  # signatures were found in it
         if len(message) > THREAD_THRESHOLD:
-            return await trio.to_thread.run_sync(dkim_verify.verify, message, found, keys)
-        return dkim_verify.verify(message, found, keys)
+            return await trio.to_thread.run_sync(dkim_verify.verify, parsed, found, keys)
+        return dkim_verify.verify(parsed, found, keys)
 
-    async def _dmarc(self, message: bytes, spf: SpfResult | None,
+    async def _dmarc(self, parsed: dkim_verify.Parsed | None, spf: SpfResult | None,
                      dkim_results: list[DkimResult]) -> DmarcResult:
-        end = message.find(b"\r\n\r\n")
-        try:
-            headers, _ = dkim.rfc822_parse(message if end < 0 else message[:end + 4])
-        except dkim.MessageFormatError:
-            headers = []
-        domains = set(from_domains(headers))
+        domains = set(from_domains(parsed[0] if parsed is not None else []))
         if len(domains) != 1:
             # RFC 7489 §6.6.1: no usable From: domain, or several, cannot be evaluated.
             why = "no From: domain" if not domains else "several From: domains"
