@@ -237,3 +237,45 @@ def test_strip_removes_only_our_authentication_results() -> None:
                         b"Authentication-Results: mx.example.test; body line stays\r\n")
     clean = b"Subject: x\r\n\r\nbody\r\n"
     assert strip_ours(clean, "mx.example.test") is clean
+
+
+async def test_spf_lookups_never_stall_the_event_loop(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    """A check waiting on a silent name server leaves the loop free for other sessions."""
+    silent = unique_domain("stall")
+    dns_server.blackhole(silent + ".")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.05)
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        start = trio.current_time()
+        assert await spf_of(resolver, silent) == "temperror"
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    # The resolver's timeout is 1 s: the ticker ran all along (a blocking lookup
+    # would have frozen it for that second).
+    assert elapsed >= 0.9
+    assert ticks >= elapsed / 0.05 * 0.5
+
+
+async def test_records_are_served_from_cache_within_their_ttl(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    domain = unique_domain("cache")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 -all"')
+    assert resolver.peek(domain, "TXT") is None
+    first = await resolver.records(domain, "TXT")
+    asked = dns_server.queries.count((domain + ".", "TXT"))
+    assert asked == 1
+    again = await resolver.records(domain.upper(), "TXT")
+    assert again == first and resolver.peek(domain, "TXT") == first
+    assert dns_server.queries.count((domain + ".", "TXT")) == 1
+    # Two checks of one sender: the second asks DNS nothing.
+    await spf_of(resolver, domain)
+    await spf_of(resolver, domain)
+    assert dns_server.queries.count((domain + ".", "TXT")) == 1

@@ -35,6 +35,7 @@ class SignatureInfo:
     selector: str  # s=
     algorithm: str  # a=
     b_prefix: str  # first 8 characters of b=, RFC 6008 header.b
+    signed: frozenset[bytes] = frozenset()  # h= names, lower-cased
 
     @property
     def key_name(self) -> str:
@@ -92,7 +93,8 @@ def signatures(message: bytes | Parsed | None) -> list[SignatureInfo | None]:
                 domain=tags[b"d"].decode("ascii").strip().lower(),
                 selector=tags[b"s"].decode("ascii").strip(),
                 algorithm=tags.get(b"a", b"").decode("ascii").strip().lower(),
-                b_prefix=b[:8].decode("ascii")))
+                b_prefix=b[:8].decode("ascii"),
+                signed=frozenset(n.strip().lower() for n in tags.get(b"h", b"").split(b":"))))
         except (InvalidTagValueList, KeyError, UnicodeDecodeError):
             out.append(None)
     return out
@@ -139,7 +141,13 @@ def verify(message: bytes | Parsed, found: list[SignatureInfo | None],
             continue
         if checker is None:
             checker = dkim.DKIM(None, minkey=MIN_KEY_BITS, logger=_QUIET)
-            checker.headers, checker.body = parsed
+            # Only fields some h= names (and the signatures) can affect a hash; dkimpy
+            # canonicalises every field it is given, so the others are left out. Order
+            # among the kept fields is unchanged, so header selection (bottom-up per
+            # name, RFC 6376 §5.4.2) picks exactly the same instances.
+            names = {b"dkim-signature"}.union(*(f.signed for f in found if f is not None))
+            checker.headers = [h for h in parsed[0] if h[0].lower() in names]
+            checker.body = parsed[1]
         try:
             ok = checker.verify(index, dnsfunc=lambda _name, timeout=0, r=record: r)
         except dkim.ValidationError as exc:
