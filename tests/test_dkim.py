@@ -256,3 +256,33 @@ async def test_verifier_fetches_keys_through_the_loopback_dns(
     [passed] = [c for c in header.split(";") if "dkim=pass" in c]
     assert f"header.d={domain}" in passed and "header.s=s1" in passed, header
     assert "spf=" not in header and "dmarc=" not in header
+
+
+async def test_big_messages_are_signed_and_verified_off_the_event_loop(
+        dns_server: DnsServer, keydir: Path, tmp_path: Path) -> None:
+    """Above the thread threshold, hashing runs in a worker thread; results are the same."""
+    from trio_mta.auth.inbound import THREAD_THRESHOLD
+    from trio_mta.auth.service import MailAuth
+    from trio_mta.config import Config
+
+    domain = unique_domain("big")
+    pair = make_key(keydir, domain, "s1", "ed25519")
+    pair.publish(dns_server)
+    config = Config.from_mapping({
+        "hostname": "mx.example.test",
+        "dns": {"nameservers": ["{}:{}".format(*dns_server.address)], "timeout": "2s"},
+        "dkim": {"sign": [{"domain": domain, "selector": "s1", "key": str(pair.key.path)}]},
+    }, base_dir=tmp_path)
+    auth = MailAuth(config)
+    line = b"A line of a big message, long enough to add up quickly.\r\n"
+    big = (f"From: a@{domain}\r\nSubject: big\r\n\r\n".encode()
+           + line * (2 * THREAD_THRESHOLD // len(line)))
+    signed = await auth.sign(big, queue_id="Q1") + big
+    assert auth.verifier is not None
+    outcome = await auth.verifier.begin(client_ip="192.0.2.1", sender="",
+                                        helo="x.test").at_end_of_data(signed)
+    assert outcome.dkim is not None and [r.result for r in outcome.dkim] == ["pass"]
+    tampered = signed[:-10] + b"tampered\r\n"
+    outcome = await auth.verifier.begin(client_ip="192.0.2.1", sender="",
+                                        helo="x.test").at_end_of_data(tampered)
+    assert outcome.dkim is not None and [r.result for r in outcome.dkim] == ["fail"]
