@@ -261,3 +261,42 @@ async def test_trusted_and_submission_mail_is_not_verified(
     # No check ran, so nothing was added; what the trusted client sent is kept as sent.
     assert [f for f in header_block(path) if f.startswith("Authentication-Results")] == [
         f"Authentication-Results: {HOSTNAME}; dkim=pass"]
+
+
+async def test_spooled_big_messages_are_signed_and_checked_too(
+        nursery: trio.Nursery, make_config: Callable[..., Config], keydir: Path,
+        dns_server: DnsServer, tmp_path: Path) -> None:
+    """Bodies past the spool threshold (64 KiB) live in a file: signing reads it, and a
+    forged Authentication-Results is removed from the file itself."""
+    line = b"a line of a message big enough to be spooled to a file on arrival\r\n"
+    filler = line * (300_000 // len(line))
+    domain, pair = sender_zone(dns_server, keydir, spf="v=spf1 ip4:127.0.0.1 -all",
+                               dmarc="v=DMARC1; p=reject")
+    mta, config = await untrusted_server(nursery, make_config)
+    forged = f"Authentication-Results: {HOSTNAME}; dkim=pass header.d=bank.test\r\n".encode()
+    inbound = dkimpy_sign(inbound_message(domain, forged) + filler, pair,
+                          canon=(b"relaxed", b"relaxed"))
+    code, _ = await trio.to_thread.run_sync(
+        send, mta.address("smtp")[1], f"x@{domain}", "bob@example.test", inbound)
+    assert code == 250
+    [path] = await wait_for_mail(config.local.maildir_root, "bob")
+    text = path.read_text()
+    assert len(text) > 290_000
+    assert "bank.test" not in text
+    [result] = [f for f in header_block(path) if f.startswith("Authentication-Results")]
+    assert "dkim=pass" in result and "dmarc=pass" in result
+
+    if OPENDKIM is None:
+        return
+    signer_key = make_key(keydir, "sender.test", "big", "ed25519")
+    signing = make_config(dkim={"sign": [{"domain": "sender.test", "selector": "big",
+                                          "key": str(signer_key.key.path)}]},
+                          state_dir=str(tmp_path / "state2"))
+    mta2: MTA = await nursery.start(serve, signing)
+    message = b"From: alice@sender.test\r\nTo: carol@example.test\r\nSubject: big\r\n\r\n" + filler
+    code, _ = await trio.to_thread.run_sync(
+        send, mta2.address("smtp")[1], "alice@sender.test", "carol@example.test", message)
+    assert code == 250
+    [stored] = await wait_for_mail(signing.local.maildir_root, "carol")
+    [verdict] = opendkim_verify(stored.read_bytes(), [signer_key], tmp_path / "od")
+    assert "succeeded" in verdict, verdict

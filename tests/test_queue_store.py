@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.outcomes import o
+from trio_mta.queue.bodies import SpooledBody, crc_of
 from trio_mta.queue.ids import host_tag_for, is_queue_id, new_queue_id
 from trio_mta.queue.report import format_list, format_show, message_json
 from trio_mta.queue.store import (
@@ -462,7 +463,7 @@ def test_a_version_2_queue_is_migrated_and_its_rows_stay_readable(tmp_path: Path
     readonly.close()
     store = QueueStore(path)
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
-    assert version == 3
+    assert version == 4
     after = store.show("OLD")
     for info in (before, after):
         assert info is not None
@@ -478,3 +479,77 @@ def test_a_version_2_queue_is_migrated_and_its_rows_stay_readable(tmp_path: Path
     (finished,) = store.bounce_candidates()
     assert [(f.address, f.outcome.status) for f in finished.failed] == [("b@remote.test", "5.1.1")]
     store.close()
+
+
+# -- bodies: inline, files, bodies written before schema 4 ------------------------
+
+
+def _spooled(store: QueueStore, name: str, body: bytes) -> NewMessage:
+    store.files.ensure_spool()
+    path = store.files.spool / name
+    path.write_bytes(body)
+    return NewMessage("s@example.org", (local("bob"),), b"Received: x\r\n",
+                      spooled=SpooledBody(path, len(body), crc_of(body)))
+
+
+def test_blob_bodies_from_before_schema_4_are_still_delivered(tmp_path: Path) -> None:
+    db = tmp_path / "queue.sqlite3"
+    old = QueueStore(db)
+    old.insert([("OLD", message(local("bob")))], now=NOW)
+    old.close()
+    # Make it the database an older trio_mta wrote: no body index, schema 3.
+    conn = sqlite3.connect(db)
+    conn.executescript("DROP TRIGGER messages_gone; DROP TABLE body_index; DROP TABLE damaged;"
+                       " DROP TABLE doomed_bodies; PRAGMA user_version=3;")
+    conn.close()
+    store = QueueStore(db)
+    assert store.data_many(["OLD"]) == {"OLD": DATA}
+    [due] = store.due(NOW, 10)
+    store.mark_delivered([due.rcpt_id], now=NOW, outcome=o("delivered", "2.0.0 ok"))
+    assert store.list_messages() == []
+    store.close()
+
+
+def test_spooled_body_becomes_a_file_and_goes_after_a_durable_commit(store: QueueStore) -> None:
+    body = b"Subject: big\r\n\r\n" + b"z" * 200_000
+    store.insert([("BIG", _spooled(store, "spool1", body))], now=NOW)
+    path = store.files.path_for("BIG")
+    assert path.read_bytes() == body and not (store.files.spool / "spool1").exists()
+    assert store.data("BIG") == b"Received: x\r\n" + body
+    assert store.list_messages()[0].size == len(body) + len(b"Received: x\r\n")
+    [due] = store.due(NOW, 10)
+    # Recorded with synchronous=NORMAL:
+    store.mark_delivered([due.rcpt_id], now=NOW, outcome=o("delivered", "2.0.0 ok"))
+    assert path.exists(), "kept until a durable commit covers the delete"
+    store.insert([("NEXT", message(local("bob")))], now=NOW)  # synchronous=FULL
+    assert not path.exists()
+
+
+def test_damaged_body_file_is_set_aside_not_due_and_listed(store: QueueStore) -> None:
+    body = b"Subject: big\r\n\r\n" + b"z" * 200_000
+    store.insert([("BAD", _spooled(store, "s1", body)), ("GOOD", message(local("bob")))],
+                 now=NOW)
+    with open(store.files.path_for("BAD"), "r+b") as f:
+        f.write(b"X")
+    assert store.data_many(["BAD", "GOOD"]) == {"GOOD": DATA}
+    assert [r.message_id for r in store.due(NOW + 10, 10)] == ["GOOD"]
+    rows = {row.id: row for row in store.list_messages()}
+    assert "checksum" in (rows["BAD"].damaged or "") and rows["GOOD"].damaged is None
+    assert "damaged" in message_json(rows["BAD"]) and "damaged" not in message_json(rows["GOOD"])
+    assert "DAMAGED" in format_list(list(rows.values()), json_output=False)
+    # A flush (every server start) tries the body again: repaired, it is delivered.
+    store.files.path_for("BAD").write_bytes(body)
+    store.flush(now=NOW + 20)
+    assert store.data("BAD").endswith(body)
+
+
+def test_sweep_removes_spool_leftovers_and_unindexed_body_files(store: QueueStore) -> None:
+    body = b"b" * 100_000
+    store.insert([("KEEP", _spooled(store, "s1", body))], now=NOW)
+    (store.files.spool / "half-received").write_bytes(b"partial")
+    orphan = store.files.path_for("NOROW")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"renamed, never committed")
+    assert store.sweep() == 2
+    assert store.files.path_for("KEEP").exists() and not orphan.exists()
+    assert list(store.files.spool.iterdir()) == []

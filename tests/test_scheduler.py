@@ -23,6 +23,7 @@ import trio.testing
 from tests.outcomes import o
 from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem, Outcome
 from trio_mta.delivery.maildir import MaildirAgent
+from trio_mta.queue.bodies import StoredBody
 from trio_mta.queue.scheduler import Scheduler, backoff_delay
 from trio_mta.queue.store import NewMessage, NewRecipient, QueueStore
 
@@ -537,12 +538,12 @@ class DeletedWhileLeased(QueueStore):
 
     doomed: set[str]
 
-    def data_many(self, message_ids: Sequence[str]) -> dict[str, bytes]:
+    def bodies(self, message_ids: Sequence[str]) -> dict[str, StoredBody]:
         for message_id in set(message_ids) & self.doomed:
             cli = QueueStore(self.path)
             assert cli.delete(message_id)
             cli.close()
-        return super().data_many(message_ids)
+        return super().bodies(message_ids)
 
 
 async def test_a_remote_message_deleted_after_its_lease_is_skipped(

@@ -28,6 +28,7 @@ from trio_mta.delivery.maildir import MaildirAgent
 from trio_mta.delivery.remote import RemoteAgent
 from trio_mta.dns import Resolver
 from trio_mta.metrics import Metrics, QueueStats, serve_metrics
+from trio_mta.queue.bodies import BodyFiles
 from trio_mta.queue.bouncer import Bouncer
 from trio_mta.queue.ids import host_tag_for, worker_tag
 from trio_mta.queue.scheduler import Scheduler
@@ -252,9 +253,27 @@ async def _open_shards(config: Config, worker: WorkerSlot | None) -> list[_Shard
 async def _open_store(path: Path) -> QueueStore:
     """Open one shard; a broken file is a QueueError naming it (one line at the CLI)."""
     try:
-        return await trio.to_thread.run_sync(QueueStore, path)
+        return await trio.to_thread.run_sync(_open_shard_store, path)
     except QueueError as exc:
-        raise QueueError(f"{path}: {exc}") from None
+        message = str(exc)
+        raise QueueError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _open_shard_store(path: Path) -> QueueStore:
+    """Open (recovering if damaged) one shard, and clear what a crash left half-written.
+
+    Only the process holding the shard's lock gets here, so the sweep cannot
+    touch a spool or body file another process is still writing.
+    """
+    store = QueueStore(path, recover=True)
+    try:
+        removed = store.sweep()
+    except BaseException:
+        store.close()
+        raise
+    if removed:
+        log.event("queue.swept", path=str(path), files=removed)
+    return store
 
 
 async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
@@ -301,6 +320,8 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
         if handler is not None:
             sink = HandlerSink(handler, sink)
         assert sink is not None
+        if not shards:  # no queue: large bodies still spool, for the handler to read
+            await trio.to_thread.run_sync(BodyFiles(config.queue_path).ensure_spool)
         state = ServerState(
             config=config,
             router=router,
@@ -312,6 +333,10 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             host_tag=tag,
             handler=handler,
             metrics=metrics,
+            # Sessions spool into their shard's folder: renaming into its bodies/ is then
+            # always within one file system, and its startup sweep is its own.
+            spool_dir=(shards[0].store.files.spool if shards
+                       else BodyFiles(config.queue_path).spool),
             mail_auth=MailAuth(config, metrics=metrics),
         )
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,

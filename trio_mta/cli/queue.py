@@ -42,6 +42,10 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     except _CannotOpen as exc:
         print(f"trio-mta queue: {exc}", file=sys.stderr)
         return 1
+    except QueueError as exc:  # a damaged database: one line, never a traceback
+        print(f"trio-mta queue: {exc} (a server start recovers a damaged database)",
+              file=sys.stderr)
+        return 1
 
 
 @contextmanager
@@ -51,7 +55,9 @@ def _open_all(paths: list[Path], *, readonly: bool) -> Iterator[list[QueueStore]
         for path in paths:
             try:
                 stores.append(QueueStore(path, readonly=readonly))
-            except (QueueError, sqlite3.Error, OSError) as exc:
+            except QueueError as exc:  # names the file and what to do
+                raise _CannotOpen(str(exc)) from None
+            except (sqlite3.Error, OSError) as exc:
                 raise _CannotOpen(f"cannot open {path}: {exc}") from None
         yield stores
     finally:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from trio_mta.delivery.outcome import Outcome
+from trio_mta.queue.bodies import StoredBody
 from trio_mta.queue.store import DueRecipient
 
 __all__ = ["DeliveryAgent", "DeliveryItem", "Outcome"]
@@ -22,7 +23,18 @@ __all__ = ["DeliveryAgent", "DeliveryItem", "Outcome"]
 @dataclass(frozen=True)
 class DeliveryItem:
     rcpt: DueRecipient
-    data: bytes  # shared between recipients of one message: fetched once per batch
+    # Shared between recipients of one message: fetched once per batch. A large
+    # body is a file (StoredBody.path): agents read it in pieces or in a thread.
+    body: StoredBody | bytes
+
+    @property
+    def stored(self) -> StoredBody:
+        return StoredBody(self.body) if isinstance(self.body, bytes) else self.body
+
+    @property
+    def data(self) -> bytes:
+        """The whole message in memory; reads a body file, so call it from a thread."""
+        return self.body if isinstance(self.body, bytes) else self.body.read()
 
 
 class DeliveryAgent(Protocol):

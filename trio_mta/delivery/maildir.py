@@ -6,7 +6,9 @@ is either in new/ or not at all. To keep fsyncs cheap under load, a batch writes
 its files from several worker threads at once and fsyncs each distinct new/
 folder once, after all its files are in; only then is anything reported
 delivered. Content is "Return-Path:" and "Delivered-To:" followed by the message
-with LF line ends, the form Postfix's local(8) and Dovecot's LDA write.
+with LF line ends, the form Postfix's local(8) and Dovecot's LDA write. A large
+body (a file in the queue) is copied in pieces, so delivery holds no more of it
+in memory than one piece per worker thread.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import errno
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import trio
 
 from trio_mta.delivery.agent import DeliveryItem
 from trio_mta.delivery.outcome import Kind, Outcome
+from trio_mta.queue.bodies import StoredBody
 from trio_mta.routing.mailmap import safe_mailbox_name
 from trio_mta.safeio import fsync_directory, write_file_durably
 
@@ -54,6 +57,19 @@ def safe_join(root: Path, name: str) -> Path:
 def escape_host(hostname: str) -> str:
     """Host part of a Maildir name: "/" and ":" are escaped as the convention says."""
     return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def lf_chunks(body: StoredBody) -> Iterator[bytes]:
+    """The message with CRLF turned into LF, piece by piece (a CR may end a piece)."""
+    carry = b""
+    for chunk in body.chunks():
+        chunk = carry + chunk
+        carry = b"\r" if chunk.endswith(b"\r") else b""
+        if carry:
+            chunk = chunk[:-1]
+        yield chunk.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
 
 
 def _ensure_dir(path: Path) -> None:
@@ -164,9 +180,15 @@ class MaildirAgent:
             maildirs[rcpt.mailbox] = maildir
         if isinstance(maildir, UnsafeMailbox):
             return _local("failed", "5.3.5", str(maildir)), None
-        body = lf_bodies.get(rcpt.message_id)
-        if body is None:
-            body = lf_bodies[rcpt.message_id] = item.data.replace(b"\r\n", b"\n")
+        stored = item.stored
+        body: Iterable[bytes]
+        if stored.path is None:  # small: converted once per message and batch
+            lf = lf_bodies.get(rcpt.message_id)
+            if lf is None:
+                lf = lf_bodies[rcpt.message_id] = stored.head.replace(b"\r\n", b"\n")
+            body = (lf,)
+        else:
+            body = lf_chunks(stored)
         head = f"Return-Path: <{rcpt.sender}>\nDelivered-To: {rcpt.address}\n".encode()
         try:
             name = self._place(maildir, head, body)
@@ -180,14 +202,14 @@ class MaildirAgent:
         seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
         return f"{seconds}.M{nanos // 1000}P{self._pid}Q{next(self._counter)}.{self._host}"
 
-    def _place(self, maildir: Path, head: bytes, body: bytes) -> str:
+    def _place(self, maildir: Path, head: bytes, body: Iterable[bytes]) -> str:
         """tmp/NAME, fsynced, renamed to new/NAME; the caller fsyncs new/ once per batch."""
         created = False
         for _ in range(_NAME_ATTEMPTS):
             name = self._unique_name()
             try:
                 write_file_durably(
-                    maildir / "tmp" / name, maildir / "new" / name, (head, body),
+                    maildir / "tmp" / name, maildir / "new" / name, _prepend(head, body),
                     mode=0o600, fsync_dir=False,
                     # tmp/ existed but new/ did not (made by hand, or half-made by a
                     # concurrent delivery): complete the Maildir and rename once more.
@@ -203,3 +225,8 @@ class MaildirAgent:
                 continue
             return name
         raise FileExistsError(errno.EEXIST, "no unique file name in tmp/", str(maildir))
+
+
+def _prepend(head: bytes, body: Iterable[bytes]) -> Iterator[bytes]:
+    yield head
+    yield from body

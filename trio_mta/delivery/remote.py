@@ -275,7 +275,8 @@ class RemoteAgent:
     ) -> list[Outcome]:
         """Try the route's hosts and addresses in order; the first that answers decides."""
         recipients = [item.rcpt.address for item in items]
-        data = fit_lines(items[0].data)
+        # A body file is read in a thread: no disk I/O in the event loop.
+        data = fit_lines(await trio.to_thread.run_sync(lambda: items[0].data))
         failures: list[Outcome] = []
         for host in route.hosts:
             for address in host.addresses:

@@ -44,6 +44,8 @@ def message_json(message: QueuedMessage) -> dict[str, Any]:
             }
             for r in message.recipients
         ],
+        # Only for a message set aside as damaged (docs/queue.md "Damage").
+        **({"damaged": message.damaged} if message.damaged else {}),
     }
 
 
@@ -107,6 +109,8 @@ def format_list(
         age = _span(now - row.received_at)
         sender = _clean(row.sender) if row.sender else ""
         lines.append(f"{row.id:<18} {age:>6} {row.size:>9}  <{sender}>")
+        if row.damaged:
+            lines.append(f"    DAMAGED, set aside: {_clean(row.damaged)}")
         for rcpt in row.recipients:
             lines.extend(_recipient_lines(rcpt, now, "    "))
             waiting += rcpt.status in UNFINISHED

@@ -42,6 +42,7 @@ import trio
 from trio_mta import log
 from trio_mta.delivery.agent import DeliveryAgent, DeliveryItem
 from trio_mta.delivery.outcome import Outcome
+from trio_mta.queue.bodies import StoredBody
 from trio_mta.queue.report import iso
 from trio_mta.queue.store import DueRecipient, QueueError, QueueStore, RecipientUpdate
 
@@ -221,7 +222,7 @@ class Scheduler:
     def _fetch(
         self, now: float, local_want: int, remote_want: int
     ) -> tuple[
-        list[DueRecipient], list[DueRecipient], dict[str, bytes], float | None, float | None
+        list[DueRecipient], list[DueRecipient], dict[str, StoredBody], float | None, float | None
     ]:
         """Worker thread: lease due recipients and read local bodies, once per message.
 
@@ -233,7 +234,7 @@ class Scheduler:
         local_due = store.due(now, local_want, local=True) if local_want else []
         remote_due = store.due(now, remote_want, local=False) if remote_want else []
         try:
-            bodies = store.data_many([r.message_id for r in local_due])
+            bodies = store.bodies([r.message_id for r in local_due])
             next_local = store.next_due(local=True) if local_want else None
             next_remote = store.next_due(local=False) if remote_want else None
         except BaseException:
@@ -253,7 +254,7 @@ class Scheduler:
         self,
         agent: DeliveryAgent,
         rcpts: list[DueRecipient],
-        bodies: dict[str, bytes],
+        bodies: dict[str, StoredBody],
         destination: str | None,
     ) -> None:
         """Deliver one batch: local (``destination`` None) or one remote destination."""
@@ -261,7 +262,7 @@ class Scheduler:
         try:
             missing = list({r.message_id for r in rcpts} - bodies.keys())
             if missing:
-                bodies = {**bodies, **await self._thread(self.store.data_many, missing)}
+                bodies = {**bodies, **await self._thread(self.store.bodies, missing)}
                 gone = [r.rcpt_id for r in rcpts if r.message_id not in bodies]
                 if gone:  # deleted meanwhile (`queue delete`): nothing left to send
                     await self._thread(self.store.release, gone)

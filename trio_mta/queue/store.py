@@ -1,4 +1,4 @@
-"""The durable queue: messages, bodies and per-recipient state in one SQLite file.
+"""The durable queue: messages and per-recipient state in SQLite, large bodies in files.
 
 Synchronous on purpose: the server calls it from worker threads (trio.to_thread)
 and the CLI calls it directly. WAL mode lets the CLI read and flush while the
@@ -11,6 +11,15 @@ WAL is fsynced before it returns and before the client hears 250. Status updates
 commit with synchronous=NORMAL: a 'delivered' mark lost in a crash only causes a
 second delivery, never a lost message; the next FULL commit or checkpoint makes
 them durable anyway, because fsync covers every earlier frame of the WAL.
+
+Bodies (see queue/bodies.py): up to the spool threshold they are a BLOB in
+`bodies`; larger ones are a file per message, renamed into place and its folder
+fsynced before the row naming it commits. `body_index` holds every new body's
+size and CRC-32, so a damaged body is found when read and only that message is
+set aside (`damaged`); rows written before schema 3 have no index and are read
+as they are. Deleting a message queues its body file in `doomed_bodies` (a
+trigger); the file is unlinked after the next fsynced commit, so a delete that a
+crash undoes never leaves a row without its body.
 
 Leases are in memory: a recipient handed out by `due` is not handed out again
 until an update or `release` returns it. After a restart nothing is leased, so
@@ -30,14 +39,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
+from trio_mta import log
 from trio_mta.delivery.outcome import Outcome, Stage, status_in
+from trio_mta.queue.bodies import BodyDamaged, BodyFiles, SpooledBody, StoredBody, crc_of
+from trio_mta.queue.recover import check_database, recover_database
 
 Status = Literal["pending", "deferred", "delivered", "failed"]
 UNFINISHED = ("pending", "deferred")
-# 2: recipients_failed index (bounces); 3: outcome fields as columns. The script
-# is idempotent; columns added after a table's first release are listed in
-# _ADDED_COLUMNS and added to older databases by _migrate.
-_SCHEMA_VERSION = 3
+# 2: recipients_failed index (bounces); 3: outcome fields as columns; 4: body_index,
+# damaged, doomed_bodies (body files, queue/bodies.py). The script is idempotent;
+# columns added after a table's first release are listed in _ADDED_COLUMNS and
+# added to older databases by _migrate.
+_SCHEMA_VERSION = 4
+# next_attempt of the recipients of a damaged message: never due until a flush
+# (every server start is one) tries the body again.
+SET_ASIDE_UNTIL = 253402300799.0  # 9999-12-31T23:59:59Z
 _CHUNK = 500  # stay far below SQLite's host-parameter limit
 
 _SCHEMA = """
@@ -91,6 +107,25 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_rcpt ON attempts (rcpt_id);
 CREATE INDEX IF NOT EXISTS recipients_failed ON recipients (message_id)
     WHERE status = 'failed';
+CREATE TABLE IF NOT EXISTS body_index (
+    message_id  TEXT PRIMARY KEY,
+    head        BLOB NOT NULL,     -- file bodies: the trace headers we prepended
+    in_file     INTEGER NOT NULL,  -- 1: bodies/<xx>/<id> holds the rest; 0: bodies.data
+    size        INTEGER NOT NULL,  -- bytes of the file, or of the inline blob
+    crc         INTEGER NOT NULL   -- CRC-32 of those bytes
+);
+CREATE TABLE IF NOT EXISTS damaged (
+    message_id  TEXT PRIMARY KEY,
+    reason      TEXT NOT NULL,
+    at          REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS doomed_bodies (message_id TEXT PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS messages_gone AFTER DELETE ON messages BEGIN
+    INSERT OR IGNORE INTO doomed_bodies
+        SELECT message_id FROM body_index WHERE message_id = old.id AND in_file;
+    DELETE FROM body_index WHERE message_id = old.id;
+    DELETE FROM damaged WHERE message_id = old.id;
+END;
 """
 # Version 3's outcome columns, added to tables created by versions 1 and 2.
 _ADDED_COLUMNS: Final = {
@@ -124,6 +159,13 @@ class NewMessage:
     recipients: tuple[NewRecipient, ...]
     data: bytes  # the message as received (CRLF), Received: already prepended
     meta: Mapping[str, str] = field(default_factory=dict)  # client ip, helo, auth user...
+    # A large body already in a fsynced spool file: the message is `data` (then
+    # only the prepended trace headers) followed by the file's bytes.
+    spooled: SpooledBody | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + (self.spooled.size if self.spooled is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -202,6 +244,7 @@ class QueuedMessage:
     recipients: tuple[RecipientState, ...]
     meta: Mapping[str, str] = field(default_factory=dict)
     headers: str = ""
+    damaged: str | None = None  # why the message is set aside (docs/queue.md "Damage")
 
 
 @dataclass(frozen=True)
@@ -353,6 +396,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
         )
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone() is not None
+
+
 @contextmanager
 def _errors(what: str) -> Iterator[None]:
     try:
@@ -364,9 +413,16 @@ def _errors(what: str) -> Iterator[None]:
 class QueueStore:
     """One process's handle on the queue database (thread-safe)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, busy_timeout: float = 10.0,
+                 recover: bool = False) -> None:
+        """Open (creating if need be) the queue at `path`; QueueError in one line if unusable.
+
+        A damaged database is salvaged into a fresh file when `recover` is set (the
+        server at startup; the old file is kept beside it), refused otherwise.
+        """
         self.path = Path(path)
         self.readonly = readonly
+        self.files = BodyFiles(self.path)
         self.commits = 0  # every write transaction
         self.durable_commits = 0  # those committed with synchronous=FULL (one WAL fsync each)
         self._write_lock = threading.Lock()
@@ -376,6 +432,14 @@ class QueueStore:
         self._sync = ""
         self._writer: sqlite3.Connection | None = None
         self._columns = _COLUMNS
+        self._indexed = True  # False: a read-only look at a database older than schema 4
+        problem = check_database(self.path, deep=recover)
+        if problem is not None:
+            if not recover or not problem.recoverable:
+                raise QueueError(problem.message(recover=recover))
+            kept = recover_database(self.path)
+            log.warning("queue.database_recovered", path=str(self.path), problem=problem.text,
+                        kept=str(kept))
         with _errors("open"):
             if readonly:
                 if not self.path.exists():
@@ -383,6 +447,7 @@ class QueueStore:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
                 self._reader = self._connect(uri, busy_timeout, uri=True)
                 self._columns = _readable_columns(self._reader)
+                self._indexed = _has_table(self._reader, "body_index")
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # Mail is private: SQLite gives -wal and -shm the database file's mode.
@@ -447,21 +512,40 @@ class QueueStore:
     # -- accepting mail ---------------------------------------------------------------
 
     def insert(self, items: Sequence[tuple[str, NewMessage]], *, now: float) -> None:
-        """Store messages under their IDs in ONE transaction, fsynced before returning."""
-        with _errors("insert"), self._transaction("FULL") as conn:
-            self._insert_rows(conn, items, now)
+        """Store messages under their IDs in ONE transaction, fsynced before returning.
+
+        Spooled bodies are renamed into place (folders fsynced) first. Body files of
+        messages deleted earlier are unlinked once this commit made the deletes durable.
+        """
+        spooled = [(mid, m.spooled) for mid, m in items if m.spooled is not None]
+        with _errors("insert"):
+            if spooled:
+                gone = self.files.place(spooled)
+                if gone:
+                    log.warning("queue.spool_gone", ids=",".join(sorted(gone)))
+                    items = [(mid, m) for mid, m in items if mid not in gone]
+            with self._transaction("FULL") as conn:
+                self._insert_rows(conn, items, now)
+                doomed = [row[0] for row in conn.execute("SELECT message_id FROM doomed_bodies")]
+                if doomed:
+                    conn.executemany("DELETE FROM doomed_bodies WHERE message_id = ?",
+                                     [(d,) for d in doomed])
+        self.files.unlink(doomed)
 
     @staticmethod
     def _insert_rows(conn: sqlite3.Connection, items: Sequence[tuple[str, NewMessage]],
                      now: float) -> None:
         messages = []
         bodies = []
+        index = []
         rcpts = []
         for message_id, msg in items:
-            messages.append(
-                (message_id, msg.sender, now, len(msg.data), json.dumps(dict(msg.meta)))
-            )
-            bodies.append((message_id, msg.data))
+            messages.append((message_id, msg.sender, now, msg.size, json.dumps(dict(msg.meta))))
+            if msg.spooled is None:
+                bodies.append((message_id, msg.data))
+                index.append((message_id, b"", 0, len(msg.data), crc_of(msg.data)))
+            else:
+                index.append((message_id, msg.data, 1, msg.spooled.size, msg.spooled.crc))
             for r in msg.recipients:
                 rcpts.append(
                     (message_id, r.address, r.original, r.mailbox, r.mailbox is not None, now, now)
@@ -471,6 +555,10 @@ class QueueStore:
             messages,
         )
         conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?,?)", bodies)
+        conn.executemany(
+            "INSERT INTO body_index (message_id, head, in_file, size, crc) VALUES (?,?,?,?,?)",
+            index,
+        )
         conn.executemany(
             "INSERT INTO recipients (message_id, address, original, mailbox, local, status,"
             " next_attempt, updated_at) VALUES (?,?,?,?,?,'pending',?,?)",
@@ -538,27 +626,109 @@ class QueueStore:
         return len(self._leased)
 
     def data(self, message_id: str) -> bytes:
-        """The stored message; KeyError when it is gone (deleted or purged)."""
-        with _errors("read"), self._read() as conn:
-            row = conn.execute(
-                "SELECT data FROM bodies WHERE message_id = ?", (message_id,)
-            ).fetchone()
-        if row is None:
-            raise KeyError(message_id)
-        return bytes(row[0])
+        """The stored message; KeyError when it is gone (deleted, purged or damaged)."""
+        return self.bodies([message_id])[message_id].read()
 
     def data_many(self, message_ids: Sequence[str]) -> dict[str, bytes]:
-        """Bodies of several messages in one pass (missing ones are left out)."""
+        """Bodies of several messages in memory (missing and damaged ones are left out)."""
+        return {mid: body.read() for mid, body in self.bodies(message_ids).items()}
+
+    def bodies(self, message_ids: Sequence[str]) -> dict[str, StoredBody]:
+        """Bodies of several messages in one pass; missing and damaged ones are left out.
+
+        A body that cannot be read back as stored (an unreadable database page, a
+        body file missing, short or altered) is logged and set aside, so one bad
+        message never stops the others. File bodies are checked here and read by
+        delivery in pieces.
+        """
         ids = list(dict.fromkeys(message_ids))
-        out: dict[str, bytes] = {}
+        rows: dict[str, tuple[Any, ...]] = {}
+        damaged: dict[str, str] = {}
+        sql = ("SELECT m.id, i.head, i.in_file, i.size, i.crc, b.data FROM messages m"
+               " LEFT JOIN body_index i ON i.message_id = m.id"
+               " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})")
+        if not self._indexed:
+            sql = ("SELECT m.id, NULL, NULL, NULL, NULL, b.data FROM messages m"
+                   " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})")
         with _errors("read"), self._read() as conn:
             for part in _chunks(ids):
-                sql = (
-                    f"SELECT message_id, data FROM bodies WHERE message_id IN ({_marks(len(part))})"
-                )
-                for message_id, blob in conn.execute(sql, tuple(part)):
-                    out[message_id] = bytes(blob)
+                try:
+                    found = conn.execute(sql.format(_marks(len(part))), tuple(part)).fetchall()
+                except sqlite3.DatabaseError:
+                    found = []
+                    for mid in part:  # find which message the damage is in
+                        try:
+                            found += conn.execute(sql.format("?"), (mid,)).fetchall()
+                        except sqlite3.DatabaseError as exc:
+                            damaged[mid] = f"database page unreadable: {exc}"
+                rows.update((row[0], row) for row in found)
+        out: dict[str, StoredBody] = {}
+        for mid, (_, head, in_file, size, crc, blob) in rows.items():
+            try:
+                out[mid] = self._body(mid, head, in_file, size, crc, blob)
+            except BodyDamaged as exc:
+                damaged[mid] = str(exc)
+        if damaged:
+            self._set_aside(damaged)
         return out
+
+    def _body(self, message_id: str, head: bytes | None, in_file: int | None, size: int | None,
+              crc: int | None, blob: bytes | None) -> StoredBody:
+        if head is None or in_file is None or size is None or crc is None:
+            if blob is None:
+                raise BodyDamaged("no body stored")
+            return StoredBody(bytes(blob))  # written before schema 3: nothing to check
+        if in_file:
+            path = self.files.verify(message_id, size, crc)
+            return StoredBody(bytes(head), path, size)
+        if blob is None:
+            raise BodyDamaged("inline body row is missing")
+        data = bytes(blob)
+        if len(data) != size or crc_of(data) != crc:
+            raise BodyDamaged("inline body does not match its size and checksum")
+        return StoredBody(data)
+
+    def _set_aside(self, damaged: Mapping[str, str]) -> None:
+        """Keep damaged messages, logged and listed, out of delivery until the next flush."""
+        for mid, reason in damaged.items():
+            log.error("queue.damaged", id=mid, reason=reason)
+        if self._writer is None:
+            return
+        now = time.time()
+        try:
+            with self._transaction("NORMAL") as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO damaged (message_id, reason, at) VALUES (?,?,?)",
+                    [(mid, reason, now) for mid, reason in damaged.items()],
+                )
+                conn.executemany(
+                    "UPDATE recipients SET next_attempt = ? WHERE message_id = ?"
+                    " AND status IN ('pending', 'deferred')",
+                    [(SET_ASIDE_UNTIL, mid) for mid in damaged],
+                )
+        except sqlite3.Error as exc:
+            log.error("queue.set_aside_failed", messages=len(damaged), error=str(exc))
+
+    def damaged(self) -> dict[str, str]:
+        """Messages set aside as damaged, with the reason; {} when that cannot be read."""
+        try:
+            with self._read() as conn:
+                return dict(conn.execute("SELECT message_id, reason FROM damaged").fetchall())
+        except sqlite3.Error:
+            return {}
+
+    def sweep(self) -> int:
+        """Server startup only: remove spool leftovers and body files no row names."""
+        with _errors("sweep"):
+            self.files.ensure_spool()
+            with self._read() as conn:
+                known = {row[0] for row in conn.execute(
+                    "SELECT message_id FROM body_index WHERE in_file")}
+            removed = self.files.sweep(known)
+            if self._writer is not None:
+                with self._transaction("NORMAL") as conn:
+                    conn.execute("DELETE FROM doomed_bodies")
+        return removed
 
     # -- recording outcomes ---------------------------------------------------------------
 
@@ -656,8 +826,7 @@ class QueueStore:
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(
-                    "SELECT m.id, m.sender, m.received_at, b.data FROM messages m"
-                    " JOIN bodies b ON b.message_id = m.id"
+                    "SELECT m.id, m.sender, m.received_at FROM messages m"
                     " WHERE m.id IN (SELECT DISTINCT message_id FROM recipients"
                     "                WHERE status = 'failed')"
                     " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
@@ -665,8 +834,8 @@ class QueueStore:
                     " ORDER BY m.received_at LIMIT ?",
                     (limit,),
                 ).fetchall()
-                out = []
-                for message_id, sender, received_at, data in rows:
+                found = []
+                for message_id, sender, received_at in rows:
                     failed = tuple(
                         FailedRecord(address, original, _outcome("failed", fields), updated_at)
                         for address, original, updated_at, *fields in conn.execute(
@@ -676,11 +845,12 @@ class QueueStore:
                             (message_id,),
                         )
                     )
-                    out.append(FinishedMessage(message_id, sender, received_at, bytes(data),
-                                               failed))
-                return out
+                    found.append((message_id, sender, received_at, failed))
             finally:
                 conn.execute("COMMIT")
+        bodies = self.bodies([row[0] for row in found])  # outside the read lock: it takes it
+        return [FinishedMessage(mid, sender, received_at, bodies[mid].read(), failed)
+                for mid, sender, received_at, failed in found if mid in bodies]
 
     def settle(self, message_id: str, bounce: tuple[str, NewMessage] | None, *,
                now: float) -> None:
@@ -762,9 +932,11 @@ class QueueStore:
         by_message: dict[str, list[RecipientState]] = {}
         for message_id, *row in rcpts:
             by_message.setdefault(message_id, []).append(_recipient_state(row))
+        damaged = self.damaged()
         return [
             QueuedMessage(message_id, sender, received_at, size,
-                          tuple(by_message.get(message_id, ())))
+                          tuple(by_message.get(message_id, ())),
+                          damaged=damaged.get(message_id))
             for message_id, sender, received_at, size in msgs
         ]
 
@@ -773,9 +945,13 @@ class QueueStore:
         with _errors("show"), self._read() as conn:
             conn.execute("BEGIN")
             try:
+                index = "i.head" if self._indexed else "NULL"
                 msg = conn.execute(
-                    "SELECT m.id, m.sender, m.received_at, m.size, m.meta, b.data FROM messages m"
-                    " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id = ?",
+                    "SELECT m.id, m.sender, m.received_at, m.size, m.meta,"
+                    f" COALESCE(b.data, {index}) FROM messages m"
+                    " LEFT JOIN bodies b ON b.message_id = m.id"
+                    + (" LEFT JOIN body_index i ON i.message_id = m.id" if self._indexed else "")
+                    + " WHERE m.id = ?",
                     (message_id,),
                 ).fetchone()
                 if msg is None:
@@ -802,6 +978,8 @@ class QueueStore:
                 Attempt(at, _outcome(kind, fields), detail)
             )
         mid, sender, received_at, size, meta, data = msg
+        if data is not None and mid in self._file_bodies([mid]):
+            data = bytes(data) + self.files.head_of(mid)
         return QueuedMessage(
             id=mid,
             sender=sender,
@@ -813,7 +991,16 @@ class QueueStore:
             ),
             meta=json.loads(meta),
             headers=_header_section(bytes(data)) if data is not None else "",
+            damaged=self.damaged().get(mid),
         )
+
+    def _file_bodies(self, message_ids: Sequence[str]) -> set[str]:
+        if not self._indexed:
+            return set()
+        with _errors("read"), self._read() as conn:
+            return {row[0] for row in conn.execute(
+                f"SELECT message_id FROM body_index WHERE in_file"
+                f" AND message_id IN ({_marks(len(message_ids))})", tuple(message_ids))}
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

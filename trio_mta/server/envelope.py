@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from trio_mta.queue.bodies import MessageContent
 from trio_mta.routing.router import Target
 from trio_mta.smtp import MailParams, Path, Reply
 
@@ -51,8 +52,10 @@ class MessageSink(Protocol):
     """Where an accepted message goes: the durable queue, or an application handler.
 
     ``accept`` returns the reply for the end of DATA. A 250 must only be
-    returned once the message is safe (for the queue: fsynced).
+    returned once the message is safe (for the queue: fsynced). A large body
+    arrives as a spool file (``content.body`` is a SpooledBody) that the sink
+    may take over by renaming it; the session removes it otherwise.
     """
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
+    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
                      queue_id: str) -> Reply: ...

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
+import trio
+
 from trio_mta import log
+from trio_mta.queue.bodies import MessageContent
 from trio_mta.server.envelope import Envelope, MessageSink, Recipient, SessionInfo
 from trio_mta.smtp import Reply, ReplyParser, SMTPProtocolError
 
@@ -76,14 +79,17 @@ class HandlerSink:
         self.handler = handler
         self.fallback = fallback
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
+    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
                      queue_id: str) -> Reply:
+        # The hook takes bytes: a spooled body is read back (in a thread) for it.
+        data = await trio.to_thread.run_sync(content.read)
         result = await guarded_hook(self.handler.handle_message(session, envelope, data),
                                     "handle_message")
+        del data
         if result is not None:
             return as_reply(result)
         if self.fallback is not None:
-            return await self.fallback.accept(envelope, session, data, queue_id)
+            return await self.fallback.accept(envelope, session, content, queue_id)
         # No queue to fall back on: acknowledging would lose the message.
         log.error("handler.no_destination", id=queue_id, sender=envelope.sender_address)
         return Reply(451, "4.3.0", "Error: no destination for this message, try again later")

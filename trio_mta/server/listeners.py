@@ -18,6 +18,7 @@ from trio_mta import log
 from trio_mta.config import ListenConfig
 from trio_mta.config.schema import format_host_port
 from trio_mta.server.session import ServerState, Session
+from trio_mta.server.socket_stream import DirectSocketStream
 
 
 class ListenError(Exception):
@@ -75,6 +76,8 @@ def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
 # trio's serve_listeners: pause and retry. Any other error is a broken listener.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
+# accept(2) errors about one connection that died in the backlog: skip it (as trio does).
+ACCEPT_IGNORED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # While accept keeps failing for capacity, say so again at most this often.
 ACCEPT_LOG_INTERVAL = 60.0
 
@@ -92,11 +95,15 @@ async def accept_loop(bound: BoundListener, state: ServerState,
     where = f"{format_host_port(bound.info.host, bound.info.port)} ({mode})"
     failures = 0
     logged_at = -math.inf
+    listening = listener.socket
+    family = listening.family
     async with listener:
         while True:
             try:
-                stream = await listener.accept()
+                accepted, _ = await listening.accept()
             except OSError as exc:
+                if exc.errno in ACCEPT_IGNORED_ERRNOS:
+                    continue
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise ListenError(
                         f"accepting on {where} failed: {exc.strerror or exc}") from exc
@@ -112,10 +119,13 @@ async def accept_loop(bound: BoundListener, state: ServerState,
             if failures:
                 log.warning("smtpd.accept_resumed", listener=where, failures=failures)
                 failures, logged_at = 0, -math.inf
-            sessions.start_soon(_handle, stream, state, mode)
+            # The session's hot path runs on a stream that tries each send/recv first
+            # (server/socket_stream.py): the socket leaves trio's wrapper here.
+            raw = socket.socket(family, socket.SOCK_STREAM, 0, accepted.detach())
+            sessions.start_soon(_handle, DirectSocketStream(raw), state, mode)
 
 
-async def _handle(stream: trio.SocketStream, state: ServerState, mode: str) -> None:
+async def _handle(stream: DirectSocketStream, state: ServerState, mode: str) -> None:
     """A connection's task: a bug in one session is logged, never fatal to the server."""
     try:
         peer = stream.socket.getpeername()

@@ -8,6 +8,7 @@ before it is durable.
 from __future__ import annotations
 
 from trio_mta import log
+from trio_mta.queue.bodies import MessageContent
 from trio_mta.queue.store import NewMessage, NewRecipient, QueueError
 from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import LocalTarget
@@ -35,7 +36,7 @@ class QueueSink:
     def __init__(self, writer: QueueWriter) -> None:
         self.writer = writer
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, data: bytes,
+    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
                      queue_id: str) -> Reply:
         unroutable = [r.address for r in envelope.recipients if not r.targets]
         if unroutable:
@@ -52,8 +53,16 @@ class QueueSink:
             "tls": session.tls or "",
             "auth_user": session.auth_user or "",
         }
+        # A small body goes inline in the index row; a spooled one is renamed into
+        # the queue's bodies/ by the writer, so only the trace headers are copied.
+        body = content.body
+        if isinstance(body, bytes):
+            data, spooled = content.head + body, None
+        else:
+            data, spooled = content.head, body
         message = NewMessage(sender=envelope.sender_address,
-                             recipients=queue_recipients(envelope), data=data, meta=meta)
+                             recipients=queue_recipients(envelope), data=data, meta=meta,
+                             spooled=spooled)
         try:
             await self.writer.submit(message, queue_id=queue_id)
         except QueueError as exc:

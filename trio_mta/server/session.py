@@ -13,6 +13,7 @@ import contextlib
 import math
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -22,7 +23,9 @@ from trio_mta.auth.inbound import Check
 from trio_mta.auth.service import MailAuth
 from trio_mta.config import Config
 from trio_mta.metrics import Metrics
+from trio_mta.queue.bodies import MessageContent
 from trio_mta.queue.ids import new_queue_id
+from trio_mta.queue.spool import DEFAULT_THRESHOLD, Spool
 from trio_mta.routing.router import Router, control_character, unsafe_sender
 from trio_mta.server.envelope import Envelope, MessageSink, Recipient, SessionInfo
 from trio_mta.server.handler import Handler, as_reply, guarded_hook
@@ -49,6 +52,8 @@ from trio_mta.smtp import (
 from trio_mta.tls import describe
 
 RECEIVE_SIZE = 65536
+# How far a connection's deadline may lag behind the exact timeout (seconds): see _arm.
+DEADLINE_SLACK = 1.0
 MAX_AUTH_FAILURES = 3
 # An smtps client refused for the connection limits gets its 421 inside TLS;
 # these bound the handshakes spent on clients we are refusing anyway.
@@ -77,6 +82,12 @@ class ServerState:
     shutting_down: bool = False
     sessions: set[Session] = field(default_factory=set)
     mail_auth: MailAuth | None = None  # DKIM signing, SPF/DKIM/DMARC checks (SPEC §9)
+    # Bodies past spool_threshold go to files here as they arrive (queue/spool.py),
+    # written by at most 8 worker threads at a time.
+    spool_dir: Path = Path("spool")
+    spool_threshold: int = DEFAULT_THRESHOLD
+    spool_limiter: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(8))
 
     def begin_shutdown(self) -> None:
         """Idle sessions leave at once (421 4.3.2); busy ones finish their transaction."""
@@ -106,7 +117,7 @@ class Session:
         self.tls: str | None = None
         self.envelope: Envelope | None = None
         self.auth_check: Check | None = None  # this transaction's SPEC §9 checks
-        self.body: list[bytes] = []
+        self.spool: Spool | None = None
         self.auth_failures = 0
         self._io: trio.CancelScope | None = None
         self._idle = False
@@ -133,11 +144,21 @@ class Session:
     # tenth of the server's CPU per message.
 
     def _arm(self) -> None:
-        """Give the client's next read or write the timeout its phase allows."""
+        """Give the client's next read or write the timeout its phase allows.
+
+        Moving a cancel scope's deadline re-sorts trio's deadline heap, which cost
+        as much as the protocol work when done on every read and write. Timeouts
+        are minutes long, so the deadline only moves when it would move by more
+        than ``DEADLINE_SLACK`` (or a twentieth of a short timeout), or back
+        (entering a phase with a shorter timeout).
+        """
         assert self.conn is not None and self._io is not None
         limits = self.limits
-        self._io.deadline = trio.current_time() + (
-            limits.data_timeout if self.conn.in_data else limits.command_timeout)
+        timeout = limits.data_timeout if self.conn.in_data else limits.command_timeout
+        wanted = trio.current_time() + timeout
+        current = self._io.deadline
+        if wanted < current or wanted - current > min(DEADLINE_SLACK, timeout / 20):
+            self._io.deadline = wanted
 
     async def _flush(self) -> None:
         assert self.conn is not None
@@ -195,6 +216,7 @@ class Session:
             try:
                 await self._converse()
             finally:
+                self._discard_body()  # a client gone mid-DATA leaves no spool file
                 state.sessions.discard(self)
                 if metrics is not None:
                     metrics.connection_closed(self.mode)
@@ -305,7 +327,7 @@ class Session:
                 await self._flush()
                 conn.receive_data(await self._receive())
             elif isinstance(event, BodyChunk):
-                self.body.append(event.data)
+                await self._body().write(event.data)
             elif isinstance(event, Hello):
                 log.debug("smtpd.helo", client=self.client_ip, helo=event.name, esmtp=event.esmtp)
             elif isinstance(event, MailFrom):
@@ -313,7 +335,7 @@ class Session:
             elif isinstance(event, RcptTo):
                 conn.send_reply(await self._rcpt(event))
             elif isinstance(event, DataStarted):
-                self.body = []
+                self._discard_body()
             elif isinstance(event, EndOfMessage):
                 conn.send_reply(await self._end_of_message())
             elif isinstance(event, MessageRefused):
@@ -338,8 +360,20 @@ class Session:
 
     def _reset(self) -> None:
         self.envelope = None
-        self.body = []
         self.auth_check = None
+        self._discard_body()
+
+    def _body(self) -> Spool:
+        if self.spool is None:
+            state = self.state
+            self.spool = Spool(state.spool_dir, threshold=state.spool_threshold,
+                               limiter=state.spool_limiter)
+        return self.spool
+
+    def _discard_body(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
 
     # -- policy -----------------------------------------------------------------
 
@@ -413,11 +447,26 @@ class Session:
 
     async def _end_of_message(self) -> Reply:
         assert self.conn is not None and self.envelope is not None
-        cfg = self.state.config
         envelope = self.envelope
-        body = b"".join(self.body)
-        check = self.auth_check
-        self._reset()
+        spool = self._body()
+        self.spool = None
+        self.envelope = None
+        try:
+            return await self._take_message(envelope, spool)
+        finally:
+            spool.discard()  # the sink renamed the file if it kept it
+
+    async def _take_message(self, envelope: Envelope, spool: Spool) -> Reply:
+        cfg = self.state.config
+        self._no_deadline()
+        try:
+            body = await spool.finish()
+        except OSError as exc:
+            log.error("smtpd.spool_failed", client=self.client_ip, error=str(exc))
+            reply = Reply(451, "4.3.0", "Error: queue file write error, try again later")
+            self._rejected(reply)
+            return reply
+        size = spool.size
         queue_id = new_queue_id(self.state.host_tag)
         info = self._info()
         trace = received_header(TraceInfo(
@@ -426,44 +475,35 @@ class Session:
             recipients=tuple(r.address for r in envelope.recipients),
             smtputf8=envelope.params.smtputf8))
         if self.trusted or self.authenticated:
-            trace += submission_headers(body, queue_id=queue_id, hostname=cfg.hostname)
-        self._no_deadline()
-        body, trace, auth_fields, refusal = await self._mail_auth(check, body, trace, queue_id)
-        if refusal is not None:
-            log.event("smtpd.reject", client=self.client_ip, sender=envelope.sender_address,
-                      code=refusal.code, reply=str(refusal), **auth_fields)
-            self._rejected(refusal, "dmarc_reject")
-            return refusal
-        reply = await self.state.sink.accept(envelope, info, trace + body, queue_id)
+            head = body if isinstance(body, bytes) else spool.first
+            trace += submission_headers(head, queue_id=queue_id, hostname=cfg.hostname)
+        auth_fields: dict[str, Any] = {}
+        check, self.auth_check = self.auth_check, None
+        if self.state.mail_auth is not None:  # SPEC §9: sign ours, or check theirs
+            done = await self.state.mail_auth.end_of_data(
+                check, sign=self.trusted or self.authenticated, body=body, trace=trace,
+                queue_id=queue_id)
+            body, trace, auth_fields = done.body, done.trace, done.log_fields
+            if done.refusal is not None:
+                log.event("smtpd.reject", client=self.client_ip,
+                          sender=envelope.sender_address, code=done.refusal.code,
+                          reply=str(done.refusal), **auth_fields)
+                self._rejected(done.refusal, "dmarc_reject")
+                return done.refusal
+        reply = await self.state.sink.accept(envelope, info, MessageContent(trace, body),
+                                             queue_id)
         metrics = self.state.metrics
         if metrics is not None:
             if reply.code < 400:
-                metrics.message_accepted(self.mode, len(body))
+                metrics.message_accepted(self.mode, size)
             else:
                 self._rejected(reply, None if reply.status == "4.3.0" else "handler")
         log.event("smtpd.accepted" if reply.code < 400 else "smtpd.reject",
                   id=queue_id if reply.code < 400 else None, client=self.client_ip,
                   sender=envelope.sender_address, nrcpt=len(envelope.recipients),
-                  size=len(body), tls=self.tls, auth=info.auth_user, code=reply.code,
+                  size=size, tls=self.tls, auth=info.auth_user, code=reply.code,
                   **auth_fields)
         return reply
-
-    async def _mail_auth(self, check: Check | None, body: bytes, trace: bytes, queue_id: str,
-                         ) -> tuple[bytes, bytes, dict[str, Any], Reply | None]:
-        """SPEC §9 at the end of DATA: (body, trace, log fields, refusal).
-
-        Mail checked on the way in gets our Authentication-Results above our Received
-        (forged ones gone from the body); mail from our own users is DKIM-signed, once,
-        before it is queued, so every copy carries the signature. The two never mix.
-        """
-        mail_auth = self.state.mail_auth
-        if check is not None:
-            outcome = await check.at_end_of_data(body)
-            return (outcome.message, outcome.header + trace, outcome.log_fields(),
-                    outcome.refusal)
-        if mail_auth is not None and (self.trusted or self.authenticated):
-            trace = await mail_auth.sign(trace + body, queue_id=queue_id) + trace
-        return body, trace, {}, None
 
     async def _starttls(self) -> bool:
         assert self.conn is not None
