@@ -943,9 +943,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=1,
                     help="trio_mta's [server] workers (default 1; 0 = one per core); CPU, "
                          "RSS and loop figures then sum the supervisor and every worker")
-    ap.add_argument("--dkim", choices=["ed25519", "rsa"],
+    ap.add_argument("--dkim", choices=["ed25519", "rsa"], action="append",
                     help="only the mail authentication column: delivered msg/s without and "
-                         "with DKIM signing by this key type (bench/mailauth.py)")
+                         "with DKIM signing by this key type (repeatable; bench/mailauth.py)")
     ap.add_argument("--verify", action="store_true",
                     help="only the mail authentication column: without and with SPF, DKIM "
                          "and DMARC verification of DKIM-signed inbound mail")
