@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
@@ -279,3 +281,26 @@ async def test_records_are_served_from_cache_within_their_ttl(
     await spf_of(resolver, domain)
     await spf_of(resolver, domain)
     assert dns_server.queries.count((domain + ".", "TXT")) == 1
+
+
+async def test_spf_results_are_reused_only_while_every_answer_is_cached(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    domain, missing = unique_domain("memo"), unique_domain("memomiss")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 ip4:192.0.2.0/24 -all"')
+    dns_server.add(missing + ".", "TXT", f'"v=spf1 a:nothing.{missing} -all"')
+    memo: dict = {}  # type: ignore[type-arg]
+    first = await check_spf(resolver, CLIENT, f"a@{domain}", "h.test", timeout=5, memo=memo)
+    assert first.result == "pass" and len(memo) == 1
+    [(expires, kept)] = memo.values()
+    assert kept == first and time.time() < expires <= time.time() + 60  # the TTL
+    # The same client, sender and HELO: the kept verdict, nothing asked of DNS.
+    before = len(dns_server.queries)
+    again = await check_spf(resolver, CLIENT, f"a@{domain}", "h.test", timeout=5, memo=memo)
+    assert again == first and len(dns_server.queries) == before
+    # Another client address is evaluated on its own.
+    other = await check_spf(resolver, "198.51.100.1", f"a@{domain}", "h.test", timeout=5,
+                            memo=memo)
+    assert other.result == "fail" and len(memo) == 2
+    # A verdict that rested on a lookup finding nothing is not kept.
+    void = await check_spf(resolver, CLIENT, f"a@{missing}", "h.test", timeout=5, memo=memo)
+    assert void.result == "fail" and len(memo) == 2

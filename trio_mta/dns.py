@@ -238,6 +238,12 @@ class Resolver:
         self._records[(name.strip().lower().rstrip("."), rdtype)] = (answer.expiration, found)
         return found
 
+    def expiry(self, name: str, rdtype: str) -> float | None:
+        """When the cached :meth:`records` answer for *name* runs out (wall clock), or None."""
+        if self.peek(name, rdtype) is None:
+            return None
+        return self._records[(name.strip().lower().rstrip("."), rdtype)][0]
+
     def peek(self, name: str, rdtype: str) -> list[dns.rdata.Rdata] | None:
         """What :meth:`records` would answer from its cache right now, or None (no I/O)."""
         key = (name.strip().lower().rstrip("."), rdtype)

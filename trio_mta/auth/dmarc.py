@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 from dns.rdtypes.ANY.TXT import TXT
 from publicsuffixlist import PublicSuffixList
@@ -34,6 +34,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
     """RFC 7489 §3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
     domain = domain.lower().rstrip(".")

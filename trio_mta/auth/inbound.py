@@ -24,7 +24,7 @@ from trio_mta.auth.dkim_verify import DkimResult, KeyAnswer
 from trio_mta.auth.dmarc import DmarcResult, check_dmarc
 from trio_mta.auth.results import authentication_results, strip_ours
 from trio_mta.auth.signing import from_domains
-from trio_mta.auth.spf import SpfResult, check_spf
+from trio_mta.auth.spf import Memo, SpfResult, check_spf
 from trio_mta.config.loader import VerifyConfig
 from trio_mta.dns import DnsTemporaryError, Resolver
 from trio_mta.metrics import Metrics
@@ -69,6 +69,7 @@ class Verifier:
         self.hostname = hostname
         self.spf_timeout = dns_timeout * SPF_TIME_FACTOR
         self.metrics = metrics
+        self.spf_memo: Memo = {}
 
     def begin(self, *, client_ip: str, sender: str, helo: str | None) -> Check:
         return Check(self, client_ip, sender, helo)
@@ -91,8 +92,13 @@ class Check:
         if self._spf is None:
             v = self.verifier
             self._spf = await check_spf(v.resolver, self.client_ip, self.sender, self.helo,
-                                        timeout=v.spf_timeout)
+                                        timeout=v.spf_timeout, memo=v.spf_memo)
         return self._spf
+
+    @property
+    def enforces_spf(self) -> bool:
+        """Whether :meth:`at_rcpt` can refuse anything (else the session need not ask)."""
+        return self.verifier.settings.spf_enforce
 
     async def at_rcpt(self) -> Reply | None:
         """``spf_enforce``: SPF ``fail`` refuses the recipient (RFC 7372 X.7.23)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 import authres
 import authres.dmarc
@@ -38,7 +39,16 @@ def authentication_results(authserv: str, *, spf: SpfResult | None,
                            dkim: Sequence[DkimResult] | None,
                            dmarc: DmarcResult | None, sender: str = "",
                            helo: str = "") -> bytes:
-    """One folded header field, CRLF-terminated; ``none`` when no method ran (§2.2)."""
+    """One folded header field, CRLF-terminated; ``none`` when no method ran (§2.2).
+
+    Rendering is remembered: mail from one sender mostly gets the same verdicts.
+    """
+    return _render(authserv, spf, None if dkim is None else tuple(dkim), dmarc, sender, helo)
+
+
+@lru_cache(maxsize=1024)
+def _render(authserv: str, spf: SpfResult | None, dkim: tuple[DkimResult, ...] | None,
+            dmarc: DmarcResult | None, sender: str, helo: str) -> bytes:
     results: list[authres.core.AuthenticationResult] = []
     if spf is not None:
         if spf.identity == "mailfrom":

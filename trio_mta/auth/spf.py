@@ -23,6 +23,7 @@ application that embeds trio_mta and uses pyspf itself keeps its behaviour.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,18 +67,32 @@ class _NotFetched(BaseException):
 MAX_PASSES = 200  # far above what the lookup limits allow; a guard, not a policy
 
 
+MEMO_ENTRIES = 10_000
+Memo = dict[tuple[str, str, str], tuple[float, "SpfResult"]]
+
+
 async def check_spf(resolver: Resolver, client_ip: str, sender: str, helo: str | None, *,
-                    timeout: float) -> SpfResult:
+                    timeout: float, memo: Memo | None = None) -> SpfResult:
     """Evaluate SPF for the MAIL FROM *sender* (the HELO name for ``<>``), RFC 7208 §2.3-2.4.
 
     Never raises and never takes longer than *timeout*: a DNS failure or a check
     that runs out of time is ``temperror``.
+
+    *memo* keeps results: the result is a function of the client address, sender,
+    HELO name and the DNS answers, so it is reused until the first of the answers it
+    used expires, exactly as if it were evaluated again from the cached answers.
+    Only evaluations whose every lookup found records are kept.
     """
     helo = helo or ""
     identity = "mailfrom" if sender else "helo"
     domain = sender.rpartition("@")[2] if sender else helo
     if not domain:
         return SpfResult("none", identity, domain, "no domain to check")
+    memo_key = (client_ip, sender.lower(), helo.lower())
+    if memo is not None:
+        kept = memo.get(memo_key)
+        if kept is not None and kept[0] > time.time():
+            return kept[1]
     answers: dict[tuple[str, str], Answers | str] = {}  # str: a temporary error
     wanted: list[tuple[str, str]] = []
 
@@ -110,12 +125,25 @@ async def check_spf(resolver: Resolver, client_ip: str, sender: str, helo: str |
             if not wanted:
                 if result not in RESULTS:
                     result, explanation = "permerror", f"unexpected SPF result {result!r}"
-                return SpfResult(result, identity, domain.lower(), explanation)
+                verdict = SpfResult(result, identity, domain.lower(), explanation)
+                if memo is not None:
+                    _remember(memo, memo_key, verdict, resolver, answers)
+                return verdict
             async with trio.open_nursery() as nursery:
                 for key in dict.fromkeys(wanted):
                     nursery.start_soon(fetch, key)
         return SpfResult("temperror", identity, domain, "SPF evaluation did not settle")
     return SpfResult("temperror", identity, domain, f"SPF check exceeded {timeout:g}s")
+
+
+def _remember(memo: Memo, key: tuple[str, str, str], verdict: SpfResult, resolver: Resolver,
+              answers: dict[tuple[str, str], Answers | str]) -> None:
+    expiries = [resolver.expiry(name, qtype) for name, qtype in answers]
+    if not expiries or None in expiries:
+        return  # an empty, missing or failed lookup: not known how long it holds
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = (min(e for e in expiries if e is not None), verdict)
 
 
 def _one_pass(lookup: Callable[[str, str], Answers], client_ip: str, sender: str, helo: str,

@@ -404,7 +404,7 @@ class Session:
     async def _rcpt(self, event: RcptTo) -> Reply:
         assert self.envelope is not None
         address = str(event.path)
-        if self.auth_check is not None:
+        if self.auth_check is not None and self.auth_check.enforces_spf:
             self._no_deadline()  # SPF has its own time limit
             refusal = await self.auth_check.at_rcpt()
             if refusal is not None:  # [verify] spf_enforce
