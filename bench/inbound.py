@@ -627,8 +627,10 @@ def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeo
     target = server.start()
     summary = workdir / "strace.txt"
     assert target.pid is not None
+    # Every process of the server (a supervisor and each worker), all their threads (-f).
+    attach = [arg for pid in process_tree(target.pid) for arg in ("-p", str(pid))]
     strace_cmd = ["strace", "-f", "-c", "-q", "-e", "trace=fsync,fdatasync", "-o", str(summary),
-                  "-p", str(target.pid)]
+                  *attach]
     cmd = source_cmd(target, size, sessions, messages)
     res = FsyncResult(size, sessions, shlex.join(cmd), shlex.join(strace_cmd))
     try:
@@ -638,11 +640,12 @@ def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeo
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 20
-            while not traced(target.pid) and time.monotonic() < deadline:
+            pids = process_tree(target.pid)
+            while not all(map(traced, pids)) and time.monotonic() < deadline:
                 if strace.poll() is not None:
                     break
                 time.sleep(0.05)
-            if not traced(target.pid):
+            if not all(map(traced, pids)):
                 res.error = "strace did not attach"
             else:
                 clear_maildir(target.maildir)
@@ -940,8 +943,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="seconds one run may take before it is stopped and reported (default 300)")
     ap.add_argument("--log-level", default="warning", help="trio_mta's log level (default warning)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server logs)")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="trio_mta's [server] workers (default 1; 0 = one per core); CPU, "
+    ap.add_argument("--workers", type=int, default=0,
+                    help="trio_mta's [server] workers (default 0: one per core, the product's "
+                         "default; 1 = one process); CPU, "
                          "RSS and loop figures then sum the supervisor and every worker")
     ap.add_argument("--dkim", choices=["ed25519", "rsa"], action="append",
                     help="only the mail authentication column: delivered msg/s without and "

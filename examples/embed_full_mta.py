@@ -49,7 +49,7 @@ async def report_queue(mta: trio_mta.MTA, interval: float, out: TextIO) -> None:
         # The store is SQLite: read it in a worker thread, never on the event loop.
         queued = await trio.to_thread.run_sync(mta.store.list_messages)
         waiting = sum(len(m.recipients) for m in queued)
-        delivered = mta.scheduler.delivered if mta.scheduler is not None else 0
+        delivered = mta.delivered
         print(f"queue: {len(queued)} message(s), {waiting} recipient(s) waiting; "
               f"{delivered} delivered since start", file=out, flush=True)
         await trio.sleep(interval)

@@ -70,7 +70,7 @@ def read(chunks: list[bytes]) -> tuple[bytes, bytes | None, bool, bool, int]:
 
 
 def converse(chunks: list[bytes]) -> tuple[list[Event], bytes]:
-    server = ServerConnection(hostname="mx", max_message_size=1 << 16, max_recipients=5,
+    server = ServerConnection(hostname="mx", max_message_size=2048, max_recipients=5,
                               starttls=True, auth_requires_tls=False, max_errors=50)
     server.send_reply(Reply(220, None, "mx"))
     events: list[Event] = []

@@ -5,8 +5,8 @@
 
 A plugin rather than conftest.py: loaded with ``-p`` it runs before the test
 modules are imported, so the profile is the default for every ``@given`` that
-does not pin ``max_examples`` itself (none of the smtp tests do), and the
-everyday suite keeps hypothesis' fast defaults.
+does not pin ``max_examples`` itself (none of the smtp tests do; the stateful
+one takes a share of it), and the everyday suite keeps hypothesis' fast defaults.
 """
 
 from __future__ import annotations

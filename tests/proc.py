@@ -31,9 +31,11 @@ class ServerProcess:
 
     @classmethod
     def start(cls, config: Path, *extra: str, wait_for: int = 1,
-              timeout: float = 30) -> ServerProcess:
+              timeout: float = 30, prefix: tuple[str, ...] = ()) -> ServerProcess:
+        """``prefix``: a wrapper command that ends by exec-ing its arguments."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trio_mta", "serve", "--config", str(config), *extra],
+            [*prefix, sys.executable, "-m", "trio_mta", "serve", "--config", str(config),
+             *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         server = cls(proc)
         deadline = time.monotonic() + timeout

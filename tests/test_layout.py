@@ -55,3 +55,15 @@ def test_smtp_sources_import_nothing_outside_the_standard_library_and_themselves
             if mod.split(".")[0] in IO_LIBRARIES:
                 offenders.append(f"{path.name}: {mod}")
     assert offenders == []
+
+
+def test_importing_the_proxy_protocol_parser_loads_no_io_library() -> None:
+    """``trio_mta.proxy`` is sans-IO like ``trio_mta.smtp``: fuzzable without trio."""
+    probe = (
+        "import sys, json; before = set(sys.modules); import trio_mta.proxy; "
+        f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules "
+        "and m not in before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout) == []

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_mta.smtp import DataReader, LocalProtocolError, dot_stuff
-from trio_mta.smtp.data import LineEndingChecker, has_bare_line_ending
+from trio_mta.smtp.data import BdatReader, LineEndingChecker, has_bare_line_ending
 
 from .smtp_helpers import split_at
 
@@ -93,7 +93,7 @@ def test_too_big_is_discarded_but_read_to_the_end() -> None:
         if rest is not None:
             break
     assert reader.too_big and reader.done
-    assert reader.size == 5000 and emitted <= 1000
+    assert reader.size == 5000 and emitted == 1000
     assert rest is not None and rest.startswith(b"QUIT")
 
 
@@ -145,13 +145,14 @@ def test_stuffed_body_reads_back_normalised(body: bytes, points: list[int]) -> N
     assert reader.size == len(got)
 
 
-@given(bodies, cuts)
-def test_any_split_gives_the_same_result(data: bytes, points: list[int]) -> None:
-    whole_body, whole_rest, whole = read(data)
-    body, rest, reader = read(data, points)
+@given(bodies, cuts, st.sampled_from([0, 1, 5, 40, 10**9]))
+def test_any_split_gives_the_same_result(data: bytes, points: list[int], max_size: int) -> None:
+    whole_body, whole_rest, whole = read(data, max_size=max_size)
+    body, rest, reader = read(data, points, max_size=max_size)
     assert (body, rest) == (whole_body, whole_rest)
-    assert (reader.bad_line_ending, reader.size, reader.done) == (
-        whole.bad_line_ending, whole.size, whole.done)
+    assert (reader.bad_line_ending, reader.size, reader.done, reader.too_big) == (
+        whole.bad_line_ending, whole.size, whole.done, whole.too_big)
+    assert len(body) == min(whole.size, max_size)  # the first max_size octets pass
 
 
 @given(bodies)
@@ -182,3 +183,84 @@ def test_line_ending_checker_agrees_with_whole_buffer_check(data: bytes,
     checker.finish()
     assert checker.bad == has_bare_line_ending(data)
     assert checker.ends_with_crlf == (not data or data.endswith(b"\r\n"))
+
+
+# ---------------------------------------------------------------------- BDAT
+def read_bdat(chunks: list[tuple[bytes, bool]], cuts: list[int], max_size: int = 10**9,
+              trailer: bytes = b"NEXT") -> tuple[bytes, list[bytes], BdatReader]:
+    """Each chunk followed by ``trailer`` (the next command) in one buffer, split at ``cuts``.
+
+    Returns the body, what was left after each chunk, and the reader.
+    """
+    reader = BdatReader(max_size)
+    body, after = [], []
+    for data, last in chunks:
+        reader.begin_chunk(len(data), last)
+        left = b""
+        for piece in split_at(data + trailer, cuts):
+            out, pos = reader.feed(piece)
+            body.append(out)
+            left += piece[pos:]
+        assert reader.chunk_done
+        after.append(left)
+    return b"".join(body), after, reader
+
+
+def test_bdat_reader_takes_exactly_the_chunk() -> None:
+    body, after, reader = read_bdat([(b"ab\r", False), (b"\nc", True)], [1, 3])
+    assert (body, after) == (b"ab\r\nc", [b"NEXT", b"NEXT"])
+    assert reader.finish() == b"\r\n"
+    assert (reader.size, reader.bad_line_ending, reader.too_big) == (7, False, False)
+
+
+def test_bdat_reader_feed_starts_at_the_offset_and_copies_nothing_whole() -> None:
+    reader = BdatReader(100)
+    reader.begin_chunk(3, True)
+    buf = b"BDAT 3 LAST\r\nxyzQUIT\r\n"
+    assert reader.feed(buf, 13) == (b"xyz", 16)
+    whole = b"0123456789"
+    reader = BdatReader(100)
+    reader.begin_chunk(10, True)
+    assert reader.feed(whole)[0] is whole
+
+
+def test_bdat_reader_flags_and_limits() -> None:
+    _, _, reader = read_bdat([(b"a\rb", True)], [])
+    assert reader.finish() == b"" and reader.bad_line_ending
+    _, _, reader = read_bdat([(b"ab\r", True)], [])
+    assert reader.finish() == b"" and reader.bad_line_ending  # a CR at the very end
+    body, _, reader = read_bdat([(b"x" * 8, False), (b"y" * 8, True)], [3], max_size=10)
+    assert body == b"x" * 8 + b"yy" and reader.too_big and reader.size == 16
+    assert reader.finish() == b""
+
+
+def test_bdat_reader_misuse() -> None:
+    reader = BdatReader(10)
+    reader.begin_chunk(2, False)
+    with pytest.raises(LocalProtocolError):
+        reader.begin_chunk(1, True)  # the first chunk is not done
+    with pytest.raises(LocalProtocolError):
+        reader.finish()
+    reader.feed(b"ab")
+    reader.begin_chunk(0, True)
+    assert reader.finish() == b"\r\n"
+    with pytest.raises(LocalProtocolError):
+        reader.begin_chunk(1, True)
+
+
+@given(st.lists(st.tuples(st.binary(max_size=40), st.booleans()), min_size=1, max_size=5),
+       st.lists(st.integers(0, 60), max_size=5), st.integers(0, 120))
+def test_bdat_reader_any_split_gives_the_same_result(
+        chunks: list[tuple[bytes, bool]], cuts: list[int], max_size: int) -> None:
+    chunks[-1] = (chunks[-1][0], True)
+    chunks = [(data, False) for data, _ in chunks[:-1]] + chunks[-1:]
+    whole = read_bdat(chunks, [], max_size)
+    split = read_bdat(chunks, cuts, max_size)
+    content = b"".join(data for data, _ in chunks)
+    assert split[:2] == whole[:2]
+    tails = whole[2].finish(), split[2].finish()
+    assert tails[0] == tails[1]
+    for reader in (whole[2], split[2]):
+        assert reader.bad_line_ending == has_bare_line_ending(content)
+        assert reader.too_big == (len(content) > max_size)
+    assert whole[0] == content[:max_size]

@@ -45,17 +45,20 @@ def test_str_and_text() -> None:
     assert str(Reply(354, None, "Go")) == "354 Go"
 
 
-@pytest.mark.parametrize(("code", "positive", "intermediate", "transient", "permanent"), [
-    (250, True, False, False, False),
-    (354, True, True, False, False),
-    (421, False, False, True, False),
-    (554, False, False, False, True),
+@pytest.mark.parametrize(("code", "success", "positive", "intermediate", "transient",
+                          "permanent"), [
+    (200, True, True, False, False, False),
+    (250, True, True, False, False, False),
+    (299, True, True, False, False, False),
+    (354, False, True, True, False, False),
+    (421, False, False, False, True, False),
+    (554, False, False, False, False, True),
 ])
-def test_classes(code: int, positive: bool, intermediate: bool, transient: bool,
+def test_classes(code: int, success: bool, positive: bool, intermediate: bool, transient: bool,
                  permanent: bool) -> None:
     reply = Reply(code, None, "x")
-    assert (reply.is_positive, reply.is_intermediate, reply.is_transient,
-            reply.is_permanent) == (positive, intermediate, transient, permanent)
+    assert (reply.is_success, reply.is_positive, reply.is_intermediate, reply.is_transient,
+            reply.is_permanent) == (success, positive, intermediate, transient, permanent)
 
 
 @pytest.mark.parametrize(("code", "status", "lines"), [

@@ -34,6 +34,7 @@ from trio_mta.smtp.data import has_bare_line_ending
 
 from .smtp_helpers import (
     BANNER,
+    COMMAND_LINES,
     PASSWORD,
     Decider,
     decide,
@@ -297,6 +298,29 @@ def test_421_decision_reply_closes() -> None:
     assert events[-1] == ConnectionClosed()
 
 
+# Issue 14: atheris (fuzz/fuzz_data.py, seed fuzz/seeds/data/split-overlong-bare-cr) found
+# an over-long line with a bare CR answered "Bare CR or LF" in one piece but "Line too long"
+# when a split left more than a line's worth buffered without an LF.
+def test_overlong_line_with_bare_cr_gets_the_same_reply_for_any_split() -> None:
+    line = b"RCPT TO:<" + b"a" * 20 + b"\r" + b"\x00" * 3 + b"a" * 1100 + b"@y.test>\r\n"
+    data = ENVELOPE + line + b"NOOP\r\n"
+    expected = [b"500 5.5.2 Line too long", b"250 2.0.0 Ok"]
+    for cut in range(len(ENVELOPE), len(data)):
+        _, out = feed(make_server(), [data[:cut], data[cut:]])
+        assert replies(out)[4:] == expected, cut
+
+
+@pytest.mark.parametrize("line", [
+    b"NOOP " + b"x" * 300 + b"\r" + b"x" * 300 + b"\r\n",  # 512 < length <= 1038
+    b"NOOP " + b"x" * 600 + b"\n",
+    b"MAIL FROM:<" + b"x" * 1100 + b"\rx>\r\n",
+    b"x" * 2000 + b"\n",
+])
+def test_line_length_is_judged_before_line_endings(line: bytes) -> None:
+    assert talk(EHLO + line + b"NOOP\r\n")[1][1:] == [b"500 5.5.2 Line too long",
+                                                        b"250 2.0.0 Ok"]
+
+
 # ---------------------------------------------------------------------- DATA
 def test_bare_lf_in_data_refuses_the_message() -> None:
     events, lines = talk(ENVELOPE + b"DATA\r\nfirst\n.\nMAIL FROM:<evil@x>\r\n.\r\nRCPT TO:<x@y>"
@@ -315,6 +339,21 @@ def test_too_big_message_is_refused_after_reading_it() -> None:
     body = b"".join(e.data for e in events if isinstance(e, BodyChunk))
     assert len(body) <= 10_000
     assert [type(e).__name__ for e in events][-2:] == ["MessageRefused", "TransactionReset"]
+
+
+@pytest.mark.parametrize("bdat", [False, True])
+def test_too_big_message_passes_the_same_body_prefix_for_any_split(bdat: bool) -> None:
+    body = b"".join(b"%05d\r\n" % i for i in range(2000))  # 14 000 octets
+    if bdat:
+        data = ENVELOPE + b"BDAT %d LAST\r\n" % len(body) + body + b"NOOP\r\n"
+    else:
+        data = ENVELOPE + b"DATA\r\n" + body + b".\r\nNOOP\r\n"
+    for cut in range(len(data) - len(body) - 20, len(data), 997):
+        events, _ = feed(make_server(), [data[:cut], data[cut:]])
+        passed = b"".join(e.data for e in events if isinstance(e, BodyChunk))
+        assert passed == body[:10_000], cut  # exactly max_message_size octets
+        assert MessageRefused(Reply(552, "5.3.4", "Message size exceeds fixed maximum message"
+                                    " size")) in events
 
 
 def test_second_transaction_on_the_same_connection() -> None:
@@ -539,6 +578,31 @@ def test_auth_preconditions() -> None:
     assert talk(EHLO + b"AUTH PLAIN\r\n", auth_requires_tls=False)[1][-1] == b"334 "
 
 
+def test_what_the_session_does_not_offer_is_refused_before_sequence_errors() -> None:
+    assert talk(ENVELOPE + b"STARTTLS\r\n", starttls=False)[1][-1] == (
+        b"502 5.5.1 Error: command not implemented")
+    assert talk(ENVELOPE + b"STARTTLS\r\n", tls_active=True)[1][-1] == (
+        b"503 5.5.1 Error: TLS already active")
+    assert talk(ENVELOPE + b"AUTH PLAIN\r\n", tls_active=True, auth_mechanisms=())[1][-1] == (
+        b"502 5.5.1 Error: authentication not enabled")
+    server = tls_server()
+    login = b"AUTH PLAIN " + b64(f"\0bob\0{PASSWORD}") + b"\r\n"
+    _, lines = talk(login + b"MAIL FROM:<a@b>\r\n" + login + b"RSET\r\nHELO x\r\n" + login,
+                    server)
+    assert lines == [b"235 2.7.0 Authentication successful", b"250 2.1.0 Ok",
+                     b"503 5.5.1 Error: already authenticated", b"250 2.0.0 Ok", b"250 mx.test",
+                     b"503 5.5.1 Error: already authenticated"]
+
+
+def test_sequence_errors_precede_argument_checks() -> None:
+    _, lines = talk(b"HELO x\r\nMAIL FROM:<a@b>\r\nAUTH PLAIN\r\nMAIL FROM:<a@b> SIZE=1\r\n"
+                    b"RSET\r\nAUTH PLAIN\r\n", tls_active=True)
+    assert lines == [b"250 mx.test", b"250 2.1.0 Ok",
+                     b"503 5.5.1 Error: MAIL transaction in progress",
+                     b"503 5.5.1 Error: nested MAIL command", b"250 2.0.0 Ok",
+                     b"503 5.5.1 Error: send EHLO first"]
+
+
 def test_auth_attempt_repr_hides_the_password() -> None:
     assert PASSWORD not in repr(AuthAttempt("PLAIN", "", "bob", PASSWORD))
 
@@ -559,6 +623,39 @@ def test_starttls_forgets_authentication() -> None:
 def test_any_split_gives_the_same_events_and_output(data: bytes, cuts: list[int]) -> None:
     whole = feed(make_server(max_errors=1000), [data])
     split = feed(make_server(max_errors=1000), split_at(data, cuts))
+    assert split == whole
+
+
+def _line_near_a_limit(verb: bytes, size: int, stray: list[tuple[int, bytes]],
+                       ending: bytes) -> bytes:
+    line = bytearray(verb + b"a" * max(0, size - len(verb)))
+    for where, what in stray:
+        line[where % (len(line) + 1) : where % (len(line) + 1)] = what
+    return bytes(line) + ending
+
+
+_LINES_NEAR_LIMITS = st.builds(
+    _line_near_a_limit,
+    st.sampled_from([b"", b"NOOP ", b"RCPT TO:<", b"MAIL FROM:<", b"AUTH PLAIN "]),
+    st.sampled_from([505, 509, 510, 511, 512, 1030, 1035, 1036, 1037, 1038, 1039, 1500,
+                     12287, 12288, 12289, 12290, 12291]),
+    st.lists(st.tuples(st.integers(0, 13_000), st.sampled_from([b"\r", b"\n", b"\x00", b"\r\n"])),
+             max_size=3),
+    st.sampled_from([b"\r\n", b"\n", b"\r", b""]),
+)
+_PREFIXES = st.sampled_from([b"", EHLO, ENVELOPE, ENVELOPE + b"DATA\r\n", EHLO + b"AUTH PLAIN\r\n",
+                             ENVELOPE + b"BDAT 2000\r\n"])
+
+
+@given(_PREFIXES, st.lists(st.sampled_from(COMMAND_LINES) | _LINES_NEAR_LIMITS
+                           | st.binary(max_size=12), max_size=8).map(b"".join),
+       st.lists(st.integers(0, 40_000), max_size=6))
+def test_no_split_changes_replies_events_or_where_data_ends(prefix: bytes, rest: bytes,
+                                                            cuts: list[int]) -> None:
+    data = prefix + rest
+    options = {"max_errors": 1000, "auth_requires_tls": False, "max_message_size": 50_000}
+    whole = feed(make_server(**options), [data])
+    split = feed(make_server(**options), split_at(data, cuts))
     assert split == whole
 
 

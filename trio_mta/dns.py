@@ -5,10 +5,19 @@ an ordinary trio task: cancellable, and AAAA/A queries run side by side in a nur
 Tests point the resolver at a loopback name server; production uses /etc/resolv.conf.
 Errors come out already classified (permanent or temporary, with the RFC 3463 status
 the queue records), so delivery code never needs to know dnspython's exceptions.
+
+For DANE (RFC 7672) answers also say whether they were authenticated: queries set
+the AD bit (RFC 6840 §5.7) and the answer's AD bit is believed only from servers
+on a trusted path, i.e. ``[dns] nameservers`` named in the configuration, or a
+system resolver that is all loopback (a local validating resolver such as unbound).
+An AD bit that crossed a network from a resolver we did not choose proves nothing
+(RFC 4035 §4.9.3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -17,6 +26,7 @@ from dataclasses import dataclass, field
 import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.inet
 import dns.name
 import dns.nameserver
@@ -26,8 +36,12 @@ import dns.rdatatype
 import dns.resolver
 import trio
 from dns.rdtypes.ANY.MX import MX
+from dns.rdtypes.ANY.TLSA import TLSA
+from dns.rdtypes.ANY.TXT import TXT
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
+
+from trio_mta.tlspolicy.dane import TlsaRecord
 
 __all__ = [
     "DnsError",
@@ -35,6 +49,7 @@ __all__ = [
     "DnsTemporaryError",
     "MailHost",
     "Resolver",
+    "TlsaAnswer",
 ]
 
 # RFC 3463 codes used here.
@@ -78,6 +93,18 @@ class MailHost:
     name: str
     preference: int
     addresses: tuple[str, ...]
+    # The MX answer and this host's address answers all carried a trusted AD bit:
+    # the precondition for looking up its TLSA records (RFC 7672 §2.2.1, §2.2.2).
+    authenticated: bool = False
+
+
+@dataclass(frozen=True)
+class TlsaAnswer:
+    """The TLSA RRset at ``_PORT._tcp.HOST``; ``authenticated`` as for :class:`MailHost`."""
+
+    name: str
+    records: tuple[TlsaRecord, ...]
+    authenticated: bool
 
 
 @dataclass
@@ -88,6 +115,7 @@ class _HostLookup:
     v4: list[str] = field(default_factory=list)
     aliased: bool = False
     error: DnsTemporaryError | None = None
+    insecure: bool = False  # an answer with addresses lacked a trusted AD bit
 
 
 class Resolver:
@@ -122,6 +150,15 @@ class Resolver:
         # caches too, but a lookup through it costs ~50 us of name parsing and resolution
         # set-up, paid several times per inbound message for SPF, DKIM and DMARC.
         self._records: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata]]] = {}
+        self._trust_ad = bool(servers)
+
+    @property
+    def trusts_ad(self) -> bool:
+        """Whether an AD bit from these servers is believed (see the module docstring)."""
+        if not self._servers:
+            with contextlib.suppress(DnsError):
+                self._stub()
+        return self._trust_ad
 
     def _stub(self) -> dns.asyncresolver.Resolver:
         """The dnspython resolver, built on first use.
@@ -142,7 +179,10 @@ class Resolver:
                 raise DnsTemporaryError(
                     f"no usable system DNS configuration: {exc}", _DNS_TEMPFAIL
                 ) from exc
+            self._trust_ad = all(_loopback(str(ns)) for ns in stub.nameservers)
         stub.lifetime = self._timeout
+        # RFC 6840 §5.7: AD in a query asks a validating resolver to report the result.
+        stub.flags = dns.flags.RD | dns.flags.AD
         stub.timeout = min(self._timeout, _ATTEMPT_TIMEOUT)
         # EDNS0 with dnspython's 1232-byte payload (DNS flag day 2020) keeps large MX
         # sets on UDP; truncated answers are retried over TCP by dnspython.
@@ -163,8 +203,9 @@ class Resolver:
             raise DnsPermanentError(
                 f"domain {shown} does not exist (NXDOMAIN)", _NO_SUCH_DOMAIN
             ) from exc
+        mx_secure = self._secure(answer)
         if answer.rrset is None:
-            return [await self._implicit_mx(name)]
+            return [await self._implicit_mx(name, mx_secure)]
         records = [rd for rd in answer.rrset if isinstance(rd, MX)]
         # RFC 7505 §3: a lone MX whose exchange is the root says "no mail here".
         # Root exchanges mixed with real ones are malformed; they are simply not hosts.
@@ -185,7 +226,8 @@ class Resolver:
                 # RFC 2181 §10.3: an MX exchange must not be an alias (CNAME).
                 problems.append(f"MX {_text(target)} is an alias (CNAME)")
             elif found.v6 or found.v4:
-                hosts.append(MailHost(_text(target), preference, self._interleave(found)))
+                hosts.append(MailHost(_text(target), preference, self._interleave(found),
+                                      mx_secure and not found.insecure))
             elif found.error is not None:
                 temporary = True
                 problems.append(str(found.error))
@@ -255,7 +297,38 @@ class Resolver:
             return None
         return entry[1]
 
-    async def _implicit_mx(self, name: dns.name.Name) -> MailHost:
+    async def tlsa(self, host: str, port: int) -> TlsaAnswer:
+        """The TLSA records of *host* for TCP *port* (RFC 6698 §3); none when absent.
+
+        A failed lookup raises :class:`DnsTemporaryError`: for a host whose MX and
+        addresses are authenticated that means "do not deliver there now"
+        (RFC 7672 §2.2), which only the caller can decide.
+        """
+        name = _to_name(f"_{port}._tcp.{host.rstrip('.')}", _NO_ROUTE)
+        try:
+            answer = await self._query(name, dns.rdatatype.TLSA)
+        except dns.resolver.NXDOMAIN:
+            return TlsaAnswer(_text(name), (), False)
+        records = tuple(
+            TlsaRecord(rd.usage, rd.selector, rd.mtype, bytes(rd.cert))
+            for rd in (answer.rrset or ()) if isinstance(rd, TLSA)
+        )
+        return TlsaAnswer(_text(name), records, self._secure(answer))
+
+    async def txt(self, name: str) -> list[tuple[str, ...]]:
+        """The TXT records at *name*, each as its character-strings; [] when none."""
+        owner = _to_name(name, _NO_ROUTE)
+        try:
+            answer = await self._query(owner, dns.rdatatype.TXT)
+        except dns.resolver.NXDOMAIN:
+            return []
+        return [tuple(s.decode("utf-8", "replace") for s in rd.strings)
+                for rd in (answer.rrset or ()) if isinstance(rd, TXT)]
+
+    def _secure(self, answer: dns.resolver.Answer) -> bool:
+        return self._trust_ad and bool(answer.response.flags & dns.flags.AD)
+
+    async def _implicit_mx(self, name: dns.name.Name, mx_secure: bool = False) -> MailHost:
         """RFC 5321 §5.1: without MX records the domain itself is the host, preference 0.
 
         Here a CNAME is fine: §5.1 says to process the canonical name as the domain.
@@ -263,7 +336,8 @@ class Resolver:
         found = _HostLookup()
         await self._lookup_into(name, found)
         if found.v6 or found.v4:
-            return MailHost(_text(name), 0, self._interleave(found))
+            return MailHost(_text(name), 0, self._interleave(found),
+                            mx_secure and not found.insecure)
         if found.error is not None:
             raise found.error
         raise DnsPermanentError(
@@ -290,6 +364,8 @@ class Resolver:
             found.aliased = True
         if answer.rrset is None:
             return
+        if not self._secure(answer):
+            found.insecure = True
         for rd in answer.rrset:
             if isinstance(rd, AAAA):
                 found.v6.append(rd.address)
@@ -341,6 +417,15 @@ def _to_name(text: str, status: str) -> dns.name.Name:
     if name == dns.name.root:
         raise DnsPermanentError(f"invalid domain name {text!r}: empty", status)
     return name
+
+
+def _loopback(server: str) -> bool:
+    """A system name server on this host (``127.0.0.53``, ``::1``): a trusted path."""
+    address = server.removeprefix("Do53:").rsplit("@", 1)[0]
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _text(name: dns.name.Name) -> str:

@@ -18,7 +18,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -42,6 +42,10 @@ OUTCOMES = ("delivered", "deferred", "failed")
 DESTINATIONS = ("local", "remote")
 AUTH_METHODS = ("spf", "dkim", "dmarc")
 AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+# SPEC §10 tls_policy= names, and what one delivery attempt under each came to:
+# "refused" is a host the policy ruled out (no match, TLSA failure) before connecting.
+TLS_POLICIES = ("dane", "mta-sts", "verify", "required", "opportunistic", "none")
+TLS_POLICY_OUTCOMES = ("delivered", "deferred", "failed", "mixed", "unreachable", "refused")
 REJECT_REASONS = ("relay_denied", "unknown_user", "too_big", "bad_line_ending",
                   "queue_error", "auth_required", "handler", "spf_fail", "dmarc_reject")
 
@@ -114,6 +118,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         reg = self.registry
         self._connections = Counter(
             "trio_mta_connections", "SMTP connections accepted.",
@@ -147,6 +152,10 @@ class Metrics:
             "trio_mta_mail_auth_results",
             "SPF, DKIM (one per signature) and DMARC results on inbound mail (SPEC §9).",
             ["method", "result"], registry=reg)
+        self._tls_policy = Counter(
+            "trio_mta_tls_policy_attempts",
+            "Outbound delivery attempts (one per host and address) by TLS policy and outcome.",
+            ["policy", "outcome"], registry=reg)
         self._queue = _QueueCollector()
         reg.register(self._queue)
         self._queue_source: Callable[[], QueueStats] | None = None
@@ -167,50 +176,69 @@ class Metrics:
             for result in AUTH_RESULTS:
                 if method == "spf" or result not in ("softfail",):
                     self._mail_auth.labels(method, result)
+        for policy in TLS_POLICIES:
+            for outcome in TLS_POLICY_OUTCOMES:
+                self._tls_policy.labels(policy, outcome)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus_client's ``labels()`` checks and
+        locks on every call, which showed in the per-message profile."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def connection_opened(self, listener: str, tls: bool) -> None:
-        self._connections.labels(listener, "true" if tls else "false").inc()
-        self._open.labels(listener).inc()
+        self._child(self._connections, listener, "true" if tls else "false").inc()
+        self._child(self._open, listener).inc()
 
     def connection_closed(self, listener: str) -> None:
-        self._open.labels(listener).dec()
+        self._child(self._open, listener).dec()
 
     def message_accepted(self, listener: str, size: int) -> None:
-        self._accepted.labels(listener).inc()
-        self._accepted_bytes.labels(listener).inc(size)
+        self._child(self._accepted, listener).inc()
+        self._child(self._accepted_bytes, listener).inc(size)
 
     def message_rejected(self, reason: str) -> None:
         """``reason`` should be one of REJECT_REASONS; others are counted as given."""
-        self._rejected.labels(reason).inc()
+        self._child(self._rejected, reason).inc()
 
     def recipient_outcome(self, kind: str, destination: str) -> None:
         """Count one recipient's attempt; a label outside the contract is a caller bug."""
         if kind not in OUTCOMES or destination not in DESTINATIONS:
             raise ValueError(f"recipient_outcome({kind!r}, {destination!r}): "
                              f"kind must be one of {OUTCOMES}, destination one of {DESTINATIONS}")
-        self._recipients.labels(kind, destination).inc()
+        self._child(self._recipients, kind, destination).inc()
 
     def delivery_latency(self, destination: str, seconds: float) -> None:
         if destination not in DESTINATIONS:
             raise ValueError(f"delivery_latency: destination must be one of {DESTINATIONS}")
         # A clock step backwards must not record a negative latency.
-        self._latency.labels(destination).observe(max(0.0, seconds))
+        self._child(self._latency, destination).observe(max(0.0, seconds))
+
+    def tls_policy_attempt(self, policy: str, outcome: str) -> None:
+        """One delivery attempt's ``tls_policy=`` and outcome (SPEC §10)."""
+        if policy not in TLS_POLICIES or outcome not in TLS_POLICY_OUTCOMES:
+            raise ValueError(f"tls_policy_attempt({policy!r}, {outcome!r}): policy must be one "
+                             f"of {TLS_POLICIES}, outcome one of {TLS_POLICY_OUTCOMES}")
+        self._tls_policy.labels(policy, outcome).inc()
 
     def set_queue_stats_source(self, fn: Callable[[], QueueStats]) -> None:
         """``fn`` returns (recipients pending, oldest age in seconds or None); runs in a thread."""
         self._queue_source = fn
 
     def tls_handshake_failed(self, listener: str) -> None:
-        self._tls_failed.labels(listener).inc()
+        self._child(self._tls_failed, listener).inc()
 
     def auth_result(self, ok: bool) -> None:
-        self._auth.labels("success" if ok else "failure").inc()
+        self._child(self._auth, "success" if ok else "failure").inc()
 
     def mail_auth_result(self, method: str, result: str) -> None:
         """One SPF, DKIM or DMARC verdict; results outside RFC 8601's words are caller bugs."""
         if method not in AUTH_METHODS or result not in AUTH_RESULTS:
             raise ValueError(f"mail_auth_result({method!r}, {result!r})")
-        self._mail_auth.labels(method, result).inc()
+        self._child(self._mail_auth, method, result).inc()
 
     def render(self) -> bytes:
         """The text exposition, queue stats fetched first. Blocking: call from a thread.

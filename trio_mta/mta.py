@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from trio_mta import log
+from trio_mta import log, privileges
 from trio_mta.auth.service import MailAuth
 from trio_mta.config import Config
 from trio_mta.config.schema import format_host_port
@@ -37,20 +37,15 @@ from trio_mta.queue.store import DueRecipient, QueueError, QueueStore
 from trio_mta.queue.writer import QueueWriter
 from trio_mta.routing.router import Router
 from trio_mta.server.envelope import MessageSink
+from trio_mta.server.errors import ListenError
 from trio_mta.server.handler import Handler, HandlerSink
+from trio_mta.server.immediate_sink import ImmediateLocalDelivery
 from trio_mta.server.limits import ConnectionLimits
-from trio_mta.server.listeners import (
-    BoundListener,
-    Listener,
-    ListenError,
-    accept_loop,
-    adopt,
-    bind,
-)
+from trio_mta.server.listeners import BoundListener, Listener, accept_loop, adopt, bind
 from trio_mta.server.passwords import PasswordFile
 from trio_mta.server.queue_sink import QueueSink
 from trio_mta.server.session import ServerState
-from trio_mta.tls import ensure_certificate, server_context
+from trio_mta.tls import TLSConfigError, ensure_certificate, server_context
 from trio_mta.workers.metrics import answer_metrics_requests
 from trio_mta.workers.slot import WorkerSlot
 
@@ -71,7 +66,17 @@ class MTA:
     bouncer: Bouncer | None
     # Scheduler and bouncer of each leftover shard this process drains (queue/shards.py).
     drains: list[tuple[Scheduler, Bouncer]] = field(default_factory=list)
+    # Local recipients delivered before the 250 ([local] deliver_at_once), not via the queue.
+    immediate: ImmediateLocalDelivery | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def delivered(self) -> int:
+        """Recipients delivered since start: at once, by the scheduler, and from drained shards."""
+        total = self.immediate.delivered if self.immediate is not None else 0
+        if self.scheduler is not None:
+            total += self.scheduler.delivered
+        return total + sum(scheduler.delivered for scheduler, _ in self.drains)
 
     def stop(self) -> None:
         """Begin a graceful stop; ``serve()`` returns when it is complete."""
@@ -85,7 +90,7 @@ class MTA:
         only a restart applies is logged by name when it changed.
         Raises (keeping the old configuration) when the new TLS pair is bad.
         """
-        ssl_context = await trio.to_thread.run_sync(build_ssl_context, new)
+        ssl_context = await trio.to_thread.run_sync(_reloaded_ssl_context, self, new)
         old = self.config
         pending = _restart_only_changes(old, new)
         if pending:
@@ -95,7 +100,10 @@ class MTA:
         state.router = Router(new.local, new.relay)
         state.mail_auth = MailAuth(new, metrics=self.metrics)
         state.ssl_context = ssl_context
-        state.passwords = PasswordFile(new.auth.users_file)
+        if state.passwords is None or state.passwords.path != new.auth.users_file:
+            # Same file: keep the object, which re-reads it on change anyway and keeps
+            # what root read at start if the dropped user cannot read it.
+            state.passwords = PasswordFile(new.auth.users_file)
         state.limits.reconfigure(new.limits.max_connections, new.limits.max_connections_per_ip)
         primary: list[tuple[Scheduler, Bouncer]] = []
         if self.scheduler is not None and self.bouncer is not None:
@@ -116,6 +124,22 @@ class MTA:
         raise LookupError(f"no {mode} listener")
 
 
+def _reloaded_ssl_context(mta: MTA, new: Config) -> ssl.SSLContext | None:
+    """The new TLS context; after a privilege drop, a key file only root may read
+    (unchanged in the configuration) keeps the context in use instead of failing the
+    whole reload: maps and limits still change, the certificate waits for a restart."""
+    try:
+        return build_ssl_context(new)
+    except TLSConfigError as exc:
+        same_files = (mta.config.tls.cert, mta.config.tls.key) == (new.tls.cert, new.tls.key)
+        dropped = privileges.dropped_to()
+        if dropped is None or not same_files or not isinstance(exc.__cause__, PermissionError):
+            raise
+        log.warning("tls.reload_kept", error=str(exc), user=dropped.user,
+                    effect="the certificate in use stays until a restart")
+        return mta.state.ssl_context
+
+
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Changed settings that a reload does not apply; the operator is told, not surprised."""
     checks = {
@@ -125,13 +149,16 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "[local].maildir_root": (old.local.maildir_root, new.local.maildir_root),
         "[relay] (outbound)": (
             (old.relay.tls, old.relay.ca_file, old.relay.port, old.relay.smarthost,
-             old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4),
+             old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4,
+             old.relay.mta_sts, old.relay.dane, old.relay.mta_sts_port),
             (new.relay.tls, new.relay.ca_file, new.relay.port, new.relay.smarthost,
-             new.relay.smarthost_tls, new.relay.smarthost_auth, new.relay.prefer_ipv4)),
+             new.relay.smarthost_tls, new.relay.smarthost_auth, new.relay.prefer_ipv4,
+             new.relay.mta_sts, new.relay.dane, new.relay.mta_sts_port)),
         "[dns]": (old.dns, new.dns),
         "[queue].concurrency": (old.queue.concurrency, new.queue.concurrency),
         "[metrics]": (old.metrics, new.metrics),
         "[log]": (old.log, new.log),
+        "user/group": ((old.user, old.group), (new.user, new.group)),
         "[server].workers": (old.server, new.server),
     }
     return [name for name, (before, after) in checks.items() if before != after]
@@ -146,10 +173,23 @@ def raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def certificate_paths(config: Config) -> tuple[Path, Path]:
+    """The (cert, key) to serve: the configured pair, else the generated one (made if needed)."""
+    return ensure_certificate(config.tls.cert, config.tls.key,
+                              hostname=config.hostname, state_dir=config.state_dir)
+
+
 def build_ssl_context(config: Config) -> ssl.SSLContext:
-    cert, key = ensure_certificate(config.tls.cert, config.tls.key,
-                                   hostname=config.hostname, state_dir=config.state_dir)
-    return server_context(cert, key)
+    return server_context(*certificate_paths(config))
+
+
+def prepare_state_dirs(config: Config, identity: privileges.Identity | None) -> None:
+    """``state_dir`` exists before anything is written there; owned by ``user`` when
+    root is dropped (``maildir_root`` too: otherwise the Maildir agent makes it)."""
+    if identity is not None:
+        privileges.prepare_directories(config, identity)
+    else:
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 async def serve(
@@ -172,24 +212,42 @@ async def serve(
     the shards no running worker accepts into (:mod:`trio_mta.queue.shards`).
     Without it (embedding, ``workers = 1``) this is the one process: it binds
     ``[[listen]]`` itself, accepts into shard 0 and drains every other shard.
+    Run as root with ``config.user`` set, the whole process switches to that
+    user after binding, for good (:mod:`trio_mta.privileges`).
     """
     if not queue and handler is None:
         raise ValueError("serve(queue=False) needs a handler to take the messages")
     raise_nofile_limit()
-    await trio.to_thread.run_sync(
-        lambda: config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
-    ssl_context = await trio.to_thread.run_sync(build_ssl_context, config)
+    # Started as root with `user` set, everything up to the binding happens as root and
+    # the queue is opened as the user (trio_mta.privileges). A worker's parent did that.
+    identity = privileges.target_identity(config) if worker is None else None
+    await trio.to_thread.run_sync(prepare_state_dirs, config, identity)
+    keys = worker.keys if worker is not None else None
+    if keys is not None:
+        privileges.note_dropped_by_parent()
+        ssl_context = await trio.to_thread.run_sync(server_context, keys.cert, keys.key)
+    else:
+        ssl_context = await trio.to_thread.run_sync(build_ssl_context, config)
+    passwords = PasswordFile(config.auth.users_file)
+    users = keys.users if keys is not None else None
+    if identity is not None:
+        privileges.hand_over_generated_certificate(config, identity)
+        users = passwords.snapshot()
+    if users is not None:
+        passwords.prime(*users)
     shards: list[_Shard] = []
     bound: list[BoundListener] = []
     try:
-        if queue:
-            shards = await _open_shards(config, worker)
         if worker is None:
             for listen in config.listen:
                 bound.append(await bind(listen))
         else:
             bound = [adopt(listen, sock) for listen, sock in worker.listeners]
-        await _run(config, shards, bound, ssl_context, handler, worker, task_status)
+        if identity is not None:
+            privileges.drop(identity)
+        if queue:
+            shards = await _open_shards(config, worker)
+        await _run(config, shards, bound, ssl_context, passwords, handler, worker, task_status)
     finally:
         for b in bound:
             b.socket_listener.socket.close()
@@ -277,7 +335,7 @@ def _open_shard_store(path: Path) -> QueueStore:
 
 
 async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
-               ssl_context: ssl.SSLContext, handler: Handler | None,
+               ssl_context: ssl.SSLContext, passwords: PasswordFile, handler: Handler | None,
                worker: WorkerSlot | None, task_status: trio.TaskStatus[MTA]) -> None:
     tag = host_tag_for(config.hostname)
     if worker is not None:
@@ -292,6 +350,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
         sink: MessageSink | None = None
         scheduler: Scheduler | None = None
         bouncer: Bouncer | None = None
+        immediate: ImmediateLocalDelivery | None = None
         drains: list[tuple[Scheduler, Bouncer]] = []
         router = Router(config.local, config.relay)
         if shards:
@@ -302,7 +361,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
                 config.relay,
                 Resolver(config.dns.nameservers, config.dns.timeout,
                          prefer_ipv4=config.relay.prefer_ipv4),
-                hostname=config.hostname)
+                hostname=config.hostname, state_dir=config.state_dir, metrics=metrics)
             await services.start(remote.run)
             for shard in shards:
                 shard_scheduler = _scheduler(config, shard.store, remote)
@@ -316,7 +375,15 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             scheduler, bouncer = drains.pop(0)
             writer.on_committed = scheduler.wake
             metrics.set_queue_stats_source(_stats_of([shard.store for shard in shards]))
-            sink = QueueSink(writer)
+            queue_sink = QueueSink(writer)
+            sink = queue_sink
+            if config.local.deliver_at_once:
+                immediate = ImmediateLocalDelivery(
+                    MaildirAgent(config.local.maildir_root, config.hostname,
+                                 limiter=trio.CapacityLimiter(8)),
+                    queue_sink, on_outcome=_observe(metrics))
+                await services.start(immediate.run)
+                sink = immediate
         if handler is not None:
             sink = HandlerSink(handler, sink)
         assert sink is not None
@@ -329,7 +396,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             limits=ConnectionLimits(config.limits.max_connections,
                                     config.limits.max_connections_per_ip),
             ssl_context=ssl_context,
-            passwords=PasswordFile(config.auth.users_file),
+            passwords=passwords,
             host_tag=tag,
             handler=handler,
             metrics=metrics,
@@ -342,7 +409,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
                   metrics_address=metrics_address,
                   store=shards[0].store if shards else None, scheduler=scheduler,
-                  bouncer=bouncer, drains=drains)
+                  bouncer=bouncer, drains=drains, immediate=immediate)
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for b in bound:

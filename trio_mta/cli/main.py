@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from trio_mta.cli import dkim
     _add_config(dkim.add_parser(sub, _Parser), top=False)
+    tlspolicy = sub.add_parser(
+        "tls-policy", help="show the outbound TLS policy (MTA-STS, DANE) of a destination")
+    tlspolicy.add_argument("domain")
+    _add_config(tlspolicy, top=False)
 
     # sendmail's flags (-oi, -fSENDER, -ti) are getopt-style, not argparse's: a
     # prefix no argument can start with hands every one of them to trio_mta.cli.sendmail.
@@ -147,6 +151,10 @@ def _main(argv: list[str]) -> int:
         from trio_mta.cli.passwd import run_passwd
 
         return run_passwd(config, args.user)
+    if command == "tls-policy":
+        from trio_mta.cli.tlspolicy import run_tls_policy
+
+        return run_tls_policy(config, args.domain)
     raise UsageError(f"trio-mta: unknown command {command}")
 
 
@@ -197,6 +205,7 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
     ``worker`` is the spec a supervisor hands a worker it starts.
     """
     from trio_mta.mta import ListenError
+    from trio_mta.privileges import PrivilegeDropError
     from trio_mta.queue.store import QueueError
     from trio_mta.tls import TLSConfigError
 
@@ -228,9 +237,13 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
         trio.run(_serve_until_signal, config, args, spec)
     except Exception as raw:
         exc = _sole_exception(raw)
-        if isinstance(exc, ListenError | QueueError):
+        if isinstance(exc, ListenError | QueueError | PrivilegeDropError):
             print(f"trio-mta: {exc}", file=sys.stderr)
             return EXIT_FAILURE
+        if isinstance(exc, ConfigError):  # e.g. a state_dir the dropped user cannot write
+            for line in exc.errors:
+                print(f"trio-mta: config: {line}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(exc, TLSConfigError):
             print(f"trio-mta: config: {exc}", file=sys.stderr)
             return EXIT_USAGE

@@ -17,6 +17,7 @@ from trio_mta.client.connection import (
     SMTPTimeout,
     SMTPTLSError,
     Timeouts,
+    TLSCheck,
     TLSMode,
     TransactionResult,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "SMTPTLSError",
     "SMTPTimeout",
     "SendResult",
+    "TLSCheck",
     "TLSMode",
     "Timeouts",
     "TransactionResult",

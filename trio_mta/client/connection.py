@@ -21,6 +21,11 @@ TLS modes (``tls=``):
   CA and match ``server_hostname`` (the MX host name).
 - ``implicit``: TLS from the first byte (RFC 8314 §3.3, port 465).
 
+``tls_check`` is the hook outbound TLS policies (DANE, MTA-STS testing) use:
+called with the certificate chain the server sent (DER, leaf first) right
+after the handshake, before anything else is said inside TLS; a returned
+reason fails the session with :class:`SMTPTLSError` (4.7.5).
+
 Timeouts follow RFC 5321 §4.5.3.2 (see :class:`Timeouts`); each one bounds
 the wait for the replies to one burst of commands, so a server trickling a
 byte at a time cannot hold a connection forever.
@@ -31,10 +36,10 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 
 import trio
 
@@ -67,12 +72,15 @@ __all__ = [
     "SMTPSendError",
     "SMTPTLSError",
     "SMTPTimeout",
+    "TLSCheck",
     "TLSMode",
     "Timeouts",
     "TransactionResult",
 ]
 
 TLSMode = Literal["none", "opportunistic", "required", "verify", "implicit"]
+# A chain (DER, leaf first) in, None (accept) or the reason to refuse out.
+TLSCheck = Callable[[tuple[bytes, ...]], str | None]
 _TLS_MODES: Final = frozenset(get_args(TLSMode))
 
 _RECEIVE_SIZE: Final = 65536
@@ -177,7 +185,7 @@ class SMTPSendError(SMTPClientError):
     """:func:`send_message`: no recipient got the message; ``result`` says why."""
 
     def __init__(self, message: str, result: SendResult) -> None:
-        refusals = [r for r in result.recipients.values() if not _ok(r)]
+        refusals = [r for r in result.recipients.values() if not r.is_success]
         super().__init__(message, reply=refusals[0] if refusals else result.reply)
         self.result = result
 
@@ -215,6 +223,8 @@ class SMTPClient:
         self.address = address
         self.port = port
         self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+        self.peer_chain: tuple[bytes, ...] = ()  # the server's certificates, DER, leaf first
+        self.tls_check: TLSCheck | None = None
         self.tls_fallback = False  # opportunistic TLS failed; this is the plain retry
 
     @classmethod
@@ -228,6 +238,7 @@ class SMTPClient:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         timeouts: Timeouts | None = None,
+        tls_check: TLSCheck | None = None,
     ) -> SMTPClient:
         """Connect to ``host`` (name or IP), read the greeting, EHLO, apply ``tls``.
 
@@ -254,6 +265,7 @@ class SMTPClient:
                 timeouts=timeouts,
                 implicit=implicit,
                 plain_auth_ok=tls == "none",
+                tls_check=tls_check,
             )
 
         client = await session(context if tls == "implicit" else None)
@@ -282,6 +294,7 @@ class SMTPClient:
         timeouts: Timeouts,
         implicit: ssl.SSLContext | None,
         plain_auth_ok: bool,
+        tls_check: TLSCheck | None = None,
     ) -> SMTPClient:
         """TCP (and implicit TLS), greeting and EHLO; closed again on any failure."""
         stream, address = await _open_tcp(host, port, timeouts.connect)
@@ -294,11 +307,12 @@ class SMTPClient:
             timeouts=timeouts,
             plain_auth_ok=plain_auth_ok,
         )
+        client.tls_check = tls_check
         try:
             if implicit is not None:
                 await client._handshake(implicit, tls_name, required=True)
             greeting = await client._exchange(Greeting, "greeting", timeouts.greeting)
-            if not _ok(greeting.reply):
+            if not greeting.reply.is_success:
                 # RFC 5321 §3.1: after a 554 greeting the client should QUIT; 421 closes.
                 if greeting.reply.code != 421:
                     await client.quit()
@@ -437,7 +451,7 @@ class SMTPClient:
             raise SMTPDisconnected(f"connection to {self.peer} is no longer usable")
 
     def _check_hello(self, hello: HelloResult) -> None:
-        if not _ok(hello.reply):
+        if not hello.reply.is_success:
             raise SMTPResponseError("EHLO" if hello.esmtp else "EHLO/HELO", hello.reply)
 
     async def _starttls(self, context: ssl.SSLContext, name: str, *, required: bool) -> bool:
@@ -489,6 +503,12 @@ class SMTPClient:
             return False
         self._stream = tls_stream
         self.tls = describe(_TLSView(tls_stream))
+        self.peer_chain = _peer_chain(tls_stream)
+        if self.tls_check is not None:
+            problem = self.tls_check(self.peer_chain)
+            if problem is not None:
+                self._broken = True
+                raise SMTPTLSError(problem, status="4.7.5")
         return True
 
     async def _exchange(
@@ -579,6 +599,29 @@ class _TLSView:
         return cipher
 
 
+def _peer_chain(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[bytes, ...]:
+    """The certificates the server sent, DER, leaf first.
+
+    Python 3.13 has ``SSLObject.get_unverified_chain()``; 3.10 to 3.12 have the
+    same call on the private ``_sslobj``. Without either, only the leaf
+    (``getpeercert(binary_form=True)``), which is all DANE-EE needs.
+    """
+    getpeercert = stream.getpeercert  # trio forwards it: a bound method of the SSLObject
+    ssl_object: Any = getattr(getpeercert, "__self__", None)
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        chain = getter() or []
+        return tuple(cert if isinstance(cert, bytes) else cert.public_bytes(_ENCODING_DER)
+                     for cert in chain)
+    leaf = getpeercert(binary_form=True)
+    return (leaf,) if leaf else ()
+
+
+_ENCODING_DER: Final = 2  # _ssl.ENCODING_DER, what _ssl.Certificate.public_bytes takes
+
+
 async def _open_tcp(host: str, port: int, timeout: float) -> tuple[trio.SocketStream, str]:
     target = _unbracket(host)
     try:
@@ -638,7 +681,3 @@ def _tls_reason(exc: trio.BrokenResourceError) -> str:
     if isinstance(cause, ssl.SSLError):
         return cause.reason or str(cause)
     return _why(exc)
-
-
-def _ok(reply: Reply) -> bool:
-    return 200 <= reply.code < 300

@@ -21,10 +21,6 @@ from trio_mta.smtp.replies import Reply
 __all__ = ["SendResult", "send_message"]
 
 
-def _ok(reply: Reply) -> bool:
-    return 200 <= reply.code < 300
-
-
 @dataclass(frozen=True)
 class SendResult:
     """What :func:`send_message` achieved: per recipient the deciding reply."""
@@ -36,11 +32,11 @@ class SendResult:
 
     @property
     def accepted(self) -> tuple[str, ...]:
-        return tuple(rcpt for rcpt, reply in self.recipients.items() if _ok(reply))
+        return tuple(rcpt for rcpt, reply in self.recipients.items() if reply.is_success)
 
     @property
     def refused(self) -> dict[str, Reply]:
-        return {rcpt: reply for rcpt, reply in self.recipients.items() if not _ok(reply)}
+        return {rcpt: reply for rcpt, reply in self.recipients.items() if not reply.is_success}
 
 
 async def send_message(

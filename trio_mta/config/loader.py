@@ -74,6 +74,9 @@ class ListenConfig:
     host: str
     port: int
     mode: ListenMode = "smtp"
+    # SPEC §11: every connection begins with a PROXY header, accepted only from these peers.
+    proxy_protocol: bool = False
+    proxy_from: tuple[IPv4Network | IPv6Network, ...] = ()
 
     @property
     def address(self) -> str:
@@ -94,7 +97,10 @@ class ListenConfig:
         return cls(host, port, checked)
 
     def describe(self) -> str:
-        return f"{self.address} {self.mode} ({_LISTEN_NOTES[self.mode]})"
+        notes = _LISTEN_NOTES[self.mode]
+        if self.proxy_protocol:
+            notes += ", PROXY protocol from " + " ".join(str(n) for n in self.proxy_from)
+        return f"{self.address} {self.mode} ({notes})"
 
 
 _MODES: tuple[ListenMode, ...] = get_args(ListenMode)
@@ -121,6 +127,9 @@ class LocalConfig:
     # None: no map configured, every local part is a mailbox (SPEC §3)
     mailboxes: Mapping[str, str] | None = None
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # Write local recipients into Maildir before the 250 (as durable as a queue row, and
+    # no queue round trip); false: every message goes through the queue first.
+    deliver_at_once: bool = True
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,11 @@ class RelayConfig:
     smarthost_tls: SmarthostTls = "starttls"
     smarthost_auth: str = ""
     prefer_ipv4: bool = False  # extra key: try A before AAAA (hosts with broken IPv6)
+    mta_sts: bool = True  # SPEC §10: fetch, cache and apply MTA-STS policies (RFC 8461)
+    dane: bool = True  # SPEC §10: apply authenticated TLSA records (RFC 7672)
+    # Port of the MTA-STS policy host. RFC 8461 §3.3 fixes 443; only tests, whose
+    # loopback policy server cannot bind 443, set it (undocumented on purpose).
+    mta_sts_port: int = 443
 
     @property
     def smarthost_address(self) -> tuple[str, int] | None:
@@ -273,6 +287,9 @@ class Config:
     metrics: MetricsConfig
     log: LogConfig
     server: ServerConfig = ServerConfig()
+    # SPEC §11 privilege drop: the account a server started as root switches to.
+    user: str | None = None
+    group: str | None = None  # None: the user's primary group
     source: Path | None = None
     dkim: DkimConfig = field(default_factory=DkimConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -413,8 +430,12 @@ class _Loader:
             server=self._server(root.table("server", "[server]")),
             dkim=self._dkim(root.table("dkim", "[dkim]")),
             verify=self._verify(root.table("verify", "[verify]")),
+            user=root.get("user", schema.system_user, None),
+            group=root.get("group", schema.system_group, None),
             _derived=frozenset(self.derived),
         )
+        if config.group is not None and root.raw("user") is None:
+            root.error("group", "only applies with user (the account to switch to)")
         root.close()
         if self.errors:
             raise ConfigError(self.errors)
@@ -434,9 +455,11 @@ class _Loader:
             mode: ListenMode = table.get("mode", schema.choice(_MODES), "smtp")
             if table.raw("address") is None:
                 table.error("address", 'missing (write "host:port")')
+            proxy_protocol, proxy_from = _proxy_settings(table)
             table.close()
             if address is not None:
-                listeners.append(ListenConfig(address[0], address[1], mode))
+                listeners.append(ListenConfig(address[0], address[1], mode,
+                                              proxy_protocol, proxy_from))
                 labels.append(table.name("address"))
         for index in _duplicates(listeners):
             self.errors.append(
@@ -466,6 +489,7 @@ class _Loader:
             if table.raw("maildir_root") is None:
                 self.derived.add("maildir_root")
         mailboxes_file = table.get("mailboxes_file", self.optional_path, None)
+        deliver_at_once = table.get("deliver_at_once", schema.boolean, True)
         maps = MailMaps(domains, self.errors)
         if mailboxes_file is not None:
             maps.read_file(mailboxes_file)
@@ -481,6 +505,7 @@ class _Loader:
             mailboxes_file=mailboxes_file,
             mailboxes=None if maps.mailboxes is None else MappingProxyType(maps.mailboxes),
             aliases=MappingProxyType(maps.aliases),
+            deliver_at_once=deliver_at_once,
         )
 
     def _relay(self, table: Table) -> RelayConfig:
@@ -498,6 +523,9 @@ class _Loader:
             smarthost_tls=smarthost_tls,
             smarthost_auth=table.get("smarthost_auth", _credentials, "", secret=True),
             prefer_ipv4=table.get("prefer_ipv4", schema.boolean, d.prefer_ipv4),
+            mta_sts=table.get("mta_sts", schema.boolean, d.mta_sts),
+            dane=table.get("dane", schema.boolean, d.dane),
+            mta_sts_port=table.get("mta_sts_port", schema.remote_port, d.mta_sts_port),
         )
         table.close()
         return relay
@@ -619,6 +647,22 @@ class _Loader:
         if verify.dmarc_enforce and not verify.dmarc:
             table.error("dmarc_enforce", "needs [verify].dmarc = true")
         return verify
+
+
+def _proxy_settings(table: Table) -> tuple[bool, tuple[IPv4Network | IPv6Network, ...]]:
+    """``proxy_protocol`` and ``proxy_from`` of one [[listen]]: each needs the other.
+
+    Without ``proxy_from`` anyone could claim any client address, trusted
+    networks included, so a PROXY listener has to say whom it believes.
+    """
+    enabled = table.get("proxy_protocol", schema.boolean, False)
+    networks = tuple(table.get_list("proxy_from", schema.ip_network, []))
+    if enabled and not networks and table.raw("proxy_from") in (None, []):
+        table.error("proxy_from", "required when proxy_protocol = true (the proxies' "
+                    'addresses, e.g. ["127.0.0.1/32"])')
+    if not enabled and table.raw("proxy_from") is not None:
+        table.error("proxy_from", "only applies with proxy_protocol = true")
+    return enabled, networks
 
 
 def _workers(value: Any) -> int:

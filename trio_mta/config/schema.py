@@ -138,6 +138,34 @@ def optional_path_under(base: Path) -> Callable[[Any], Path | None]:
     return convert
 
 
+def system_user(value: Any) -> str:
+    """An account in the system's user database (``user = "trio-mta"``), never root."""
+    import pwd
+
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a user name like trio-mta")
+    try:
+        entry = pwd.getpwnam(value)
+    except KeyError:
+        raise ValueError("no such user (create it, e.g. useradd --system trio-mta)") from None
+    if entry.pw_uid == 0:
+        raise ValueError("must not be root: it is the account the server drops root for")
+    return value
+
+
+def system_group(value: Any) -> str:
+    """A group in the system's group database (``group = "trio-mta"``)."""
+    import grp
+
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a group name like trio-mta")
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise ValueError("no such group") from None
+    return value
+
+
 def ip_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if isinstance(value, str):
         try:

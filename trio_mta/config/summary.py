@@ -44,6 +44,9 @@ def describe(config: Config) -> list[str]:
     # Keys were loaded with the config: each line names a key that can sign.
     lines += [f"dkim: signs {key.describe()}" for key in config.dkim.sign]
     lines.append(f"verify: {_verify(config)}")
+    if config.user is not None:
+        group = config.group or "its own group"
+        lines.append(f"user: {config.user} ({group}), taken after binding when started as root")
     lines.append(f"metrics: {config.metrics.listen or 'off'}")
     lines.append(f"log: {config.log.level}, {config.log.format}, "
                  f"to {config.log.file or 'stderr'}")

@@ -18,14 +18,22 @@ seconds after a transaction: the next message to the same address (port and
 TLS policy) reuses it. A pooled connection is only ever in one task's hands.
 :meth:`RemoteAgent.run` closes idle connections; run it in the same nursery as
 the scheduler.
+
+TLS per host follows :mod:`trio_mta.tlspolicy.plan` (SPEC §10): DANE, then
+MTA-STS, then ``[relay] tls``. A host a policy rules out is never connected to;
+a failure a policy caused says so in its text (``dane: ...``, ``mta-sts
+enforce: ...``), which is what ``queue show`` prints. Every attempt's log line
+carries ``tls_policy=`` and is counted per policy and outcome.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Literal
 
 import trio
@@ -45,10 +53,13 @@ from trio_mta.delivery.agent import DeliveryItem
 from trio_mta.delivery.longlines import fit_lines
 from trio_mta.delivery.outcome import Kind, Outcome, Stage
 from trio_mta.dns import DnsError, MailHost, Resolver
+from trio_mta.metrics import Metrics
 from trio_mta.smtp.address import parse_path
 from trio_mta.smtp.errors import CommandError
 from trio_mta.smtp.replies import Reply
 from trio_mta.tls import client_context
+from trio_mta.tlspolicy.cache import StsState
+from trio_mta.tlspolicy.plan import STATUS, HostPlan, PolicyName, TlsPlanner, testing_failure
 
 __all__ = ["RemoteAgent"]
 
@@ -69,6 +80,10 @@ class _Route:
     mode: TLSMode
     context: ssl.SSLContext | None
     credentials: tuple[str, str] | None
+    domain: str = ""
+    policies: bool = False  # MX routing: DANE and MTA-STS apply
+    sts: StsState | None = None
+    policy: PolicyName = "opportunistic"  # when policies is False
 
 
 class _Undeliverable(Exception):
@@ -130,7 +145,11 @@ class RemoteAgent:
         hostname: str,
         timeouts: Timeouts | None = None,
         idle_timeout: float = 5.0,
+        state_dir: Path | None = None,
+        metrics: Metrics | None = None,
+        policy_fetch_timeout: float = 30.0,
     ) -> None:
+        """*state_dir* holds the MTA-STS policy cache (None: memory only)."""
         if idle_timeout < 0:
             raise ValueError("idle_timeout must not be negative")
         self._relay = relay
@@ -139,6 +158,9 @@ class RemoteAgent:
         self._timeouts = timeouts or Timeouts()
         self._idle_timeout = idle_timeout
         self._pool = _Pool()
+        self._metrics = metrics
+        self._planner = TlsPlanner(relay, resolver, state_dir=state_dir,
+                                   fetch_timeout=policy_fetch_timeout)
         # Contexts are built once: loading a CA bundle per connection is costly.
         self._mx_context = (
             None if relay.tls == "none" else client_context(relay.tls, ca_file=relay.ca_file)
@@ -235,23 +257,33 @@ class RemoteAgent:
                 # domain: even NXDOMAIN is a reason to wait, never to bounce.
                 text = f"smarthost {host}: {exc}"
                 raise _Undeliverable(_ours("deferred", "4.4.3", text, "dns")) from None
+            shown: PolicyName = ("none" if self._smarthost_mode == "none"
+                                 else "verify" if relay.tls == "verify" else "required")
             return _Route(
                 (found,),
                 port,
                 self._smarthost_mode,
                 self._smarthost_context,
                 relay.smarthost_credentials,
+                policy=shown,
             )
         literal = _address_literal(domain)
         if literal is not None:
             hosts: tuple[MailHost, ...] = (MailHost(domain, 0, (literal,)),)
-        else:
-            try:
-                hosts = self._without_self(domain, await self._resolver.mail_hosts(domain))
-            except DnsError as exc:
-                kind: Kind = "failed" if exc.permanent else "deferred"
-                raise _Undeliverable(_ours(kind, exc.status, str(exc), "dns")) from None
-        return _Route(hosts, relay.port, relay.tls, self._mx_context, None)
+            return _Route(hosts, relay.port, relay.tls, self._mx_context, None, policy=relay.tls)
+        try:
+            hosts = self._without_self(domain, await self._resolver.mail_hosts(domain))
+        except DnsError as exc:
+            kind: Kind = "failed" if exc.permanent else "deferred"
+            raise _Undeliverable(_ours(kind, exc.status, str(exc), "dns")) from None
+        sts = await self._planner.destination(domain)
+        return _Route(hosts, relay.port, relay.tls, self._mx_context, None, domain=domain,
+                      policies=True, sts=sts)
+
+    async def _plan(self, route: _Route, host: MailHost) -> HostPlan:
+        if route.policies:
+            return await self._planner.host(route.domain, host, route.sts)
+        return HostPlan(host, route.policy, route.mode, route.context)
 
     async def _host_addresses(self, host: str) -> MailHost:
         try:
@@ -279,49 +311,76 @@ class RemoteAgent:
         data = fit_lines(await trio.to_thread.run_sync(lambda: items[0].data))
         failures: list[Outcome] = []
         for host in route.hosts:
+            plan = await self._plan(route, host)
+            if plan.refusal is not None:
+                # The policy rules this host out: no connection, nothing sent (SPEC §10).
+                failure = Outcome("deferred", STATUS, plan.explain(plan.refusal), None,
+                                  host.name, None, "tls")
+                failures.append(failure)
+                self._attempt_failed(queue_id, plan, None, failure.detail, "refused")
+                continue
             for address in host.addresses:
                 try:
-                    client, result = await self._send(route, host, address, sender,
+                    client, result = await self._send(route, plan, address, sender,
                                                       recipients, data)
                 except SMTPClientError as exc:
                     failure = _failure(exc, host.name, address, route.port)
+                    if failure.stage == "tls":
+                        failure = dataclasses.replace(failure, text=plan.explain(failure.text))
                     failures.append(failure)
-                    self._unreachable(queue_id, host, address, failure.detail)
+                    self._attempt_failed(queue_id, plan, address, failure.detail, "unreachable")
                     if _permanent_greeting(exc):
                         break  # a 5xx greeting speaks for the whole host
                     continue
+                if plan.sts_testing and client.tls is None:
+                    testing_failure(route.domain, host.name, "the session was not encrypted")
                 outcomes = [_outcome(reply, host.name, client.address, stage)
                             for reply, stage in zip(result.outcomes, _stages(result),
                                                     strict=True)]
+                summary = _summary(outcomes)
                 log.event(
                     "delivery.attempt",
                     id=queue_id,
                     host=host.name,
                     address=address,
                     tls=client.tls or "none",
+                    tls_policy=plan.policy,
+                    mta_sts="testing" if plan.sts_testing else None,
                     reply=str(_deciding(result)),
-                    outcome=_summary(outcomes),
+                    outcome=summary,
                 )
-                await self._checkin(self._key(route, host, address), client)
+                self._count(plan.policy, summary)
+                await self._checkin(self._key(route, plan, address), client)
                 return outcomes
         return [_unreachable(failures, route.port)] * len(items)
 
-    @staticmethod
-    def _unreachable(queue_id: str, host: MailHost, address: str, detail: str) -> None:
-        """Log an address that did not get as far as a transaction."""
+    def _attempt_failed(self, queue_id: str, plan: HostPlan, address: str | None, detail: str,
+                        outcome: str) -> None:
+        """Log a host or address that did not get as far as a transaction."""
         log.event(
             "delivery.attempt",
             id=queue_id,
-            host=host.name,
+            host=plan.host.name,
             address=address,
+            tls_policy=plan.policy,
+            mta_sts="testing" if plan.sts_testing else None,
             reply=detail,
-            outcome="unreachable",
+            outcome=outcome,
         )
+        self._count(plan.policy, outcome)
 
-    def _key(self, route: _Route, host: MailHost, address: str) -> _PoolKey:
-        return (address, route.port, route.mode, host.name if route.mode == "verify" else "")
+    def _count(self, policy: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.tls_policy_attempt(policy, outcome)
 
-    async def _checkout(self, route: _Route, host: MailHost,
+    def _key(self, route: _Route, plan: HostPlan, address: str) -> _PoolKey:
+        # A connection is reused only under the same policy; one authenticated for
+        # one MX name (verify, MTA-STS, DANE) never serves another name.
+        named = plan.mode == "verify" or plan.policy == "dane" or plan.check is not None
+        return (address, route.port, f"{plan.policy}/{plan.mode}",
+                plan.host.name if named else "")
+
+    async def _checkout(self, route: _Route, plan: HostPlan,
                         address: str) -> tuple[SMTPClient, bool]:
         """A pooled connection (True: reused) or a new one (False).
 
@@ -330,7 +389,7 @@ class RemoteAgent:
         client machine itself sends RSET after one that was left open. A peer
         that hung up while the connection was idle is caught by ``_send``.
         """
-        key = self._key(route, host, address)
+        key = self._key(route, plan, address)
         client, stale = self._pool.take(key, trio.current_time() - self._idle_timeout)
         for old in stale:
             await old.aclose()
@@ -338,17 +397,18 @@ class RemoteAgent:
             return client, True
         if client is not None:
             await client.aclose()
-        return await self._connect(route, host, address), False
+        return await self._connect(route, plan, address), False
 
-    async def _connect(self, route: _Route, host: MailHost, address: str) -> SMTPClient:
+    async def _connect(self, route: _Route, plan: HostPlan, address: str) -> SMTPClient:
         client = await SMTPClient.connect(
             address,
             route.port,
             helo_name=self._hostname,
-            tls=route.mode,
-            ssl_context=route.context,
-            server_hostname=host.name,
+            tls=plan.mode,
+            ssl_context=plan.context,
+            server_hostname=plan.host.name,
             timeouts=self._timeouts,
+            tls_check=plan.check,
         )
         if route.credentials is not None:
             try:
@@ -358,14 +418,14 @@ class RemoteAgent:
                 raise
         return client
 
-    async def _send(self, route: _Route, host: MailHost, address: str, sender: str,
+    async def _send(self, route: _Route, plan: HostPlan, address: str, sender: str,
                     recipients: list[str], data: bytes) -> tuple[SMTPClient, TransactionResult]:
         """One transaction at ``address``; a reused connection found dead is replaced once.
 
         Only a failure with no reply at all is retried: the server then never
         accepted anything on that connection (it had closed it while idle).
         """
-        client, reused = await self._checkout(route, host, address)
+        client, reused = await self._checkout(route, plan, address)
         for retry in (False, True):
             try:
                 result = await client.send(sender, recipients, data)
@@ -383,7 +443,7 @@ class RemoteAgent:
                 if retry or not reused or result.mail_reply.code != 421:
                     return client, result
                 await client.aclose()
-            client = await self._connect(route, host, address)
+            client = await self._connect(route, plan, address)
         raise AssertionError("unreachable")
 
     async def _checkin(self, key: _PoolKey, client: SMTPClient) -> None:
@@ -457,9 +517,9 @@ def _stages(result: TransactionResult) -> list[Stage]:
     """Per recipient, the transaction step whose reply decided it."""
     out: list[Stage] = []
     for rcpt in result.rcpt_replies:
-        if not 200 <= result.mail_reply.code < 300 or rcpt is None:
+        if not result.mail_reply.is_success or rcpt is None:
             out.append("mail")
-        elif not 200 <= rcpt.code < 300 or result.data_reply is None:
+        elif not rcpt.is_success or result.data_reply is None:
             out.append("rcpt")
         else:
             out.append("data")
@@ -503,8 +563,8 @@ def _unreachable(failures: list[Outcome], port: int) -> Outcome:
         return _ours("deferred", "4.4.1", "no address to connect to", "connect")
     if len(failures) == 1:
         return failures[0]
-    causes = [_clip(f"{f.remote_host} [{f.remote_address}]:{port}: {f.reply if f.code else f.text}",
-                    _CAUSE_MAX) for f in failures]
+    causes = [_clip(f"{_where(f, port)}: {f.reply if f.code else f.text}", _CAUSE_MAX)
+              for f in failures]
     text = "; ".join(causes)
     if len(text) > _CAUSES_MAX:
         kept: list[str] = []
@@ -515,6 +575,13 @@ def _unreachable(failures: list[Outcome], port: int) -> Outcome:
         text = "; ".join(kept) + f"; and {len(causes) - len(kept)} more"
     last = failures[-1]
     return Outcome("deferred", last.status, text, stage=last.stage)
+
+
+def _where(failure: Outcome, port: int) -> str:
+    """``mx1.example [192.0.2.1]:25``, or the host alone when a policy refused it unasked."""
+    if failure.remote_address is None:
+        return str(failure.remote_host)
+    return f"{failure.remote_host} [{failure.remote_address}]:{port}"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -529,7 +596,7 @@ def _deciding(result: TransactionResult) -> Reply:
     """The reply that best sums up a transaction for the log line."""
     if result.data_reply is not None:
         return result.data_reply
-    refusals = [r for r in result.outcomes if not 200 <= r.code < 300]
+    refusals = [r for r in result.outcomes if not r.is_success]
     return refusals[0] if refusals else result.mail_reply
 
 

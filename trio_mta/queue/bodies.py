@@ -23,19 +23,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from trio_mta.safeio import fsync_directory
+
 READ_CHUNK = 1 << 20
 
 
 class BodyDamaged(Exception):
     """A body that cannot be read back as it was stored (missing, short, altered)."""
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def crc_of(data: bytes, crc: int = 0) -> int:
@@ -142,7 +137,7 @@ class BodyFiles:
                 continue
             folders.add(target.parent)
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(folder)
+            fsync_directory(folder)
         return gone
 
     def verify(self, message_id: str, size: int, crc: int) -> Path:

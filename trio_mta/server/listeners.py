@@ -17,12 +17,10 @@ import trio
 from trio_mta import log
 from trio_mta.config import ListenConfig
 from trio_mta.config.schema import format_host_port
+from trio_mta.server.errors import ListenError, listening_socket
+from trio_mta.server.proxied import accept_proxied
 from trio_mta.server.session import ServerState, Session
 from trio_mta.server.socket_stream import DirectSocketStream
-
-
-class ListenError(Exception):
-    """A listener could not be bound, or accept(2) failed for good; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -43,26 +41,10 @@ class BoundListener:
 
 async def bind(listen: ListenConfig) -> BoundListener:
     """Bind one ``[[listen]]`` entry (no wildcard expansion surprises: exactly that address)."""
-    host = listen.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # "[::]:25" should accept IPv4 too, as operators expect from Postfix.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        await sock.bind((host, listen.port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            reason = "address already in use"
-        raise ListenError(
-            f"cannot listen on {format_host_port(host, listen.port)} ({listen.mode}): {reason}"
-        ) from None
+    sock = trio.socket.from_stdlib_socket(listening_socket(listen, listen.port))
     port = sock.getsockname()[1]
-    return BoundListener(listen, trio.SocketListener(sock), Listener(listen.mode, host, port))
+    return BoundListener(listen, trio.SocketListener(sock),
+                         Listener(listen.mode, listen.host, port))
 
 
 def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
@@ -122,11 +104,15 @@ async def accept_loop(bound: BoundListener, state: ServerState,
             # The session's hot path runs on a stream that tries each send/recv first
             # (server/socket_stream.py): the socket leaves trio's wrapper here.
             raw = socket.socket(family, socket.SOCK_STREAM, 0, accepted.detach())
-            sessions.start_soon(_handle, DirectSocketStream(raw), state, mode)
+            sessions.start_soon(_handle, DirectSocketStream(raw), state, bound.config)
 
 
-async def _handle(stream: DirectSocketStream, state: ServerState, mode: str) -> None:
-    """A connection's task: a bug in one session is logged, never fatal to the server."""
+async def _handle(stream: DirectSocketStream, state: ServerState, listen: ListenConfig) -> None:
+    """A connection's task: a bug in one session is logged, never fatal to the server.
+
+    Behind a proxy (``proxy_protocol``) the PROXY header is read first and its
+    client address is the one the session sees (:mod:`trio_mta.server.proxied`).
+    """
     try:
         peer = stream.socket.getpeername()
     except OSError:
@@ -135,7 +121,18 @@ async def _handle(stream: DirectSocketStream, state: ServerState, mode: str) -> 
     ip = str(peer[0])
     if ip.startswith("::ffff:"):
         ip = ip[7:]
+    port = int(peer[1])
+    session_stream: trio.abc.Stream = stream
+    proxy: str | None = None
     try:
-        await Session(state, stream, mode, ip, int(peer[1])).run()
+        if listen.proxy_protocol:
+            proxied = await accept_proxied(stream, listen, ip, port, state.proxy_header_timeout)
+            if proxied is None:
+                with trio.move_on_after(2):
+                    await stream.aclose()
+                return
+            session_stream, proxy = proxied.stream, ip
+            ip, port = proxied.client_ip, proxied.client_port
+        await Session(state, session_stream, listen.mode, ip, port, proxy=proxy).run()
     except Exception as exc:
         log.error("smtpd.session_error", client=ip, error=f"{type(exc).__name__}: {exc}")

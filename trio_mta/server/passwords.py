@@ -165,6 +165,38 @@ class PasswordFile:
         self._lock = threading.Lock()
         self._signature: _Signature | None = None
         self._users: dict[str, str] = {}
+        self._primed = False  # set by prime(): keep those users if the file becomes unreadable
+        self._warned = False
+
+    def snapshot(self) -> tuple[str, _Signature] | None:
+        """The file's text and signature now (None when absent), for :meth:`prime`:
+        read as root before a privilege drop, handed to worker processes."""
+        try:
+            st = os.stat(self.path)
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("cannot read %s: %s", self.path, exc)
+            return None
+        return text, _signature(st)
+
+    def prime(self, text: str, signature: _Signature) -> None:
+        """Use ``text`` as the file's contents until the file changes."""
+        with self._lock:
+            self._users = self._parse_file(text)
+            self._signature = signature
+            self._primed = True
+
+    def _kept_after_drop(self, exc: OSError) -> dict[str, str] | None:
+        """After a privilege drop the file may be root's alone: keep what root read."""
+        if not isinstance(exc, PermissionError) or not self._primed:
+            return None
+        if not self._warned:
+            self._warned = True
+            log.warning("cannot read %s (%s): using the users read at start until a restart",
+                        self.path, exc.strerror or exc)
+        return self._users
 
     def _current(self) -> dict[str, str]:
         """The users map, re-read when the file's identity, size or times changed."""
@@ -175,6 +207,9 @@ class PasswordFile:
                 self._signature, self._users = None, {}
             return {}
         except OSError as exc:
+            kept = self._kept_after_drop(exc)
+            if kept is not None:
+                return kept
             # Fail closed: nobody authenticates while the file cannot be read.
             log.error("cannot read %s: %s", self.path, exc.strerror or exc)
             return {}
@@ -184,6 +219,9 @@ class PasswordFile:
                 try:
                     text = self.path.read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as exc:
+                    kept = self._kept_after_drop(exc) if isinstance(exc, OSError) else None
+                    if kept is not None:
+                        return kept
                     log.error("cannot read %s: %s", self.path, exc)
                     self._signature, self._users = None, {}
                     return {}

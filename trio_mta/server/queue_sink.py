@@ -37,7 +37,9 @@ class QueueSink:
         self.writer = writer
 
     async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
-                     queue_id: str) -> Reply:
+                     queue_id: str, *,
+                     recipients: tuple[NewRecipient, ...] | None = None) -> Reply:
+        """Queue the message for ``recipients`` (default: every target of the envelope)."""
         unroutable = [r.address for r in envelope.recipients if not r.targets]
         if unroutable:
             # Only possible when an application's handle_rcpt accepted an address
@@ -61,7 +63,8 @@ class QueueSink:
         else:
             data, spooled = content.head, body
         message = NewMessage(sender=envelope.sender_address,
-                             recipients=queue_recipients(envelope), data=data, meta=meta,
+                             recipients=recipients or queue_recipients(envelope),
+                             data=data, meta=meta,
                              spooled=spooled)
         try:
             await self.writer.submit(message, queue_id=queue_id)

@@ -32,6 +32,7 @@ from trio_mta.server.handler import Handler, as_reply, guarded_hook
 from trio_mta.server.headers import TraceInfo, received_header, submission_headers
 from trio_mta.server.limits import ConnectionLimits
 from trio_mta.server.passwords import PasswordFile
+from trio_mta.server.proxied import PROXY_HEADER_TIMEOUT
 from trio_mta.smtp import (
     NEED_DATA,
     AuthAttempt,
@@ -78,6 +79,7 @@ class ServerState:
     refusal_handshakes: trio.CapacityLimiter = field(
         default_factory=lambda: trio.CapacityLimiter(MAX_REFUSAL_HANDSHAKES))
     auth_failure_delay: float = 1.0
+    proxy_header_timeout: float = PROXY_HEADER_TIMEOUT
     shutdown_grace: float = 30.0
     shutting_down: bool = False
     sessions: set[Session] = field(default_factory=set)
@@ -108,12 +110,14 @@ class Session:
     """Runs one connection from banner to close."""
 
     def __init__(self, state: ServerState, stream: trio.abc.Stream, mode: str,
-                 client_ip: str, client_port: int) -> None:
+                 client_ip: str, client_port: int, *, proxy: str | None = None) -> None:
         self.state = state
         self.stream = stream
         self.mode = mode
+        # Behind a PROXY-protocol listener: the header's client; ``proxy`` is the peer.
         self.client_ip = client_ip
         self.client_port = client_port
+        self.proxy = proxy
         self.tls: str | None = None
         self.envelope: Envelope | None = None
         self.auth_check: Check | None = None  # this transaction's SPEC §9 checks
@@ -246,7 +250,8 @@ class Session:
 
     async def _converse(self) -> None:
         cfg = self.state.config
-        log.event("smtpd.connect", client=self.client_ip, port=self.client_port, mode=self.mode)
+        log.event("smtpd.connect", client=self.client_ip, port=self.client_port, mode=self.mode,
+                  proxy=self.proxy)
         try:
             if self.mode == "smtps" and not await self._handshake():
                 return

@@ -143,9 +143,9 @@ class TransactionResult:
         """Per recipient, the reply that decided its fate (2xx: delivered)."""
         out = []
         for rcpt in self.rcpt_replies:
-            if not 200 <= self.mail_reply.code < 300:
+            if not self.mail_reply.is_success:
                 out.append(self.mail_reply)
-            elif rcpt is None or not 200 <= rcpt.code < 300 or self.data_reply is None:
+            elif rcpt is None or not rcpt.is_success or self.data_reply is None:
                 out.append(rcpt or self.mail_reply)
             else:
                 out.append(self.data_reply)
@@ -157,10 +157,6 @@ ClientEvent: TypeAlias = (
 )
 # A step yields how many replies it waits for and receives them as a list.
 _Step = Generator[int, list[Reply], ClientEvent]
-
-
-def _ok(reply: Reply) -> bool:
-    return 200 <= reply.code < 300
 
 
 class ClientConnection:
@@ -345,7 +341,7 @@ class ClientConnection:
         self.extensions = {}
         self._send(Ehlo(self._helo_name))
         (reply,) = yield 1
-        if _ok(reply):
+        if reply.is_success:
             self.esmtp = True
             self.extensions = _parse_extensions(reply)
             return HelloResult(reply, True)
@@ -395,7 +391,7 @@ class ClientConnection:
     def _simple_step(self, cmd: Rset | Noop | Quit) -> _Step:
         self._send(cmd)
         (reply,) = yield 1
-        if isinstance(cmd, Rset) and _ok(reply):
+        if isinstance(cmd, Rset) and reply.is_success:
             self._needs_rset = False
         if isinstance(cmd, Quit):
             self._closed = True
@@ -442,19 +438,20 @@ class ClientConnection:
             (mail_reply,) = yield 1
             rcpt_replies = []
             for rcpt in recipients:
-                if not _ok(mail_reply):
+                if not mail_reply.is_success:
                     rcpt_replies.append(None)
                     continue
                 self._send(Rcpt(rcpt))
                 (reply,) = yield 1
                 rcpt_replies.append(reply)
-            if not any(r is not None and _ok(r) for r in rcpt_replies):
+            if not any(r is not None and r.is_success for r in rcpt_replies):
                 return TransactionResult(mail_reply, tuple(rcpt_replies), None)
             self._send(Data())
             (data_cmd_reply,) = yield 1
         if data_cmd_reply.code != 354:
             return TransactionResult(mail_reply, tuple(rcpt_replies), data_cmd_reply)
-        usable = _ok(mail_reply) and any(r is not None and _ok(r) for r in rcpt_replies)
+        usable = mail_reply.is_success and any(
+            r is not None and r.is_success for r in rcpt_replies)
         # RFC 2920 §3.1: DATA accepted without valid recipients: send an empty message.
         self._out.append(wire if usable else b".\r\n")
         (final,) = yield 1

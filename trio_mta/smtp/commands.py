@@ -297,6 +297,15 @@ _PARSERS: dict[bytes, Callable[[str, bool], Command]] = {
 }
 
 
+def max_line_length(line: bytes) -> int:
+    """The most octets, CRLF included, a command line starting with ``line`` may have.
+
+    Only the first five octets matter (MAIL may be longer), so the server can
+    apply the same limit to a line it has not finished receiving.
+    """
+    return MAX_MAIL_LINE if line[:5].upper() == b"MAIL " else MAX_LINE
+
+
 def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
     """Parse one command line given WITHOUT its CRLF.
 
@@ -304,8 +313,7 @@ def parse_command(line: bytes, *, smtputf8_ok: bool = True) -> Command:
     SMTPUTF8 parameter on it: for RCPT, the transaction's MAIL carried
     SMTPUTF8 (RFC 6531 §3.4); a MAIL line may always enable it for itself.
     """
-    size = len(line)
-    if size > MAX_LINE - 2 and (size > MAX_MAIL_LINE - 2 or line[:5].upper() != b"MAIL "):
+    if len(line) > MAX_LINE - 2 and len(line) + 2 > max_line_length(line):
         raise CommandError(_TOO_LONG)
     control = _CONTROL_BYTES.search(line)
     if control is not None and (b"\r" in line or b"\n" in line):

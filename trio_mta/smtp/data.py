@@ -1,4 +1,4 @@
-"""DATA framing (RFC 5321 §4.5.2, §4.1.1.4) and the BDAT line-ending check.
+"""DATA framing (RFC 5321 §4.5.2, §4.1.1.4) and BDAT framing (RFC 3030 §2).
 
 The end of the mail data is exactly CRLF "." CRLF. A lone LF or CR is never
 a line end here: accepting ``<LF>.<CR><LF>`` and friends as the end is what
@@ -12,6 +12,10 @@ the remaining LFs. Only the rare dot-lines and bare CRs reach Python. A chunk
 is split into a "segment" processed now and a held-back suffix of at most four
 bytes that could begin the end marker; a segment therefore never ends inside a
 CRLF, which keeps the per-segment checks exact for any split of the input.
+
+BDAT needs no end marker: :class:`BdatReader` counts each chunk's octets out
+of the server's buffer (by offset, without copying what follows) and applies
+the same size limit and bare CR/LF rule across chunk borders.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class DataReader:
     ``feed`` returns ``(body, remainder)``: the unstuffed body bytes available
     now (CRLF line ends, the final CRLF included) and, once the end marker was
     seen, the bytes that followed it (pipelined commands), else ``None``.
+    Past ``max_size`` octets nothing more is passed on (:attr:`too_big`), so
+    the bytes passed on are the same for every split of the input.
     """
 
     def __init__(self, max_size: int) -> None:
@@ -145,8 +151,10 @@ class DataReader:
         if self._too_big:
             return b""
         if self._size > self._max:
-            self._too_big = True  # discard, never buffer, but keep reading to the end
-            return b""
+            # Pass exactly the first max_size octets whatever the split, then
+            # discard (never buffer) but keep reading to the end.
+            self._too_big = True
+            return body[: len(body) - (self._size - self._max)]
         return body
 
 
@@ -191,3 +199,93 @@ class LineEndingChecker:
         if self._cr_pending:
             self._bad = True
             self._cr_pending = False
+
+
+class BdatReader:
+    """Server side: the octets of one message sent as BDAT chunks (RFC 3030 §2).
+
+    The server announces each chunk with :meth:`begin_chunk`, then calls
+    :meth:`feed` on its receive buffer until :attr:`chunk_done`, and after the
+    LAST chunk calls :meth:`finish`. As for DATA, only the first ``max_size``
+    octets are passed on (the rest is only counted) and bare CR/LF only set
+    :attr:`bad_line_ending`: we do not offer BINARYMIME, so stored mail must
+    be CRLF text.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._size = 0
+        self._too_big = False
+        self._check = LineEndingChecker()
+        self._remaining = 0
+        self._chunk_size = 0
+        self._last = False
+        self._finished = False
+
+    @property
+    def size(self) -> int:
+        """Octets of the message so far (a CRLF added by :meth:`finish` included)."""
+        return self._size
+
+    @property
+    def too_big(self) -> bool:
+        return self._too_big
+
+    @property
+    def bad_line_ending(self) -> bool:
+        """A bare CR or LF was seen (a CR at the very end counts after :meth:`finish`)."""
+        return self._check.bad
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def last(self) -> bool:
+        """The current chunk was announced with LAST."""
+        return self._last
+
+    @property
+    def chunk_done(self) -> bool:
+        return not self._remaining
+
+    def begin_chunk(self, size: int, last: bool) -> None:
+        if self._remaining or self._finished:
+            raise LocalProtocolError("BdatReader.begin_chunk() inside a chunk or after LAST")
+        self._remaining = self._chunk_size = size
+        self._last = last
+
+    def feed(self, buf: bytes, pos: int = 0) -> tuple[bytes, int]:
+        """Take the current chunk's octets from ``buf[pos:]``.
+
+        Returns the body bytes to pass on (``b""`` once too big) and the
+        offset in ``buf`` where the chunk's octets stopped.
+        """
+        take = min(len(buf) - pos, self._remaining)
+        if take <= 0:
+            return b"", pos
+        chunk = buf if take == len(buf) else buf[pos : pos + take]
+        self._remaining -= take
+        self._check.feed(chunk)
+        self._size += take
+        if self._too_big:
+            return b"", pos + take
+        if self._size > self._max:
+            self._too_big = True  # as DataReader: the first max_size octets, then nothing
+            return chunk[: take - (self._size - self._max)], pos + take
+        return chunk, pos + take
+
+    def finish(self) -> bytes:
+        """After the LAST chunk: final checks; returns what to append to the body.
+
+        RFC 3030 does not require the content to end in CRLF, but a stored
+        message must, so a clean message lacking one gets ``b"\\r\\n"``.
+        """
+        if not self._last or self._remaining:
+            raise LocalProtocolError("BdatReader.finish() before the end of the LAST chunk")
+        self._finished = True
+        self._check.finish()
+        if self._check.bad or self._too_big or self._check.ends_with_crlf:
+            return b""
+        self._size += 2
+        return b"\r\n"

@@ -61,6 +61,11 @@ class Reply:
         return " ".join(self.lines)
 
     @property
+    def is_success(self) -> bool:
+        """2xx: the command was accepted (RFC 5321 §4.2.1)."""
+        return 200 <= self.code < 300
+
+    @property
     def is_positive(self) -> bool:
         return self.code < 400
 

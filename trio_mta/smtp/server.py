@@ -17,10 +17,30 @@ The machine answers everything it can decide alone (syntax, sequence, limits,
 EHLO, NOOP, ...) and turns the rest into DECISION events. It never reads past
 a pending decision, so replies leave in command order (RFC 2920 §3) and
 nothing after STARTTLS is parsed before the caller has answered it (RFC 3207
-§4, CVE-2011-0411). Input is kept as one ``bytes`` plus an offset: each line
-is found with one ``find`` from where the last one ended, and leftovers are
-only ever a partial line, so there is neither rescanning nor quadratic
-concatenation. DATA is streamed out as :class:`BodyChunk` events.
+§4, CVE-2011-0411).
+
+Two pieces of state, as in h11's ``_state.py``:
+
+- the *phase* says what the next input bytes are (a command line, a SASL
+  response, DATA, a BDAT chunk, ...) and picks the reader;
+- the *state* says where the conversation is (greeted? MAIL accepted? any
+  recipient? a BDAT message open?). What a command does in a state is data:
+  ``_TRANSITIONS[state][command type]`` is its handler or its fixed refusal,
+  so sequence rules are written once (RFC 5321 §4.1.4, RFC 3030 §2) and
+  handlers only check arguments. Refusals that depend on what the session
+  offers (STARTTLS, AUTH) are folded into one precomputed table per offer,
+  so they take precedence over sequence errors and cost nothing per command.
+
+Input is kept as one ``bytes`` plus an offset: each line is found with one
+``find`` from where the last one ended, and leftovers are only ever a partial
+line, so there is neither rescanning nor quadratic concatenation. A line is
+everything up to its first LF, judged as a whole in a fixed order: length
+first (512 octets with CRLF, MAIL 1038, a SASL response 12290), then the line
+ending (CRLF only, RFC 5321 §2.3.8), then its content. An over-long line is
+refused as too long whatever else it holds, because that is all that can be
+known of it while it is still arriving: no split of the input can change a
+reply. DATA and BDAT are framed by :class:`DataReader` and
+:class:`BdatReader` and streamed out as :class:`BodyChunk` events.
 
 Client mistakes (syntax, sequence, bare CR/LF, over-long lines) count toward
 ``max_errors``, after which the machine queues 421 4.7.0 and closes; policy
@@ -37,11 +57,12 @@ import base64
 import binascii
 import enum
 from collections import deque
-from collections.abc import Callable, Sequence
-from functools import lru_cache
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache, lru_cache
+from typing import Any, TypeAlias
 
 from trio_mta.smtp.commands import (
+    MAX_LINE,
     MAX_MAIL_LINE,
     Auth,
     Bdat,
@@ -58,9 +79,10 @@ from trio_mta.smtp.commands import (
     Rset,
     StartTls,
     Vrfy,
+    max_line_length,
     parse_command,
 )
-from trio_mta.smtp.data import DataReader, LineEndingChecker
+from trio_mta.smtp.data import BdatReader, DataReader
 from trio_mta.smtp.errors import CommandError, LocalProtocolError
 from trio_mta.smtp.events import (
     NEED_DATA,
@@ -122,6 +144,7 @@ _BAD_SASL = Reply(501, "5.5.2", "Invalid authentication response")
 _SASL_EMPTY = Reply(334, None, "")
 _SASL_USERNAME = Reply(334, None, "VXNlcm5hbWU6")  # "Username:", RFC 4954 practice for LOGIN
 _SASL_PASSWORD = Reply(334, None, "UGFzc3dvcmQ6")  # "Password:"
+_NO_MAIL_PARAMS = MailParams()
 
 
 @lru_cache(maxsize=512)
@@ -130,20 +153,75 @@ def _wire(reply: Reply) -> bytes:
 
 
 class _Phase(enum.Enum):
+    """What the next input bytes are."""
+
     BANNER = "banner"  # nothing parsed until the caller sent the greeting
     COMMAND = "command"
     DISCARD = "discard"  # dropping an over-long line up to its LF
     SASL = "sasl"  # reading an AUTH continuation line
     DATA = "data"  # after 354
     BDAT = "bdat"  # reading a BDAT chunk's octets
+    SKIP = "skip"  # throwing away the octets of a refused BDAT chunk
     TLS_WAIT = "tls-wait"  # 220 sent to STARTTLS, handshake not confirmed yet
     CLOSED = "closed"
+
+    # Members are singletons: hashing by identity keeps the per-line table
+    # lookups in C (Enum.__hash__ is Python code).
+    __hash__ = object.__hash__
+
+
+class _State(enum.Enum):
+    """Where the conversation is; the rows of ``_TRANSITIONS``."""
+
+    GREETING = "greeting"  # no EHLO/HELO yet (again after STARTTLS)
+    IDLE = "idle"  # greeted, no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    BDAT = "bdat"  # a BDAT message is open (DATA and RCPT are refused)
+    REJECTING = "rejecting"  # 554 banner: only QUIT is served (RFC 5321 §3.1)
+
+    __hash__ = object.__hash__  # as _Phase
+
+
+_IN_TRANSACTION_STATES = frozenset((_State.MAIL, _State.RCPT, _State.BDAT))
+
+
+class _TlsOffer(enum.Enum):
+    OFFERED = "offered"
+    NOT_OFFERED = "not-offered"
+    ACTIVE = "active"
+
+
+class _AuthOffer(enum.Enum):
+    OFFERED = "offered"  # the EHLO reply decides whether it is listed
+    DISABLED = "disabled"  # no mechanisms configured
+    DONE = "done"  # RFC 4954 §4: one successful AUTH per session
 
 
 class _Sasl(enum.Enum):
     PLAIN = "plain"
     LOGIN_USER = "login-user"
     LOGIN_PASSWORD = "login-password"
+
+
+# What a command does in a state: a function of the machine and the command.
+_Action: TypeAlias = Callable[["ServerConnection", Any], None]
+_Row: TypeAlias = Mapping[type[Any], _Action]
+
+
+def _refuse(reply: Reply) -> _Action:
+    """A client mistake: answer ``reply``; it counts toward max_errors."""
+    return lambda conn, cmd: conn._error(reply)
+
+
+def _answer(reply: Reply) -> _Action:
+    """A fixed reply that is no mistake (NOOP, or a policy refusal)."""
+    return lambda conn, cmd: conn._queue(reply)
+
+
+def _skip_chunk(reply: Reply, *, mistake: bool) -> _Action:
+    """RFC 3030 §2: a refused BDAT's octets follow at once; read them, then refuse."""
+    return lambda conn, cmd: conn._skip_chunk(cmd.size, reply, mistake)
 
 
 class ServerConnection:
@@ -182,46 +260,29 @@ class ServerConnection:
         self._phase = _Phase.BANNER
         self._discard_reply = _TOO_LONG
         self._pending: Event | None = None
-        self._rejecting = False  # 554 banner: only QUIT is served (RFC 5321 §3.1)
         self._errors = 0
         self._pending_plaintext = b""
 
+        # Session: what the client said and what we offer.
         self._helo: str | None = None
         self._esmtp = False
         self._user: str | None = None
         self._sasl = _Sasl.PLAIN
         self._sasl_user = ""
+        self._table: Mapping[_State, _Row] = {}
+        self._ehlo_reply = _OK
+        self._state = _State.GREETING
+        self._row: _Row = {}
+        self._offer_changed()
 
-        # Transaction state.
-        self._mail = False
+        # Transaction.
         self._utf8 = False
         self._rcpts = 0
-        self._in_data = False
-        self._reader: DataReader | None = None
-        self._bdat_open = False
-        self._bdat_remaining = 0
-        self._bdat_last = False
-        self._bdat_chunk = 0
-        self._bdat_size = 0
-        self._bdat_too_big = False
-        self._bdat_error: Reply | None = None
-        self._bdat_check = LineEndingChecker()
-
-        self._handlers: dict[type[Any], Callable[[Any], None]] = {
-            Ehlo: self._on_ehlo,
-            Helo: self._on_helo,
-            Mail: self._on_mail,
-            Rcpt: self._on_rcpt,
-            Data: self._on_data,
-            Bdat: self._on_bdat,
-            Rset: self._on_rset,
-            Noop: lambda cmd: self._queue(_OK),
-            Quit: self._on_quit,
-            Vrfy: lambda cmd: self._queue(_VRFY),
-            Help: lambda cmd: self._queue(_HELP),
-            StartTls: self._on_starttls,
-            Auth: self._on_auth,
-        }
+        self._data: DataReader | None = None
+        self._bdat: BdatReader | None = None
+        self._skip_left = 0
+        self._skip_reply = _NEED_MAIL
+        self._skip_mistake = True
 
     # ----------------------------------------------------------------- state
     @property
@@ -243,12 +304,12 @@ class ServerConnection:
     @property
     def in_data(self) -> bool:
         """Between 354 (or the first BDAT chunk) and the end of the message."""
-        return self._in_data
+        return self._phase is _Phase.DATA or self._state is _State.BDAT
 
     @property
     def in_transaction(self) -> bool:
         """MAIL was accepted and the transaction has not ended yet."""
-        return self._mail
+        return self._state in _IN_TRANSACTION_STATES
 
     @property
     def closed(self) -> bool:
@@ -299,7 +360,7 @@ class ServerConnection:
             self._queue(reply)
             self._phase = _Phase.COMMAND
             if reply.code == 554:
-                self._rejecting = True
+                self._enter(_State.REJECTING)
             elif not reply.is_positive:
                 self._close()
             return
@@ -308,24 +369,7 @@ class ServerConnection:
             raise LocalProtocolError("send_reply() without a pending decision")
         self._pending = None
         self._queue(reply)
-        ok = 200 <= reply.code < 300
-        if isinstance(pending, MailFrom):
-            if ok:
-                self._mail = True
-                self._utf8 = pending.params.smtputf8
-        elif isinstance(pending, RcptTo):
-            if ok:
-                self._rcpts += 1
-        elif isinstance(pending, EndOfMessage):
-            self._reset_transaction(announce=True)
-        elif isinstance(pending, StartTlsRequest):
-            if reply.code == 220:
-                # RFC 3207 §4: nothing sent before the handshake may be acted on.
-                self._keep_plaintext(self._buf[self._pos :])
-                self._buf, self._pos = b"", 0
-                self._phase = _Phase.TLS_WAIT
-        elif isinstance(pending, AuthAttempt) and reply.code == 235:
-            self._user = pending.username
+        _ANSWERED[type(pending)](self, pending, reply)
         if reply.code == 421:
             self._close()
 
@@ -340,6 +384,8 @@ class ServerConnection:
         self._user = None
         self._reset_transaction(announce=False)
         self._phase = _Phase.COMMAND
+        self._offer_changed()
+        self._enter(_State.GREETING)
 
     def close(self, reply: Reply | None = None) -> None:
         """Give up on the session (timeout, policy): queue ``reply`` (e.g. 421) and stop.
@@ -362,7 +408,7 @@ class ServerConnection:
         while not self._events:
             if self._phase is _Phase.CLOSED:
                 return ConnectionClosed()
-            if not self._step():
+            if not _STEPS[self._phase](self):
                 if self._eof:
                     self._close()
                     return ConnectionClosed()
@@ -386,6 +432,30 @@ class ServerConnection:
         self._phase = _Phase.CLOSED
         self._buf, self._pos = b"", 0
 
+    def _enter(self, state: _State) -> None:
+        self._state = state
+        self._row = self._table[state]
+
+    def _offer_changed(self) -> None:
+        """TLS or AUTH changed what the session offers: pick the table and EHLO reply."""
+        if self._tls:
+            tls = _TlsOffer.ACTIVE
+        else:
+            tls = _TlsOffer.OFFERED if self._starttls else _TlsOffer.NOT_OFFERED
+        if not self._mechanisms:
+            auth = _AuthOffer.DISABLED
+        else:
+            auth = _AuthOffer.DONE if self._user is not None else _AuthOffer.OFFERED
+        self._table = _table(tls, auth)
+        self._row = self._table[self._state]
+        lines = [self._hostname, "PIPELINING", f"SIZE {self._max_size}", "8BITMIME",
+                 "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
+        if tls is _TlsOffer.OFFERED:
+            lines.append("STARTTLS")
+        if self._mechanisms and (self._tls or not self._auth_requires_tls):
+            lines.append("AUTH " + " ".join(self._mechanisms))
+        self._ehlo_reply = Reply(250, None, tuple(lines))
+
     def _keep_plaintext(self, data: bytes) -> None:
         room = MAX_PENDING_PLAINTEXT - len(self._pending_plaintext)
         if room > 0:
@@ -398,57 +468,51 @@ class ServerConnection:
     def _reset_transaction(self, *, announce: bool) -> None:
         if announce:
             self._events.append(TransactionReset())
-        self._mail = False
+        if self._state in _IN_TRANSACTION_STATES:
+            self._state, self._row = _State.IDLE, self._table[_State.IDLE]
         self._utf8 = False
         self._rcpts = 0
-        self._in_data = False
-        self._reader = None
-        self._bdat_open = False
-        self._bdat_size = 0
+        self._data = None
+        self._bdat = None
 
-    def _step(self) -> bool:
-        """Process some input; False when nothing can be done without more bytes."""
-        phase = self._phase
-        if phase is _Phase.COMMAND or phase is _Phase.SASL:
-            return self._step_line(MAX_MAIL_LINE if phase is _Phase.COMMAND else MAX_SASL_LINE + 2)
-        if phase is _Phase.DATA:
-            return self._step_data()
-        if phase is _Phase.BDAT:
-            return self._step_bdat()
-        if phase is _Phase.DISCARD:
-            return self._step_discard()
-        return False  # TLS_WAIT: paused until tls_established()
-
-    def _step_line(self, limit: int) -> bool:
+    # ---------------------------------------------------------- command lines
+    def _step_line(self) -> bool:
+        """Read one command or SASL line; False when it has not fully arrived."""
         buf, pos = self._buf, self._pos
+        sasl = self._phase is _Phase.SASL
+        limit = MAX_SASL_LINE + 2 if sasl else MAX_MAIL_LINE
         end = buf.find(b"\n", pos)
         if end < 0:
             if len(buf) - pos > limit:
-                # Resync at the next LF without buffering the rest of the line.
-                sasl = self._phase is _Phase.SASL
+                # Too long whatever follows: resync at the next LF without
+                # buffering the rest of the line.
                 self._discard_reply = _SASL_TOO_LONG if sasl else _TOO_LONG
                 self._phase = _Phase.DISCARD
                 self._buf, self._pos = b"", 0
                 return True
             return False
         self._pos = end + 1
-        if end == pos or buf[end - 1] != 13 or buf.find(b"\r", pos, end - 1) >= 0:
+        # The whole line, judged in a fixed order (module docstring).
+        size = end + 1 - pos
+        if size > MAX_LINE and not sasl:
+            limit = max_line_length(buf[pos : pos + 5])
+        if size > limit:
+            self._phase = _Phase.COMMAND
+            self._error(_SASL_TOO_LONG if sasl else _TOO_LONG)
+        elif end == pos or buf[end - 1] != 13 or buf.find(b"\r", pos, end - 1) >= 0:
             # RFC 5321 §2.3.8: lines end in CRLF only; a bare LF or CR is refused.
-            if self._phase is _Phase.SASL:
-                self._phase = _Phase.COMMAND
+            self._phase = _Phase.COMMAND
             self._error(_BARE_LINE_END)
-            return True
-        line = buf[pos : end - 1]
-        if len(line) + 2 > limit:
-            if self._phase is _Phase.SASL:
-                self._phase = _Phase.COMMAND
-                self._error(_SASL_TOO_LONG)
-            else:
-                self._error(_TOO_LONG)
-        elif self._phase is _Phase.SASL:
-            self._on_sasl_line(line)
+        elif sasl:
+            self._phase = _Phase.COMMAND
+            self._on_sasl_line(buf[pos : end - 1])
         else:
-            self._on_command_line(line)
+            try:
+                cmd: Command = parse_command(buf[pos : end - 1], smtputf8_ok=self._utf8)
+            except CommandError as exc:
+                self._error(exc.reply)
+            else:
+                self._row[type(cmd)](self, cmd)
         return True
 
     def _step_discard(self) -> bool:
@@ -461,96 +525,41 @@ class ServerConnection:
         self._error(self._discard_reply)
         return True
 
-    def _on_command_line(self, line: bytes) -> None:
-        try:
-            cmd: Command = parse_command(line, smtputf8_ok=self._utf8)
-        except CommandError as exc:
-            self._error(exc.reply)
-            return
-        if self._rejecting and not isinstance(cmd, Quit):
-            self._error(_NO_SERVICE)
-            return
-        self._handlers[type(cmd)](cmd)
+    def _step_paused(self) -> bool:
+        return False  # BANNER, TLS_WAIT (until tls_established()), CLOSED
 
     # --------------------------------------------------------------- commands
     def _on_ehlo(self, cmd: Ehlo) -> None:
-        lines = [self._hostname, "PIPELINING", f"SIZE {self._max_size}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
-        if self._starttls and not self._tls:
-            lines.append("STARTTLS")
-        if self._mechanisms and (self._tls or not self._auth_requires_tls):
-            lines.append("AUTH " + " ".join(self._mechanisms))
-        self._hello(cmd.domain, True, Reply(250, None, tuple(lines)))
+        self._hello(cmd.domain, True, self._ehlo_reply)
 
     def _on_helo(self, cmd: Helo) -> None:
         self._hello(cmd.domain, False, Reply(250, None, self._hostname))
 
     def _hello(self, name: str, esmtp: bool, reply: Reply) -> None:
         # RFC 5321 §4.1.4: a later EHLO/HELO resets the state like RSET.
-        self._reset_transaction(announce=self._mail)
+        self._reset_transaction(announce=self._state in _IN_TRANSACTION_STATES)
         self._helo = name
         self._esmtp = esmtp
+        self._enter(_State.IDLE)
         self._queue(reply)
         self._events.append(Hello(esmtp, name))
 
     def _on_mail(self, cmd: Mail) -> None:
-        if self._helo is None:
-            self._error(_NEED_HELO)
-        elif self._mail:
-            self._error(_NESTED_MAIL)
-        elif not self._esmtp and cmd.params != MailParams():
+        params = cmd.params
+        if not self._esmtp and params != _NO_MAIL_PARAMS:
             self._error(_NO_PARAMS)  # RFC 5321 §4.1.1.11: parameters need EHLO
-        elif cmd.params.body == "BINARYMIME":
+        elif params.body == "BINARYMIME":
             self._error(_NO_BINARYMIME)  # RFC 3030 §3: not offered
-        elif cmd.params.size is not None and cmd.params.size > self._max_size:
+        elif params.size is not None and params.size > self._max_size:
             self._queue(_TOO_BIG)  # RFC 1870 §6.1
         else:
-            self._decide(MailFrom(cmd.path, cmd.params))
+            self._decide(MailFrom(cmd.path, params))
 
     def _on_rcpt(self, cmd: Rcpt) -> None:
-        if not self._mail:
-            self._error(_NEED_MAIL)
-        elif self._bdat_open:
-            self._error(_BDAT_OPEN)
-        elif self._rcpts >= self._max_rcpt:
+        if self._rcpts >= self._max_rcpt:
             self._queue(_TOO_MANY_RCPT)  # RFC 5321 §4.5.3.1.10
         else:
             self._decide(RcptTo(cmd.path, cmd.params))
-
-    def _on_data(self, cmd: Data) -> None:
-        if not self._mail:
-            self._error(_NEED_MAIL)
-        elif self._bdat_open:
-            self._error(_BDAT_OPEN)  # RFC 3030 §2: no DATA inside a BDAT transaction
-        elif not self._rcpts:
-            self._queue(_NO_RCPT)  # RFC 2920 §3.1
-        else:
-            self._queue(_START_DATA)
-            self._reader = DataReader(self._max_size)
-            self._in_data = True
-            self._phase = _Phase.DATA
-            self._events.append(DataStarted())
-
-    def _on_bdat(self, cmd: Bdat) -> None:
-        # RFC 3030 §2: the chunk follows the command at once, so even a refused
-        # BDAT has its octets read and thrown away before the reply.
-        self._bdat_error = None
-        if not self._mail:
-            self._bdat_error = _NEED_MAIL
-        elif not self._rcpts:
-            self._bdat_error = _NO_RCPT
-        elif not self._bdat_open:
-            self._bdat_open = True
-            self._in_data = True
-            self._bdat_size = 0
-            self._bdat_too_big = False
-            self._bdat_check = LineEndingChecker()
-            self._events.append(DataStarted())
-        self._bdat_remaining = self._bdat_chunk = cmd.size
-        self._bdat_last = cmd.last
-        self._phase = _Phase.BDAT
-        if not cmd.size:
-            self._bdat_chunk_done()
 
     def _on_rset(self, cmd: Rset) -> None:
         self._reset_transaction(announce=True)
@@ -562,18 +571,17 @@ class ServerConnection:
         self._events.append(cmd)
 
     def _on_starttls(self, cmd: StartTls) -> None:
-        if self._tls:
-            self._error(_TLS_ACTIVE)
-        elif not self._starttls:
-            self._error(_NO_TLS)
-        elif self._mail:
-            self._error(_IN_TRANSACTION)
-        else:
-            self._decide(StartTlsRequest())
+        self._decide(StartTlsRequest())
 
     # ------------------------------------------------------------ DATA, BDAT
+    def _on_data(self, cmd: Data) -> None:
+        self._queue(_START_DATA)
+        self._data = DataReader(self._max_size)
+        self._phase = _Phase.DATA
+        self._events.append(DataStarted())
+
     def _step_data(self) -> bool:
-        reader = self._reader
+        reader = self._data
         assert reader is not None
         if self._pos >= len(self._buf):
             return False
@@ -590,59 +598,71 @@ class ServerConnection:
             elif reader.too_big:
                 self._refuse_message(_TOO_BIG)
             else:
-                self._in_data = False
                 self._decide(EndOfMessage(reader.size))
         return True
 
+    def _on_bdat(self, cmd: Bdat) -> None:
+        reader = self._bdat
+        if reader is None or self._state is not _State.BDAT:  # the first chunk opens it
+            reader = self._bdat = BdatReader(self._max_size)
+            self._enter(_State.BDAT)
+            self._events.append(DataStarted())
+        reader.begin_chunk(cmd.size, cmd.last)
+        self._phase = _Phase.BDAT
+        if not cmd.size:
+            self._bdat_chunk_done(reader)
+
     def _step_bdat(self) -> bool:
+        reader = self._bdat
+        assert reader is not None
+        if self._pos >= len(self._buf):
+            return False
+        body, self._pos = reader.feed(self._buf, self._pos)
+        if body:
+            self._events.append(BodyChunk(body))
+        if reader.chunk_done:
+            self._bdat_chunk_done(reader)
+        return True
+
+    def _bdat_chunk_done(self, reader: BdatReader) -> None:
+        self._phase = _Phase.COMMAND
+        if not reader.last:
+            self._queue(Reply(250, "2.0.0", f"{reader.chunk_size} octets received"))
+            return
+        tail = reader.finish()
+        if reader.bad_line_ending:
+            self._refuse_message(_BARE_IN_DATA)
+        elif reader.too_big:
+            self._refuse_message(_TOO_BIG)
+        else:
+            if tail:
+                self._events.append(BodyChunk(tail))
+            self._enter(_State.RCPT)  # the message is complete: no longer in data
+            self._decide(EndOfMessage(reader.size))
+
+    def _skip_chunk(self, size: int, reply: Reply, mistake: bool) -> None:
+        self._skip_left, self._skip_reply, self._skip_mistake = size, reply, mistake
+        self._phase = _Phase.SKIP
+        if not size:
+            self._skip_done()
+
+    def _step_skip(self) -> bool:
         available = len(self._buf) - self._pos
         if not available:
             return False
-        take = min(available, self._bdat_remaining)
-        if self._pos == 0 and take == len(self._buf):
-            chunk = self._buf
-        else:
-            chunk = self._buf[self._pos : self._pos + take]
+        take = min(available, self._skip_left)
         self._pos += take
-        self._bdat_remaining -= take
-        if self._bdat_error is None:
-            self._bdat_check.feed(chunk)
-            self._bdat_size += take
-            if self._bdat_size > self._max_size:
-                self._bdat_too_big = True
-            if not self._bdat_too_big:
-                self._events.append(BodyChunk(chunk))
-        if not self._bdat_remaining:
-            self._bdat_chunk_done()
+        self._skip_left -= take
+        if not self._skip_left:
+            self._skip_done()
         return True
 
-    def _bdat_chunk_done(self) -> None:
+    def _skip_done(self) -> None:
         self._phase = _Phase.COMMAND
-        error = self._bdat_error
-        if error is not None:
-            self._bdat_error = None
-            if error is _NO_RCPT:
-                self._queue(error)
-            else:
-                self._error(error)
-            return
-        if not self._bdat_last:
-            self._queue(Reply(250, "2.0.0", f"{self._bdat_chunk} octets received"))
-            return
-        check = self._bdat_check
-        check.finish()
-        if check.bad:
-            # We do not offer BINARYMIME: stored mail must be clean CRLF text.
-            self._refuse_message(_BARE_IN_DATA)
-        elif self._bdat_too_big:
-            self._refuse_message(_TOO_BIG)
+        if self._skip_mistake:
+            self._error(self._skip_reply)
         else:
-            if not check.ends_with_crlf:
-                self._events.append(BodyChunk(b"\r\n"))
-                self._bdat_size += 2
-            self._in_data = False
-            self._bdat_open = False
-            self._decide(EndOfMessage(self._bdat_size))
+            self._queue(self._skip_reply)
 
     def _refuse_message(self, reply: Reply) -> None:
         self._queue(reply)
@@ -651,14 +671,8 @@ class ServerConnection:
 
     # ------------------------------------------------------------------ AUTH
     def _on_auth(self, cmd: Auth) -> None:
-        if not self._mechanisms:
-            self._error(_NO_AUTH)
-        elif not self._esmtp:
+        if not self._esmtp:
             self._error(_NEED_EHLO)  # RFC 4954 §4: AUTH is an EHLO extension
-        elif self._user is not None:
-            self._error(_AUTHENTICATED)  # RFC 4954 §4: one successful AUTH per session
-        elif self._mail:
-            self._error(_IN_TRANSACTION)  # RFC 4954 §4: not during a transaction
         elif self._auth_requires_tls and not self._tls:
             self._queue(_AUTH_NEEDS_TLS)  # RFC 4954 §6
         elif cmd.mechanism not in self._mechanisms:
@@ -679,7 +693,6 @@ class ServerConnection:
         self._queue(challenge)
 
     def _on_sasl_line(self, line: bytes) -> None:
-        self._phase = _Phase.COMMAND
         if line == b"*":
             self._queue(_AUTH_CANCELLED)  # RFC 4954 §4
         else:
@@ -716,3 +729,125 @@ def _utf8_all(parts: list[bytes]) -> list[str] | None:
         return [part.decode("utf-8") for part in parts]
     except UnicodeDecodeError:
         return None
+
+
+# ------------------------------------------------------------------ the tables
+_STEPS: dict[_Phase, Callable[[ServerConnection], bool]] = {
+    _Phase.BANNER: ServerConnection._step_paused,
+    _Phase.COMMAND: ServerConnection._step_line,
+    _Phase.SASL: ServerConnection._step_line,
+    _Phase.DISCARD: ServerConnection._step_discard,
+    _Phase.DATA: ServerConnection._step_data,
+    _Phase.BDAT: ServerConnection._step_bdat,
+    _Phase.SKIP: ServerConnection._step_skip,
+    _Phase.TLS_WAIT: ServerConnection._step_paused,
+    _Phase.CLOSED: ServerConnection._step_paused,
+}
+
+# Commands that mean the same in every state but REJECTING.
+_ANY_STATE: dict[type[Any], _Action] = {
+    Ehlo: ServerConnection._on_ehlo,
+    Helo: ServerConnection._on_helo,
+    Rset: ServerConnection._on_rset,
+    Noop: _answer(_OK),
+    Quit: ServerConnection._on_quit,
+    Vrfy: _answer(_VRFY),
+    Help: _answer(_HELP),
+    StartTls: ServerConnection._on_starttls,
+    Auth: ServerConnection._on_auth,
+}
+# Outside a transaction, and inside one (RFC 5321 §4.1.4, RFC 3030 §2, RFC 4954 §4,
+# RFC 3207 §4: neither STARTTLS nor AUTH in the middle of a transaction).
+_NO_TRANSACTION: dict[type[Any], _Action] = {
+    Rcpt: _refuse(_NEED_MAIL),
+    Data: _refuse(_NEED_MAIL),
+    Bdat: _skip_chunk(_NEED_MAIL, mistake=True),
+}
+_TRANSACTION: dict[type[Any], _Action] = {
+    Mail: _refuse(_NESTED_MAIL),
+    StartTls: _refuse(_IN_TRANSACTION),
+    Auth: _refuse(_IN_TRANSACTION),
+}
+_TRANSITIONS: dict[_State, dict[type[Any], _Action]] = {
+    _State.GREETING: {**_ANY_STATE, **_NO_TRANSACTION, Mail: _refuse(_NEED_HELO)},
+    _State.IDLE: {**_ANY_STATE, **_NO_TRANSACTION, Mail: ServerConnection._on_mail},
+    _State.MAIL: {
+        **_ANY_STATE, **_TRANSACTION,
+        Rcpt: ServerConnection._on_rcpt,
+        Data: _answer(_NO_RCPT),  # RFC 2920 §3.1: a policy outcome, not a mistake
+        Bdat: _skip_chunk(_NO_RCPT, mistake=False),
+    },
+    _State.RCPT: {
+        **_ANY_STATE, **_TRANSACTION,
+        Rcpt: ServerConnection._on_rcpt,
+        Data: ServerConnection._on_data,
+        Bdat: ServerConnection._on_bdat,
+    },
+    _State.BDAT: {
+        **_ANY_STATE, **_TRANSACTION,
+        Rcpt: _refuse(_BDAT_OPEN),
+        Data: _refuse(_BDAT_OPEN),  # RFC 3030 §2: no DATA inside a BDAT transaction
+        Bdat: ServerConnection._on_bdat,
+    },
+    _State.REJECTING: {
+        **{cls: _refuse(_NO_SERVICE) for cls in (*_ANY_STATE, Mail, Rcpt, Data, Bdat)},
+        Quit: ServerConnection._on_quit,
+    },
+}
+# What the session does not offer is refused before any sequence rule applies.
+_TLS_REFUSALS = {_TlsOffer.NOT_OFFERED: _NO_TLS, _TlsOffer.ACTIVE: _TLS_ACTIVE}
+_AUTH_REFUSALS = {_AuthOffer.DISABLED: _NO_AUTH, _AuthOffer.DONE: _AUTHENTICATED}
+
+
+@cache
+def _table(tls: _TlsOffer, auth: _AuthOffer) -> Mapping[_State, _Row]:
+    """``_TRANSITIONS`` for one offer (at most nine tables, built once each)."""
+    overrides: dict[type[Any], _Action] = {}
+    if tls in _TLS_REFUSALS:
+        overrides[StartTls] = _refuse(_TLS_REFUSALS[tls])
+    if auth in _AUTH_REFUSALS:
+        overrides[Auth] = _refuse(_AUTH_REFUSALS[auth])
+    return {state: row if state is _State.REJECTING else {**row, **overrides}
+            for state, row in _TRANSITIONS.items()}
+
+
+# ---------------------------------------------------- replies to decisions
+# On the per-message path: _enter() is inlined.
+def _mail_answered(conn: ServerConnection, event: MailFrom, reply: Reply) -> None:
+    if reply.is_success:
+        conn._utf8 = event.params.smtputf8
+        conn._state, conn._row = _State.MAIL, conn._table[_State.MAIL]
+
+
+def _rcpt_answered(conn: ServerConnection, event: RcptTo, reply: Reply) -> None:
+    if reply.is_success:
+        conn._rcpts += 1
+        if conn._state is _State.MAIL:
+            conn._state, conn._row = _State.RCPT, conn._table[_State.RCPT]
+
+
+def _message_answered(conn: ServerConnection, event: EndOfMessage, reply: Reply) -> None:
+    conn._reset_transaction(announce=True)  # whatever the reply
+
+
+def _starttls_answered(conn: ServerConnection, event: StartTlsRequest, reply: Reply) -> None:
+    if reply.code == 220:
+        # RFC 3207 §4: nothing sent before the handshake may be acted on.
+        conn._keep_plaintext(conn._buf[conn._pos :])
+        conn._buf, conn._pos = b"", 0
+        conn._phase = _Phase.TLS_WAIT
+
+
+def _auth_answered(conn: ServerConnection, event: AuthAttempt, reply: Reply) -> None:
+    if reply.code == 235:
+        conn._user = event.username
+        conn._offer_changed()
+
+
+_ANSWERED: dict[type[Any], Callable[[ServerConnection, Any, Reply], None]] = {
+    MailFrom: _mail_answered,
+    RcptTo: _rcpt_answered,
+    EndOfMessage: _message_answered,
+    StartTlsRequest: _starttls_answered,
+    AuthAttempt: _auth_answered,
+}

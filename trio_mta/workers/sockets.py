@@ -19,39 +19,12 @@ later privilege drop can bind low ports as root before giving them away.
 
 from __future__ import annotations
 
-import errno
 import socket
 
 from trio_mta.config import ListenConfig
-from trio_mta.config.schema import format_host_port
-from trio_mta.server.listeners import ListenError
+from trio_mta.server.errors import listening_socket
 
-BACKLOG = 1024
 HAVE_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
-
-
-def _socket(listen: ListenConfig, port: int, *, reuseport: bool, listening: bool) -> socket.socket:
-    host = listen.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        sock.bind((host, port))
-        if listening:
-            sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            reason = "address already in use"
-        raise ListenError(
-            f"cannot listen on {format_host_port(host, port)} ({listen.mode}): {reason}"
-        ) from None
-    return sock
 
 
 def bind_group(listen: ListenConfig, count: int) -> list[socket.socket]:
@@ -59,15 +32,15 @@ def bind_group(listen: ListenConfig, count: int) -> list[socket.socket]:
     SO_REUSEPORT); raises :class:`ListenError` naming the address."""
     reuseport = HAVE_REUSEPORT and count > 1
     if reuseport and listen.port:
-        _socket(listen, listen.port, reuseport=False, listening=False).close()
-    first = _socket(listen, listen.port, reuseport=reuseport, listening=True)
+        listening_socket(listen, listen.port, reuseport=False, listening=False).close()
+    first = listening_socket(listen, listen.port, reuseport=reuseport, listening=True)
     if not reuseport:
         return [first] * count
     group = [first]
     port = first.getsockname()[1]  # port 0: the others join the port the kernel chose
     try:
         while len(group) < count:
-            group.append(_socket(listen, port, reuseport=True, listening=True))
+            group.append(listening_socket(listen, port, reuseport=True, listening=True))
     except BaseException:
         for sock in group:
             sock.close()

@@ -7,6 +7,9 @@ fresh ``python -m trio_mta _worker`` (subprocess: fork+exec, never a bare fork
 of this trio process) in a process group of its own, so a terminal's Ctrl-C
 reaches the workers once, through the parent. It announces ``smtpd.listening``
 once every worker is ready, which is what "started" means for one process.
+Started as root with ``user`` set, it reads the key material and binds as root,
+then drops root (:mod:`trio_mta.privileges`) before starting any worker, and
+hands the workers that material (:mod:`~trio_mta.workers.secrets`).
 
 - A worker that dies is restarted with the same sockets; one that keeps dying
   within ``STABLE_AFTER`` seconds of its start waits longer each time
@@ -30,10 +33,11 @@ from dataclasses import dataclass
 
 import trio
 
-from trio_mta import log
+from trio_mta import log, privileges
 from trio_mta.config import Config, ListenConfig
 from trio_mta.metrics import serve_metrics
 from trio_mta.workers.metrics import WorkerMetrics
+from trio_mta.workers.secrets import SecretFds
 from trio_mta.workers.sockets import bind_group
 from trio_mta.workers.worker import READY, WORKER_COMMAND, ListenerFd, WorkerSpec
 
@@ -78,19 +82,32 @@ class Supervisor:
         self.exit_code = 0
         self._stop = trio.Event()
         self._alive_r = -1
+        self.secrets: SecretFds | None = None
 
     async def run(self) -> int:
-        from trio_mta.mta import build_ssl_context, raise_nofile_limit
+        from trio_mta.mta import (
+            build_ssl_context,
+            certificate_paths,
+            prepare_state_dirs,
+            raise_nofile_limit,
+        )
 
         raise_nofile_limit()  # inherited by the workers
         config = self.config
-        await trio.to_thread.run_sync(
-            lambda: config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
+        identity = privileges.target_identity(config)
+        await trio.to_thread.run_sync(prepare_state_dirs, config, identity)
         await trio.to_thread.run_sync(build_ssl_context, config)
         alive_w = -1
         try:
+            if identity is not None:
+                # Read as root what the workers (started as the user) could not.
+                privileges.hand_over_generated_certificate(config, identity)
+                cert, key = certificate_paths(config)
+                self.secrets = SecretFds.read(cert, key, config.auth.users_file)
             for listen in config.listen:
                 self.groups.append((listen, bind_group(listen, self.count)))
+            if identity is not None:
+                privileges.drop(identity)
             # Only this process holds the write end (os.pipe is close-on-exec):
             # when it dies, every worker reads end-of-file.
             self._alive_r, alive_w = os.pipe()
@@ -116,6 +133,8 @@ class Supervisor:
             for fd in (self._alive_r, alive_w):
                 if fd >= 0:
                     os.close(fd)
+            if self.secrets is not None:
+                self.secrets.close()
         log.event("mta.stopped", workers=self.count)
         return self.exit_code
 
@@ -153,8 +172,12 @@ class Supervisor:
         spec = WorkerSpec(
             index=child.index, count=self.count, alive_fd=self._alive_r, ready_fd=ready_w,
             metrics_fd=None if child_end is None else child_end.fileno(),
-            listeners=[ListenerFd(group[child.index].fileno(), listen.host, listen.port,
-                                  listen.mode) for listen, group in self.groups])
+            listeners=[ListenerFd.of(group[child.index].fileno(), listen)
+                       for listen, group in self.groups])
+        if self.secrets is not None:
+            spec.cert_fd, spec.key_fd = self.secrets.cert_fd, self.secrets.key_fd
+            spec.users_fd, spec.users_signature = (self.secrets.users_fd,
+                                                   self.secrets.users_signature)
         command = [sys.executable, "-m", "trio_mta", WORKER_COMMAND, spec.to_json(),
                    *self.worker_args]
         try:

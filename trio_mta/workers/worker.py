@@ -10,6 +10,7 @@ died, and the worker stops gracefully rather than serve unsupervised.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import trio
 
 from trio_mta import log
 from trio_mta.config import ListenConfig
+from trio_mta.workers.secrets import KeyMaterial
 from trio_mta.workers.slot import WorkerSlot
 
 if TYPE_CHECKING:
@@ -35,6 +37,18 @@ class ListenerFd:
     host: str
     port: int
     mode: str
+    proxy_protocol: bool = False
+    proxy_from: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, fd: int, listen: ListenConfig) -> ListenerFd:
+        return cls(fd, listen.host, listen.port, listen.mode, listen.proxy_protocol,
+                   [str(network) for network in listen.proxy_from])
+
+    def config(self) -> ListenConfig:
+        return ListenConfig(self.host, self.port, self.mode,  # type: ignore[arg-type]
+                            self.proxy_protocol,
+                            tuple(ipaddress.ip_network(n) for n in self.proxy_from))
 
 
 @dataclass
@@ -45,6 +59,11 @@ class WorkerSpec:
     ready_fd: int
     metrics_fd: int | None = None
     listeners: list[ListenerFd] = field(default_factory=list)
+    # Memory files with the key material, when the parent dropped root (workers/secrets.py).
+    cert_fd: int | None = None
+    key_fd: int | None = None
+    users_fd: int | None = None
+    users_signature: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -59,18 +78,22 @@ class WorkerSpec:
     def fds(self) -> tuple[int, ...]:
         """Every descriptor the child must inherit."""
         own = [self.alive_fd, self.ready_fd, *(item.fd for item in self.listeners)]
-        if self.metrics_fd is not None:
-            own.append(self.metrics_fd)
+        for fd in (self.metrics_fd, self.cert_fd, self.key_fd, self.users_fd):
+            if fd is not None:
+                own.append(fd)
         return tuple(dict.fromkeys(own))
 
     def slot(self) -> WorkerSlot:
         """The inherited descriptors as sockets, for ``serve(config, worker=...)``."""
         listeners = []
         for item in self.listeners:
-            listen = ListenConfig(item.host, item.port, item.mode)  # type: ignore[arg-type]
-            listeners.append((listen, socket.socket(fileno=item.fd)))
+            listeners.append((item.config(), socket.socket(fileno=item.fd)))
         metrics = None if self.metrics_fd is None else socket.socket(fileno=self.metrics_fd)
-        return WorkerSlot(self.index, self.count, listeners, metrics)
+        keys = None
+        if self.cert_fd is not None and self.key_fd is not None:
+            keys = KeyMaterial.inherited(self.cert_fd, self.key_fd, self.users_fd,
+                                         self.users_signature)
+        return WorkerSlot(self.index, self.count, listeners, metrics, keys)
 
 
 def notify_ready(spec: WorkerSpec) -> None:
