@@ -245,6 +245,7 @@ class TrioServer:
         self.config = root / "bench.toml"
         self.state = root / "state"
         self.command = [sys.executable, "-m", "trio_mta", "serve", "--config", str(self.config)]
+        self.extra_config = ""  # more TOML (bench/mailauth.py: [[dkim.sign]], [verify])
 
     def target(self) -> Target:
         pid = self.proc.pid if self.proc else None
@@ -260,7 +261,8 @@ class TrioServer:
             f'[log]\nlevel = "{self.log_level}"\n'
             f'[server]\nworkers = {self.workers}\n'
             + (f'[[milter]]\naddress = "{self.milter}"\ntimeout = "60s"\n'
-               if self.milter else ""))
+               if self.milter else "")
+            + self.extra_config)
 
     def start(self) -> Target:
         if port_open(self.port):
@@ -952,6 +954,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="trio_mta's [server] workers (default 0: one per core, the product's "
                          "default; 1 = one process); CPU, "
                          "RSS and loop figures then sum the supervisor and every worker")
+    ap.add_argument("--dkim", choices=["ed25519", "rsa"], action="append",
+                    help="only the mail authentication column: delivered msg/s without and "
+                         "with DKIM signing by this key type (repeatable; bench/mailauth.py)")
+    ap.add_argument("--verify", action="store_true",
+                    help="only the mail authentication column: without and with SPF, DKIM "
+                         "and DMARC verification of DKIM-signed inbound mail")
     a = ap.parse_args(argv)
     q = a.quick
     a.messages = a.messages or (300 if q else 2000)
@@ -996,6 +1004,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-"))
     server = TrioServer(workdir, a.port, a.log_level, a.workers, a.milter)
+    if a.dkim or a.verify:
+        import mailauth  # bench/, the script's own folder, is on sys.path
+
+        try:
+            return mailauth.run(a, server, workdir, sys.modules[__name__])
+        except SetupError as exc:
+            say(f"setup: {exc}")
+            return 1
+        finally:
+            server.stop()
+            if not a.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
     res = Results()
     fsyncs: list[FsyncResult] = []
     idle: tuple[str, dict[str, object]] | None = None

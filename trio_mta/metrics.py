@@ -40,12 +40,14 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 
 OUTCOMES = ("delivered", "deferred", "failed")
 DESTINATIONS = ("local", "remote")
+AUTH_METHODS = ("spf", "dkim", "dmarc")
+AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 # SPEC §10 tls_policy= names, and what one delivery attempt under each came to:
 # "refused" is a host the policy ruled out (no match, TLSA failure) before connecting.
 TLS_POLICIES = ("dane", "mta-sts", "verify", "required", "opportunistic", "none")
 TLS_POLICY_OUTCOMES = ("delivered", "deferred", "failed", "mixed", "unreachable", "refused")
 REJECT_REASONS = ("relay_denied", "unknown_user", "too_big", "bad_line_ending",
-                  "queue_error", "auth_required", "handler")
+                  "queue_error", "auth_required", "handler", "spf_fail", "dmarc_reject")
 
 # ``generate_latest`` writes text format 0.0.4; recent prometheus-client releases
 # point CONTENT_TYPE_LATEST at 1.0.0, which is not what that function produces.
@@ -146,6 +148,10 @@ class Metrics:
         self._auth = Counter(
             "trio_mta_auth_attempts", "SMTP AUTH attempts by result.",
             ["result"], registry=reg)
+        self._mail_auth = Counter(
+            "trio_mta_mail_auth_results",
+            "SPF, DKIM (one per signature) and DMARC results on inbound mail (SPEC §9).",
+            ["method", "result"], registry=reg)
         self._tls_policy = Counter(
             "trio_mta_tls_policy_attempts",
             "Outbound delivery attempts (one per host and address) by TLS policy and outcome.",
@@ -166,6 +172,10 @@ class Metrics:
             self._rejected.labels(reason)
         for result in ("success", "failure"):
             self._auth.labels(result)
+        for method in AUTH_METHODS:
+            for result in AUTH_RESULTS:
+                if method == "spf" or result not in ("softfail",):
+                    self._mail_auth.labels(method, result)
         for policy in TLS_POLICIES:
             for outcome in TLS_POLICY_OUTCOMES:
                 self._tls_policy.labels(policy, outcome)
@@ -223,6 +233,12 @@ class Metrics:
 
     def auth_result(self, ok: bool) -> None:
         self._child(self._auth, "success" if ok else "failure").inc()
+
+    def mail_auth_result(self, method: str, result: str) -> None:
+        """One SPF, DKIM or DMARC verdict; results outside RFC 8601's words are caller bugs."""
+        if method not in AUTH_METHODS or result not in AUTH_RESULTS:
+            raise ValueError(f"mail_auth_result({method!r}, {result!r})")
+        self._child(self._mail_auth, method, result).inc()
 
     def render(self) -> bytes:
         """The text exposition, queue stats fetched first. Blocking: call from a thread.

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from trio_mta import log, privileges
+from trio_mta.auth.service import MailAuth
 from trio_mta.config import Config
 from trio_mta.config.schema import format_host_port
 from trio_mta.delivery.agent import DeliveryAgent
@@ -99,6 +100,7 @@ class MTA:
         state = self.state
         state.config = new
         state.router = Router(new.local, new.relay)
+        state.mail_auth = MailAuth(new, metrics=self.metrics)
         state.ssl_context = ssl_context
         if state.passwords is None or state.passwords.path != new.auth.users_file:
             # Same file: keep the object, which re-reads it on change anyway and keeps
@@ -407,6 +409,7 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             # always within one file system, and its startup sweep is its own.
             spool_dir=(shards[0].store.files.spool if shards
                        else BodyFiles(config.queue_path).spool),
+            mail_auth=MailAuth(config, metrics=metrics),
         )
         mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
                   metrics_address=metrics_address,

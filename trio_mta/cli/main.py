@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("user")
     _add_config(passwd, top=False)
 
+    from trio_mta.cli import dkim
+    _add_config(dkim.add_parser(sub, _Parser), top=False)
     tlspolicy = sub.add_parser(
         "tls-policy", help="show the outbound TLS policy (MTA-STS, DANE) of a destination")
     tlspolicy.add_argument("domain")
@@ -136,6 +138,9 @@ def _main(argv: list[str]) -> int:
     if command == "sendmail":  # sysexits.h codes, config errors included
         from trio_mta.cli.sendmail import run_sendmail
         return run_sendmail(args.sendmail_args, config_path=args.config)
+    if command == "dkim":  # needs no configuration: it makes a key for one
+        from trio_mta.cli.dkim import run_dkim_command
+        return run_dkim_command(args)
     config = load_config(args.config)
     if command == "check-config":
         return _check_config(config)

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
+from trio_mta.auth.keys import DkimKey, DkimKeyError, load_key
 from trio_mta.config import schema
 from trio_mta.config.durations import format_duration
 from trio_mta.config.maps import MailMaps
@@ -30,6 +31,7 @@ __all__ = [
     "AuthConfig",
     "Config",
     "ConfigError",
+    "DkimConfig",
     "DnsConfig",
     "LimitsConfig",
     "ListenConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "RelayConfig",
     "ServerConfig",
     "TlsConfig",
+    "VerifyConfig",
 ]
 
 ListenMode = Literal["smtp", "submission", "smtps"]
@@ -242,6 +245,28 @@ class LogConfig:
     format: LogFormat = "text"
 
 
+@dataclass(frozen=True)
+class DkimConfig:
+    """``[[dkim.sign]]`` entries (SPEC §9), keys already loaded: a bad key is a config error."""
+
+    sign: tuple[DkimKey, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """``[verify]`` (SPEC §9): checks on mail from untrusted, unauthenticated smtp clients."""
+
+    spf: bool = True
+    dkim: bool = True
+    dmarc: bool = True
+    dmarc_enforce: bool = False
+    spf_enforce: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.spf or self.dkim or self.dmarc
+
+
 @cache
 def default_hostname() -> str:
     """The machine's FQDN, cached: ``getfqdn`` may wait on DNS, and it does not change.
@@ -275,6 +300,8 @@ class Config:
     group: str | None = None  # None: the user's primary group
     milters: tuple[MilterSpec, ...] = ()  # [[milter]], in order (SPEC §11)
     source: Path | None = None
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     # Paths that were derived from state_dir rather than written ("maildir_root",
     # "users_file"): with_overrides(state_dir=...) moves exactly these.
     _derived: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -410,6 +437,8 @@ class _Loader:
             metrics=self._metrics(root.table("metrics", "[metrics]")),
             log=self._log(root.table("log", "[log]")),
             server=self._server(root.table("server", "[server]")),
+            dkim=self._dkim(root.table("dkim", "[dkim]")),
+            verify=self._verify(root.table("verify", "[verify]")),
             user=root.get("user", schema.system_user, None),
             group=root.get("group", schema.system_group, None),
             milters=self._milters(root.raw("milter")),
@@ -605,6 +634,54 @@ class _Loader:
         table.close()
         return log
 
+    def _dkim(self, table: Table) -> DkimConfig:
+        raw = table.raw("sign")
+        table.close()
+        if raw is None:
+            return DkimConfig()
+        if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
+            table.error("sign", f"must be an array of [[dkim.sign]] tables, got {show(raw)}")
+            return DkimConfig()
+        keys: list[DkimKey] = []
+        seen: set[tuple[str, str]] = set()
+        for index, item in enumerate(raw, 1):
+            entry = Table(f"[[dkim.sign]][{index}]", item, self.errors)
+            domain = entry.get("domain", schema.domain, None)
+            selector = entry.get("selector", _selector, None)
+            path = entry.get("key", self.path, None)
+            for key in ("domain", "selector", "key"):
+                if entry.raw(key) is None:
+                    entry.error(key, "missing")
+            entry.close()
+            if domain is None or selector is None or path is None:
+                continue
+            if (domain, selector) in seen:
+                entry.error("selector", f"{selector} of {domain} is already an entry above")
+                continue
+            seen.add((domain, selector))
+            try:
+                keys.append(load_key(path, domain, selector))
+            except DkimKeyError as exc:
+                entry.error("key", str(exc))
+        return DkimConfig(sign=tuple(keys))
+
+    def _verify(self, table: Table) -> VerifyConfig:
+        d = VerifyConfig()
+        flag = schema.boolean
+        verify = VerifyConfig(
+            spf=table.get("spf", flag, d.spf),
+            dkim=table.get("dkim", flag, d.dkim),
+            dmarc=table.get("dmarc", flag, d.dmarc),
+            dmarc_enforce=table.get("dmarc_enforce", flag, d.dmarc_enforce),
+            spf_enforce=table.get("spf_enforce", flag, d.spf_enforce),
+        )
+        table.close()
+        if verify.spf_enforce and not verify.spf:
+            table.error("spf_enforce", "needs [verify].spf = true")
+        if verify.dmarc_enforce and not verify.dmarc:
+            table.error("dmarc_enforce", "needs [verify].dmarc = true")
+        return verify
+
 
 def _proxy_settings(table: Table) -> tuple[bool, tuple[IPv4Network | IPv6Network, ...]]:
     """``proxy_protocol`` and ``proxy_from`` of one [[listen]]: each needs the other.
@@ -650,4 +727,11 @@ def _credentials(value: Any) -> str:
         return ""
     if not isinstance(value, str) or ":" not in value or value.startswith(":"):
         raise ValueError('must be "user:password" (value not shown)')
+    return value
+
+
+def _selector(value: Any) -> str:
+    """A DKIM selector: dot-separated DNS labels (RFC 6376 §3.1)."""
+    if not isinstance(value, str) or not schema.is_hostname(value):
+        raise ValueError("must be a DNS label like s2026")
     return value

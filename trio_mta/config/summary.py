@@ -41,6 +41,9 @@ def describe(config: Config) -> list[str]:
     else:
         lines.append("dns: the system resolver (/etc/resolv.conf)")
     lines.append(f"users file: {config.auth.users_file}")
+    # Keys were loaded with the config: each line names a key that can sign.
+    lines += [f"dkim: signs {key.describe()}" for key in config.dkim.sign]
+    lines.append(f"verify: {_verify(config)}")
     if config.user is not None:
         group = config.group or "its own group"
         lines.append(f"user: {config.user} ({group}), taken after binding when started as root")
@@ -48,6 +51,15 @@ def describe(config: Config) -> list[str]:
     lines.append(f"log: {config.log.level}, {config.log.format}, "
                  f"to {config.log.file or 'stderr'}")
     return lines
+
+
+def _verify(config: Config) -> str:
+    """Which SPEC §9 checks run on mail from untrusted, unauthenticated smtp clients."""
+    v = config.verify
+    checks = [name for name, on in (("spf", v.spf), ("dkim", v.dkim), ("dmarc", v.dmarc)) if on]
+    enforced = [name for name, on in (("spf", v.spf_enforce), ("dmarc", v.dmarc_enforce)) if on]
+    text = ", ".join(checks) or "off"
+    return text + (f" (enforcing {', '.join(enforced)})" if enforced else " (not enforced)")
 
 
 def _tls_source(config: Config) -> str:

@@ -14,10 +14,13 @@ import math
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from trio_mta import log
+from trio_mta.auth.inbound import Check
+from trio_mta.auth.service import MailAuth
 from trio_mta.config import Config
 from trio_mta.metrics import Metrics
 from trio_mta.milter.apply import Accepted, run_milters
@@ -82,6 +85,7 @@ class ServerState:
     shutdown_grace: float = 30.0
     shutting_down: bool = False
     sessions: set[Session] = field(default_factory=set)
+    mail_auth: MailAuth | None = None  # DKIM signing, SPF/DKIM/DMARC checks (SPEC §9)
     # Bodies past spool_threshold go to files here as they arrive (queue/spool.py),
     # written by at most 8 worker threads at a time.
     spool_dir: Path = Path("spool")
@@ -118,6 +122,7 @@ class Session:
         self.proxy = proxy
         self.tls: str | None = None
         self.envelope: Envelope | None = None
+        self.auth_check: Check | None = None  # this transaction's SPEC §9 checks
         self.spool: Spool | None = None
         self.auth_failures = 0
         self._io: trio.CancelScope | None = None
@@ -371,6 +376,7 @@ class Session:
         self.envelope = None
         if self.milters is not None:
             self.milters.reset()
+        self.auth_check = None
         self._discard_body()
 
     def _body(self) -> Spool:
@@ -415,11 +421,24 @@ class Session:
                 self._rejected(refusal, "milter")
                 return refusal
         self.envelope = Envelope(sender=event.path, params=event.params)
+        if self.state.mail_auth is not None:
+            assert self.conn is not None
+            self.auth_check = self.state.mail_auth.check(
+                mode=self.mode, trusted=self.trusted, authenticated=self.authenticated,
+                client_ip=self.client_ip, sender=str(event.path), helo=self.conn.helo_name)
         return Reply(250, "2.1.0", "Ok")
 
     async def _rcpt(self, event: RcptTo) -> Reply:
         assert self.envelope is not None
         address = str(event.path)
+        if self.auth_check is not None and self.auth_check.enforces_spf:
+            self._no_deadline()  # SPF has its own time limit
+            refusal = await self.auth_check.at_rcpt()
+            if refusal is not None:  # [verify] spf_enforce
+                log.event("smtpd.reject", client=self.client_ip, rcpt=address,
+                          code=refusal.code, reply=str(refusal), spf="fail")
+                self._rejected(refusal, "spf_fail")
+                return refusal
         router = self.state.router
         handler = self.state.handler
         decided = None
@@ -491,6 +510,18 @@ class Session:
         if self.trusted or self.authenticated:
             head = body if isinstance(body, bytes) else spool.first
             trace += submission_headers(head, queue_id=queue_id, hostname=cfg.hostname)
+        auth_fields: dict[str, Any] = {}
+        check, self.auth_check = self.auth_check, None
+        sign = self.trusted or self.authenticated
+        mail_auth = self.state.mail_auth
+        # SPEC §9: theirs is checked as it arrived, before any milter changes it; ours is
+        # signed last, so the signature covers what milters added.
+        if mail_auth is not None and not sign:
+            done = await mail_auth.end_of_data(check, sign=False, body=body, trace=trace,
+                                               queue_id=queue_id)
+            body, trace, auth_fields = done.body, done.trace, done.log_fields
+            if done.refusal is not None:
+                return self._mail_auth_refused(done.refusal, envelope, auth_fields)
         content = MessageContent(trace, body)
         rewritten: Spool | None = None
         if self.milters is not None:
@@ -500,6 +531,13 @@ class Session:
                 return self._milter_refused(checked, envelope, queue_id)
             envelope, content, rewritten = checked.envelope, checked.content, checked.spool
         try:
+            if mail_auth is not None and sign:
+                done = await mail_auth.end_of_data(None, sign=True, body=content.body,
+                                                   trace=content.head, queue_id=queue_id)
+                auth_fields = done.log_fields
+                if done.refusal is not None:
+                    return self._mail_auth_refused(done.refusal, envelope, auth_fields)
+                content = MessageContent(done.trace, done.body)
             reply = await self.state.sink.accept(envelope, info, content, queue_id)
         finally:
             if rewritten is not None:
@@ -513,7 +551,8 @@ class Session:
         log.event("smtpd.accepted" if reply.code < 400 else "smtpd.reject",
                   id=queue_id if reply.code < 400 else None, client=self.client_ip,
                   sender=envelope.sender_address, nrcpt=len(envelope.recipients),
-                  size=size, tls=self.tls, auth=info.auth_user, code=reply.code)
+                  size=size, tls=self.tls, auth=info.auth_user, code=reply.code,
+                  **auth_fields)
         return reply
 
     # -- milters (SPEC §11; trio_mta/milter/) ----------------------------------------
@@ -548,6 +587,13 @@ class Session:
                   code=reply.code, reply=str(reply), milter=True)
         self._rejected(reply, "milter")
         return reply
+
+    def _mail_auth_refused(self, refusal: Reply, envelope: Envelope,
+                           fields: dict[str, Any]) -> Reply:
+        log.event("smtpd.reject", client=self.client_ip, sender=envelope.sender_address,
+                  code=refusal.code, reply=str(refusal), **fields)
+        self._rejected(refusal, "dmarc_reject")
+        return refusal
 
     async def _starttls(self) -> bool:
         assert self.conn is not None

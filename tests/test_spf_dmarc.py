@@ -1,0 +1,306 @@
+"""SPF from records on the loopback DNS server, DMARC verdicts, Authentication-Results."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from trio_mta.auth import dmarc
+from trio_mta.auth.dkim_verify import DkimResult
+from trio_mta.auth.dmarc import DmarcPolicy, evaluate, org_domain, parse_record
+from trio_mta.auth.results import authentication_results, authserv_id, strip_ours
+from trio_mta.auth.spf import SpfResult, check_spf
+from trio_mta.dns import Resolver
+
+from .authhelpers import unique_domain
+from .dnsserver import DnsServer
+
+CLIENT = "192.0.2.10"
+
+
+@pytest.fixture
+def resolver(dns_server: DnsServer) -> Resolver:
+    return Resolver([dns_server.address], timeout=1.0)
+
+
+async def spf_of(resolver: Resolver, domain: str, ip: str = CLIENT) -> str:
+    with trio.fail_after(15):
+        result = await check_spf(resolver, ip, f"user@{domain}", "helo.test", timeout=8)
+    return result.result
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ("v=spf1 ip4:192.0.2.0/24 -all", "pass"),
+    ("v=spf1 ip4:198.51.100.0/24 -all", "fail"),
+    ("v=spf1 ip4:198.51.100.0/24 ~all", "softfail"),
+    ("v=spf1 ?all", "neutral"),
+    ("v=spf1 ip4:192.0.2.300 -all", "permerror"),
+    ("v=spf1 frobnicate -all", "permerror"),
+])
+async def test_spf_results_from_a_single_record(resolver: Resolver, dns_server: DnsServer,
+                                                record: str, expected: str) -> None:
+    domain = unique_domain("spf")
+    dns_server.add(domain + ".", "TXT", f'"{record}"')
+    assert await spf_of(resolver, domain) == expected
+
+
+async def test_spf_none_without_a_record(resolver: Resolver, dns_server: DnsServer) -> None:
+    domain = unique_domain("nospf")
+    dns_server.add(domain + ".", "TXT", '"some other text"')
+    assert await spf_of(resolver, domain) == "none"
+    assert await spf_of(resolver, unique_domain("nxdomain")) == "none"
+
+
+async def test_spf_dns_failure_is_temperror_never_a_hang(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    failing, silent = unique_domain("servfail"), unique_domain("silent")
+    dns_server.servfail(failing + ".")
+    dns_server.blackhole(silent + ".")
+    assert await spf_of(resolver, failing) == "temperror"
+    assert await spf_of(resolver, silent) == "temperror"
+    # Silence deep in an include chain, too.
+    top = unique_domain("inc")
+    dns_server.add(top + ".", "TXT", f'"v=spf1 include:{silent} -all"')
+    assert await spf_of(resolver, top) == "temperror"
+
+
+async def test_spf_include_chain_and_a_mx_mechanisms(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    top, middle, leaf = unique_domain("top"), unique_domain("mid"), unique_domain("leaf")
+    dns_server.add(top + ".", "TXT", f'"v=spf1 include:{middle} -all"')
+    dns_server.add(middle + ".", "TXT", f'"v=spf1 mx include:{leaf} -all"')
+    dns_server.add(middle + ".", "MX", f"10 mx.{middle}.")
+    dns_server.add(f"mx.{middle}.", "A", "203.0.113.25")
+    dns_server.add(leaf + ".", "TXT", f'"v=spf1 a:host.{leaf} -all"')
+    dns_server.add(f"host.{leaf}.", "A", "198.51.100.7")
+    assert await spf_of(resolver, top, "203.0.113.25") == "pass"  # via middle's MX
+    assert await spf_of(resolver, top, "198.51.100.7") == "pass"  # via leaf's a:
+    assert await spf_of(resolver, top, "192.0.2.99") == "fail"
+    # An include whose target has no SPF record is a permerror (RFC 7208 §5.2).
+    broken = unique_domain("broken")
+    dns_server.add(broken + ".", "TXT", f'"v=spf1 include:{unique_domain("gone")} -all"')
+    assert await spf_of(resolver, broken) == "permerror"
+
+
+async def test_spf_stops_at_ten_dns_mechanisms(resolver: Resolver, dns_server: DnsServer) -> None:
+    """RFC 7208 §4.6.4: the 11th DNS-querying term is a permerror, 10 are fine."""
+    def chain(terms: int) -> str:
+        domain = unique_domain("lim")
+        names = [f"h{i}.{domain}" for i in range(terms)]
+        for name in names:
+            dns_server.add(name + ".", "A", "198.51.100.1")
+        record = "v=spf1 " + " ".join(f"a:{n}" for n in names) + " ip4:192.0.2.0/24 -all"
+        strings = " ".join(f'"{record[i:i + 200]}"' for i in range(0, len(record), 200))
+        dns_server.add(domain + ".", "TXT", strings)  # DNS joins them (RFC 7208 §3.3)
+        return domain
+    assert await spf_of(resolver, chain(10)) == "pass"
+    assert await spf_of(resolver, chain(11)) == "permerror"
+
+
+async def test_spf_void_lookup_limit(resolver: Resolver, dns_server: DnsServer) -> None:
+    """RFC 7208 §4.6.4: more than two lookups that find nothing is a permerror."""
+    domain = unique_domain("void")
+    gone = [f"gone{i}.{domain}" for i in range(3)]
+    dns_server.add(f"keep.{domain}.", "A", "198.51.100.1")  # makes domain exist
+    dns_server.add(domain + ".", "TXT",
+                   '"v=spf1 ' + " ".join(f"a:{g}" for g in gone) + ' ip4:192.0.2.0/24 -all"')
+    assert await spf_of(resolver, domain) == "permerror"
+    two = unique_domain("void2")
+    dns_server.add(two + ".", "TXT",
+                   '"v=spf1 ' + " ".join(f"a:{g}" for g in gone[:2]) + ' ip4:192.0.2.0/24 -all"')
+    assert await spf_of(resolver, two) == "pass"
+
+
+async def test_spf_checks_the_helo_name_for_the_null_sender(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    helo = unique_domain("helo")
+    dns_server.add(helo + ".", "TXT", '"v=spf1 ip4:192.0.2.10 -all"')
+    result = await check_spf(resolver, CLIENT, "", helo, timeout=5)
+    assert (result.result, result.identity, result.domain) == ("pass", "helo", helo)
+
+
+# -- DMARC ---------------------------------------------------------------------------------
+
+
+def spf(result: str, domain: str) -> SpfResult:
+    return SpfResult(result, "mailfrom", domain)
+
+
+def dkim_pass(domain: str) -> DkimResult:
+    return DkimResult("pass", domain, "s1", "ed25519-sha256", "")
+
+
+POLICY = DmarcPolicy("example.org", p="reject", sp="quarantine")
+
+
+def test_dmarc_passes_by_aligned_spf_or_dkim_and_fails_otherwise() -> None:
+    assert evaluate("example.org", POLICY, spf("pass", "bounces.example.org"), []).result \
+        == "pass"
+    assert evaluate("example.org", POLICY, None, [dkim_pass("mail.example.org")]).result \
+        == "pass"
+    # Unaligned passes do not count; neither do fails.
+    failed = evaluate("example.org", POLICY, spf("pass", "other.net"),
+                      [dkim_pass("other.net")])
+    assert (failed.result, failed.policy, failed.disposition) == ("fail", "reject", "reject")
+    assert evaluate("example.org", POLICY, spf("fail", "example.org"), []).result == "fail"
+    strict = DmarcPolicy("example.org", "reject", "reject", adkim="s", aspf="s")
+    assert evaluate("example.org", strict, spf("pass", "bounces.example.org"),
+                    [dkim_pass("mail.example.org")]).result == "fail"
+    assert evaluate("example.org", strict, None, [dkim_pass("example.org")]).result == "pass"
+    assert evaluate("example.org", None, None, []).result == "none"
+
+
+def test_dmarc_subdomain_policy_and_pct() -> None:
+    # Policy found at the organizational domain applies sp= to a subdomain.
+    sub = evaluate("news.example.org", POLICY, None, [])
+    assert (sub.result, sub.policy, sub.disposition) == ("fail", "quarantine", "quarantine")
+    sampled = DmarcPolicy("example.org", "reject", "reject", pct=25)
+    assert evaluate("example.org", sampled, None, [], sample=0.10).disposition == "reject"
+    assert evaluate("example.org", sampled, None, [], sample=0.30).disposition == "quarantine"
+
+
+def test_dmarc_record_parsing() -> None:
+    parsed = parse_record("v=DMARC1; p=reject; sp=none; pct=50; adkim=s", "example.org")
+    assert parsed == DmarcPolicy("example.org", "reject", "none", 50, "s", "r")
+    assert parse_record("v=DMARC1; p=bogus", "example.org") is None
+    assert parse_record("v=DMARC1; p=bogus; rua=mailto:x@example.org", "x").p == "none"  # type: ignore[union-attr]
+    assert parse_record("v=spf1 -all", "example.org") is None
+    assert parse_record("v=DMARC1; p=quarantine", "example.org").sp == "quarantine"  # type: ignore[union-attr]
+
+
+def test_organizational_domain_comes_from_the_public_suffix_list() -> None:
+    assert org_domain("a.b.example.co.uk") == "example.co.uk"
+    assert org_domain("mail.example.org") == "example.org"
+    assert org_domain("Example.ORG.") == "example.org"
+
+
+async def test_dmarc_policy_discovery_falls_back_to_the_organizational_domain(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    org = unique_domain("org")
+    dns_server.add(f"_dmarc.{org}.", "TXT", '"v=DMARC1; p=reject; sp=none"')
+    found = await dmarc.fetch_policy(resolver, f"a.b.{org}")
+    # .test is not in the PSL, so the org domain is the last two labels.
+    assert found is not None and (found.domain, found.sp) == (org, "none")
+    dns_server.servfail(f"_dmarc.{unique_domain('dm')}.")
+    flaky = unique_domain("dmf")
+    dns_server.servfail(f"_dmarc.{flaky}.")
+    assert (await dmarc.check_dmarc(resolver, flaky, None, [])).result == "temperror"
+
+
+# -- Authentication-Results -------------------------------------------------------------------
+
+
+def test_authentication_results_header_shape() -> None:
+    header = authentication_results(
+        "mx.example.test", spf=spf("pass", "example.org"),
+        dkim=[dkim_pass("example.org"), DkimResult("fail", "x.net", "k", "rsa-sha256", "",
+                                                   "body hash mismatch; really")],
+        dmarc=dmarc.DmarcResult("pass", "example.org", "reject", "none"),
+        sender="alice@example.org")
+    text = header.decode()
+    assert text.endswith("\r\n") and text.count("\r\n") == 5
+    unfolded = text.replace("\r\n\t", " ")
+    assert unfolded.startswith("Authentication-Results: mx.example.test; spf=pass "
+                               "smtp.mailfrom=alice@example.org; dkim=pass")
+    assert 'dkim=fail reason="body hash mismatch really"' in unfolded
+    assert "dmarc=pass (p=reject dis=none) header.from=example.org" in unfolded
+    assert all(len(line) <= 100 for line in text.split("\r\n"))
+    assert authentication_results("mx.example.test", spf=None, dkim=None, dmarc=None) == \
+        b"Authentication-Results: mx.example.test; none\r\n"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (b" mx.example.test; spf=pass", "mx.example.test"),
+    (b" MX.Example.Test 1; none", "mx.example.test"),
+    (b' (forged) "mx.example.test"; dkim=pass', "mx.example.test"),
+    (b"\r\n\t(a (nested) comment) mx.example.test;spf=pass", "mx.example.test"),
+    (b" other.example; spf=pass", "other.example"),
+    (b"  ", None),
+])
+def test_authserv_id(value: bytes, expected: str | None) -> None:
+    assert authserv_id(value) == expected
+
+
+def test_strip_removes_only_our_authentication_results() -> None:
+    message = (b"Received: from a\r\n\tby b\r\n"
+               b"Authentication-Results: mx.example.test; dkim=pass\r\n\theader.d=evil.test\r\n"
+               b"authentication-results:MX.EXAMPLE.TEST;spf=pass\r\n"
+               b"Authentication-Results: other.example; spf=fail\r\n"
+               b"Subject: Authentication-Results: mx.example.test; x\r\n"
+               b"\r\n"
+               b"Authentication-Results: mx.example.test; body line stays\r\n")
+    stripped = strip_ours(message, "mx.example.test")
+    assert stripped == (b"Received: from a\r\n\tby b\r\n"
+                        b"Authentication-Results: other.example; spf=fail\r\n"
+                        b"Subject: Authentication-Results: mx.example.test; x\r\n"
+                        b"\r\n"
+                        b"Authentication-Results: mx.example.test; body line stays\r\n")
+    clean = b"Subject: x\r\n\r\nbody\r\n"
+    assert strip_ours(clean, "mx.example.test") is clean
+
+
+async def test_spf_lookups_never_stall_the_event_loop(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    """A check waiting on a silent name server leaves the loop free for other sessions."""
+    silent = unique_domain("stall")
+    dns_server.blackhole(silent + ".")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.05)
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        start = trio.current_time()
+        assert await spf_of(resolver, silent) == "temperror"
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    # The resolver's timeout is 1 s: the ticker ran all along (a blocking lookup
+    # would have frozen it for that second).
+    assert elapsed >= 0.9
+    assert ticks >= elapsed / 0.05 * 0.5
+
+
+async def test_records_are_served_from_cache_within_their_ttl(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    domain = unique_domain("cache")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 -all"')
+    assert resolver.peek(domain, "TXT") is None
+    first = await resolver.records(domain, "TXT")
+    asked = dns_server.queries.count((domain + ".", "TXT"))
+    assert asked == 1
+    again = await resolver.records(domain.upper(), "TXT")
+    assert again == first and resolver.peek(domain, "TXT") == first
+    assert dns_server.queries.count((domain + ".", "TXT")) == 1
+    # Two checks of one sender: the second asks DNS nothing.
+    await spf_of(resolver, domain)
+    await spf_of(resolver, domain)
+    assert dns_server.queries.count((domain + ".", "TXT")) == 1
+
+
+async def test_spf_results_are_reused_only_while_every_answer_is_cached(
+        resolver: Resolver, dns_server: DnsServer) -> None:
+    domain, missing = unique_domain("memo"), unique_domain("memomiss")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 ip4:192.0.2.0/24 -all"')
+    dns_server.add(missing + ".", "TXT", f'"v=spf1 a:nothing.{missing} -all"')
+    memo: dict = {}  # type: ignore[type-arg]
+    first = await check_spf(resolver, CLIENT, f"a@{domain}", "h.test", timeout=5, memo=memo)
+    assert first.result == "pass" and len(memo) == 1
+    [(expires, kept)] = memo.values()
+    assert kept == first and time.time() < expires <= time.time() + 60  # the TTL
+    # The same client, sender and HELO: the kept verdict, nothing asked of DNS.
+    before = len(dns_server.queries)
+    again = await check_spf(resolver, CLIENT, f"a@{domain}", "h.test", timeout=5, memo=memo)
+    assert again == first and len(dns_server.queries) == before
+    # Another client address is evaluated on its own.
+    other = await check_spf(resolver, "198.51.100.1", f"a@{domain}", "h.test", timeout=5,
+                            memo=memo)
+    assert other.result == "fail" and len(memo) == 2
+    # A verdict that rested on a lookup finding nothing is not kept.
+    void = await check_spf(resolver, CLIENT, f"a@{missing}", "h.test", timeout=5, memo=memo)
+    assert void.result == "fail" and len(memo) == 2

@@ -1,0 +1,141 @@
+"""The ``Authentication-Results:`` header (RFC 8601), and removing forged ones.
+
+The header is rendered by ``authres`` (the reference Python implementation of the
+RFC 8601 grammar and its IANA method registry), so every ``ptype.property`` and
+quoting rule is right. Stripping needs only the authserv-id of each existing header,
+and must work on headers too broken for any parser (a forger need not be
+well-formed), so that part is a small tolerant scanner here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+import authres
+import authres.dmarc
+
+from trio_mta.auth.dkim_verify import DkimResult
+from trio_mta.auth.dmarc import DmarcResult
+from trio_mta.auth.spf import SpfResult
+
+__all__ = ["authentication_results", "authserv_id", "strip_ours"]
+
+HEADER = b"authentication-results"
+_MAX_REASON = 80
+_UNSAFE = re.compile(r"[^\x20-\x7e]|[\"\\;]")
+
+
+def _reason(text: str) -> str | None:
+    """A reason safe inside a quoted-string and short enough to read."""
+    text = _UNSAFE.sub("", text).strip()
+    if not text:
+        return None
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON - 3] + "..."
+
+
+def authentication_results(authserv: str, *, spf: SpfResult | None,
+                           dkim: Sequence[DkimResult] | None,
+                           dmarc: DmarcResult | None, sender: str = "",
+                           helo: str = "") -> bytes:
+    """One folded header field, CRLF-terminated; ``none`` when no method ran (§2.2).
+
+    Rendering is remembered: mail from one sender mostly gets the same verdicts.
+    """
+    return _render(authserv, spf, None if dkim is None else tuple(dkim), dmarc, sender, helo)
+
+
+@lru_cache(maxsize=1024)
+def _render(authserv: str, spf: SpfResult | None, dkim: tuple[DkimResult, ...] | None,
+            dmarc: DmarcResult | None, sender: str, helo: str) -> bytes:
+    results: list[authres.core.AuthenticationResult] = []
+    if spf is not None:
+        if spf.identity == "mailfrom":
+            results.append(authres.SPFAuthenticationResult(
+                result=spf.result, smtp_mailfrom=sender or spf.domain))
+        else:
+            results.append(authres.SPFAuthenticationResult(
+                result=spf.result, smtp_helo=helo or spf.domain))
+    if dkim is not None:
+        if not dkim:
+            results.append(authres.DKIMAuthenticationResult(
+                result="none", reason="no signature"))
+        for item in dkim:
+            kwargs: dict[str, str] = {}
+            if item.domain:
+                kwargs["header_d"] = item.domain
+            if item.selector:
+                kwargs["header_s"] = item.selector
+            if item.algorithm:
+                kwargs["header_a"] = item.algorithm
+            reason = _reason(item.reason) if item.result != "pass" else None
+            results.append(authres.DKIMAuthenticationResult(
+                result=item.result, reason=reason, **kwargs))
+    if dmarc is not None:
+        comment = (f"p={dmarc.policy} dis={dmarc.disposition}"
+                   if dmarc.result in ("pass", "fail") else None)
+        results.append(authres.dmarc.DMARCAuthenticationResult(
+            result=dmarc.result, result_comment=comment,
+            header_from=dmarc.from_domain or None))
+    if not results:
+        return f"Authentication-Results: {authserv}; none\r\n".encode()
+    text = str(authres.AuthenticationResultsHeader(authserv_id=authserv, results=results))
+    # Fold between result clauses so no line runs past ~78 octets (RFC 5322 §2.1.1).
+    return text.replace("; ", ";\r\n\t").encode("utf-8") + b"\r\n"
+
+
+def authserv_id(value: bytes) -> str | None:
+    """The authserv-id of one header value (RFC 8601 §2.2), lower-cased, or None.
+
+    Leading comments are skipped; a quoted-string id is unquoted.
+    """
+    text = value.decode("utf-8", "replace")
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t\r\n":
+            i += 1
+        elif text[i] == "(":
+            depth = 0
+            while i < n:
+                if text[i] == "\\":
+                    i += 1
+                elif text[i] == "(":
+                    depth += 1
+                elif text[i] == ")":
+                    depth -= 1
+                    if depth == 0:
+                        i += 1
+                        break
+                i += 1
+        else:
+            break
+    if i >= n:
+        return None
+    if text[i] == '"':
+        end = text.find('"', i + 1)
+        return text[i + 1:end if end > 0 else n].strip().lower() or None
+    match = re.match(r"[^\s;()\"]+", text[i:])
+    return match.group(0).lower() if match else None
+
+
+def strip_ours(message: bytes, authserv: str) -> bytes:
+    """*message* without the Authentication-Results fields that carry *authserv* (§5).
+
+    Works on the raw header block so that everything else stays byte-identical
+    (DKIM signatures over the remaining fields still verify).
+    """
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end + 2]
+    if HEADER not in head.lower():
+        return message
+    ours = authserv.lower()
+    fields = re.split(rb"\r\n(?![ \t])", head[:-2] if head.endswith(b"\r\n") else head)
+    kept: list[bytes] = []
+    for field in fields:
+        name, colon, value = field.partition(b":")
+        if colon and name.strip().lower() == HEADER and authserv_id(value) == ours:
+            continue
+        kept.append(field)
+    rebuilt = b"".join(f + b"\r\n" for f in kept)
+    return rebuilt + (b"" if end < 0 else message[end + 2:])
