@@ -66,31 +66,38 @@ def serve_trio(port: int, state_dir: Path) -> None:
     class Counter(trio_mta.Handler):
         count = 0
 
-        async def handle_rcpt(self, session: trio_mta.SessionInfo,
-                              envelope: trio_mta.Envelope, address: str) -> trio_mta.Reply:
+        async def handle_rcpt(
+            self, session: trio_mta.SessionInfo, envelope: trio_mta.Envelope, address: str
+        ) -> trio_mta.Reply:
             return rcpt_ok
 
-        async def handle_message(self, session: trio_mta.SessionInfo,
-                                 envelope: trio_mta.Envelope, data: bytes) -> trio_mta.Reply:
+        async def handle_message(
+            self, session: trio_mta.SessionInfo, envelope: trio_mta.Envelope, data: bytes
+        ) -> trio_mta.Reply:
             self.count += 1
             return data_ok
 
     handler = Counter()
-    config = trio_mta.Config.from_mapping({
-        "hostname": "bench-embedded.localdomain",
-        "state_dir": str(state_dir),  # only the generated STARTTLS certificate lives here
-        "listen": [{"address": f"{HOST}:{port}", "mode": "smtp"}],
-        "local": {"domains": ["bench.test"]},
-        "limits": {"max_connections": 20000, "max_connections_per_ip": 20000},
-    }, base_dir=state_dir)
+    config = trio_mta.Config.from_mapping(
+        {
+            "hostname": "bench-embedded.localdomain",
+            "state_dir": str(state_dir),  # only the generated STARTTLS certificate lives here
+            "listen": [{"address": f"{HOST}:{port}", "mode": "smtp"}],
+            "local": {"domains": ["bench.test"]},
+            "limits": {"max_connections": 20000, "max_connections_per_ip": 20000},
+        },
+        base_dir=state_dir,
+    )
     log.setup("warning")
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(
-                    lambda task_status: trio_mta.serve(config, handler=handler, queue=False,
-                                                       task_status=task_status))
+                    lambda task_status: trio_mta.serve(
+                        config, handler=handler, queue=False, task_status=task_status
+                    )
+                )
                 print("ready", flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
@@ -108,8 +115,14 @@ def serve_aiosmtpd(port: int) -> None:
     class Counter:
         count = 0
 
-        async def handle_RCPT(self, server: object, session: object, envelope: object,
-                              address: str, rcpt_options: list[str]) -> str:
+        async def handle_RCPT(
+            self,
+            server: object,
+            session: object,
+            envelope: object,
+            address: str,
+            rcpt_options: list[str],
+        ) -> str:
             envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
             return "250 2.1.5 OK"
 
@@ -122,9 +135,17 @@ def serve_aiosmtpd(port: int) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: SMTP(handler, hostname="bench-aiosmtpd.localdomain",
-                         ident="aiosmtpd-bench", data_size_limit=36700160),
-            HOST, port, backlog=1024, reuse_address=True)
+            lambda: SMTP(
+                handler,
+                hostname="bench-aiosmtpd.localdomain",
+                ident="aiosmtpd-bench",
+                data_size_limit=36700160,
+            ),
+            HOST,
+            port,
+            backlog=1024,
+            reuse_address=True,
+        )
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -172,19 +193,34 @@ def ensure_smtp_source() -> str | None:
     path = shutil.which("smtp-source")
     if path is None:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["debconf-set-selections"], input=b"postfix postfix/main_mailer_type "
-                       b"select No configuration\n", env=env, check=False, timeout=60)
+        subprocess.run(
+            ["debconf-set-selections"],
+            input=b"postfix postfix/main_mailer_type select No configuration\n",
+            env=env,
+            check=False,
+            timeout=60,
+        )
         say("# installing postfix for smtp-source: apt-get install -y postfix")
-        subprocess.run(["apt-get", "install", "-y", "postfix"], env=env, check=False,
-                       timeout=900, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        subprocess.run(
+            ["apt-get", "install", "-y", "postfix"],
+            env=env,
+            check=False,
+            timeout=900,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         path = shutil.which("smtp-source")
     return path
 
 
 def has_aiosmtpd(python: str) -> bool:
     try:
-        return subprocess.run([python, "-c", "import aiosmtpd"], capture_output=True,
-                              timeout=60, check=False).returncode == 0
+        return (
+            subprocess.run(
+                [python, "-c", "import aiosmtpd"], capture_output=True, timeout=60, check=False
+            ).returncode
+            == 0
+        )
     except OSError:
         return False
 
@@ -196,20 +232,31 @@ def find_aiosmtpd_python(explicit: str | None, peers: Path) -> str | None:
         return explicit if has_aiosmtpd(explicit) else None
     if has_aiosmtpd(sys.executable):
         return sys.executable
-    work = Path(os.environ.get("PEERS_DIR")
-                or Path(os.environ.get("TMPDIR") or "/tmp") / "trio-mta-peers")
+    work = Path(
+        os.environ.get("PEERS_DIR") or Path(os.environ.get("TMPDIR") or "/tmp") / "trio-mta-peers"
+    )
     venv = work / "venv" / "bin" / "python"
     script = peers / "aiosmtpd.sh"
     if not has_aiosmtpd(str(venv)) and script.is_file():
         say(f"# installing aiosmtpd: PEERS_DIR={work} bash {script} install")
-        subprocess.run(["bash", str(script), "install"], env=dict(os.environ, PEERS_DIR=str(work)),
-                       check=False, timeout=900, capture_output=True)
+        subprocess.run(
+            ["bash", str(script), "install"],
+            env=dict(os.environ, PEERS_DIR=str(work)),
+            check=False,
+            timeout=900,
+            capture_output=True,
+        )
     return str(venv) if has_aiosmtpd(str(venv)) else None
 
 
 def python_version(python: str) -> str:
-    result = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return result.stdout.strip() or "?"
 
 
@@ -249,13 +296,20 @@ class Server:
         if port_open(self.port):
             raise SetupError(f"{HOST}:{self.port} already accepts connections; pick other ports")
         say(f"# starting {LABEL[self.name]}: {shlex.join(self.command)}")
-        self.proc = subprocess.Popen(self.command, cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         if not wait_port(self.port, 60, self.proc):
             output = self.stop()
-            raise SetupError(f"{LABEL[self.name]} did not start on {HOST}:{self.port}:\n"
-                             f"{output[-2000:]}")
+            raise SetupError(
+                f"{LABEL[self.name]} did not start on {HOST}:{self.port}:\n{output[-2000:]}"
+            )
 
     def stop(self) -> str:
         """SIGTERM, then the handler's message count from the last output line."""
@@ -298,12 +352,25 @@ class Run:
 
 
 def source_cmd(port: int, sessions: int, messages: int, size: int) -> list[str]:
-    return ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", SENDER, "-t", RCPT, f"{HOST}:{port}"]
+    return [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        SENDER,
+        "-t",
+        RCPT,
+        f"{HOST}:{port}",
+    ]
 
 
-def measure(server: Server, rep: int, sessions: int, messages: int, size: int,
-            timeout: float) -> Run:
+def measure(
+    server: Server, rep: int, sessions: int, messages: int, size: int, timeout: float
+) -> Run:
     cmd = source_cmd(server.port, sessions, messages, size)
     run = Run(server.name, rep, shlex.join(cmd), messages)
     assert server.proc is not None
@@ -311,8 +378,14 @@ def measure(server: Server, rep: int, sessions: int, messages: int, size: int,
     cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                check=False, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         run.error = f"smtp-source still running after {timeout:.0f} s (killed)"
         return run
@@ -334,8 +407,10 @@ def measure(server: Server, rep: int, sessions: int, messages: int, size: int,
 def describe(run: Run) -> str:
     if run.error:
         return f"ERROR {run.error}"
-    return (f"{fmt(run.rate, 1)} msg/s, wall {fmt(run.wall_s, 2)} s, server CPU "
-            f"{fmt(run.cpu_ms_per_msg, 3)} ms/msg")
+    return (
+        f"{fmt(run.rate, 1)} msg/s, wall {fmt(run.wall_s, 2)} s, server CPU "
+        f"{fmt(run.cpu_ms_per_msg, 3)} ms/msg"
+    )
 
 
 def table(rows: list[list[str]], header: list[str]) -> None:
@@ -347,16 +422,24 @@ def table(rows: list[list[str]], header: list[str]) -> None:
 
 def report(a: argparse.Namespace, runs: list[Run], servers: list[Server]) -> None:
     say()
-    say(f"Results: {a.sessions} sessions, {a.size} B messages, {a.messages} per run, "
-        f"medians over the runs that succeeded (R={a.repeat})")
+    say(
+        f"Results: {a.sessions} sessions, {a.size} B messages, {a.messages} per run, "
+        f"medians over the runs that succeeded (R={a.repeat})"
+    )
     rows = []
     for name in TARGETS:
         mine = [r for r in runs if r.target == name]
         ok = [r for r in mine if not r.error]
         rates = [r.rate for r in ok if r.rate is not None]
-        rows.append([LABEL[name], fmt(median(rates), 1),
-                     f"{fmt(min(rates), 1)}..{fmt(max(rates), 1)}" if rates else "-",
-                     fmt(median([r.cpu_ms_per_msg for r in ok]), 3), f"{len(ok)}/{len(mine)}"])
+        rows.append(
+            [
+                LABEL[name],
+                fmt(median(rates), 1),
+                f"{fmt(min(rates), 1)}..{fmt(max(rates), 1)}" if rates else "-",
+                fmt(median([r.cpu_ms_per_msg for r in ok]), 3),
+                f"{len(ok)}/{len(mine)}",
+            ]
+        )
     table(rows, ["server", "msg/s", "range", "CPU ms/msg", "runs ok"])
     trio_rate = median([r.rate for r in runs if r.target == "trio"])
     aio_rate = median([r.rate for r in runs if r.target == "aiosmtpd"])
@@ -368,38 +451,59 @@ def report(a: argparse.Namespace, runs: list[Run], servers: list[Server]) -> Non
         if t and o:
             paired.append(t / o)
     say()
-    say(f"trio_mta / aiosmtpd: {fmt(ratio, 2)}x (ratio of medians); per repetition: "
-        f"{', '.join(f'{p:.2f}x' for p in paired) or '-'}")
+    say(
+        f"trio_mta / aiosmtpd: {fmt(ratio, 2)}x (ratio of medians); per repetition: "
+        f"{', '.join(f'{p:.2f}x' for p in paired) or '-'}"
+    )
     for server in servers:
-        say(f"{LABEL[server.name]} counted {server.count if server.count is not None else '?'} "
-            f"messages; smtp-source sent it {server.sent} (warm-up included)")
+        say(
+            f"{LABEL[server.name]} counted {server.count if server.count is not None else '?'} "
+            f"messages; smtp-source sent it {server.sent} (warm-up included)"
+        )
     say()
     say("Goal (issue 6), judged from this run (informational; the machine is shared):")
     verdict = "n/a" if ratio is None else ("met" if ratio >= GOAL else "MISSED")
-    say(f"  {verdict:6} trio_mta handler API >= {GOAL:g}x aiosmtpd at {a.sessions} sessions: "
-        f"{fmt(ratio, 2)}x")
+    say(
+        f"  {verdict:6} trio_mta handler API >= {GOAL:g}x aiosmtpd at {a.sessions} sessions: "
+        f"{fmt(ratio, 2)}x"
+    )
 
 
 # ---------------------------------------------------------------- main
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="trio_mta's handler API (no queue) against "
-                                 "aiosmtpd, messages/s under smtp-source (see bench/README.md)")
-    ap.add_argument("-m", "--messages", type=int,
-                    help="messages per run (default 5000, quick 1000)")
-    ap.add_argument("-R", "--repeat", type=int, help="runs per server, medians reported "
-                    "(default 3, quick 1)")
+    ap = argparse.ArgumentParser(
+        description="trio_mta's handler API (no queue) against "
+        "aiosmtpd, messages/s under smtp-source (see bench/README.md)"
+    )
+    ap.add_argument(
+        "-m", "--messages", type=int, help="messages per run (default 5000, quick 1000)"
+    )
+    ap.add_argument(
+        "-R", "--repeat", type=int, help="runs per server, medians reported (default 3, quick 1)"
+    )
     ap.add_argument("-s", "--sessions", type=int, default=50, help="parallel sessions (50)")
     ap.add_argument("-l", "--size", type=int, default=1024, help="message size in bytes (1024)")
     ap.add_argument("--quick", action="store_true", help="smoke run: -m 1000, R=1")
     ap.add_argument("--ports", default="2611,2612", help="trio_mta,aiosmtpd ports (2611,2612)")
-    ap.add_argument("--aiosmtpd-python", help="interpreter with aiosmtpd (default: this one if "
-                    "it has aiosmtpd, else the peers venv)")
-    ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS,
-                    help=f"folder with aiosmtpd.sh (default {DEFAULT_PEERS})")
-    ap.add_argument("--warmup", type=int, default=500, help="unmeasured messages per server "
-                    "before the first run (500)")
+    ap.add_argument(
+        "--aiosmtpd-python",
+        help="interpreter with aiosmtpd (default: this one if "
+        "it has aiosmtpd, else the peers venv)",
+    )
+    ap.add_argument(
+        "--peers",
+        type=Path,
+        default=DEFAULT_PEERS,
+        help=f"folder with aiosmtpd.sh (default {DEFAULT_PEERS})",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=500,
+        help="unmeasured messages per server before the first run (500)",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take (300)")
     # internal: run one of the servers
     ap.add_argument("--serve", choices=TARGETS, help=argparse.SUPPRESS)
@@ -430,11 +534,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_aiosmtpd(a.port)
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    say(f"# trio_mta embedded benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"cpus={os.cpu_count()}  load={os.getloadavg()[0]:.2f}")
+    say(
+        f"# trio_mta embedded benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
+        f"cpus={os.cpu_count()}  load={os.getloadavg()[0]:.2f}"
+    )
     say(f"# argv: {shlex.join([sys.executable, *sys.argv])}")
-    say(f"# sessions={a.sessions} size={a.size} messages={a.messages} repeat={a.repeat} "
-        f"warmup={a.warmup}; smtp-source: one connection per message (no -d), no pipelining")
+    say(
+        f"# sessions={a.sessions} size={a.size} messages={a.messages} repeat={a.repeat} "
+        f"warmup={a.warmup}; smtp-source: one connection per message (no -d), no pipelining"
+    )
     if ensure_smtp_source() is None:
         say("smtp-source is not available (apt-get install -y postfix failed)")
         return 1
@@ -442,11 +550,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if aio_python is None:
         say("aiosmtpd is not importable (pip install aiosmtpd, or --aiosmtpd-python)")
         return 1
-    say(f"# python: trio_mta {python_version(sys.executable)} ({sys.executable}), "
-        f"aiosmtpd {python_version(aio_python)} ({aio_python})")
+    say(
+        f"# python: trio_mta {python_version(sys.executable)} ({sys.executable}), "
+        f"aiosmtpd {python_version(aio_python)} ({aio_python})"
+    )
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-embedded-"))
-    servers = [Server("trio", sys.executable, a.ports[0], workdir),
-               Server("aiosmtpd", aio_python, a.ports[1], workdir)]
+    servers = [
+        Server("trio", sys.executable, a.ports[0], workdir),
+        Server("aiosmtpd", aio_python, a.ports[1], workdir),
+    ]
     runs: list[Run] = []
     try:
         for server in servers:
@@ -463,8 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run = measure(server, rep, a.sessions, a.messages, a.size, a.timeout)
                 runs.append(run)
                 server.sent += a.messages
-                say(f"[rep {rep}/{a.repeat} {LABEL[server.name]}] {run.command}\n"
-                    f"    -> {describe(run)}")
+                say(
+                    f"[rep {rep}/{a.repeat} {LABEL[server.name]}] {run.command}\n"
+                    f"    -> {describe(run)}"
+                )
         for server in servers:
             server.stop()
         report(a, runs, servers)

@@ -186,11 +186,22 @@ def apt_install(package: str) -> None:
     """Install a Debian package non-interactively (postfix with "No configuration")."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if package == "postfix":
-        subprocess.run(["debconf-set-selections"], input=b"postfix postfix/main_mailer_type "
-                       b"select No configuration\n", env=env, check=False, timeout=60)
+        subprocess.run(
+            ["debconf-set-selections"],
+            input=b"postfix postfix/main_mailer_type select No configuration\n",
+            env=env,
+            check=False,
+            timeout=60,
+        )
     say(f"# installing {package}: apt-get install -y {package}")
-    subprocess.run(["apt-get", "install", "-y", package], env=env, check=False, timeout=900,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    subprocess.run(
+        ["apt-get", "install", "-y", package],
+        env=env,
+        check=False,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def ensure_tool(tool: str, package: str) -> str | None:
@@ -234,8 +245,9 @@ class Target:
 class TrioServer:
     """`python -m trio_mta serve` as a subprocess with a fresh state_dir per start."""
 
-    def __init__(self, root: Path, port: int, log_level: str, workers: int = 1,
-                 milter: str | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int, log_level: str, workers: int = 1, milter: str | None = None
+    ) -> None:
         self.root = root
         self.milter = milter
         self.port = port
@@ -257,12 +269,12 @@ class TrioServer:
             f'state_dir = "{self.state}"\n'
             f'[[listen]]\naddress = "{HOST}:{self.port}"\nmode = "smtp"\n'
             f'[local]\ndomains = ["bench.test"]\n'
-            f'[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n'
+            f"[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n"
             f'[log]\nlevel = "{self.log_level}"\n'
-            f'[server]\nworkers = {self.workers}\n'
-            + (f'[[milter]]\naddress = "{self.milter}"\ntimeout = "60s"\n'
-               if self.milter else "")
-            + self.extra_config)
+            f"[server]\nworkers = {self.workers}\n"
+            + (f'[[milter]]\naddress = "{self.milter}"\ntimeout = "60s"\n' if self.milter else "")
+            + self.extra_config
+        )
 
     def start(self) -> Target:
         if port_open(self.port):
@@ -270,14 +282,21 @@ class TrioServer:
         shutil.rmtree(self.state, ignore_errors=True)
         self.write_config()
         with open(self.root / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(self.command, cwd=REPO, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = self.proc
         if not wait_port(self.port, 60, lambda: proc.poll() is None):
             self.stop()
-            raise SetupError(f"trio_mta did not start listening on {HOST}:{self.port}; "
-                             f"last log lines:\n{self.log_tail()}")
+            raise SetupError(
+                f"trio_mta did not start listening on {HOST}:{self.port}; "
+                f"last log lines:\n{self.log_tail()}"
+            )
         return self.target()
 
     def stop(self) -> None:
@@ -311,9 +330,15 @@ class Peer:
     started_by_us: bool = False
 
     def run(self, action: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(self.script), action], env=self.env, text=True,
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                              check=False)
+        return subprocess.run(
+            ["bash", str(self.script), action],
+            env=self.env,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start(self) -> str | None:
         """Start unless already running; returns an error text or None."""
@@ -322,8 +347,10 @@ class Peer:
             if not running:
                 if self.name == "postfix":
                     postfix_main_cf()
-                say(f"# starting {self.name}: PEERS_DIR={self.env['PEERS_DIR']} "
-                    f"bash {self.script} start")
+                say(
+                    f"# starting {self.name}: PEERS_DIR={self.env['PEERS_DIR']} "
+                    f"bash {self.script} start"
+                )
                 res = self.run("start", 900)
                 if res.returncode != 0:
                     return f"{self.script.name} start failed: {(res.stderr or res.stdout)[-500:]}"
@@ -370,8 +397,10 @@ def postfix_main_cf() -> None:
     if main_cf.exists() or not main_cf.parent.is_dir():
         return
     base = Path("/usr/share/postfix/main.cf.debian")
-    say(f"# {main_cf} is missing (Debian 'No configuration'): starting it from "
-        f"{base if base.is_file() else 'an empty file'}")
+    say(
+        f"# {main_cf} is missing (Debian 'No configuration'): starting it from "
+        f"{base if base.is_file() else 'an empty file'}"
+    )
     main_cf.write_bytes(base.read_bytes() if base.is_file() else b"")
 
 
@@ -385,18 +414,33 @@ def _loopback_port(variable: str, default: str) -> int:
 
 def make_peers(peers: Path, only: Sequence[str]) -> list[Peer]:
     """Peers as the scripts will run them (same PEERS_DIR, data and address overrides)."""
-    work = Path(os.environ.get("PEERS_DIR")
-                or Path(os.environ.get("TMPDIR") or "/tmp") / "trio-mta-peers")
+    work = Path(
+        os.environ.get("PEERS_DIR") or Path(os.environ.get("TMPDIR") or "/tmp") / "trio-mta-peers"
+    )
     env = dict(os.environ, PEERS_DIR=str(work))
     out = []
     if "postfix" in only:
         data = Path(os.environ.get("POSTFIX_DATA") or work / "postfix")
-        out.append(Peer("postfix", peers / "postfix.sh",
-                        _loopback_port("POSTFIX_ADDR", f"{HOST}:2601"), data / "Maildir", env))
+        out.append(
+            Peer(
+                "postfix",
+                peers / "postfix.sh",
+                _loopback_port("POSTFIX_ADDR", f"{HOST}:2601"),
+                data / "Maildir",
+                env,
+            )
+        )
     if "aiosmtpd" in only:
         data = Path(os.environ.get("AIOSMTPD_DATA") or work / "aiosmtpd")
-        out.append(Peer("aiosmtpd", peers / "aiosmtpd.sh",
-                        _loopback_port("AIOSMTPD_ADDR", f"{HOST}:2602"), data / "Maildir", env))
+        out.append(
+            Peer(
+                "aiosmtpd",
+                peers / "aiosmtpd.sh",
+                _loopback_port("AIOSMTPD_ADDR", f"{HOST}:2602"),
+                data / "Maildir",
+                env,
+            )
+        )
     for peer in out:
         if not peer.script.is_file():
             raise SetupError(f"{peer.script} not found (use --peers DIR)")
@@ -436,8 +480,9 @@ class Run:
         return self.messages / self.delivered_s if self.delivered_s and not self.error else None
 
 
-def drive(cmd: list[str], target: Target, messages: int, timeout: float,
-          out_path: Path) -> tuple[int | None, float | None, float | None, int, str]:
+def drive(
+    cmd: list[str], target: Target, messages: int, timeout: float, out_path: Path
+) -> tuple[int | None, float | None, float | None, int, str]:
     """Run a client to completion while counting target's new/; never waits past `timeout`.
 
     Returns (exit status, client wall s, seconds until `messages` files in new/,
@@ -446,8 +491,9 @@ def drive(cmd: list[str], target: Target, messages: int, timeout: float,
     done_at: list[float] = []
     with open(out_path, "w+b") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
 
         def waiter() -> None:
             proc.wait()
@@ -471,8 +517,13 @@ def drive(cmd: list[str], target: Target, messages: int, timeout: float,
     return proc.returncode, client_s, delivered_s, seen, output
 
 
-def _count_until(target: Target, messages: int, proc: subprocess.Popen[bytes],
-                 done_at: list[float], deadline: float) -> tuple[float | None, int]:
+def _count_until(
+    target: Target,
+    messages: int,
+    proc: subprocess.Popen[bytes],
+    done_at: list[float],
+    deadline: float,
+) -> tuple[float | None, int]:
     """Poll new/ until `messages` files and the client is done, it failed, or the deadline."""
     delivered_at: float | None = None
     seen = 0
@@ -494,30 +545,68 @@ def _count_until(target: Target, messages: int, proc: subprocess.Popen[bytes],
 
 
 def source_cmd(target: Target, size: int, sessions: int, messages: int) -> list[str]:
-    return ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", SENDER, "-t", RCPT, f"{HOST}:{target.port}"]
+    return [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        SENDER,
+        "-t",
+        RCPT,
+        f"{HOST}:{target.port}",
+    ]
 
 
 def loadgen_cmd(target: Target, size: int, sessions: int, messages: int) -> list[str]:
-    return [sys.executable, str(LOADGEN), "send", "--port", str(target.port),
-            "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", SENDER, "-t", RCPT]
+    return [
+        sys.executable,
+        str(LOADGEN),
+        "send",
+        "--port",
+        str(target.port),
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        SENDER,
+        "-t",
+        RCPT,
+    ]
 
 
-def measure(target: Target, kind: str, size: int, sessions: int, rep: int, messages: int,
-            timeout: float, workdir: Path) -> Run:
+def measure(
+    target: Target,
+    kind: str,
+    size: int,
+    sessions: int,
+    rep: int,
+    messages: int,
+    timeout: float,
+    workdir: Path,
+) -> Run:
     """Clear the Maildir, run one client, and judge the result."""
     make = source_cmd if kind == "source" else loadgen_cmd
     cmd = make(target, size, sessions, messages)
     run = Run(target.name, kind, size, sessions, rep, shlex.join(cmd), messages)
     clear_maildir(target.maildir)
     # trio_mta under --workers: the supervisor and its workers, loops summed.
-    pids = process_tree(target.pid) if target.pid and target.name == "trio" else (
-        [target.pid] if target.pid else [])
+    pids = (
+        process_tree(target.pid)
+        if target.pid and target.name == "trio"
+        else ([target.pid] if target.pid else [])
+    )
     cpu0 = tree_cpu(pids) if pids else None
     loop0 = tree_schedstat(pids) if pids else None
-    rc, client_s, delivered_s, seen, output = drive(cmd, target, messages, timeout,
-                                                    workdir / "client.out")
+    rc, client_s, delivered_s, seen, output = drive(
+        cmd, target, messages, timeout, workdir / "client.out"
+    )
     if pids:
         cpu1 = tree_cpu(pids)
         loop1 = tree_schedstat(pids)
@@ -536,8 +625,10 @@ def measure(target: Target, kind: str, size: int, sessions: int, rep: int, messa
         except ValueError:
             problems.append(f"loadgen printed no result: {output.strip()[-300:]!r}")
         if run.loadgen.get("errors"):
-            problems.append(f"{run.loadgen['errors']} transactions failed, "
-                            f"e.g. {run.loadgen.get('first_errors')}")
+            problems.append(
+                f"{run.loadgen['errors']} transactions failed, "
+                f"e.g. {run.loadgen.get('first_errors')}"
+            )
     elif output.strip():
         # smtp-source is silent unless a reply was not the expected one
         problems.append("smtp-source: " + " | ".join(output.strip().splitlines()[:3]))
@@ -560,8 +651,13 @@ def warm_up(target: Target, sessions: int, timeout: float, workdir: Path) -> Non
     """A few unmeasured messages: first connections, imports, process spawns, caches."""
     clear_maildir(target.maildir)
     count = max(20, WARMUP * sessions)
-    drive(source_cmd(target, 1024, sessions, count), target, count, min(timeout, 60),
-          workdir / "warmup.out")
+    drive(
+        source_cmd(target, 1024, sessions, count),
+        target,
+        count,
+        min(timeout, 60),
+        workdir / "warmup.out",
+    )
     clear_maildir(target.maildir)
 
 
@@ -571,19 +667,25 @@ def describe(run: Run) -> str:
     if run.kind == "loadgen":
         # its own clock: the process wall time would include interpreter start-up
         g = run.loadgen
-        parts = [f"loadgen accepted {g.get('accepted_per_s')}/s",
-                 f"DATA p50 {g.get('p50_ms')} ms p99 {g.get('p99_ms')} ms max {g.get('max_ms')} ms"]
+        parts = [
+            f"loadgen accepted {g.get('accepted_per_s')}/s",
+            f"DATA p50 {g.get('p50_ms')} ms p99 {g.get('p99_ms')} ms max {g.get('max_ms')} ms",
+        ]
     else:
-        parts = [f"accepted {fmt(run.accepted_rate, 1)}/s",
-                 f"delivered {fmt(run.delivered_rate, 1)}/s"]
+        parts = [
+            f"accepted {fmt(run.accepted_rate, 1)}/s",
+            f"delivered {fmt(run.delivered_rate, 1)}/s",
+        ]
     if run.peak_rss_kib:
         parts.append(f"peak RSS {run.peak_rss_kib / 1024:.1f} MiB")
     if run.cpu_s is not None:
         parts.append(f"server CPU {1000 * run.cpu_s / run.messages:.2f} ms/msg")
     span = run.delivered_s or run.client_s
     if run.loop_cpu_s is not None and run.loop_wait_s is not None and span:
-        parts.append(f"event loop on CPU {100 * run.loop_cpu_s / span:.0f}% + waiting for "
-                     f"a CPU {100 * run.loop_wait_s / span:.0f}%")
+        parts.append(
+            f"event loop on CPU {100 * run.loop_cpu_s / span:.0f}% + waiting for "
+            f"a CPU {100 * run.loop_wait_s / span:.0f}%"
+        )
     return ", ".join(parts)
 
 
@@ -626,23 +728,34 @@ def parse_strace_counts(text: str) -> dict[str, int]:
     return counts
 
 
-def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeout: float,
-              workdir: Path) -> FsyncResult:
+def fsync_run(
+    server: TrioServer, size: int, sessions: int, messages: int, timeout: float, workdir: Path
+) -> FsyncResult:
     """One smtp-source run with strace counting fsync/fdatasync of every server thread."""
     target = server.start()
     summary = workdir / "strace.txt"
     assert target.pid is not None
     # Every process of the server (a supervisor and each worker), all their threads (-f).
     attach = [arg for pid in process_tree(target.pid) for arg in ("-p", str(pid))]
-    strace_cmd = ["strace", "-f", "-c", "-q", "-e", "trace=fsync,fdatasync", "-o", str(summary),
-                  *attach]
+    strace_cmd = [
+        "strace",
+        "-f",
+        "-c",
+        "-q",
+        "-e",
+        "trace=fsync,fdatasync",
+        "-o",
+        str(summary),
+        *attach,
+    ]
     cmd = source_cmd(target, size, sessions, messages)
     res = FsyncResult(size, sessions, shlex.join(cmd), shlex.join(strace_cmd))
     try:
         warm_up(target, sessions, timeout, workdir)
         summary.unlink(missing_ok=True)
-        strace = subprocess.Popen(strace_cmd, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        strace = subprocess.Popen(
+            strace_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             deadline = time.monotonic() + 20
             pids = process_tree(target.pid)
@@ -655,11 +768,14 @@ def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeo
             else:
                 clear_maildir(target.maildir)
                 rc, _, delivered_s, seen, output = drive(
-                    cmd, target, messages, timeout, workdir / "client.out")
+                    cmd, target, messages, timeout, workdir / "client.out"
+                )
                 res.delivered = seen
                 if rc != 0 or output.strip() or delivered_s is None:
-                    res.error = (f"run failed: exit {rc}, {seen}/{messages} delivered, "
-                                 f"{output.strip()[:200]!r}")
+                    res.error = (
+                        f"run failed: exit {rc}, {seen}/{messages} delivered, "
+                        f"{output.strip()[:200]!r}"
+                    )
                 time.sleep(1.0)  # the queue's delivered-marks and checkpoints of this run
         finally:
             if strace.poll() is None:
@@ -680,8 +796,9 @@ def fsync_run(server: TrioServer, size: int, sessions: int, messages: int, timeo
     return res
 
 
-def tls_run(server: TrioServer, sessions: int, messages: int, timeout: float,
-            workdir: Path) -> list[tuple[str, dict[str, object]]]:
+def tls_run(
+    server: TrioServer, sessions: int, messages: int, timeout: float, workdir: Path
+) -> list[tuple[str, dict[str, object]]]:
     """The TLS column: the same trio_mta, plaintext vs STARTTLS, same sessions, 1 KiB.
 
     Interleaved per session count so both modes see the same machine noise.
@@ -693,14 +810,18 @@ def tls_run(server: TrioServer, sessions: int, messages: int, timeout: float,
         try:
             warm_up(target, sessions, timeout, workdir)
             cmd = loadgen_cmd(target, 1024, sessions, messages) + (
-                ["--starttls"] if starttls else [])
+                ["--starttls"] if starttls else []
+            )
             try:
-                res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                     check=False, timeout=timeout)
-                line = next((ln for ln in reversed(res.stdout.splitlines())
-                             if ln.startswith("{")), "")
-                data: dict[str, object] = (json.loads(line) if line else
-                                           {"error": (res.stderr or res.stdout)[-300:]})
+                res = subprocess.run(
+                    cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=timeout
+                )
+                line = next(
+                    (ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{")), ""
+                )
+                data: dict[str, object] = (
+                    json.loads(line) if line else {"error": (res.stderr or res.stdout)[-300:]}
+                )
             except subprocess.TimeoutExpired:
                 data = {"error": "loadgen timed out"}
         finally:
@@ -711,11 +832,25 @@ def tls_run(server: TrioServer, sessions: int, messages: int, timeout: float,
 
 def idle_run(server: TrioServer, count: int, timeout: float) -> tuple[str, dict[str, object]]:
     target = server.start()
-    cmd = [sys.executable, str(LOADGEN), "idle", "--port", str(target.port), "-n", str(count),
-           "--server-pid", str(target.pid), "-f", SENDER, "-t", RCPT]
+    cmd = [
+        sys.executable,
+        str(LOADGEN),
+        "idle",
+        "--port",
+        str(target.port),
+        "-n",
+        str(count),
+        "--server-pid",
+        str(target.pid),
+        "-f",
+        SENDER,
+        "-t",
+        RCPT,
+    ]
     try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False,
-                             timeout=timeout + count / 50)
+        res = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=timeout + count / 50
+        )
         line = next((ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{")), "")
         try:
             data: dict[str, object] = json.loads(line)
@@ -742,11 +877,15 @@ class Results:
         self.runs: list[Run] = []
 
     def pick(self, target: str, kind: str, size: int, sessions: int) -> list[Run]:
-        return [r for r in self.runs
-                if (r.target, r.kind, r.size, r.sessions) == (target, kind, size, sessions)]
+        return [
+            r
+            for r in self.runs
+            if (r.target, r.kind, r.size, r.sessions) == (target, kind, size, sessions)
+        ]
 
-    def med(self, target: str, size: int, sessions: int, what: str,
-            kind: str = "source") -> float | None:
+    def med(
+        self, target: str, size: int, sessions: int, what: str, kind: str = "source"
+    ) -> float | None:
         runs = [r for r in self.pick(target, kind, size, sessions) if not r.error]
         values: list[float | None]
         if what == "accepted":
@@ -758,12 +897,16 @@ class Results:
         elif what == "cpu":
             values = [1000 * r.cpu_s / r.messages if r.cpu_s is not None else None for r in runs]
         elif what == "loop_cpu":
-            values = [1000 * r.loop_cpu_s / r.messages if r.loop_cpu_s is not None else None
-                      for r in runs]
+            values = [
+                1000 * r.loop_cpu_s / r.messages if r.loop_cpu_s is not None else None for r in runs
+            ]
         elif what == "loop_busy":
-            values = [100 * (r.loop_cpu_s + r.loop_wait_s) / r.delivered_s
-                      if r.loop_cpu_s is not None and r.loop_wait_s is not None
-                      and r.delivered_s else None for r in runs]
+            values = [
+                100 * (r.loop_cpu_s + r.loop_wait_s) / r.delivered_s
+                if r.loop_cpu_s is not None and r.loop_wait_s is not None and r.delivered_s
+                else None
+                for r in runs
+            ]
         else:  # a loadgen JSON field
             values = [_num(r.loadgen.get(what)) for r in runs]
         return median(values)
@@ -790,11 +933,18 @@ def table(rows: list[list[str]], header: list[str]) -> None:
         say("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
-def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
-           idle: tuple[str, dict[str, object]] | None, targets: list[str]) -> None:
+def report(
+    a: argparse.Namespace,
+    res: Results,
+    fsyncs: list[FsyncResult],
+    idle: tuple[str, dict[str, object]] | None,
+    targets: list[str],
+) -> None:
     say()
-    say(f"=== Results: medians of {a.repeat} run(s), {a.messages} messages per run, "
-        f"one connection per message ===")
+    say(
+        f"=== Results: medians of {a.repeat} run(s), {a.messages} messages per run, "
+        f"one connection per message ==="
+    )
     say()
     say("Throughput (msg/s). accepted = M / smtp-source wall time (every DATA got 250);")
     say("delivered = M / time from start until M files sit in the Maildir's new/.")
@@ -802,12 +952,20 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
     rows = []
     for size, s in cells(a.sizes, a.sessions):
         for t in targets:
-            rows.append([size_label(size), str(s), LABEL[t],
-                         fmt(res.med(t, size, s, "accepted"), 1),
-                         fmt(res.med(t, size, s, "delivered"), 1),
-                         fmt(res.med(t, size, s, "cpu"), 2), res.ok_count(t, size, s)])
-    table(rows, ["size", "sessions", "server", "accepted/s", "delivered/s", "CPU ms/msg",
-                 "runs ok"])
+            rows.append(
+                [
+                    size_label(size),
+                    str(s),
+                    LABEL[t],
+                    fmt(res.med(t, size, s, "accepted"), 1),
+                    fmt(res.med(t, size, s, "delivered"), 1),
+                    fmt(res.med(t, size, s, "cpu"), 2),
+                    res.ok_count(t, size, s),
+                ]
+            )
+    table(
+        rows, ["size", "sessions", "server", "accepted/s", "delivered/s", "CPU ms/msg", "runs ok"]
+    )
 
     if "trio" in targets:
         say()
@@ -817,17 +975,35 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
         say("it spent on a CPU or runnable waiting for one (100% = the loop is the bottleneck).")
         rows = []
         for size, s in cells(a.sizes, a.sessions):
-            rows.append([size_label(size), str(s),
-                         fmt(res.med("trio", size, s, "p50_ms", "loadgen"), 2),
-                         fmt(res.med("trio", size, s, "p99_ms", "loadgen"), 2),
-                         fmt(res.med("trio", size, s, "accepted_per_s", "loadgen"), 1),
-                         fmt(res.med("trio", size, s, "rss"), 1),
-                         fmt(res.med("trio", size, s, "cpu"), 2),
-                         fmt(res.med("trio", size, s, "loop_cpu"), 2),
-                         fmt(res.med("trio", size, s, "loop_busy"), 0),
-                         res.ok_count("trio", size, s, "loadgen")])
-        table(rows, ["size", "sessions", "p50 ms", "p99 ms", "loadgen acc/s",
-                     "peak RSS MiB", "CPU ms/msg", "loop ms/msg", "loop busy %", "loadgen ok"])
+            rows.append(
+                [
+                    size_label(size),
+                    str(s),
+                    fmt(res.med("trio", size, s, "p50_ms", "loadgen"), 2),
+                    fmt(res.med("trio", size, s, "p99_ms", "loadgen"), 2),
+                    fmt(res.med("trio", size, s, "accepted_per_s", "loadgen"), 1),
+                    fmt(res.med("trio", size, s, "rss"), 1),
+                    fmt(res.med("trio", size, s, "cpu"), 2),
+                    fmt(res.med("trio", size, s, "loop_cpu"), 2),
+                    fmt(res.med("trio", size, s, "loop_busy"), 0),
+                    res.ok_count("trio", size, s, "loadgen"),
+                ]
+            )
+        table(
+            rows,
+            [
+                "size",
+                "sessions",
+                "p50 ms",
+                "p99 ms",
+                "loadgen acc/s",
+                "peak RSS MiB",
+                "CPU ms/msg",
+                "loop ms/msg",
+                "loop busy %",
+                "loadgen ok",
+            ],
+        )
 
     peers = [t for t in ("postfix", "aiosmtpd") if t in targets]
     if "trio" in targets and peers:
@@ -840,19 +1016,33 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
         for size, s in cells(a.sizes, a.sessions):
             row = [size_label(size), str(s)]
             for p in peers:
-                row.append(ratio(res.med("trio", size, s, "accepted"),
-                                 res.med(p, size, s, "accepted")))
-                row.append(ratio(res.med("trio", size, s, "delivered"),
-                                 res.med(p, size, s, "delivered")))
+                row.append(
+                    ratio(res.med("trio", size, s, "accepted"), res.med(p, size, s, "accepted"))
+                )
+                row.append(
+                    ratio(res.med("trio", size, s, "delivered"), res.med(p, size, s, "delivered"))
+                )
             rows.append(row)
         table(rows, header)
 
     if fsyncs:
         say()
-        say("fsync calls per delivered message (trio_mta; a separate run under strace, "
-            "whose speed is not reported):")
-        rows = [[size_label(f.size), str(f.sessions), str(f.fsync), str(f.fdatasync),
-                 str(f.delivered), fmt(f.per_message, 3), f.error or ""] for f in fsyncs]
+        say(
+            "fsync calls per delivered message (trio_mta; a separate run under strace, "
+            "whose speed is not reported):"
+        )
+        rows = [
+            [
+                size_label(f.size),
+                str(f.sessions),
+                str(f.fsync),
+                str(f.fdatasync),
+                str(f.delivered),
+                fmt(f.per_message, 3),
+                f.error or "",
+            ]
+            for f in fsyncs
+        ]
         table(rows, ["size", "sessions", "fsync", "fdatasync", "delivered", "per message", "error"])
         for f in fsyncs:
             say(f"  {f.strace}  during  {f.command}")
@@ -862,9 +1052,20 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
         say()
         say("Idle connections (trio_mta):")
         say(f"  command: {cmd}")
-        for key in ("requested", "opened", "open_errors", "open_s", "new_client", "new_client_s",
-                    "idle_alive_sample", "server_rss_before_kib", "server_rss_kib",
-                    "server_hwm_kib", "first_errors", "error"):
+        for key in (
+            "requested",
+            "opened",
+            "open_errors",
+            "open_s",
+            "new_client",
+            "new_client_s",
+            "idle_alive_sample",
+            "server_rss_before_kib",
+            "server_rss_kib",
+            "server_hwm_kib",
+            "first_errors",
+            "error",
+        ):
             if key in data:
                 value = data[key]
                 if key.endswith("_kib") and isinstance(value, int):
@@ -873,8 +1074,13 @@ def report(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
     goals(a, res, fsyncs, idle, targets)
 
 
-def goals(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
-          idle: tuple[str, dict[str, object]] | None, targets: list[str]) -> None:
+def goals(
+    a: argparse.Namespace,
+    res: Results,
+    fsyncs: list[FsyncResult],
+    idle: tuple[str, dict[str, object]] | None,
+    targets: list[str],
+) -> None:
     """The issue's goals, judged from this run's figures (informational only)."""
     say()
     say("Goals (issue 3), judged from this run:")
@@ -895,71 +1101,126 @@ def goals(a: argparse.Namespace, res: Results, fsyncs: list[FsyncResult],
         for size, want in ((1024, 2.0), (65536, 1.5)):
             for s in (10, 50):
                 if size in a.sizes and s in a.sessions:
-                    show(f"delivered {size_label(size)} s={s} trio/Postfix",
-                         rel(size, s, "delivered"), want, ">=", "x")
+                    show(
+                        f"delivered {size_label(size)} s={s} trio/Postfix",
+                        rel(size, s, "delivered"),
+                        want,
+                        ">=",
+                        "x",
+                    )
         if 1024 in a.sizes and 50 in a.sessions:
             show("accepted 1 KiB s=50 trio/Postfix", rel(1024, 50, "accepted"), 3.0, ">=", "x")
     for f in fsyncs:
-        show(f"fsync per delivered message {size_label(f.size)} s={f.sessions}", f.per_message,
-             1.5, "<")
+        show(
+            f"fsync per delivered message {size_label(f.size)} s={f.sessions}",
+            f.per_message,
+            1.5,
+            "<",
+        )
     if "trio" in targets:
         top = max(a.sessions)
         for size in a.sizes:
-            show(f"peak RSS {size_label(size)} s={top}", res.med("trio", size, top, "rss"), 64,
-                 "<=", " MiB")
+            show(
+                f"peak RSS {size_label(size)} s={top}",
+                res.med("trio", size, top, "rss"),
+                64,
+                "<=",
+                " MiB",
+            )
     if idle is not None:
         data = idle[1]
         rss = data.get("server_rss_kib")
         ok = data.get("new_client") == "ok"
-        say(f"  {'met' if ok else 'MISSED':6} new client served with {data.get('opened')} idle "
-            f"connections open: {data.get('new_client')}")
-        show("RSS with idle connections", rss / 1024 if isinstance(rss, int) else None, 300,
-             "<", " MiB")
+        say(
+            f"  {'met' if ok else 'MISSED':6} new client served with {data.get('opened')} idle "
+            f"connections open: {data.get('new_client')}"
+        )
+        show(
+            "RSS with idle connections",
+            rss / 1024 if isinstance(rss, int) else None,
+            300,
+            "<",
+            " MiB",
+        )
 
 
 # ---------------------------------------------------------------- main
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="trio_mta inbound benchmark against Postfix and "
-                                 "aiosmtpd (see bench/README.md)")
+    ap = argparse.ArgumentParser(
+        description="trio_mta inbound benchmark against Postfix and aiosmtpd (see bench/README.md)"
+    )
     ap.add_argument("-m", "--messages", type=int, help="messages per run (default 2000, quick 300)")
-    ap.add_argument("-R", "--repeat", type=int, help="runs per cell, medians reported "
-                    "(default 3, quick 1)")
-    ap.add_argument("--sizes", help="message sizes in bytes, comma-separated "
-                    "(default 1024,65536; quick 1024)")
-    ap.add_argument("--sessions", help="session counts, comma-separated "
-                    "(default 1,10,50; quick 10,50)")
-    ap.add_argument("--only", action="append", choices=TARGETS,
-                    help="benchmark only this server (repeatable)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: -m 300, R=1, fewer cells, "
-                    "2000 idle connections")
-    ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS,
-                    help=f"folder with postfix.sh and aiosmtpd.sh (default {DEFAULT_PEERS})")
+    ap.add_argument(
+        "-R", "--repeat", type=int, help="runs per cell, medians reported (default 3, quick 1)"
+    )
+    ap.add_argument(
+        "--sizes", help="message sizes in bytes, comma-separated (default 1024,65536; quick 1024)"
+    )
+    ap.add_argument(
+        "--sessions", help="session counts, comma-separated (default 1,10,50; quick 10,50)"
+    )
+    ap.add_argument(
+        "--only", action="append", choices=TARGETS, help="benchmark only this server (repeatable)"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: -m 300, R=1, fewer cells, 2000 idle connections",
+    )
+    ap.add_argument(
+        "--peers",
+        type=Path,
+        default=DEFAULT_PEERS,
+        help=f"folder with postfix.sh and aiosmtpd.sh (default {DEFAULT_PEERS})",
+    )
     ap.add_argument("--port", type=int, default=2603, help="trio_mta's port (default 2603)")
-    ap.add_argument("--idle", type=int, help="idle connections to open "
-                    "(default 10000, quick 2000, 0 skips)")
+    ap.add_argument(
+        "--idle", type=int, help="idle connections to open (default 10000, quick 2000, 0 skips)"
+    )
     ap.add_argument("--no-fsync", action="store_true", help="skip the strace fsync runs")
     ap.add_argument("--no-latency", action="store_true", help="skip the loadgen latency runs")
     ap.add_argument("--no-tls", action="store_true", help="skip the STARTTLS column")
-    ap.add_argument("--tls-sessions", default="10,50",
-                    help="session counts for the STARTTLS column (default 10,50)")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="seconds one run may take before it is stopped and reported (default 300)")
+    ap.add_argument(
+        "--tls-sessions",
+        default="10,50",
+        help="session counts for the STARTTLS column (default 10,50)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds one run may take before it is stopped and reported (default 300)",
+    )
     ap.add_argument("--log-level", default="warning", help="trio_mta's log level (default warning)")
-    ap.add_argument("--milter", help="a milter for trio_mta, e.g. 127.0.0.1:11332 (rspamd): "
-                    "every message passes through it ([[milter]] in its config)")
+    ap.add_argument(
+        "--milter",
+        help="a milter for trio_mta, e.g. 127.0.0.1:11332 (rspamd): "
+        "every message passes through it ([[milter]] in its config)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server logs)")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="trio_mta's [server] workers (default 0: one per core, the product's "
-                         "default; 1 = one process); CPU, "
-                         "RSS and loop figures then sum the supervisor and every worker")
-    ap.add_argument("--dkim", choices=["ed25519", "rsa"], action="append",
-                    help="only the mail authentication column: delivered msg/s without and "
-                         "with DKIM signing by this key type (repeatable; bench/mailauth.py)")
-    ap.add_argument("--verify", action="store_true",
-                    help="only the mail authentication column: without and with SPF, DKIM "
-                         "and DMARC verification of DKIM-signed inbound mail")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="trio_mta's [server] workers (default 0: one per core, the product's "
+        "default; 1 = one process); CPU, "
+        "RSS and loop figures then sum the supervisor and every worker",
+    )
+    ap.add_argument(
+        "--dkim",
+        choices=["ed25519", "rsa"],
+        action="append",
+        help="only the mail authentication column: delivered msg/s without and "
+        "with DKIM signing by this key type (repeatable; bench/mailauth.py)",
+    )
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="only the mail authentication column: without and with SPF, DKIM "
+        "and DMARC verification of DKIM-signed inbound mail",
+    )
     a = ap.parse_args(argv)
     q = a.quick
     a.messages = a.messages or (300 if q else 2000)
@@ -991,14 +1252,20 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    say(f"# trio_mta inbound benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"cpus={os.cpu_count()}  python={sys.version.split()[0]}")
+    say(
+        f"# trio_mta inbound benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
+        f"cpus={os.cpu_count()}  python={sys.version.split()[0]}"
+    )
     say(f"# argv: {shlex.join([sys.executable, *sys.argv])}")
-    say(f"# messages={a.messages} repeat={a.repeat} sizes={a.sizes} sessions={a.sessions} "
-        f"servers={a.only} idle={a.idle}")
-    say("# smtp-source: one connection per message (no -d), no pipelining; "
+    say(
+        f"# messages={a.messages} repeat={a.repeat} sizes={a.sizes} sessions={a.sessions} "
+        f"servers={a.only} idle={a.idle}"
+    )
+    say(
+        "# smtp-source: one connection per message (no -d), no pipelining; "
         "unmeasured warm-up (1 KiB, max(20, 2 x sessions) messages) for each trio_mta process "
-        "at the run's session count, for each peer once at the largest")
+        "at the run's session count, for each peer once at the largest"
+    )
     if ensure_tool("smtp-source", "postfix") is None:
         say("smtp-source is not available (apt-get install -y postfix failed)")
         return 1
@@ -1049,15 +1316,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                             warm_up(target, s, a.timeout, workdir)
                             kinds = ["source"] + ([] if a.no_latency else ["loadgen"])
                             for kind in kinds:
-                                run = measure(target, kind, size, s, rep, a.messages,
-                                              a.timeout, workdir)
+                                run = measure(
+                                    target, kind, size, s, rep, a.messages, a.timeout, workdir
+                                )
                                 res.runs.append(run)
                                 say(f"{tag} {run.command}\n    -> {describe(run)}")
                         finally:
                             server.stop()
                     else:
-                        run = measure(by_name[t].target(), "source", size, s, rep, a.messages,
-                                      a.timeout, workdir)
+                        run = measure(
+                            by_name[t].target(),
+                            "source",
+                            size,
+                            s,
+                            rep,
+                            a.messages,
+                            a.timeout,
+                            workdir,
+                        )
                         res.runs.append(run)
                         say(f"{tag} {run.command}\n    -> {describe(run)}")
                         if run.error and t == "postfix":
@@ -1071,24 +1347,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f = fsync_run(server, size, top, a.messages, a.timeout, workdir)
                     fsyncs.append(f)
                     error = f" ERROR {f.error}" if f.error else ""
-                    say(f"[fsync {size_label(size)} s={top}] {f.strace} & {f.command}\n"
+                    say(
+                        f"[fsync {size_label(size)} s={top}] {f.strace} & {f.command}\n"
                         f"    -> fsync {f.fsync}, fdatasync {f.fdatasync}, delivered "
-                        f"{f.delivered}, per message {fmt(f.per_message, 3)}{error}")
+                        f"{f.delivered}, per message {fmt(f.per_message, 3)}{error}"
+                    )
         if "trio" in targets and not a.no_tls:
-            say("\nTLS column (trio_mta, 1 KiB, bench/loadgen.py; STARTTLS after EHLO, "
-                "a full handshake per connection, as between MTAs that meet once):")
+            say(
+                "\nTLS column (trio_mta, 1 KiB, bench/loadgen.py; STARTTLS after EHLO, "
+                "a full handshake per connection, as between MTAs that meet once):"
+            )
             rows = []
             for s in a.tls_sessions:
-                (plain_cmd, plain), (tls_cmd, tls) = tls_run(server, s, a.messages, a.timeout,
-                                                             workdir)
+                (plain_cmd, plain), (tls_cmd, tls) = tls_run(
+                    server, s, a.messages, a.timeout, workdir
+                )
                 say(f"[tls s={s}] {plain_cmd}\n    -> {json.dumps(plain)}")
                 say(f"[tls s={s}] {tls_cmd}\n    -> {json.dumps(tls)}")
                 p_rate, t_rate = _num(plain.get("accepted_per_s")), _num(tls.get("accepted_per_s"))
-                rows.append([str(s), fmt(p_rate, 1), fmt(t_rate, 1), ratio(t_rate, p_rate),
-                             fmt(_num(tls.get("tls_handshake_p50_ms")), 2),
-                             fmt(_num(tls.get("p50_ms")), 2)])
-            table(rows, ["sessions", "plain msg/s", "STARTTLS msg/s", "TLS/plain",
-                         "handshake p50 ms", "DATA p50 ms (TLS)"])
+                rows.append(
+                    [
+                        str(s),
+                        fmt(p_rate, 1),
+                        fmt(t_rate, 1),
+                        ratio(t_rate, p_rate),
+                        fmt(_num(tls.get("tls_handshake_p50_ms")), 2),
+                        fmt(_num(tls.get("p50_ms")), 2),
+                    ]
+                )
+            table(
+                rows,
+                [
+                    "sessions",
+                    "plain msg/s",
+                    "STARTTLS msg/s",
+                    "TLS/plain",
+                    "handshake p50 ms",
+                    "DATA p50 ms (TLS)",
+                ],
+            )
         if "trio" in targets and a.idle > 0:
             idle = idle_run(server, a.idle, a.timeout)
             say(f"[idle] {idle[0]}\n    -> {json.dumps(idle[1])}")

@@ -64,12 +64,12 @@ class Conn:
         while True:
             nl = self.buf.find(b"\n", start)
             if nl >= 0:
-                line = self.buf[start:nl + 1]
+                line = self.buf[start : nl + 1]
                 if len(line) < 4 or line[3:4] != b"-":
-                    text = bytes(self.buf[:nl + 1])
-                    del self.buf[:nl + 1]
+                    text = bytes(self.buf[: nl + 1])
+                    del self.buf[: nl + 1]
                     try:
-                        return int(text[start:start + 3]), text
+                        return int(text[start : start + 3]), text
                     except ValueError:
                         raise SMTPError(f"malformed reply {text[:80]!r}") from None
                 start = nl + 1
@@ -95,22 +95,31 @@ class Conn:
 
 def make_body(size: int, sender: str, rcpt: str) -> bytes:
     """Headers plus `size` bytes of payload in 80-byte CRLF lines, like ``smtp-source -l``."""
-    headers = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: trio_mta bench\r\n"
-               f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n")
+    headers = (
+        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: trio_mta bench\r\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n"
+    )
     lines = []
     left = size
     n = 0
     while left > 0:
         n += 1
         chunk = min(80, left)
-        text = (str(n % 10) + "X" * 77)[:max(chunk - 2, 0)]
+        text = (str(n % 10) + "X" * 77)[: max(chunk - 2, 0)]
         lines.append(text + "\r\n")
         left -= chunk
     return headers.encode() + "".join(lines).encode()
 
 
-async def transaction(host: str, port: int, sender: str, rcpt: str, body: bytes,
-                      starttls: bool = False, handshakes: list[float] | None = None) -> float:
+async def transaction(
+    host: str,
+    port: int,
+    sender: str,
+    rcpt: str,
+    body: bytes,
+    starttls: bool = False,
+    handshakes: list[float] | None = None,
+) -> float:
     """One message over a fresh connection; returns the DATA-reply latency in seconds.
 
     With ``starttls`` the session upgrades after EHLO (RFC 3207) and the time
@@ -157,15 +166,22 @@ class SendResult:
     def summary(self) -> dict[str, object]:
         lat = sorted(self.latencies)
         return {
-            "sessions": self.sessions, "messages": self.messages, "size": self.size,
-            "ok": self.ok, "errors": len(self.errors), "first_errors": self.errors[:5],
+            "sessions": self.sessions,
+            "messages": self.messages,
+            "size": self.size,
+            "ok": self.ok,
+            "errors": len(self.errors),
+            "first_errors": self.errors[:5],
             "wall_s": round(self.wall, 4),
             "accepted_per_s": round(self.ok / self.wall, 2) if self.wall > 0 else None,
             "p50_ms": round(1000 * percentile(lat, 50), 3) if lat else None,
             "p99_ms": round(1000 * percentile(lat, 99), 3) if lat else None,
             "max_ms": round(1000 * lat[-1], 3) if lat else None,
-            "tls_handshake_p50_ms": (round(1000 * percentile(sorted(self.handshakes), 50), 3)
-                                     if self.handshakes else None),
+            "tls_handshake_p50_ms": (
+                round(1000 * percentile(sorted(self.handshakes), 50), 3)
+                if self.handshakes
+                else None
+            ),
         }
 
 
@@ -175,9 +191,17 @@ def percentile(ordered: Sequence[float], pct: float) -> float:
     return ordered[int(rank) - 1]
 
 
-async def run_send(host: str, port: int, sessions: int, messages: int, size: int,
-                   sender: str, rcpt: str, timeout: float,
-                   starttls: bool = False) -> SendResult:
+async def run_send(
+    host: str,
+    port: int,
+    sessions: int,
+    messages: int,
+    size: int,
+    sender: str,
+    rcpt: str,
+    timeout: float,
+    starttls: bool = False,
+) -> SendResult:
     """`sessions` workers share `messages` transactions, one connection each."""
     body = make_body(size, sender, rcpt)
     result = SendResult(sessions, messages, size)
@@ -189,8 +213,9 @@ async def run_send(host: str, port: int, sessions: int, messages: int, size: int
             next_index += 1
             try:
                 with trio.fail_after(timeout):
-                    latency = await transaction(host, port, sender, rcpt, body,
-                                                starttls, result.handshakes)
+                    latency = await transaction(
+                        host, port, sender, rcpt, body, starttls, result.handshakes
+                    )
             except (OSError, SMTPError, trio.TooSlowError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}")
                 await trio.sleep(0.01)  # a refusing server must not become a busy loop
@@ -243,8 +268,16 @@ def raise_nofile(want: int) -> int:
     return int(target)
 
 
-async def run_idle(host: str, port: int, count: int, server_pid: int | None,
-                   sender: str, rcpt: str, timeout: float, hold: float) -> dict[str, object]:
+async def run_idle(
+    host: str,
+    port: int,
+    count: int,
+    server_pid: int | None,
+    sender: str,
+    rcpt: str,
+    timeout: float,
+    hold: float,
+) -> dict[str, object]:
     """Open `count` idle connections (each reads its banner), then time one full transaction."""
     limit = raise_nofile(count + 256)
     conns: list[Conn] = []
@@ -331,25 +364,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.add_argument("-s", dest="sessions", type=int, default=1)
             p.add_argument("-m", dest="messages", type=int, default=100)
             p.add_argument("-l", dest="size", type=int, default=1024)
-            p.add_argument("--starttls", action="store_true",
-                           help="upgrade every session with STARTTLS after EHLO")
+            p.add_argument(
+                "--starttls",
+                action="store_true",
+                help="upgrade every session with STARTTLS after EHLO",
+            )
         else:
             p.add_argument("-n", dest="count", type=int, default=10000)
             p.add_argument("--server-pid", type=int)
-            p.add_argument("--hold", type=float, default=1.0,
-                           help="seconds to wait with all connections open before measuring")
+            p.add_argument(
+                "--hold",
+                type=float,
+                default=1.0,
+                help="seconds to wait with all connections open before measuring",
+            )
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     if a.cmd == "send":
-        res = trio.run(run_send, a.host, a.port, a.sessions, a.messages, a.size,
-                       a.sender, a.rcpt, a.timeout, a.starttls)
+        res = trio.run(
+            run_send,
+            a.host,
+            a.port,
+            a.sessions,
+            a.messages,
+            a.size,
+            a.sender,
+            a.rcpt,
+            a.timeout,
+            a.starttls,
+        )
         print(json.dumps(res.summary()), flush=True)
         return 0 if not res.errors else 1
-    out = trio.run(run_idle, a.host, a.port, a.count, a.server_pid, a.sender, a.rcpt,
-                   a.timeout, a.hold)
+    out = trio.run(
+        run_idle, a.host, a.port, a.count, a.server_pid, a.sender, a.rcpt, a.timeout, a.hold
+    )
     print(json.dumps(out), flush=True)
     return 0 if out.get("new_client") == "ok" and not out.get("open_errors") else 1
 

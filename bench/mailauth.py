@@ -36,9 +36,11 @@ GOALS = {"ed25519": 0.9, "rsa": 0.75, "verify": 0.8}
 
 def _message(size: int, signature: bytes = b"") -> bytes:
     """A 1 KiB-ish message in CRLF form, From: bench.test, optionally with a signature."""
-    head = (f"From: <a@{DOMAIN}>\r\nTo: <u@{DOMAIN}>\r\nSubject: trio_mta auth bench\r\n"
-            f"Date: Wed, 02 Dec 2026 00:00:00 +0000\r\nMessage-ID: <bench@{DOMAIN}>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n").encode()
+    head = (
+        f"From: <a@{DOMAIN}>\r\nTo: <u@{DOMAIN}>\r\nSubject: trio_mta auth bench\r\n"
+        f"Date: Wed, 02 Dec 2026 00:00:00 +0000\r\nMessage-ID: <bench@{DOMAIN}>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+    ).encode()
     line = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n"
     body = line * max(1, (size - len(head)) // len(line))
     return signature + head + body
@@ -82,8 +84,10 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
                 dns.add(f"{key.selector}._domainkey.{DOMAIN}.", "TXT", f'"{record}"')
                 plain = _message(size)
                 message = _message(size, Signer([key]).sign(plain))
-                base = ('[relay]\ntrusted_networks = []\n'
-                        f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n')
+                base = (
+                    "[relay]\ntrusted_networks = []\n"
+                    f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n'
+                )
                 variants = {
                     "without": base + "[verify]\nspf = false\ndkim = false\ndmarc = false\n",
                     "with": base + "[verify]\nspf = true\ndkim = true\ndmarc = true\n",
@@ -92,8 +96,10 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
                 message = _message(size)
                 variants = {
                     "without": "",
-                    "with": (f'[[dkim.sign]]\ndomain = "{DOMAIN}"\nselector = "{key.selector}"\n'
-                             f'key = "{key_path}"\n'),
+                    "with": (
+                        f'[[dkim.sign]]\ndomain = "{DOMAIN}"\nselector = "{key.selector}"\n'
+                        f'key = "{key_path}"\n'
+                    ),
                 }
             source = _write_source_file(workdir / f"{what}.eml", message)
             rates: dict[str, list[float | None]] = {"without": [], "with": []}
@@ -103,51 +109,96 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
                     server.extra_config = extra
                     target = server.start()
                     try:
-                        cmd = ["smtp-source", "-s", str(sessions), "-m", str(a.messages),
-                               "-F", str(source), "-f", inbound.SENDER, "-t", inbound.RCPT,
-                               f"{inbound.HOST}:{target.port}"]
+                        cmd = [
+                            "smtp-source",
+                            "-s",
+                            str(sessions),
+                            "-m",
+                            str(a.messages),
+                            "-F",
+                            str(source),
+                            "-f",
+                            inbound.SENDER,
+                            "-t",
+                            inbound.RCPT,
+                            f"{inbound.HOST}:{target.port}",
+                        ]
                         warm = max(20, inbound.WARMUP * sessions)
                         inbound.clear_maildir(target.maildir)
                         warm_cmd = [*cmd[:4], str(warm), *cmd[5:]]
-                        inbound.drive(warm_cmd, target, warm, min(a.timeout, 60),
-                                      workdir / "warmup.out")
+                        inbound.drive(
+                            warm_cmd, target, warm, min(a.timeout, 60), workdir / "warmup.out"
+                        )
                         inbound.clear_maildir(target.maildir)
                         pids = inbound.process_tree(target.pid) if target.pid else []
                         cpu0 = inbound.tree_cpu(pids) if pids else None
                         rc, _client_s, delivered_s, seen, output = inbound.drive(
-                            cmd, target, a.messages, a.timeout, workdir / "client.out")
+                            cmd, target, a.messages, a.timeout, workdir / "client.out"
+                        )
                         cpu1 = inbound.tree_cpu(pids) if pids else None
                         rate = a.messages / delivered_s if delivered_s and rc == 0 else None
                         rates[variant].append(rate)
-                        per_msg = ((cpu1 - cpu0) / a.messages * 1000
-                                   if cpu0 is not None and cpu1 is not None else None)
+                        per_msg = (
+                            (cpu1 - cpu0) / a.messages * 1000
+                            if cpu0 is not None and cpu1 is not None
+                            else None
+                        )
                         cpu[variant].append(per_msg)
-                        problem = f" ERROR rc={rc} seen={seen} {output.strip()[:200]}" if (
-                            rate is None or output.strip()) else ""
-                        inbound.say(f"[auth {what} {variant} s={sessions} rep {rep}] "
-                                    f"{' '.join(cmd)}\n    -> delivered "
-                                    f"{inbound.fmt(rate, 1)} msg/s, server CPU "
-                                    f"{inbound.fmt(per_msg, 2)} ms/msg{problem}")
+                        problem = (
+                            f" ERROR rc={rc} seen={seen} {output.strip()[:200]}"
+                            if (rate is None or output.strip())
+                            else ""
+                        )
+                        inbound.say(
+                            f"[auth {what} {variant} s={sessions} rep {rep}] "
+                            f"{' '.join(cmd)}\n    -> delivered "
+                            f"{inbound.fmt(rate, 1)} msg/s, server CPU "
+                            f"{inbound.fmt(per_msg, 2)} ms/msg{problem}"
+                        )
                         if variant == "with":
                             _show_sample(inbound, target.maildir, what)
                     finally:
                         server.stop()
                         server.extra_config = ""
-            paired = [on / off for off, on in zip(rates["without"], rates["with"], strict=True)
-                      if off and on]
+            paired = [
+                on / off
+                for off, on in zip(rates["without"], rates["with"], strict=True)
+                if off and on
+            ]
             results.append((what, _median(rates["without"]), _median(rates["with"])))
             paired_results.append(_median(paired))
             cpu_results.append((_median(cpu["without"]), _median(cpu["with"])))
     finally:
         dns.stop()
-    inbound.say("\nMail authentication (delivered msg/s, 1 KiB, "
-                f"s={sessions}, medians of {a.repeat}):")
-    rows = [[what, inbound.fmt(off, 1), inbound.fmt(on, 1), inbound.ratio(on, off),
-             "-" if pair is None else f"{pair:.2f}x", inbound.fmt(c_off, 2), inbound.fmt(c_on, 2)]
-            for (what, off, on), (c_off, c_on), pair
-            in zip(results, cpu_results, paired_results, strict=True)]
-    inbound.table(rows, ["feature", "without", "with", "with/without", "paired",
-                         "CPU ms/msg without", "CPU ms/msg with"])
+    inbound.say(
+        f"\nMail authentication (delivered msg/s, 1 KiB, s={sessions}, medians of {a.repeat}):"
+    )
+    rows = [
+        [
+            what,
+            inbound.fmt(off, 1),
+            inbound.fmt(on, 1),
+            inbound.ratio(on, off),
+            "-" if pair is None else f"{pair:.2f}x",
+            inbound.fmt(c_off, 2),
+            inbound.fmt(c_on, 2),
+        ]
+        for (what, off, on), (c_off, c_on), pair in zip(
+            results, cpu_results, paired_results, strict=True
+        )
+    ]
+    inbound.table(
+        rows,
+        [
+            "feature",
+            "without",
+            "with",
+            "with/without",
+            "paired",
+            "CPU ms/msg without",
+            "CPU ms/msg with",
+        ],
+    )
     inbound.say("\nGoals (issue 11), judged from this run:")
     for (what, _off, _on), value in zip(results, paired_results, strict=True):
         want = GOALS[what]
@@ -174,7 +225,7 @@ def _show_sample(inbound: Any, maildir: Path, what: str) -> None:
     lines = head.split("\n")
     for index, line in enumerate(lines):
         if line.startswith(wanted):
-            text = " ".join(x.strip() for x in lines[index:index + 4])
+            text = " ".join(x.strip() for x in lines[index : index + 4])
             inbound.say(f"    sample: {text[:160]}")
             return
     inbound.say(f"    sample: NO {wanted} in {files[0].name}")

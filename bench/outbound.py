@@ -50,8 +50,11 @@ GOAL = 1.5  # issue 5: trio_mta relays at least 1.5x Postfix's rate, with connec
 SINKS = ("plain", "tls")
 SINK_LABEL = {"plain": "smtp-sink", "tls": "aiosmtpd+TLS"}
 ROUTES = ("smarthost", "mx")
-MTA_LABEL = {"trio-smarthost": "trio_mta smarthost", "trio-mx": "trio_mta MX",
-             "postfix": "Postfix relayhost"}
+MTA_LABEL = {
+    "trio-smarthost": "trio_mta smarthost",
+    "trio-mx": "trio_mta MX",
+    "postfix": "Postfix relayhost",
+}
 POLL = 0.01  # seconds between reads of the sink's counter
 LOADERS = 8  # SMTP sessions submitting the load (each sends its share over one connection)
 
@@ -85,8 +88,14 @@ def serve_tls_sink(listen: str, cert: str, key: str, ids_file: str) -> None:
         sys.stdout.flush()
 
     class Counter:
-        async def handle_RCPT(self, server: object, session: object, envelope: Any,
-                              address: str, rcpt_options: list[str]) -> str:
+        async def handle_RCPT(
+            self,
+            server: object,
+            session: object,
+            envelope: Any,
+            address: str,
+            rcpt_options: list[str],
+        ) -> str:
             envelope.rcpt_tos.append(address)
             return "250 2.1.5 OK"
 
@@ -114,10 +123,19 @@ def serve_tls_sink(listen: str, cert: str, key: str, ids_file: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: CountingSMTP(handler, hostname=MX_NAME, ident="aiosmtpd-sink",
-                                 tls_context=context, require_starttls=False,
-                                 data_size_limit=36700160),
-            host, int(port), backlog=1024, reuse_address=True)
+            lambda: CountingSMTP(
+                handler,
+                hostname=MX_NAME,
+                ident="aiosmtpd-sink",
+                tls_context=context,
+                require_starttls=False,
+                data_size_limit=36700160,
+            ),
+            host,
+            int(port),
+            backlog=1024,
+            reuse_address=True,
+        )
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -189,8 +207,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05
 def established(port: int) -> int | None:
     """TCP connections established to 127.0.0.1:port right now (server side), from ss."""
     try:
-        out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
-                             capture_output=True, text=True, timeout=5, check=False).stdout
+        out = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     return sum(1 for line in out.splitlines() if line.strip())
@@ -256,8 +279,10 @@ def recipient(i: int, spread: int) -> str:
 
 def message(tag: str, i: int, size: int, rcpt: str) -> bytes:
     """One test message of about `size` bytes with a Message-ID unique to (run, i)."""
-    head = (f"Message-ID: <{tag}.{i}@bench.test>\r\nFrom: <{SENDER}>\r\nTo: <{rcpt}>\r\n"
-            f"Subject: outbound bench {tag} {i}\r\n\r\n").encode()
+    head = (
+        f"Message-ID: <{tag}.{i}@bench.test>\r\nFrom: <{SENDER}>\r\nTo: <{rcpt}>\r\n"
+        f"Subject: outbound bench {tag} {i}\r\n\r\n"
+    ).encode()
     line = b"X" * 78 + b"\r\n"
     lines = max(1, (size - len(head)) // len(line))
     return head + line * lines
@@ -273,8 +298,7 @@ def submit(port: int, tag: str, n: int, size: int, spread: int, timeout: float) 
 
     def worker(start: int) -> None:
         try:
-            with smtplib.SMTP(HOST, port, local_hostname="loader.bench.test",
-                              timeout=60) as client:
+            with smtplib.SMTP(HOST, port, local_hostname="loader.bench.test", timeout=60) as client:
                 for i in range(start, n, LOADERS):
                     rcpt = recipient(i, spread)
                     refused = client.sendmail(SENDER, [rcpt], message(tag, i, size, rcpt))
@@ -284,8 +308,9 @@ def submit(port: int, tag: str, n: int, size: int, spread: int, timeout: float) 
         except (OSError, smtplib.SMTPException) as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True)
-               for k in range(min(LOADERS, n))]
+    threads = [
+        threading.Thread(target=worker, args=(k,), daemon=True) for k in range(min(LOADERS, n))
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + timeout
@@ -312,9 +337,24 @@ class Spy:
         if pid is None or shutil.which("py-spy") is None:
             return
         self.proc = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--gil",
-             "--format", "raw", "-o", str(self.path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--gil",
+                "--format",
+                "raw",
+                "-o",
+                str(self.path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(1.0)  # attached before the flush
 
     def stop(self) -> str:
@@ -346,8 +386,7 @@ CATEGORIES = (
     ("SQLite queue (in worker threads)", ("trio_mta/queue/store.py",)),
     ("logging", ("trio_mta/log.py", "logging/")),
     ("DNS lookups", ("trio_mta/dns.py", "dns/")),
-    ("SMTP client (protocol, TLS, socket calls)", ("trio_mta/client/", "trio_mta/smtp/",
-                                                   "ssl.py")),
+    ("SMTP client (protocol, TLS, socket calls)", ("trio_mta/client/", "trio_mta/smtp/", "ssl.py")),
     ("to_thread hand-offs (trio side)", ("trio/_threads.py", "trio/_core/_thread_cache.py")),
     ("remote agent (routing, pool)", ("trio_mta/delivery/remote.py",)),
     ("scheduler (dispatch, bookkeeping)", ("trio_mta/queue/scheduler.py",)),
@@ -391,8 +430,9 @@ def summarise_profile(path: Path, top: int = 10) -> str:
         out.append(f"    {100 * n / total:5.1f}%  {f}")
     out.append("  inclusive (trio_mta frames):")
     entry_points = ("(trio_mta/cli/main.py)", "(trio_mta/__main__.py)")
-    ours = [(f, n) for f, n in inclusive.items()
-            if "trio_mta/" in f and not f.endswith(entry_points)]
+    ours = [
+        (f, n) for f, n in inclusive.items() if "trio_mta/" in f and not f.endswith(entry_points)
+    ]
     for f, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
         out.append(f"    {100 * n / total:5.1f}%  {f}")
     out.append("  by category (first match in the stack, in this order):")
@@ -416,8 +456,9 @@ class SinkResult:
 class Sink:
     """A sink process started per run; counts messages and keeps every Message-ID."""
 
-    def __init__(self, kind: str, port: int, work: Path, python: str | None,
-                 cert: Path, key: Path) -> None:
+    def __init__(
+        self, kind: str, port: int, work: Path, python: str | None, cert: Path, key: Path
+    ) -> None:
         self.kind = kind
         self.port = port
         self.work = work
@@ -440,16 +481,38 @@ class Sink:
             # running counters and -d to keep each message (its Message-ID is checked).
             self.dumps.mkdir(mode=0o777)
             self.dumps.chmod(0o777)
-            self.command = ["smtp-sink", "-c", "-u", "nobody", "-d", f"{self.dumps}/m.",
-                            f"{HOST}:{self.port}", "1024"]
+            self.command = [
+                "smtp-sink",
+                "-c",
+                "-u",
+                "nobody",
+                "-d",
+                f"{self.dumps}/m.",
+                f"{HOST}:{self.port}",
+                "1024",
+            ]
         else:
             assert self.python is not None
-            self.command = [self.python, str(HERE), "--serve-tls-sink", f"{HOST}:{self.port}",
-                            "--cert", str(self.cert), "--key", str(self.key),
-                            "--ids", str(self.ids_file)]
+            self.command = [
+                self.python,
+                str(HERE),
+                "--serve-tls-sink",
+                f"{HOST}:{self.port}",
+                "--cert",
+                str(self.cert),
+                "--key",
+                str(self.key),
+                "--ids",
+                str(self.ids_file),
+            ]
         with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = self.proc
         if not wait_until(lambda: listening(self.port) or proc.poll() is not None, 30):
             self.stop()
@@ -568,8 +631,9 @@ class TrioMta(Mta):
     also applies its per-destination limit (half of ``concurrency``).
     """
 
-    def __init__(self, route: str, root: Path, port: int, dns: tuple[str, int],
-                 log_level: str) -> None:
+    def __init__(
+        self, route: str, root: Path, port: int, dns: tuple[str, int], log_level: str
+    ) -> None:
         self.name = f"trio-{route}"
         self.route = route
         self.root = root
@@ -586,7 +650,7 @@ class TrioMta(Mta):
     def write_config(self, sink: str, sink_port: int, connections: int) -> None:
         if self.route == "smarthost":
             tls = "starttls" if sink == "tls" else "none"  # starttls: required, unverified
-            relay = (f'smarthost = "{HOST}:{sink_port}"\nsmarthost_tls = "{tls}"\n')
+            relay = f'smarthost = "{HOST}:{sink_port}"\nsmarthost_tls = "{tls}"\n'
         else:
             relay = f'port = {sink_port}\ntls = "opportunistic"\n'
         self.config.write_text(
@@ -594,11 +658,12 @@ class TrioMta(Mta):
             f'state_dir = "{self.state}"\n'
             f'[[listen]]\naddress = "{HOST}:{self.port}"\nmode = "smtp"\n'
             f'[local]\ndomains = ["bench.test"]\n'
-            f'[relay]\n{relay}'
+            f"[relay]\n{relay}"
             f'[dns]\nnameservers = ["{self.dns[0]}:{self.dns[1]}"]\n'
             f'[queue]\nconcurrency = {connections}\nretry_initial = "1h"\nretry_max = "1h"\n'
-            f'[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n'
-            f'[log]\nlevel = "{self.log_level}"\nfile = "{self.log}"\n')
+            f"[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n"
+            f'[log]\nlevel = "{self.log_level}"\nfile = "{self.log}"\n'
+        )
 
     def start(self, sink: str, sink_port: int, connections: int) -> None:
         if listening(self.port):
@@ -607,9 +672,14 @@ class TrioMta(Mta):
         self.log.unlink(missing_ok=True)
         self.write_config(sink, sink_port, connections)
         with open(self.root / "trio.stderr", "ab") as err:
-            self.proc = subprocess.Popen(self.command, cwd=REPO, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = self.proc
         if not wait_until(lambda: listening(self.port) or proc.poll() is not None, 60):
             self.stop()
@@ -627,8 +697,12 @@ class TrioMta(Mta):
     def _queue(self) -> Any:
         if self._store is None:
             from trio_mta.queue.store import QueueStore
-            self._store = QueueStore(self.state / "queue.sqlite3", readonly=True) \
-                if (self.state / "queue.sqlite3").exists() else None
+
+            self._store = (
+                QueueStore(self.state / "queue.sqlite3", readonly=True)
+                if (self.state / "queue.sqlite3").exists()
+                else None
+            )
         return self._store
 
     def queued(self) -> tuple[int, int]:
@@ -636,14 +710,18 @@ class TrioMta(Mta):
         if store is None:
             return 0, 0
         rows = store.list_messages()
-        deferred = sum(1 for m in rows
-                       if all(r.status == "deferred" for r in m.recipients))
+        deferred = sum(1 for m in rows if all(r.status == "deferred" for r in m.recipients))
         return len(rows), deferred
 
     def flush(self) -> str | None:
-        done = subprocess.run([sys.executable, "-m", "trio_mta", "queue", "flush",
-                               "--config", str(self.config)], cwd=REPO, capture_output=True,
-                              text=True, timeout=60, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "trio_mta", "queue", "flush", "--config", str(self.config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         return None if done.returncode == 0 else (done.stderr or done.stdout)[-300:]
 
     def cpu_split(self) -> tuple[float, float] | None:
@@ -700,9 +778,14 @@ class PostfixMta(Mta):
             raise SetupError(f"{HOST}:{self.port} is taken; pick --port-base")
         root = Path(tempfile.mkdtemp(prefix="pf-", dir=self.root))
         self.instance = PostfixInstance(
-            root=root, port=self.port, tls_chain=self.cert, tls_key=self.key,
-            virtual_domain="pf.bench.test", mailboxes={"postmaster@pf.bench.test": "postmaster"},
-            hostname="bench-postfix.localdomain")
+            root=root,
+            port=self.port,
+            tls_chain=self.cert,
+            tls_key=self.key,
+            virtual_domain="pf.bench.test",
+            mailboxes={"postmaster@pf.bench.test": "postmaster"},
+            hostname="bench-postfix.localdomain",
+        )
         tls = sink == "tls"
         self.settings = [
             f"relayhost = [{HOST}]:{sink_port}",
@@ -732,12 +815,20 @@ class PostfixMta(Mta):
             raise SetupError(f"Postfix instance: {exc}") from None
 
     def _postqueue(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["postqueue", "-c", str(self.instance.config_dir), *args],
-                              capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            ["postqueue", "-c", str(self.instance.config_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def queued(self) -> tuple[int, int]:
-        rows = [json.loads(line) for line in self._postqueue("-j").stdout.splitlines()
-                if line.startswith("{")]
+        rows = [
+            json.loads(line)
+            for line in self._postqueue("-j").stdout.splitlines()
+            if line.startswith("{")
+        ]
         return len(rows), sum(1 for r in rows if r.get("queue_name") == "deferred")
 
     def flush(self) -> str | None:
@@ -844,8 +935,18 @@ class Run:
         return 100 * self.sink_cpu_s / self.total_s
 
 
-def measure(mta: Mta, sink: Sink, connections: int, rep: int, n: int, size: int,
-            spread: int, timeout: float, dns: DnsProcess, spy_dir: Path | None) -> Run:
+def measure(
+    mta: Mta,
+    sink: Sink,
+    connections: int,
+    rep: int,
+    n: int,
+    size: int,
+    spread: int,
+    timeout: float,
+    dns: DnsProcess,
+    spy_dir: Path | None,
+) -> Run:
     """Load the MTA with the sink down, start the sink, flush, count until all arrived."""
     run = Run(mta.name, sink.kind, connections, rep, n)
     tag = f"r{rep}-{sink.kind}-c{connections}-{mta.name}-{os.getpid()}"
@@ -928,8 +1029,10 @@ def check(run: Run, result: SinkResult, expected: set[bytes]) -> None:
     run.unknown = len(seen - expected)
     run.sessions = result.sessions
     if run.error is None and (run.lost or run.duplicates or run.unknown):
-        run.error = (f"sink saw {run.received} messages: {run.lost} lost, "
-                     f"{run.duplicates} duplicated, {run.unknown} unknown")
+        run.error = (
+            f"sink saw {run.received} messages: {run.lost} lost, "
+            f"{run.duplicates} duplicated, {run.unknown} unknown"
+        )
     if run.error is None and run.left_in_queue:
         run.error = f"{run.left_in_queue} messages still queued after all arrived"
 
@@ -938,15 +1041,19 @@ def describe(run: Run) -> str:
     if run.relay_s is None:
         timing = "-"
     else:
-        timing = (f"{fmt(run.rate, 1)} msg/s first->last ({run.relay_s:.2f}s), "
-                  f"{fmt(run.rate_from_flush, 1)} from flush (first after "
-                  f"{fmt(run.flush_to_first_s, 2)}s)")
-    parts = [timing,
-             f"CPU {fmt(run.cpu_ms, 2)} ms/msg ({fmt(run.sys_share)}% sys)",
-             f"sink: {run.received} msgs, {run.unique} unique, lost {run.lost}, "
-             f"dup {run.duplicates}, sessions {fmt(run.sessions)}, "
-             f"peak conns {fmt(run.peak_connections)}, busy {fmt(run.sink_busy)}%",
-             f"load {fmt(run.load_s, 1)}s"]
+        timing = (
+            f"{fmt(run.rate, 1)} msg/s first->last ({run.relay_s:.2f}s), "
+            f"{fmt(run.rate_from_flush, 1)} from flush (first after "
+            f"{fmt(run.flush_to_first_s, 2)}s)"
+        )
+    parts = [
+        timing,
+        f"CPU {fmt(run.cpu_ms, 2)} ms/msg ({fmt(run.sys_share)}% sys)",
+        f"sink: {run.received} msgs, {run.unique} unique, lost {run.lost}, "
+        f"dup {run.duplicates}, sessions {fmt(run.sessions)}, "
+        f"peak conns {fmt(run.peak_connections)}, busy {fmt(run.sink_busy)}%",
+        f"load {fmt(run.load_s, 1)}s",
+    ]
     if run.loop_cpu_s is not None:
         parts.insert(2, f"event loop {fmt(run.loop_ms, 2)} ms/msg, busy {fmt(run.loop_busy)}%")
     if run.dns_cpu_s:
@@ -965,8 +1072,7 @@ class Results:
     runs: list[Run] = field(default_factory=list)
 
     def pick(self, mta: str, sink: str, connections: int) -> list[Run]:
-        return [r for r in self.runs
-                if (r.mta, r.sink, r.connections) == (mta, sink, connections)]
+        return [r for r in self.runs if (r.mta, r.sink, r.connections) == (mta, sink, connections)]
 
     def med(self, mta: str, sink: str, connections: int, what: str) -> float | None:
         runs = [r for r in self.pick(mta, sink, connections) if r.ok]
@@ -977,8 +1083,7 @@ class Results:
             elif what == "per_session":
                 values.append(r.messages / r.sessions if r.sessions else None)
             elif what == "peak":
-                values.append(float(r.peak_connections)
-                              if r.peak_connections is not None else None)
+                values.append(float(r.peak_connections) if r.peak_connections is not None else None)
             else:
                 values.append(getattr(r, what))
         return median(values)
@@ -989,14 +1094,20 @@ class Results:
 
     def integrity(self, mta: str) -> tuple[int, int, int, int]:
         runs = [r for r in self.runs if r.mta == mta]
-        return (sum(r.received for r in runs), sum(r.lost for r in runs),
-                sum(r.duplicates for r in runs), sum(r.unknown for r in runs))
+        return (
+            sum(r.received for r in runs),
+            sum(r.lost for r in runs),
+            sum(r.duplicates for r in runs),
+            sum(r.unknown for r in runs),
+        )
 
 
 def report(a: argparse.Namespace, res: Results, mtas: list[str]) -> None:
     say()
-    say(f"=== Results: medians of {a.repeat} run(s), {a.messages} messages of "
-        f"{a.size} bytes per run ===")
+    say(
+        f"=== Results: medians of {a.repeat} run(s), {a.messages} messages of "
+        f"{a.size} bytes per run ==="
+    )
     say()
     say("msg/s = (N-1) / time from the first to the last message arriving at the sink;")
     say("from flush = N / time from the flush command to the last message (includes the")
@@ -1012,20 +1123,41 @@ def report(a: argparse.Namespace, res: Results, mtas: list[str]) -> None:
     for sink in a.sinks:
         for c in a.connections:
             for m in mtas:
-                rows.append([SINK_LABEL[sink], str(c), MTA_LABEL[m],
-                             fmt(res.med(m, sink, c, "rate"), 1),
-                             fmt(res.med(m, sink, c, "rate_from_flush"), 1),
-                             fmt(res.med(m, sink, c, "cpu_ms"), 2),
-                             fmt(res.med(m, sink, c, "sys_share")),
-                             fmt(res.med(m, sink, c, "loop_ms"), 2),
-                             fmt(res.med(m, sink, c, "loop_busy")),
-                             fmt(res.med(m, sink, c, "per_session"), 1),
-                             fmt(res.med(m, sink, c, "peak")),
-                             fmt(res.med(m, sink, c, "sink_busy")),
-                             res.ok_count(m, sink, c)])
-    table(rows, ["sink", "conns", "MTA", "msg/s", "from flush", "CPU ms/msg", "sys %",
-                 "loop ms/msg",
-                 "loop %", "msg/sess", "peak", "sink %", "runs ok"])
+                rows.append(
+                    [
+                        SINK_LABEL[sink],
+                        str(c),
+                        MTA_LABEL[m],
+                        fmt(res.med(m, sink, c, "rate"), 1),
+                        fmt(res.med(m, sink, c, "rate_from_flush"), 1),
+                        fmt(res.med(m, sink, c, "cpu_ms"), 2),
+                        fmt(res.med(m, sink, c, "sys_share")),
+                        fmt(res.med(m, sink, c, "loop_ms"), 2),
+                        fmt(res.med(m, sink, c, "loop_busy")),
+                        fmt(res.med(m, sink, c, "per_session"), 1),
+                        fmt(res.med(m, sink, c, "peak")),
+                        fmt(res.med(m, sink, c, "sink_busy")),
+                        res.ok_count(m, sink, c),
+                    ]
+                )
+    table(
+        rows,
+        [
+            "sink",
+            "conns",
+            "MTA",
+            "msg/s",
+            "from flush",
+            "CPU ms/msg",
+            "sys %",
+            "loop ms/msg",
+            "loop %",
+            "msg/sess",
+            "peak",
+            "sink %",
+            "runs ok",
+        ],
+    )
 
     trios = [m for m in mtas if m.startswith("trio")]
     if "postfix" in mtas and trios:
@@ -1034,21 +1166,29 @@ def report(a: argparse.Namespace, res: Results, mtas: list[str]) -> None:
         rows = []
         for sink in a.sinks:
             for c in a.connections:
-                rows.append([SINK_LABEL[sink], str(c)] + [
-                    ratio(res.med(m, sink, c, "rate"), res.med("postfix", sink, c, "rate"))
-                    for m in trios])
+                rows.append(
+                    [SINK_LABEL[sink], str(c)]
+                    + [
+                        ratio(res.med(m, sink, c, "rate"), res.med("postfix", sink, c, "rate"))
+                        for m in trios
+                    ]
+                )
         table(rows, ["sink", "conns"] + [f"{MTA_LABEL[m]} / Postfix" for m in trios])
 
     say()
     say("Integrity over all runs (every Message-ID submitted must arrive exactly once):")
     for m in mtas:
         received, lost, dup, unknown = res.integrity(m)
-        say(f"  {MTA_LABEL[m]}: {received} received, {lost} lost, {dup} duplicated, "
-            f"{unknown} unknown")
+        say(
+            f"  {MTA_LABEL[m]}: {received} received, {lost} lost, {dup} duplicated, "
+            f"{unknown} unknown"
+        )
 
     say()
-    say(f"Goal (issue 5): trio_mta >= {GOAL}x Postfix's relay rate with connection reuse, "
-        "nothing lost or duplicated; judged from this run (informational):")
+    say(
+        f"Goal (issue 5): trio_mta >= {GOAL}x Postfix's relay rate with connection reuse, "
+        "nothing lost or duplicated; judged from this run (informational):"
+    )
     for m in trios:
         for sink in a.sinks:
             for c in a.connections:
@@ -1083,8 +1223,12 @@ def tls_files(work: Path) -> tuple[Path, Path]:
 
 def has_aiosmtpd(python: str) -> bool:
     try:
-        return subprocess.run([python, "-c", "import aiosmtpd"], capture_output=True,
-                              timeout=60, check=False).returncode == 0
+        return (
+            subprocess.run(
+                [python, "-c", "import aiosmtpd"], capture_output=True, timeout=60, check=False
+            ).returncode
+            == 0
+        )
     except OSError:
         return False
 
@@ -1095,16 +1239,22 @@ def find_aiosmtpd_python(explicit: str | None, peers: Path) -> str | None:
         return explicit if has_aiosmtpd(explicit) else None
     if has_aiosmtpd(sys.executable):
         return sys.executable
-    work = Path(os.environ.get("PEERS_DIR")
-                or Path(os.environ.get("TMPDIR") or "/tmp") / "trio-mta-peers")
+    work = Path(
+        os.environ.get("PEERS_DIR") or Path(os.environ.get("TMPDIR") or "/tmp") / "trio-mta-peers"
+    )
     venv = str(work / "venv" / "bin" / "python")
     if not has_aiosmtpd(venv):
         script = peers / "aiosmtpd.sh"
         if script.is_file():
             say(f"# installing aiosmtpd: bash {script} install")
-            subprocess.run(["bash", str(script), "install"], env=dict(os.environ,
-                           PEERS_DIR=str(work)), check=False, timeout=900,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            subprocess.run(
+                ["bash", str(script), "install"],
+                env=dict(os.environ, PEERS_DIR=str(work)),
+                check=False,
+                timeout=900,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
     return venv if has_aiosmtpd(venv) else None
 
 
@@ -1137,9 +1287,14 @@ class DnsProcess:
 
     def __enter__(self) -> DnsProcess:
         with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen(self.command, cwd=REPO, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
         proc = self.proc
 
@@ -1171,42 +1326,75 @@ class DnsProcess:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="trio_mta outbound (relay) benchmark against "
-                                 "Postfix (see bench/README.md)")
-    ap.add_argument("-m", "--messages", type=int,
-                    help="messages per run (default 2000, quick 500)")
-    ap.add_argument("-R", "--repeat", type=int,
-                    help="runs per cell, medians reported (default 3, quick 1)")
-    ap.add_argument("--connections", help="outbound connection counts, comma-separated "
-                    "(default 1,10,50)")
+    ap = argparse.ArgumentParser(
+        description="trio_mta outbound (relay) benchmark against Postfix (see bench/README.md)"
+    )
+    ap.add_argument("-m", "--messages", type=int, help="messages per run (default 2000, quick 500)")
+    ap.add_argument(
+        "-R", "--repeat", type=int, help="runs per cell, medians reported (default 3, quick 1)"
+    )
+    ap.add_argument(
+        "--connections", help="outbound connection counts, comma-separated (default 1,10,50)"
+    )
     ap.add_argument("--sinks", help="plain,tls (default both)")
-    ap.add_argument("--routes", help="trio_mta routes: smarthost,mx (default both, quick "
-                    "smarthost)")
-    ap.add_argument("--only", action="append", choices=("trio", "postfix"),
-                    help="benchmark only this MTA (repeatable)")
+    ap.add_argument(
+        "--routes", help="trio_mta routes: smarthost,mx (default both, quick smarthost)"
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=("trio", "postfix"),
+        help="benchmark only this MTA (repeatable)",
+    )
     ap.add_argument("-l", "--size", type=int, default=1024, help="message size (default 1024)")
-    ap.add_argument("--domains", type=int, default=1,
-                    help="spread the recipients over this many domains, all routed to the "
-                    "sink (default 1: one destination, like a relayhost)")
+    ap.add_argument(
+        "--domains",
+        type=int,
+        default=1,
+        help="spread the recipients over this many domains, all routed to the "
+        "sink (default 1: one destination, like a relayhost)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: -m 500, R=1, smarthost")
-    ap.add_argument("--timeout", type=float, help="seconds for loading and for relaying, each, "
-                    "before a run is stopped and reported (default 300, quick 120)")
-    ap.add_argument("--port-base", type=int, default=2620,
-                    help="smtp-sink, TLS sink, trio_mta, Postfix on this port and the three "
-                    "after it (default 2620)")
-    ap.add_argument("--postfix-tls-reuse", choices=("yes", "no"), default="yes",
-                    help="smtp_tls_connection_reuse for Postfix with the TLS sink (default yes)")
-    ap.add_argument("--log-level", default="info",
-                    help="trio_mta's log level, to a file (default info: Postfix logs every "
-                    "delivery too)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds for loading and for relaying, each, "
+        "before a run is stopped and reported (default 300, quick 120)",
+    )
+    ap.add_argument(
+        "--port-base",
+        type=int,
+        default=2620,
+        help="smtp-sink, TLS sink, trio_mta, Postfix on this port and the three "
+        "after it (default 2620)",
+    )
+    ap.add_argument(
+        "--postfix-tls-reuse",
+        choices=("yes", "no"),
+        default="yes",
+        help="smtp_tls_connection_reuse for Postfix with the TLS sink (default yes)",
+    )
+    ap.add_argument(
+        "--log-level",
+        default="info",
+        help="trio_mta's log level, to a file (default info: Postfix logs every delivery too)",
+    )
     ap.add_argument("--aiosmtpd-python", help="interpreter for the TLS sink (needs aiosmtpd)")
-    ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS,
-                    help=f"folder with aiosmtpd.sh (default {DEFAULT_PEERS})")
+    ap.add_argument(
+        "--peers",
+        type=Path,
+        default=DEFAULT_PEERS,
+        help=f"folder with aiosmtpd.sh (default {DEFAULT_PEERS})",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
-    ap.add_argument("--py-spy", type=Path, metavar="DIR",
-                    help="record each trio_mta run with py-spy (raw stacks into DIR) and "
-                    "print where its CPU went; the sampling costs CPU, so compare such runs "
-                    "only with each other")
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="record each trio_mta run with py-spy (raw stacks into DIR) and "
+        "print where its CPU went; the sampling costs CPU, so compare such runs "
+        "only with each other",
+    )
     ap.add_argument("--serve-tls-sink", metavar="HOST:PORT", help=argparse.SUPPRESS)
     ap.add_argument("--serve-dns", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cert", help=argparse.SUPPRESS)
@@ -1221,8 +1409,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.timeout = a.timeout or (120.0 if q else 300.0)
     a.connections = _ints(a.connections or "1,10,50", ap, "--connections")
     a.sinks = _names(a.sinks or ",".join(SINKS), SINKS, ap, "--sinks")
-    a.routes = _names(a.routes or ("smarthost" if q else ",".join(ROUTES)), ROUTES, ap,
-                      "--routes")
+    a.routes = _names(a.routes or ("smarthost" if q else ",".join(ROUTES)), ROUTES, ap, "--routes")
     a.only = list(dict.fromkeys(a.only)) if a.only else ["trio", "postfix"]
     if a.messages < 2 or a.repeat < 1 or a.domains < 1:
         ap.error("--messages must be at least 2, --repeat and --domains positive")
@@ -1239,8 +1426,7 @@ def _ints(text: str, ap: argparse.ArgumentParser, name: str) -> list[int]:
     return values
 
 
-def _names(text: str, allowed: Sequence[str], ap: argparse.ArgumentParser,
-           name: str) -> list[str]:
+def _names(text: str, allowed: Sequence[str], ap: argparse.ArgumentParser, name: str) -> list[str]:
     values = [x.strip() for x in text.split(",") if x.strip()]
     if not values or any(v not in allowed for v in values):
         ap.error(f"{name}: a comma-separated subset of {','.join(allowed)}, got {text!r}")
@@ -1260,15 +1446,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_dns(a.domains)
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    say(f"# trio_mta outbound benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"cpus={os.cpu_count()}  python={sys.version.split()[0]}")
+    say(
+        f"# trio_mta outbound benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
+        f"cpus={os.cpu_count()}  python={sys.version.split()[0]}"
+    )
     say(f"# argv: {shlex.join([sys.executable, *sys.argv])}")
-    mtas = ([f"trio-{r}" for r in a.routes] if "trio" in a.only else []) + \
-        (["postfix"] if "postfix" in a.only else [])
-    say(f"# messages={a.messages} size={a.size} domains={a.domains} repeat={a.repeat} "
+    mtas = ([f"trio-{r}" for r in a.routes] if "trio" in a.only else []) + (
+        ["postfix"] if "postfix" in a.only else []
+    )
+    say(
+        f"# messages={a.messages} size={a.size} domains={a.domains} repeat={a.repeat} "
         f"connections={a.connections} "
         f"sinks={a.sinks} mtas={mtas} log-level={a.log_level} "
-        f"postfix-tls-reuse={a.postfix_tls_reuse}")
+        f"postfix-tls-reuse={a.postfix_tls_reuse}"
+    )
     if "plain" in a.sinks and shutil.which("smtp-sink") is None:
         say("setup: smtp-sink is not installed (apt-get install postfix)")
         return 1
@@ -1294,15 +1485,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cert, key = tls_files(work)
         with DnsProcess(work, a.domains) as dns:
-            say(f"# DNS: {shlex.join(dns.command)}: tests.dnsserver.DnsServer on "
+            say(
+                f"# DNS: {shlex.join(dns.command)}: tests.dnsserver.DnsServer on "
                 f"{dns.address[0]}:{dns.address[1]} ({','.join(domains(a.domains))} MX 10 "
-                f"{MX_NAME}, {MX_NAME} A {HOST})")
-            sinks = {"plain": Sink("plain", base, work, python, cert, key),
-                     "tls": Sink("tls", base + 1, work, python, cert, key)}
+                f"{MX_NAME}, {MX_NAME} A {HOST})"
+            )
+            sinks = {
+                "plain": Sink("plain", base, work, python, cert, key),
+                "tls": Sink("tls", base + 1, work, python, cert, key),
+            }
             agents: dict[str, Mta] = {
-                f"trio-{r}": TrioMta(r, work, base + 2, dns.address, a.log_level) for r in a.routes}
-            agents["postfix"] = PostfixMta(work, base + 3, cert, key,
-                                           a.postfix_tls_reuse == "yes")
+                f"trio-{r}": TrioMta(r, work, base + 2, dns.address, a.log_level) for r in a.routes
+            }
+            agents["postfix"] = PostfixMta(work, base + 3, cert, key, a.postfix_tls_reuse == "yes")
             for name in mtas:
                 say(f"# {MTA_LABEL[name]}: {agents[name].describe()}")
             total = a.repeat * len(a.sinks) * len(a.connections)
@@ -1314,12 +1509,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         # alternate who goes first, so drifting load falls on all of them
                         order = mtas if (n + rep) % 2 else mtas[::-1]
                         for name in order:
-                            run = measure(agents[name], sinks[sink], c, rep, a.messages,
-                                          a.size, a.domains, a.timeout, dns, a.py_spy)
+                            run = measure(
+                                agents[name],
+                                sinks[sink],
+                                c,
+                                rep,
+                                a.messages,
+                                a.size,
+                                a.domains,
+                                a.timeout,
+                                dns,
+                                a.py_spy,
+                            )
                             res.runs.append(run)
-                            say(f"[{n}/{total} {MTA_LABEL[name]} {SINK_LABEL[sink]} conns={c} "
+                            say(
+                                f"[{n}/{total} {MTA_LABEL[name]} {SINK_LABEL[sink]} conns={c} "
                                 f"rep {rep}] {sinks[sink].command[0]} on "
-                                f"{HOST}:{sinks[sink].port}\n    -> {describe(run)}")
+                                f"{HOST}:{sinks[sink].port}\n    -> {describe(run)}"
+                            )
                             if run.error and run.error.startswith("setup:"):
                                 raise SetupError(run.error.removeprefix("setup: "))
         report(a, res, mtas)

@@ -47,8 +47,10 @@ COMMANDS = [
     b"RCPT TO:<carol.smith+list@mail.example.com>",
     b"DATA",
 ]
-WORDS = (b"the quick brown fox jumps over a lazy dog while mail servers queue "
-         b"messages for delivery to remote hosts across the internet today.").split()
+WORDS = (
+    b"the quick brown fox jumps over a lazy dog while mail servers queue "
+    b"messages for delivery to remote hosts across the internet today."
+).split()
 
 
 def best_rate(run: Callable[[], int], seconds: float) -> float:
@@ -68,8 +70,13 @@ def best_rate(run: Callable[[], int], seconds: float) -> float:
 
 def message(size: int, rng: random.Random) -> bytes:
     """A plausible RFC 5322 message of ``size`` octets with LF line ends."""
-    lines = [b"From: Alice <alice@example.org>", b"To: bob@example.net",
-             b"Subject: benchmark message", b"Message-ID: <bench@example.org>", b""]
+    lines = [
+        b"From: Alice <alice@example.org>",
+        b"To: bob@example.net",
+        b"Subject: benchmark message",
+        b"Message-ID: <bench@example.org>",
+        b"",
+    ]
     total = sum(len(line) + 1 for line in lines)
     while total < size:
         line = b" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 13)))
@@ -119,16 +126,19 @@ def bench_framing(size: int, seconds: float, rng: random.Random) -> tuple[float,
 
 
 def bench_server(seconds: float, rng: random.Random) -> float:
-    transaction = (b"MAIL FROM:<alice@example.org> SIZE=1024\r\nRCPT TO:<bob@example.net>\r\n"
-                   b"RCPT TO:<carol@example.net>\r\nDATA\r\n" + dot_stuff(message(1024, rng)))
+    transaction = (
+        b"MAIL FROM:<alice@example.org> SIZE=1024\r\nRCPT TO:<bob@example.net>\r\n"
+        b"RCPT TO:<carol@example.net>\r\nDATA\r\n" + dot_stuff(message(1024, rng))
+    )
     count = 50
     stream = reads(b"EHLO client.example.org\r\n" + transaction * count + b"QUIT\r\n")
     ok_mail, ok_rcpt = Reply(250, "2.1.0", "Ok"), Reply(250, "2.1.5", "Ok")
     queued = Reply(250, "2.0.0", "Ok: queued as BENCH")
 
     def run() -> int:
-        server = ServerConnection(hostname="mx.example.org", max_message_size=1 << 25,
-                                  max_recipients=100, starttls=False)
+        server = ServerConnection(
+            hostname="mx.example.org", max_message_size=1 << 25, max_recipients=100, starttls=False
+        )
         server.send_reply(Reply(220, None, "mx.example.org ESMTP"))
         messages = 0
         for chunk in stream:
@@ -152,18 +162,27 @@ def bench_server(seconds: float, rng: random.Random) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=0.5,
-                        help="minimum duration of each of the five runs per figure")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=0.5,
+        help="minimum duration of each of the five runs per figure",
+    )
     args = parser.parse_args()
     rng = random.Random(5321)
-    print(f"parse_command (MAIL/RCPT/EHLO/DATA mix): "
-          f"{bench_commands(args.seconds):12,.0f} commands/s")
+    print(
+        f"parse_command (MAIL/RCPT/EHLO/DATA mix): {bench_commands(args.seconds):12,.0f} commands/s"
+    )
     for label, size in (("1 KiB", 1024), ("64 KiB", 65536), ("10 MiB", 10 << 20)):
         framing, stuffing = bench_framing(size, args.seconds, rng)
-        print(f"DataReader framing, {label:>6} bodies in 64 KiB reads: {framing:8.0f} MB/s"
-              f"   (dot_stuff: {stuffing:6.0f} MB/s)")
-    print(f"ServerConnection, pipelined MAIL+2 RCPT+DATA+1 KiB: "
-          f"{bench_server(args.seconds, rng):10,.0f} messages/s")
+        print(
+            f"DataReader framing, {label:>6} bodies in 64 KiB reads: {framing:8.0f} MB/s"
+            f"   (dot_stuff: {stuffing:6.0f} MB/s)"
+        )
+    print(
+        f"ServerConnection, pipelined MAIL+2 RCPT+DATA+1 KiB: "
+        f"{bench_server(args.seconds, rng):10,.0f} messages/s"
+    )
 
 
 if __name__ == "__main__":

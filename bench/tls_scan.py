@@ -25,11 +25,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = ["-p", "-s", "-f", "-R", "-C", "-S"]
-INTERESTING = ("SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2", "TLS1_3",
-               "cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT", "cipherlist_LOW",
-               "cipherlist_3DES_IDEA", "cipherlist_AVERAGE", "cipherlist_GOOD", "cipherlist_STRONG",
-               "cipherlist_OBSOLETED", "FS", "secure_renego", "secure_client_renego", "CRIME_TLS",
-               "TLS_session_ticket", "cert_keySize", "cert_signatureAlgorithm")
+INTERESTING = (
+    "SSLv2",
+    "SSLv3",
+    "TLS1",
+    "TLS1_1",
+    "TLS1_2",
+    "TLS1_3",
+    "cipherlist_NULL",
+    "cipherlist_aNULL",
+    "cipherlist_EXPORT",
+    "cipherlist_LOW",
+    "cipherlist_3DES_IDEA",
+    "cipherlist_AVERAGE",
+    "cipherlist_GOOD",
+    "cipherlist_STRONG",
+    "cipherlist_OBSOLETED",
+    "FS",
+    "secure_renego",
+    "secure_client_renego",
+    "CRIME_TLS",
+    "TLS_session_ticket",
+    "cert_keySize",
+    "cert_signatureAlgorithm",
+)
 
 
 def free_port() -> int:
@@ -56,8 +75,19 @@ domains = ["scan.test"]
 level = "warning"
 """)
     # The scan's deliberately failing handshakes are logged; keep them out of the report.
-    proc = subprocess.Popen([sys.executable, "-m", "trio_mta", "serve", "--config", str(config),
-                             "--log-file", str(workdir / "server.log")], cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trio_mta",
+            "serve",
+            "--config",
+            str(config),
+            "--log-file",
+            str(workdir / "server.log"),
+        ],
+        cwd=REPO,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -70,20 +100,38 @@ level = "warning"
 
 
 def scan(label: str, target: list[str], out: Path) -> list[dict[str, str]]:
-    cmd = ["testssl", "--quiet", "--color", "0", "--warnings", "off", "--nodns", "none",
-           "--connect-timeout", "10", "--openssl-timeout", "10", *CHECKS,
-           "--jsonfile", str(out), *target]
+    cmd = [
+        "testssl",
+        "--quiet",
+        "--color",
+        "0",
+        "--warnings",
+        "off",
+        "--nodns",
+        "none",
+        "--connect-timeout",
+        "10",
+        "--openssl-timeout",
+        "10",
+        *CHECKS,
+        "--jsonfile",
+        str(out),
+        *target,
+    ]
     print(f"$ {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900,
-                   check=False)
+    subprocess.run(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900, check=False
+    )
     findings: list[dict[str, str]] = json.loads(out.read_text()) if out.exists() else []
     print(f"\n== {label}")
     for item in findings:
         if item.get("id") in INTERESTING:
             print(f"  {item['id']:<26} {item.get('severity', ''):<8} {item.get('finding', '')}")
     bad = [i for i in findings if i.get("severity") in ("MEDIUM", "HIGH", "CRITICAL")]
-    print(f"  -> {len(bad)} finding(s) of severity MEDIUM or worse"
-          + "".join(f"\n     {i['id']}: {i.get('finding', '')}" for i in bad))
+    print(
+        f"  -> {len(bad)} finding(s) of severity MEDIUM or worse"
+        + "".join(f"\n     {i['id']}: {i.get('finding', '')}" for i in bad)
+    )
     return findings
 
 
@@ -101,8 +149,11 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         try:
             scan("smtps (implicit TLS)", [f"127.0.0.1:{smtps}"], out / "smtps.json")
-            scan("smtp + STARTTLS", ["--starttls", "smtp", f"127.0.0.1:{smtp}"],
-                 out / "starttls.json")
+            scan(
+                "smtp + STARTTLS",
+                ["--starttls", "smtp", f"127.0.0.1:{smtp}"],
+                out / "starttls.json",
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=40)

@@ -50,8 +50,12 @@ async def report_queue(mta: trio_mta.MTA, interval: float, out: TextIO) -> None:
         queued = await trio.to_thread.run_sync(mta.store.list_messages)
         waiting = sum(len(m.recipients) for m in queued)
         delivered = mta.delivered
-        print(f"queue: {len(queued)} message(s), {waiting} recipient(s) waiting; "
-              f"{delivered} delivered since start", file=out, flush=True)
+        print(
+            f"queue: {len(queued)} message(s), {waiting} recipient(s) waiting; "
+            f"{delivered} delivered since start",
+            file=out,
+            flush=True,
+        )
         await trio.sleep(interval)
 
 
@@ -66,10 +70,16 @@ async def run(config: trio_mta.Config, interval: float, out: TextIO) -> None:
 
             mta: trio_mta.MTA = await nursery.start(run_mta)  # returns once listening
             for listener in mta.listeners:
-                print(f"listening on {listener.host}:{listener.port} ({listener.mode})",
-                      file=out, flush=True)
-            print(f"mail for {', '.join(config.local.domains)} goes to "
-                  f"{config.local.maildir_root}", file=out, flush=True)
+                print(
+                    f"listening on {listener.host}:{listener.port} ({listener.mode})",
+                    file=out,
+                    flush=True,
+                )
+            print(
+                f"mail for {', '.join(config.local.domains)} goes to {config.local.maildir_root}",
+                file=out,
+                flush=True,
+            )
             nursery.start_soon(report_queue, mta, interval, out)
             stopping = False
             async for _ in signals:
@@ -89,19 +99,25 @@ def load(args: argparse.Namespace) -> trio_mta.Config:
         config = trio_mta.Config.load(args.config)
         state_dir = args.state_dir
     # The same overrides as `trio-mta serve --listen/--state-dir`.
-    return config.with_overrides(listen=[args.listen] if args.listen else None,
-                                 state_dir=state_dir)
+    return config.with_overrides(listen=[args.listen] if args.listen else None, state_dir=state_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="a trio-mta TOML file (default: in-code)")
-    parser.add_argument("--listen", metavar="ADDR:PORT[/MODE]",
-                        help="listen here instead (default 127.0.0.1:2525; port 0: any free)")
-    parser.add_argument("--state-dir", type=Path, help="queue and Maildir root "
-                        "(default ./embed-data for the in-code config)")
-    parser.add_argument("--interval", type=float, default=10.0,
-                        help="seconds between queue reports")
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR:PORT[/MODE]",
+        help="listen here instead (default 127.0.0.1:2525; port 0: any free)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="queue and Maildir root (default ./embed-data for the in-code config)",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=10.0, help="seconds between queue reports"
+    )
     args = parser.parse_args(argv)
     try:
         config = load(args)

@@ -36,8 +36,9 @@ class PrintingHandler(trio_mta.Handler):
         self.out = out
         self.received = 0
 
-    async def handle_rcpt(self, session: trio_mta.SessionInfo, envelope: trio_mta.Envelope,
-                          address: str) -> trio_mta.Reply | str | None:
+    async def handle_rcpt(
+        self, session: trio_mta.SessionInfo, envelope: trio_mta.Envelope, address: str
+    ) -> trio_mta.Reply | str | None:
         # Answering here (rather than None) bypasses trio_mta's own routing and
         # relay rules: this program is the final destination of whatever it accepts.
         domain = address.rpartition("@")[2].lower()
@@ -45,15 +46,20 @@ class PrintingHandler(trio_mta.Handler):
             return trio_mta.Reply(550, "5.1.1", f"<{address}>: not a domain of this application")
         return "250 2.1.5 Ok"
 
-    async def handle_message(self, session: trio_mta.SessionInfo, envelope: trio_mta.Envelope,
-                             data: bytes) -> trio_mta.Reply | str | None:
+    async def handle_message(
+        self, session: trio_mta.SessionInfo, envelope: trio_mta.Envelope, data: bytes
+    ) -> trio_mta.Reply | str | None:
         headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(data)
         subject = str(headers.get("Subject", ""))
         recipients = ", ".join(r.address for r in envelope.recipients)
         sender = envelope.sender_address or "<>"
         tls = session.tls or "no TLS"
-        print(f"message from {sender} to {recipients} subject {subject!r} "
-              f"({len(data)} bytes, client {session.client_ip}, {tls})", file=self.out, flush=True)
+        print(
+            f"message from {sender} to {recipients} subject {subject!r} "
+            f"({len(data)} bytes, client {session.client_ip}, {tls})",
+            file=self.out,
+            flush=True,
+        )
         self.received += 1
         # Whatever the application does with the message (store it, hand it to
         # a task) must be done, or safely begun, before this 250: the client
@@ -67,8 +73,9 @@ def make_config(host: str, port: int, state_dir: Path) -> trio_mta.Config:
     return trio_mta.Config.from_mapping(
         {
             "state_dir": str(state_dir),
-            "listen": [{"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                        "mode": "smtp"}],
+            "listen": [
+                {"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "mode": "smtp"}
+            ],
         },
         base_dir=Path.cwd(),
     )
@@ -81,14 +88,16 @@ async def receive(config: trio_mta.Config, handler: trio_mta.Handler, out: TextI
         async with trio.open_nursery() as nursery:
 
             async def run_server(task_status: trio.TaskStatus[trio_mta.MTA]) -> None:
-                await trio_mta.serve(config, handler=handler, queue=False,
-                                     task_status=task_status)
+                await trio_mta.serve(config, handler=handler, queue=False, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: no more signals to wait for
 
             mta: trio_mta.MTA = await nursery.start(run_server)
             for listener in mta.listeners:
-                print(f"listening on {listener.host}:{listener.port} ({listener.mode})",
-                      file=out, flush=True)
+                print(
+                    f"listening on {listener.host}:{listener.port} ({listener.mode})",
+                    file=out,
+                    flush=True,
+                )
             stopping = False
             async for _ in signals:
                 if stopping:
@@ -103,10 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=2525, help="port (0: any free one)")
-    parser.add_argument("--domain", action="append", default=[],
-                        help="accept only recipients in this domain (repeatable; default: any)")
-    parser.add_argument("--state-dir", type=Path, default=Path("receive-into-app-data"),
-                        help="where the self-signed STARTTLS certificate is kept")
+    parser.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        help="accept only recipients in this domain (repeatable; default: any)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("receive-into-app-data"),
+        help="where the self-signed STARTTLS certificate is kept",
+    )
     args = parser.parse_args(argv)
     try:
         config = make_config(args.host, args.port, args.state_dir)

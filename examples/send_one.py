@@ -34,8 +34,9 @@ import trio_mta
 from trio_mta.client import SMTPClientError, SMTPSendError, TLSMode
 
 
-def build_message(sender: str, recipients: Sequence[str], subject: str,
-                  body: str) -> email.message.EmailMessage:
+def build_message(
+    sender: str, recipients: Sequence[str], subject: str, body: str
+) -> email.message.EmailMessage:
     message = email.message.EmailMessage()
     message["From"] = sender
     message["To"] = ", ".join(recipients)
@@ -89,10 +90,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("recipients", nargs="+", help="envelope recipients and To:")
     parser.add_argument("--tls", choices=get_args(TLSMode), default="opportunistic")
     parser.add_argument("--cafile", help="trust these CA certificates (verify, implicit)")
-    parser.add_argument("--server-hostname",
-                        help="name the certificate must carry (default: host)")
-    parser.add_argument("--user", help="log in (AUTH); the password comes from $SMTP_PASSWORD "
-                        "or is asked for")
+    parser.add_argument("--server-hostname", help="name the certificate must carry (default: host)")
+    parser.add_argument(
+        "--user", help="log in (AUTH); the password comes from $SMTP_PASSWORD or is asked for"
+    )
     parser.add_argument("--helo", help="name for EHLO (default: this machine's host name)")
     parser.add_argument("--subject", default="Test message from trio_mta")
     parser.add_argument("--body", default="Hello from examples/send_one.py.\n")

@@ -70,8 +70,14 @@ def read(chunks: list[bytes]) -> tuple[bytes, bytes | None, bool, bool, int]:
 
 
 def converse(chunks: list[bytes]) -> tuple[list[Event], bytes]:
-    server = ServerConnection(hostname="mx", max_message_size=2048, max_recipients=5,
-                              starttls=True, auth_requires_tls=False, max_errors=50)
+    server = ServerConnection(
+        hostname="mx",
+        max_message_size=2048,
+        max_recipients=5,
+        starttls=True,
+        auth_requires_tls=False,
+        max_errors=50,
+    )
     server.send_reply(Reply(220, None, "mx"))
     events: list[Event] = []
     for chunk in [*[c for c in chunks if c], b""]:
@@ -112,8 +118,12 @@ def test_one_input(data: bytes) -> None:
         crlf = stuffed.count(b"\r\n")
         bad = crlf != stuffed.count(b"\r") or crlf != stuffed.count(b"\n")
         expected = stuffed.replace(b"\r\n.", b"\r\n")[2:]
-        if whole[2] != bad or whole[4] != len(expected) or (
-                not whole[3] and whole[0] != expected) or whole[1] != stream[end + 5 :]:
+        if (
+            whole[2] != bad
+            or whole[4] != len(expected)
+            or (not whole[3] and whole[0] != expected)
+            or whole[1] != stream[end + 5 :]
+        ):
             raise AssertionError(f"DataReader disagrees with RFC 5321 §4.5.2: {payload!r}")
 
     wire = prefix + payload

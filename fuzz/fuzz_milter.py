@@ -21,8 +21,16 @@ with atheris.instrument_imports():
 
 STAGES = ("connect", "mail", "rcpt", "header", "body", "eom")
 ACTIONS = {"accept", "continue", "reject", "tempfail", "discard", "skip"}
-KINDS = {"add_header", "insert_header", "change_header", "change_from", "add_rcpt",
-         "delete_rcpt", "replace_body", "quarantine"}
+KINDS = {
+    "add_header",
+    "insert_header",
+    "change_header",
+    "change_from",
+    "add_rcpt",
+    "delete_rcpt",
+    "replace_body",
+    "quarantine",
+}
 
 
 def test_one_input(data: bytes) -> None:
@@ -38,7 +46,7 @@ def test_one_input(data: bytes) -> None:
             milter.next_event()
             milter.stage(STAGES[(data[0] >> 1) % len(STAGES)], b"x")
         for start in range(0, len(stream), cut):
-            milter.receive_data(stream[start:start + cut])
+            milter.receive_data(stream[start : start + cut])
             while True:
                 event = milter.next_event()
                 if event is None:

@@ -18,7 +18,8 @@ from trio_mta.auth.keys import DkimKey, generate_pem, load_key, public_value
 from .dnsserver import DnsServer
 
 OPENDKIM = shutil.which("opendkim") or (
-    "/usr/sbin/opendkim" if Path("/usr/sbin/opendkim").exists() else None)
+    "/usr/sbin/opendkim" if Path("/usr/sbin/opendkim").exists() else None
+)
 
 
 def unique_domain(tag: str = "d") -> str:
@@ -41,7 +42,7 @@ class KeyPair:
     def publish(self, dns: DnsServer) -> None:
         """Add the TXT record, split into 255-octet strings as a zone file would."""
         value = self.record
-        chunks = " ".join(f'"{value[i:i + 200]}"' for i in range(0, len(value), 200))
+        chunks = " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
         dns.add(self.name + ".", "TXT", chunks)
 
 
@@ -62,8 +63,13 @@ def opendkim_verify(message: bytes, keys: list[KeyPair], workdir: Path) -> list[
     conf.write_text(f"TestPublicKeys {pubkeys}\nMode v\nSyslog no\n")
     msg = workdir / "message.eml"
     msg.write_bytes(message)
-    done = subprocess.run([OPENDKIM, "-x", str(conf), "-t", str(msg)], capture_output=True,
-                          text=True, timeout=30, check=False)
+    done = subprocess.run(
+        [OPENDKIM, "-x", str(conf), "-t", str(msg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "verification" in line]
     assert lines, f"opendkim said nothing useful: {done.stdout!r} {done.stderr!r}"
     return lines

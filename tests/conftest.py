@@ -63,8 +63,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, tls_files: tuple[Path, Path, Path],
-                dns_server: DnsServer) -> Callable[..., Config]:
+def make_config(
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], dns_server: DnsServer
+) -> Callable[..., Config]:
     """Build a test Config: port-0 listeners of every mode, domain example.test."""
     chain, key, _ = tls_files
 

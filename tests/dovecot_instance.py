@@ -77,14 +77,17 @@ class DovecotInstance:
         for sub in ("run", "state"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         uid, gid = NOBODY, mail_gid()
-        (self.root / "users").write_text("".join(
-            f"{user}:{{PLAIN}}{PASSWORD}:{uid}:{gid}::{self.mail_root / user}::"
-            f"{'userdb_quota_rule=*:storage=1K' if user in self.tiny_quota else ''}\n"
-            for user in self.users))
+        (self.root / "users").write_text(
+            "".join(
+                f"{user}:{{PLAIN}}{PASSWORD}:{uid}:{gid}::{self.mail_root / user}::"
+                f"{'userdb_quota_rule=*:storage=1K' if user in self.tiny_quota else ''}\n"
+                for user in self.users
+            )
+        )
         self.config.write_text(f"""\
-base_dir = {self.root / 'run'}
-state_dir = {self.root / 'state'}
-log_path = {self.root / 'dovecot.log'}
+base_dir = {self.root / "run"}
+state_dir = {self.root / "state"}
+log_path = {self.root / "dovecot.log"}
 protocols = lmtp imap
 listen = 127.0.0.1
 ssl = no
@@ -103,11 +106,11 @@ plugin {{
 }}
 passdb {{
   driver = passwd-file
-  args = {self.root / 'users'}
+  args = {self.root / "users"}
 }}
 userdb {{
   driver = passwd-file
-  args = {self.root / 'users'}
+  args = {self.root / "users"}
 }}
 service lmtp {{
   inet_listener lmtp {{
@@ -132,16 +135,23 @@ service imap-login {{
     def start(self) -> None:
         # The daemon keeps inherited pipes open: its output goes to a file, not to us.
         with open(self.root / "start.err", "wb") as err:
-            started = subprocess.run(["dovecot", "-c", str(self.config)], timeout=30,
-                                     stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                     check=False)
+            started = subprocess.run(
+                ["dovecot", "-c", str(self.config)],
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                check=False,
+            )
         if started.returncode != 0:
             raise RuntimeError(f"dovecot did not start: {(self.root / 'start.err').read_text()}")
         deadline = time.monotonic() + START_TIMEOUT
         for port in (self.lmtp_port, self.imap_port):
             while True:
-                with contextlib.suppress(OSError), socket.create_connection(
-                        ("127.0.0.1", port), timeout=1):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), timeout=1),
+                ):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Dovecot did not listen on {port}: {self.log()}")
@@ -150,9 +160,14 @@ service imap-login {{
     def stop(self) -> None:
         pid_file = self.root / "run" / "master.pid"
         pid = int(pid_file.read_text()) if pid_file.exists() else None
-        subprocess.run(["doveadm", "-c", str(self.config), "stop"], timeout=30,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            ["doveadm", "-c", str(self.config), "stop"],
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
         if pid is None:
             return
         deadline = time.monotonic() + START_TIMEOUT
@@ -171,8 +186,9 @@ service imap-login {{
 
 
 @contextlib.contextmanager
-def running_dovecot(root: Path, mail_root: Path, users: tuple[str, ...]) -> Iterator[
-        DovecotInstance]:
+def running_dovecot(
+    root: Path, mail_root: Path, users: tuple[str, ...]
+) -> Iterator[DovecotInstance]:
     instance = DovecotInstance(root, mail_root, users)
     instance.write_config()
     instance.start()

@@ -35,8 +35,11 @@ class FakeMilter:
         await trio.serve_listeners(self._handle, listeners)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [tuple(d.split(b"\0")[:2]) for c, d in self.received  # type: ignore[misc]
-                if c == b"L"]
+        return [
+            tuple(d.split(b"\0")[:2])
+            for c, d in self.received  # type: ignore[misc]
+            if c == b"L"
+        ]
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         buf = b""
@@ -48,11 +51,10 @@ class FakeMilter:
                         return
                     buf += got
                 (n,) = struct.unpack(">I", buf[:4])
-                command, data, buf = buf[4:5], buf[5:4 + n], buf[4 + n:]
+                command, data, buf = buf[4:5], buf[5 : 4 + n], buf[4 + n :]
                 self.received.append((command, data))
                 if command == b"O":
-                    await stream.send_all(pkt(b"O", struct.pack(">III", 6, 0x1FF,
-                                                                 self.protocol)))
+                    await stream.send_all(pkt(b"O", struct.pack(">III", 6, 0x1FF, self.protocol)))
                     continue
                 if command in (b"D", b"A"):
                     continue

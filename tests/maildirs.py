@@ -16,8 +16,9 @@ def tmp_files(root: Path) -> list[Path]:
     return [p for p in root.glob("*/tmp/*")]
 
 
-async def wait_for_mail(root: Path, mailbox: str, count: int = 1,
-                        timeout: float = 10) -> list[Path]:
+async def wait_for_mail(
+    root: Path, mailbox: str, count: int = 1, timeout: float = 10
+) -> list[Path]:
     """Wait until ``count`` files sit in ``mailbox``'s new/ (delivery is asynchronous)."""
     with trio.move_on_after(timeout):
         while len(new_files(root, mailbox)) < count:

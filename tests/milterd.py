@@ -28,8 +28,7 @@ def free_port() -> int:
         return port
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float,
-                    log: Path) -> None:
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -71,8 +70,10 @@ worker "rspamd_proxy" {{
 
 # Which headers rspamd's milter adds is the milter_headers module's `use` list
 # (empty by default): X-Spamd-Result carries the verdict and symbols.
-MILTER_HEADERS = 'use = ["x-spamd-result", "x-rspamd-queue-id"];\n' \
-                 "skip_local = false;\nskip_authenticated = false;\n"
+MILTER_HEADERS = (
+    'use = ["x-spamd-result", "x-rspamd-queue-id"];\n'
+    "skip_local = false;\nskip_authenticated = false;\n"
+)
 
 
 @contextlib.contextmanager
@@ -90,10 +91,28 @@ def rspamd(directory: Path, dns: tuple[str, int]) -> Iterator[str]:
     binary = shutil.which("rspamd") or "rspamd"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [binary, "-f", "-u", "root", "-g", "root", "-c", str(conf),
-             "--var", f"LOCAL_CONFDIR={directory}", "--var", f"DBDIR={directory}",
-             "--var", f"RUNDIR={directory}", "--var", f"LOGDIR={directory}"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                binary,
+                "-f",
+                "-u",
+                "root",
+                "-g",
+                "root",
+                "-c",
+                str(conf),
+                "--var",
+                f"LOCAL_CONFDIR={directory}",
+                "--var",
+                f"DBDIR={directory}",
+                "--var",
+                f"RUNDIR={directory}",
+                "--var",
+                f"LOGDIR={directory}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_listening(port, proc, RSPAMD_START_TIMEOUT, directory / "rspamd.log")
         yield f"127.0.0.1:{port}"
@@ -105,8 +124,10 @@ def rspamd(directory: Path, dns: tuple[str, int]) -> Iterator[str]:
 def opendkim(directory: Path, domain: str, selector: str = "test") -> Iterator[tuple[str, str]]:
     """A private OpenDKIM signing for ``domain``; yields ``(host:port, DNS TXT of the key)``."""
     directory.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["opendkim-genkey", "-D", str(directory), "-d", domain, "-s", selector,
-                    "-b", "1024"], check=True)
+    subprocess.run(
+        ["opendkim-genkey", "-D", str(directory), "-d", domain, "-s", selector, "-b", "1024"],
+        check=True,
+    )
     txt = (directory / f"{selector}.txt").read_text()
     record = "".join(part.split('"')[1] for part in txt.split("\n") if '"' in part)
     port = free_port()
@@ -116,11 +137,16 @@ def opendkim(directory: Path, domain: str, selector: str = "test") -> Iterator[t
         f"Selector {selector}\nSocket inet:{port}@127.0.0.1\nMode s\n"
         f"Canonicalization relaxed/simple\nBackground no\nSyslog no\n"
         f"PidFile {directory / 'opendkim.pid'}\nInternalHosts 127.0.0.1\n"
-        "RequireSafeKeys no\n")
+        "RequireSafeKeys no\n"
+    )
     log = directory / "stderr.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["opendkim", "-f", "-x", str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_listening(port, proc, 30, log)
         yield f"127.0.0.1:{port}", record

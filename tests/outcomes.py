@@ -15,5 +15,4 @@ def o(kind: Kind, reply: str, **fields: object) -> Outcome:
     match = _REPLY.fullmatch(reply)
     assert match is not None
     code, status, text = match.groups()
-    return Outcome(kind, status or _DEFAULT[kind], text, int(code) if code else None,
-                   **fields)  # type: ignore[arg-type]
+    return Outcome(kind, status or _DEFAULT[kind], text, int(code) if code else None, **fields)  # type: ignore[arg-type]

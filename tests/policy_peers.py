@@ -48,8 +48,9 @@ class PolicyServer:
 
     async def handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         # A client that refused our certificate, or hung up, ends the exchange.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                 h11.ProtocolError):
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError
+        ):
             await self._answer(stream)
 
     async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
@@ -65,11 +66,16 @@ class PolicyServer:
                 break
         if self.stall:
             await trio.sleep_forever()
-        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(self.body))),
-                   *self.headers]
-        await stream.send_all(conn.send(h11.Response(status_code=self.status, headers=headers))
-                              + (conn.send(h11.Data(data=self.body)) or b"")
-                              + (conn.send(h11.EndOfMessage()) or b""))
+        headers = [
+            ("Content-Type", "text/plain"),
+            ("Content-Length", str(len(self.body))),
+            *self.headers,
+        ]
+        await stream.send_all(
+            conn.send(h11.Response(status_code=self.status, headers=headers))
+            + (conn.send(h11.Data(data=self.body)) or b"")
+            + (conn.send(h11.EndOfMessage()) or b"")
+        )
         await stream.aclose()
 
     def stop(self) -> None:
@@ -77,16 +83,24 @@ class PolicyServer:
         self.scope.cancel()
 
 
-async def start_policy_server(nursery: trio.Nursery, ca: trustme.CA, server: PolicyServer,
-                              name: str = POLICY_HOST) -> PolicyServer:
+async def start_policy_server(
+    nursery: trio.Nursery, ca: trustme.CA, server: PolicyServer, name: str = POLICY_HOST
+) -> PolicyServer:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(name).configure_cert(ctx)
 
     async def run(task_status: trio.TaskStatus[int]) -> None:
         with server.scope:
-            listeners = await nursery.start(functools.partial(
-                trio.serve_ssl_over_tcp, server.handle, 0, ctx, host="127.0.0.1",
-                https_compatible=True))
+            listeners = await nursery.start(
+                functools.partial(
+                    trio.serve_ssl_over_tcp,
+                    server.handle,
+                    0,
+                    ctx,
+                    host="127.0.0.1",
+                    https_compatible=True,
+                )
+            )
             task_status.started(listeners[0].transport_listener.socket.getsockname()[1])
             await trio.sleep_forever()
 
@@ -101,14 +115,16 @@ class MailWatcher(Recorder):
     mails: list[str] = field(default_factory=list)
     ehlos: list[str] = field(default_factory=list)
 
-    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
-                          responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         self.ehlos.append(hostname)
         session.host_name = hostname
         return responses
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         self.mails.append(address)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -128,8 +144,9 @@ def tlsa(usage: int, selector: int, mtype: int, cert: x509.Certificate) -> str:
     if selector == 0:
         data = cert.public_bytes(serialization.Encoding.DER)
     else:
-        data = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        data = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     if mtype == 1:
         data = hashlib.sha256(data).digest()
     elif mtype == 2:

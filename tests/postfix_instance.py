@@ -101,7 +101,11 @@ class PostfixInstance:
     def _run(self, *args: str) -> str:
         """Run a Postfix command for this instance; its output is part of any failure."""
         done = subprocess.run(
-            args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
+            args,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
             env={**os.environ, "MAIL_CONFIG": str(self.config_dir)},
         )
         if done.returncode != 0:
@@ -262,8 +266,13 @@ def running_postfix(
     """
     root = Path(tempfile.mkdtemp(prefix="trio-mta-postfix-"))
     instance = PostfixInstance(
-        root=root, port=free_port(), tls_chain=tls_chain, tls_key=tls_key,
-        virtual_domain=virtual_domain, mailboxes=mailboxes, transports=transports or {},
+        root=root,
+        port=free_port(),
+        tls_chain=tls_chain,
+        tls_key=tls_key,
+        virtual_domain=virtual_domain,
+        mailboxes=mailboxes,
+        transports=transports or {},
     )
     try:
         instance.configure()

@@ -16,11 +16,17 @@ _LISTENING = re.compile(r"smtpd\.listening mode=(\w+) address=(\S+)")
 _WORKER = re.compile(r"worker\.started worker=(\d+) pid=(\d+)")
 
 
-def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trio_mta", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_mta", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @dataclass
@@ -30,21 +36,30 @@ class ServerProcess:
     log: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, config: Path, *extra: str, wait_for: int = 1,
-              timeout: float = 30, prefix: tuple[str, ...] = ()) -> ServerProcess:
+    def start(
+        cls,
+        config: Path,
+        *extra: str,
+        wait_for: int = 1,
+        timeout: float = 30,
+        prefix: tuple[str, ...] = (),
+    ) -> ServerProcess:
         """``prefix``: a wrapper command that ends by exec-ing its arguments."""
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "trio_mta", "serve", "--config", str(config),
-             *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [*prefix, sys.executable, "-m", "trio_mta", "serve", "--config", str(config), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         server = cls(proc)
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
         while len(server.ports) < wait_for:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("server did not start:\n" + "".join(server.log)
-                                   + proc.stdout.read())
+                raise RuntimeError(
+                    "server did not start:\n" + "".join(server.log) + proc.stdout.read()
+                )
             line = proc.stdout.readline()
             server.log.append(line)
             match = _LISTENING.search(line)

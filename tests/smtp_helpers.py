@@ -50,7 +50,9 @@ Decider = Callable[[Event], Reply]
 def make_server(**overrides: object) -> ServerConnection:
     """A server with the banner already sent; small limits so tests reach them."""
     options: dict[str, object] = {
-        "hostname": "mx.test", "max_message_size": 10_000, "max_recipients": 5,
+        "hostname": "mx.test",
+        "max_message_size": 10_000,
+        "max_recipients": 5,
         "starttls": True,
     }
     options.update(overrides)
@@ -80,8 +82,7 @@ def decide(event: Event) -> Reply:
     raise AssertionError(f"not a decision: {event!r}")
 
 
-def pump(server: ServerConnection, decider: Decider = decide,
-         on_tls: bool = False) -> list[Event]:
+def pump(server: ServerConnection, decider: Decider = decide, on_tls: bool = False) -> list[Event]:
     """Run the server until it needs bytes; answer decisions with ``decider``.
 
     ``on_tls``: pretend the TLS handshake succeeds right after a 220 to STARTTLS.
@@ -101,8 +102,13 @@ def pump(server: ServerConnection, decider: Decider = decide,
             server.send_reply(decider(event))
 
 
-def feed(server: ServerConnection, chunks: Iterable[bytes], *, eof: bool = True,
-         decider: Decider = decide) -> tuple[list[Event], bytes]:
+def feed(
+    server: ServerConnection,
+    chunks: Iterable[bytes],
+    *,
+    eof: bool = True,
+    decider: Decider = decide,
+) -> tuple[list[Event], bytes]:
     """Feed ``chunks`` one by one (each when the server asks), then EOF.
 
     Returns the events (consecutive BodyChunks merged, so that any split of
@@ -145,9 +151,13 @@ def split_at(data: bytes, points: Iterable[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def converse(client: ClientConnection, server: ServerConnection,
-             decider: Decider = decide, chunk: int = 1 << 20,
-             events: list[Event] | None = None) -> ClientEvent:
+def converse(
+    client: ClientConnection,
+    server: ServerConnection,
+    decider: Decider = decide,
+    chunk: int = 1 << 20,
+    events: list[Event] | None = None,
+) -> ClientEvent:
     """Run the client's current step against the server in memory.
 
     ``chunk`` bounds every transfer, to exercise partial reads on both sides;
@@ -183,7 +193,8 @@ domains = st.lists(labels, min_size=1, max_size=4).map(".".join) | st.sampled_fr
 )
 _SAFE_TEXT = st.characters(blacklist_categories=("Cs", "Cc"))
 local_parts = st.text(_SAFE_TEXT, min_size=1, max_size=20) | st.from_regex(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,10}(\.[A-Za-z0-9_-]{1,5}){0,2}", fullmatch=True)
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,10}(\.[A-Za-z0-9_-]{1,5}){0,2}", fullmatch=True
+)
 paths = st.builds(Path, local_parts, domains)
 words = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12)
 free_text = st.lists(words, min_size=1, max_size=4).map(" ".join)
@@ -194,14 +205,19 @@ mail_params = st.builds(
     smtputf8=st.booleans(),
     auth=st.none() | st.just("<>") | st.text(_SAFE_TEXT, min_size=1, max_size=30),
     ret=st.sampled_from([None, "FULL", "HDRS"]),
-    envid=st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E),
-                              min_size=1, max_size=30),
+    envid=st.none()
+    | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30),
 )
-notify = st.none() | st.just(("NEVER",)) | st.lists(
-    st.sampled_from(NOTIFY_ORDER), min_size=1, unique=True).map(
-    lambda words: tuple(w for w in NOTIFY_ORDER if w in words))
-rcpt_params = st.builds(RcptParams, notify=notify,
-                        orcpt=st.none() | st.text(_SAFE_TEXT, min_size=1, max_size=40))
+notify = (
+    st.none()
+    | st.just(("NEVER",))
+    | st.lists(st.sampled_from(NOTIFY_ORDER), min_size=1, unique=True).map(
+        lambda words: tuple(w for w in NOTIFY_ORDER if w in words)
+    )
+)
+rcpt_params = st.builds(
+    RcptParams, notify=notify, orcpt=st.none() | st.text(_SAFE_TEXT, min_size=1, max_size=40)
+)
 
 
 def _fits(cmd: Command) -> bool:
@@ -216,8 +232,9 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Ehlo, words),
     st.builds(Helo, words),
     st.builds(Mail, paths | st.just(Path("", "")), mail_params),
-    st.builds(Rcpt, paths | st.just(Path("postmaster", "")) | st.just(Path("PostMaster", "")),
-              rcpt_params),
+    st.builds(
+        Rcpt, paths | st.just(Path("postmaster", "")) | st.just(Path("PostMaster", "")), rcpt_params
+    ),
     st.just(Data()),
     st.builds(Bdat, st.integers(0, 10**18 - 1), st.booleans()),
     st.just(Rset()),
@@ -226,18 +243,46 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Vrfy, free_text),
     st.builds(Help, st.just("") | free_text),
     st.just(StartTls()),
-    st.builds(Auth, st.from_regex(r"[A-Z0-9_-]{1,20}", fullmatch=True),
-              st.none() | st.from_regex(r"[A-Za-z0-9+/]{1,60}={0,2}", fullmatch=True)),
+    st.builds(
+        Auth,
+        st.from_regex(r"[A-Z0-9_-]{1,20}", fullmatch=True),
+        st.none() | st.from_regex(r"[A-Za-z0-9+/]{1,60}={0,2}", fullmatch=True),
+    ),
 ).filter(_fits)
 
 COMMAND_LINES = [
-    b"EHLO c.test\r\n", b"HELO c.test\r\n", b"MAIL FROM:<a@b.test>\r\n",
-    b"MAIL FROM:<bad@b.test>\r\n", b"MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\n",
-    b"RCPT TO:<x@y.test>\r\n", b"RCPT TO:<bad@y.test>\r\n", b"DATA\r\n", b"BDAT 5\r\n",
-    b"BDAT 3 LAST\r\n", b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n", b"VRFY x\r\n", b"HELP\r\n",
-    b"STARTTLS\r\n", b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"AUTH PLAIN AGEAc2VjcmV0\r\n",
-    b"dXNlcg==\r\n", b"c2VjcmV0\r\n", b"*\r\n", b".\r\n", b"\r\n.\r\n", b"\n.\n", b"\r.\r",
-    b"hello\r\n", b"..x\r\n", b"\x00\xff", b"MAIL FROM:<\xc3\xa9@x>\r\n", b"X" * 600,
+    b"EHLO c.test\r\n",
+    b"HELO c.test\r\n",
+    b"MAIL FROM:<a@b.test>\r\n",
+    b"MAIL FROM:<bad@b.test>\r\n",
+    b"MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\n",
+    b"RCPT TO:<x@y.test>\r\n",
+    b"RCPT TO:<bad@y.test>\r\n",
+    b"DATA\r\n",
+    b"BDAT 5\r\n",
+    b"BDAT 3 LAST\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"QUIT\r\n",
+    b"VRFY x\r\n",
+    b"HELP\r\n",
+    b"STARTTLS\r\n",
+    b"AUTH PLAIN\r\n",
+    b"AUTH LOGIN\r\n",
+    b"AUTH PLAIN AGEAc2VjcmV0\r\n",
+    b"dXNlcg==\r\n",
+    b"c2VjcmV0\r\n",
+    b"*\r\n",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"\r.\r",
+    b"hello\r\n",
+    b"..x\r\n",
+    b"\x00\xff",
+    b"MAIL FROM:<\xc3\xa9@x>\r\n",
+    b"X" * 600,
 ]
-wire_bytes = st.lists(st.sampled_from(COMMAND_LINES) | st.binary(max_size=12),
-                      max_size=30).map(b"".join)
+wire_bytes = st.lists(st.sampled_from(COMMAND_LINES) | st.binary(max_size=12), max_size=30).map(
+    b"".join
+)

@@ -27,8 +27,10 @@ def _listening_socket(port: int) -> socket.socket:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
             sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
-            if (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and sock.getsockname()[1] == port):
+            if (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                and sock.getsockname()[1] == port
+            ):
                 return sock
             sock.close()
     raise AssertionError(f"no listening socket on port {port}")
@@ -48,8 +50,8 @@ def _no_free_descriptors() -> Iterator[None]:
 
 
 async def test_accept_out_of_descriptors_pauses_then_resumes(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server: MTA = await nursery.start(serve, make_config())
     host, port = server.address("smtp")
@@ -59,20 +61,27 @@ async def test_accept_out_of_descriptors_pauses_then_resumes(
             await sock.connect((host, port))  # the kernel completes it; accept cannot
         await trio.sleep(0.6)  # several pauses of 0.1 s
     where = f"{host}:{port} (smtp)"
-    paused = [r for r in caplog.records if r.getMessage() == "smtpd.accept_paused"
-              and getattr(r, "trio_mta_fields", {}).get("listener") == where]
+    paused = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "smtpd.accept_paused"
+        and getattr(r, "trio_mta_fields", {}).get("listener") == where
+    ]
     assert len(paused) == 1, "one line when accepting pauses, not one per retry"
     for sock in waiting:
         client = RawClient(trio.SocketStream(sock))
         assert (await client.reply()).startswith(b"220 "), "accepting resumed"
         await client.aclose()
-    assert any(r.getMessage() == "smtpd.accept_resumed"
-               and getattr(r, "trio_mta_fields", {}).get("listener") == where
-               for r in caplog.records)
+    assert any(
+        r.getMessage() == "smtpd.accept_resumed"
+        and getattr(r, "trio_mta_fields", {}).get("listener") == where
+        for r in caplog.records
+    )
 
 
 async def test_accept_error_other_than_capacity_stops_the_server(
-        make_config: Callable[..., Config]) -> None:
+    make_config: Callable[..., Config],
+) -> None:
     config = make_config(listen=[{"address": "127.0.0.1:0", "mode": "smtp"}])
     with trio.fail_after(10), pytest.raises(BaseExceptionGroup) as caught:
         async with trio.open_nursery() as nursery:

@@ -31,26 +31,42 @@ ORIGINAL = (
     b"SECRET BODY LINE two\r\n"
 )
 UNKNOWN = FailedRecipient(
-    address="bob@remote.test", original="Bob@Remote.test", status="5.1.1",
+    address="bob@remote.test",
+    original="Bob@Remote.test",
+    status="5.1.1",
     diagnostic="550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown",
-    remote_mta="mx.remote.test", last_attempt=ATTEMPT, smtp_reply=True,
+    remote_mta="mx.remote.test",
+    last_attempt=ATTEMPT,
+    smtp_reply=True,
 )
 FULL = FailedRecipient(
-    address="carol@other.test", original=None, status="5.2.2",
+    address="carol@other.test",
+    original=None,
+    status="5.2.2",
     diagnostic="552-5.2.2 mailbox full\r\n552 5.2.2 try again much later",
-    remote_mta="mx1.other.test", last_attempt=ATTEMPT + 10, smtp_reply=True,
+    remote_mta="mx1.other.test",
+    last_attempt=ATTEMPT + 10,
+    smtp_reply=True,
 )
 NULL_MX = FailedRecipient(
-    address="dave@null.test", original="dave@null.test", status="5.1.10",
-    diagnostic=None, remote_mta=None, last_attempt=None,
+    address="dave@null.test",
+    original="dave@null.test",
+    status="5.1.10",
+    diagnostic=None,
+    remote_mta=None,
+    last_attempt=None,
 )
 
 
 def bounce(**overrides: Any) -> bytes:
     args: dict[str, Any] = dict(
-        reporting_mta="mx.example.test", sender="alice@example.test",
-        queue_id="0123456789AB-XYZ1", arrival=ARRIVAL, recipients=[UNKNOWN],
-        original=ORIGINAL, now=NOW,
+        reporting_mta="mx.example.test",
+        sender="alice@example.test",
+        queue_id="0123456789AB-XYZ1",
+        arrival=ARRIVAL,
+        recipients=[UNKNOWN],
+        original=ORIGINAL,
+        now=NOW,
     )
     args.update(overrides)
     data = build_bounce(**args)
@@ -126,14 +142,18 @@ def test_top_level_headers_and_structure() -> None:
     assert msg["To"].addresses[0].addr_spec == "alice@example.test"
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
     assert timestamp(msg["Date"]) == NOW
-    assert re.fullmatch(r"<bounce-0123456789AB-XYZ1\.[0-9a-f]+@mx\.example\.test>",
-                        msg["Message-ID"])
+    assert re.fullmatch(
+        r"<bounce-0123456789AB-XYZ1\.[0-9a-f]+@mx\.example\.test>", msg["Message-ID"]
+    )
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["MIME-Version"] == "1.0"
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
     assert [p.get_content_type() for p in parts(msg)] == [
-        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
     # All ASCII: nothing claims 8bit.
     assert "Content-Transfer-Encoding" not in msg
     assert [p["Content-Transfer-Encoding"] for p in parts(msg)] == ["7bit", None, "7bit"]
@@ -162,7 +182,8 @@ def test_several_recipients_each_get_a_field_block() -> None:
     assert unknown["Status"] == "5.1.1"
     assert unknown["Remote-MTA"] == "dns; mx.remote.test"
     assert unfolded(unknown["Diagnostic-Code"]) == (
-        "smtp; 550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown")
+        "smtp; 550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown"
+    )
     assert timestamp(unknown["Last-Attempt-Date"]) == ATTEMPT
 
     assert full["Final-Recipient"] == "rfc822; carol@other.test"
@@ -171,7 +192,8 @@ def test_several_recipients_each_get_a_field_block() -> None:
     assert full["Remote-MTA"] == "dns; mx1.other.test"
     # A multi-line reply is joined into one field value.
     assert unfolded(full["Diagnostic-Code"]) == (
-        "smtp; 552-5.2.2 mailbox full 552 5.2.2 try again much later")
+        "smtp; 552-5.2.2 mailbox full 552 5.2.2 try again much later"
+    )
     assert timestamp(full["Last-Attempt-Date"]) == ATTEMPT + 10
 
     # Original equal to final, and no remote facts: only what is known.
@@ -187,11 +209,15 @@ def test_human_part_explains_each_recipient() -> None:
     notice = parts(msg)[0]
     assert notice.get_content_type() == "text/plain"
     text = " ".join(text_of(notice).split())
-    assert text.startswith("This is the mail system at host mx.example.test. I'm sorry to have "
-                           "to inform you that your message could not be delivered to one or "
-                           "more recipients.")
-    assert ("<bob@remote.test> (expanded from <Bob@Remote.test>): host mx.remote.test said: "
-            "550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown") in text
+    assert text.startswith(
+        "This is the mail system at host mx.example.test. I'm sorry to have "
+        "to inform you that your message could not be delivered to one or "
+        "more recipients."
+    )
+    assert (
+        "<bob@remote.test> (expanded from <Bob@Remote.test>): host mx.remote.test said: "
+        "550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown"
+    ) in text
     assert "<carol@other.test>: host mx1.other.test said: 552-5.2.2 mailbox full" in text
     assert "<dave@null.test>: recipient domain does not accept mail (null MX)" in text
     assert "expanded from <dave@null.test>" not in text
@@ -238,8 +264,14 @@ def test_null_sender_never_gets_a_bounce() -> None:
     assert needs_bounce("") is False
     assert needs_bounce("alice@example.test") is True
     with pytest.raises(ValueError, match="null sender"):
-        build_bounce(reporting_mta="mx.example.test", sender="", queue_id="Q", arrival=ARRIVAL,
-                     recipients=[UNKNOWN], original=ORIGINAL)
+        build_bounce(
+            reporting_mta="mx.example.test",
+            sender="",
+            queue_id="Q",
+            arrival=ARRIVAL,
+            recipients=[UNKNOWN],
+            original=ORIGINAL,
+        )
 
 
 def test_line_ends_are_normalized_to_crlf() -> None:
@@ -253,8 +285,9 @@ def test_line_ends_are_normalized_to_crlf() -> None:
 def test_long_diagnostic_is_folded_under_998_octets() -> None:
     words = " ".join(f"word{n}" for n in range(600))
     diagnostic = f"550 5.7.1 {words}"
-    rcpt = FailedRecipient("bob@remote.test", None, "5.7.1", diagnostic, "mx.remote.test", None,
-                           smtp_reply=True)
+    rcpt = FailedRecipient(
+        "bob@remote.test", None, "5.7.1", diagnostic, "mx.remote.test", None, smtp_reply=True
+    )
     data = bounce(recipients=[rcpt])  # asserts every line <= 998
     block = status_blocks(parse(data))[1]
     assert unfolded(block["Diagnostic-Code"]) == f"smtp; {diagnostic}"
@@ -264,8 +297,9 @@ def test_long_diagnostic_is_folded_under_998_octets() -> None:
 
 def test_unbreakable_diagnostic_is_split_not_dropped() -> None:
     token = "x" * 2500
-    rcpt = FailedRecipient("bob@remote.test", None, "5.0.0", f"550 {token}", None, None,
-                           smtp_reply=True)
+    rcpt = FailedRecipient(
+        "bob@remote.test", None, "5.0.0", f"550 {token}", None, None, smtp_reply=True
+    )
     block = status_blocks(parse(bounce(recipients=[rcpt])))[1]
     assert "".join(str(block["Diagnostic-Code"]).split()) == f"smtp;550{token}"
 
@@ -325,9 +359,15 @@ def test_non_ascii_original_headers_survive_byte_for_byte() -> None:
 
 
 def test_internationalized_addresses_keep_the_report_7bit() -> None:
-    rcpt = FailedRecipient("jürgen+x@münchen.test", "Jürgen@münchen.test", "5.1.1",
-                           "550 5.1.1 unknown \u00fcser", "mx.münchen.test", None,
-                           smtp_reply=True)
+    rcpt = FailedRecipient(
+        "jürgen+x@münchen.test",
+        "Jürgen@münchen.test",
+        "5.1.1",
+        "550 5.1.1 unknown \u00fcser",
+        "mx.münchen.test",
+        None,
+        smtp_reply=True,
+    )
     data = bounce(recipients=[rcpt], sender="ana@españa.test")
     msg = parse(data)
     # RFC 6532 §3.2: raw UTF-8 in the header (the stdlib parser cannot decode
@@ -346,8 +386,9 @@ def test_internationalized_addresses_keep_the_report_7bit() -> None:
 
 
 def test_header_injection_through_addresses_is_neutralized() -> None:
-    evil = FailedRecipient("bob@remote.test\r\nX-Injected: 1", None, "5.1.1",
-                           "550 no\r\n\r\nX-Also: 2", None, None)
+    evil = FailedRecipient(
+        "bob@remote.test\r\nX-Injected: 1", None, "5.1.1", "550 no\r\n\r\nX-Also: 2", None, None
+    )
     data = bounce(recipients=[evil], sender="alice@example.test\r\nBcc: eve@evil.test")
     msg = parse(data)
     assert "Bcc" not in msg
@@ -358,15 +399,17 @@ def test_header_injection_through_addresses_is_neutralized() -> None:
 
 
 def test_local_findings_are_not_labelled_smtp() -> None:
-    rcpt = FailedRecipient("bob@remote.test", None, "4.4.7",
-                           "message expired after 5 days in the queue", None, ATTEMPT)
+    rcpt = FailedRecipient(
+        "bob@remote.test", None, "4.4.7", "message expired after 5 days in the queue", None, ATTEMPT
+    )
     block = status_blocks(parse(bounce(recipients=[rcpt])))[1]
     assert block["Diagnostic-Code"] == "X-trio-mta; message expired after 5 days in the queue"
 
 
 def test_delayed_only_report_is_worded_as_a_warning() -> None:
-    rcpt = FailedRecipient("bob@remote.test", None, "4.4.1", None, "mx.remote.test", ATTEMPT,
-                           action="delayed")
+    rcpt = FailedRecipient(
+        "bob@remote.test", None, "4.4.1", None, "mx.remote.test", ATTEMPT, action="delayed"
+    )
     msg = parse(bounce(recipients=[rcpt]))
     assert msg["Subject"] == "Delayed Mail (still being retried)"
     assert status_blocks(msg)[1]["Action"] == "delayed"
@@ -375,12 +418,24 @@ def test_delayed_only_report_is_worded_as_a_warning() -> None:
     assert "<bob@remote.test>: delivery to host mx.remote.test failed: no answer from host" in text
 
 
-@pytest.mark.parametrize("bad", [
-    dict(status="5.1"), dict(status="3.1.1"), dict(status="5.1.1 "), dict(action="expanded"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(status="5.1"),
+        dict(status="3.1.1"),
+        dict(status="5.1.1 "),
+        dict(action="expanded"),
+    ],
+)
 def test_invalid_recipient_fields_are_refused(bad: dict[str, str]) -> None:
-    fields: dict[str, Any] = dict(address="b@x.test", original=None, status="5.1.1",
-                                  diagnostic=None, remote_mta=None, last_attempt=None)
+    fields: dict[str, Any] = dict(
+        address="b@x.test",
+        original=None,
+        status="5.1.1",
+        diagnostic=None,
+        remote_mta=None,
+        last_attempt=None,
+    )
     fields.update(bad)
     with pytest.raises(ValueError):
         FailedRecipient(**fields)
@@ -388,8 +443,14 @@ def test_invalid_recipient_fields_are_refused(bad: dict[str, str]) -> None:
 
 def test_a_bounce_needs_recipients() -> None:
     with pytest.raises(ValueError, match="at least one recipient"):
-        build_bounce(reporting_mta="mx.example.test", sender="a@example.test", queue_id="Q",
-                     arrival=ARRIVAL, recipients=[], original=ORIGINAL)
+        build_bounce(
+            reporting_mta="mx.example.test",
+            sender="a@example.test",
+            queue_id="Q",
+            arrival=ARRIVAL,
+            recipients=[],
+            original=ORIGINAL,
+        )
 
 
 def test_returned_headers_are_capped_at_a_field_boundary() -> None:
@@ -418,15 +479,30 @@ def test_a_folded_field_is_never_returned_in_part() -> None:
 
 
 def test_dsn_fields_come_from_the_recorded_outcome() -> None:
-    replied = FailedRecord("bob@remote.test", "bob@remote.test", Outcome(
-        "failed", "5.1.1", "no such user", 550, "mx.remote.test", "192.0.2.1", "rcpt"), ATTEMPT)
-    ours = FailedRecord("carol@null.test", "alias@null.test", Outcome(
-        "failed", "5.1.10", "null.test does not accept mail (null MX)", stage="dns"), ATTEMPT)
-    expired = FailedRecord("dave@down.test", "dave@down.test", Outcome(
-        "failed", "4.4.7",
-        "message expired after 9 attempts; last error: 4.4.1 mx1.down.test [192.0.2.7]:25: "
-        "Connection refused; mx2.down.test [192.0.2.8]:25: 421 4.3.2 shutting down",
-        stage="queue"), ATTEMPT)
+    replied = FailedRecord(
+        "bob@remote.test",
+        "bob@remote.test",
+        Outcome("failed", "5.1.1", "no such user", 550, "mx.remote.test", "192.0.2.1", "rcpt"),
+        ATTEMPT,
+    )
+    ours = FailedRecord(
+        "carol@null.test",
+        "alias@null.test",
+        Outcome("failed", "5.1.10", "null.test does not accept mail (null MX)", stage="dns"),
+        ATTEMPT,
+    )
+    expired = FailedRecord(
+        "dave@down.test",
+        "dave@down.test",
+        Outcome(
+            "failed",
+            "4.4.7",
+            "message expired after 9 attempts; last error: 4.4.1 mx1.down.test [192.0.2.7]:25: "
+            "Connection refused; mx2.down.test [192.0.2.8]:25: 421 4.3.2 shutting down",
+            stage="queue",
+        ),
+        ATTEMPT,
+    )
     rcpts = [failed_recipient(r) for r in (replied, ours, expired)]
     msg = parse(bounce(recipients=rcpts))
     first, second, third = status_blocks(msg)[1:]
@@ -441,4 +517,5 @@ def test_dsn_fields_come_from_the_recorded_outcome() -> None:
     diagnostic = unfolded(third["Diagnostic-Code"])
     assert diagnostic.startswith("X-trio-mta; message expired after 9 attempts")
     assert "[192.0.2.7]:25: Connection refused; mx2.down.test [192.0.2.8]:25: 421 4.3.2" in (
-        diagnostic)
+        diagnostic
+    )

@@ -42,12 +42,16 @@ def test_config_before_subcommand_and_env(tmp_path: Path) -> None:
 
 
 def test_bad_config_names_every_key(tmp_path: Path) -> None:
-    config = write_config(tmp_path, BASE + """
+    config = write_config(
+        tmp_path,
+        BASE
+        + """
 [limits]
 max_recipients = "x"
 [relay]
 smarthst = "a"
-""")
+""",
+    )
     result = run_cli("check-config", "--config", str(config))
     assert result.returncode == 2
     assert "max_recipients" in result.stderr and "smarthst" in result.stderr
@@ -98,8 +102,9 @@ def test_serve_delivers_then_stops_on_sigterm(tmp_path: Path) -> None:
 
 def test_listen_flag_overrides_config(tmp_path: Path) -> None:
     config = write_config(tmp_path, BASE)
-    server = ServerProcess.start(config, "--listen", "127.0.0.1:0/submission",
-                                 "--state-dir", str(tmp_path / "other"))
+    server = ServerProcess.start(
+        config, "--listen", "127.0.0.1:0/submission", "--state-dir", str(tmp_path / "other")
+    )
     try:
         assert set(server.ports) == {"submission"}
     finally:
@@ -109,12 +114,16 @@ def test_listen_flag_overrides_config(tmp_path: Path) -> None:
 
 def test_queue_commands(tmp_path: Path, dns_server: DnsServer) -> None:
     host, port = dns_server.address
-    config = write_config(tmp_path, BASE + f"""
+    config = write_config(
+        tmp_path,
+        BASE
+        + f"""
 [relay]
 trusted_networks = ["127.0.0.0/8"]
 [dns]
 nameservers = ["{host}:{port}"]
-""")
+""",
+    )
     server = ServerProcess.start(config)
     try:
         with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as client:
@@ -154,10 +163,13 @@ def test_every_queue_command_says_there_is_no_queue_and_where(tmp_path: Path) ->
 
 
 def test_sighup_reloads_maps_for_an_open_session(tmp_path: Path) -> None:
-    mapped = BASE + """
+    mapped = (
+        BASE
+        + """
 [local.mailboxes]
 "alice@cli.test" = "alice"
 """
+    )
     config = write_config(tmp_path, mapped)
     server = ServerProcess.start(config)
     try:

@@ -73,8 +73,13 @@ def test_log_file_under_a_regular_file_is_refused_naming_the_key_or_flag(tmp_pat
     line = assert_one_line_naming(run_cli("check-config", "--config", str(config)), "[log].file")
     assert f"{tmp_path / 'plain'} is not a directory" in line
     assert_one_line_naming(run_cli("serve", "--config", str(config)), "[log].file")
-    flagged = run_cli("serve", "--config", str(write_config(tmp_path, BASE)),
-                      "--log-file", str(tmp_path / "plain" / "mta.log"))
+    flagged = run_cli(
+        "serve",
+        "--config",
+        str(write_config(tmp_path, BASE)),
+        "--log-file",
+        str(tmp_path / "plain" / "mta.log"),
+    )
     assert "is not a directory" in assert_one_line_naming(flagged, "--log-file")
     assert (tmp_path / "plain").read_text() == "not a folder"
     assert not (tmp_path / "state").exists()  # refused before anything was created
@@ -94,7 +99,11 @@ def _read_only_bind(folder: Path, *argv: str) -> subprocess.CompletedProcess[str
     script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" || exit 99\nexec "$@"'
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(folder), *argv],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
 
 
 def _cli_read_only(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -121,11 +130,17 @@ def test_log_file_on_a_read_only_filesystem_is_refused_naming_the_key(
     config = write_config(tmp_path, BASE + f'[log]\nfile = "ro/{name}"\n')
     for command in ("check-config", "serve"):
         line = assert_one_line_naming(
-            _cli_read_only(read_only_folder, command, "--config", str(config)), "[log].file")
+            _cli_read_only(read_only_folder, command, "--config", str(config)), "[log].file"
+        )
         assert "read-only file system" in line
-    flagged = _cli_read_only(read_only_folder, "serve", "--config",
-                              str(write_config(tmp_path, BASE)),
-                              "--log-file", str(read_only_folder / name))
+    flagged = _cli_read_only(
+        read_only_folder,
+        "serve",
+        "--config",
+        str(write_config(tmp_path, BASE)),
+        "--log-file",
+        str(read_only_folder / name),
+    )
     assert "read-only file system" in assert_one_line_naming(flagged, "--log-file")
 
 
@@ -134,14 +149,18 @@ def test_log_file_on_a_read_only_filesystem_is_refused_naming_the_key(
 
 def test_check_config_shows_the_effective_configuration(tmp_path: Path) -> None:
     (tmp_path / "mailboxes").write_text("alice@cli.test alice\nbob@cli.test bob\n")
-    config = write_config(tmp_path, BASE + """mailboxes_file = "mailboxes"
+    config = write_config(
+        tmp_path,
+        BASE
+        + """mailboxes_file = "mailboxes"
 [local.aliases]
 "all@cli.test" = ["alice@cli.test", "bob@cli.test"]
 [relay]
 trusted_networks = ["10.0.0.0/8", "2001:db8::/32"]
 [dns]
 nameservers = ["127.0.0.1:5353", "::1"]
-""")
+""",
+    )
     result = run_cli("check-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""

@@ -406,8 +406,22 @@ def test_mailboxes_file_that_is_not_utf8(tmp_path: Path) -> None:
     )
 
 
-UNSAFE_NAMES = ["../x", "a/b", "a\\b", "%2e%2e", "a%2fb", "a\x00b", "a\nb", "a\x7fb",
-                ".", "..", ".hidden", "", "x" * 256, "é" * 128]
+UNSAFE_NAMES = [
+    "../x",
+    "a/b",
+    "a\\b",
+    "%2e%2e",
+    "a%2fb",
+    "a\x00b",
+    "a\nb",
+    "a\x7fb",
+    ".",
+    "..",
+    ".hidden",
+    "",
+    "x" * 256,
+    "é" * 128,
+]
 
 
 @pytest.mark.parametrize("name", UNSAFE_NAMES)
@@ -435,7 +449,7 @@ def test_inline_map_errors_name_the_entry() -> None:
     assert found == [
         '[local.mailboxes]."a@example.org": the mailbox name must be a string, got 5',
         '[local.mailboxes]."b@other.example": domain other.example is not in [local].domains',
-        '[local.mailboxes].no-at-sign: must be an address local@domain',
+        "[local.mailboxes].no-at-sign: must be an address local@domain",
         '[local.mailboxes]."sp ace@example.org": must be an address local@domain',
         '[local.mailboxes]."dup@example.org": dup@example.org is already mapped to "one" '
         '([local.mailboxes]."Dup@example.org")',
@@ -547,7 +561,7 @@ ERROR_CASES: list[tuple[str, str]] = [
     ),
     ('[tls]\ncert = "c.pem"', "[tls].key: required when [tls].cert is set"),
     ('[tls]\nkey = "k.pem"\ncert = ""', "[tls].cert: required when [tls].key is set"),
-    ("[tls]\ncert = 1\nkey = \"k\"", "[tls].cert: must be a non-empty path, got 1"),
+    ('[tls]\ncert = 1\nkey = "k"', "[tls].cert: must be a non-empty path, got 1"),
     ('[tls]\nciphers = "x"', "unknown key [tls].ciphers"),
     ('[local]\ndomains = "example.org"', '[local].domains: must be an array, got "example.org"'),
     (
@@ -679,8 +693,15 @@ def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
     exc = info.value
     assert len(exc.errors) == 7
     assert str(exc) == "\n".join(exc.errors)
-    keys = ["hostname", "typo", "[[listen]][1].address", "[[listen]][1].mode", "[relay].port",
-            "[limits].max_recipients", "[limits].command_timeout"]
+    keys = [
+        "hostname",
+        "typo",
+        "[[listen]][1].address",
+        "[[listen]][1].mode",
+        "[relay].port",
+        "[limits].max_recipients",
+        "[limits].command_timeout",
+    ]
     text = str(exc)
     assert all(key in text for key in keys)
     assert "Traceback" not in text
@@ -881,8 +902,30 @@ def test_parse_duration(value: object, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "s", "5x", "5 m x", "30m1h", "1h1h", "5M", "-5", "-5s", "1.s", ".5s", "5s5",
-     "nan", "inf", True, False, None, [], float("inf"), float("nan"), -1, -0.5],
+    [
+        "",
+        "s",
+        "5x",
+        "5 m x",
+        "30m1h",
+        "1h1h",
+        "5M",
+        "-5",
+        "-5s",
+        "1.s",
+        ".5s",
+        "5s5",
+        "nan",
+        "inf",
+        True,
+        False,
+        None,
+        [],
+        float("inf"),
+        float("nan"),
+        -1,
+        -0.5,
+    ],
 )
 def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(ValueError, match="must be a duration"):
@@ -891,8 +934,16 @@ def test_parse_duration_rejects(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (59, "59s"), (300, "5m"), (5400, "1h30m"), (432000, "5d"), (93784, "1d2h3m4s"),
-     (-90, "-1m30s"), (29.6, "30s")],
+    [
+        (0, "0s"),
+        (59, "59s"),
+        (300, "5m"),
+        (5400, "1h30m"),
+        (432000, "5d"),
+        (93784, "1d2h3m4s"),
+        (-90, "-1m30s"),
+        (29.6, "30s"),
+    ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text

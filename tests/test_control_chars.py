@@ -30,8 +30,9 @@ EVIL = "ev\0il\x1b[31mRED\x85\u2028x"
 
 
 def _record(**fields: object) -> logging.LogRecord:
-    record = logging.LogRecord(log.LOGGER_NAME, logging.WARNING, __file__, 1, "smtpd.auth",
-                               None, None)
+    record = logging.LogRecord(
+        log.LOGGER_NAME, logging.WARNING, __file__, 1, "smtpd.auth", None, None
+    )
     record.trio_mta_fields = fields
     return record
 
@@ -79,7 +80,8 @@ async def server(nursery: trio.Nursery, make_config: Callable[..., Config]) -> M
 
 
 async def test_auth_user_with_controls_is_refused_and_logged_escaped(
-        server: MTA, tls_files: tuple[Path, Path, Path], text_log: io.StringIO) -> None:
+    server: MTA, tls_files: tuple[Path, Path, Path], text_log: io.StringIO
+) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -96,8 +98,15 @@ async def test_auth_user_with_controls_is_refused_and_logged_escaped(
     assert 'user="ev\\x00il\\x1b[31mRED\\x85\\u2028x"' in logged
 
 
-@pytest.mark.parametrize("path", ['"a\u0085b"@remote.test', '"a\u2028b"@remote.test',
-                                  "a\u0085b@remote.test", "a@re\u2029mote.test"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        '"a\u0085b"@remote.test',
+        '"a\u2028b"@remote.test',
+        "a\u0085b@remote.test",
+        "a@re\u2029mote.test",
+    ],
+)
 async def test_sender_with_control_characters_is_refused(server: MTA, path: str) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
@@ -107,8 +116,9 @@ async def test_sender_with_control_characters_is_refused(server: MTA, path: str)
     assert b"not allowed in an address" in reply
 
 
-@pytest.mark.parametrize("path", ['"x\u0085y"@example.test', '"x\u2028y"@example.test',
-                                  "x\u009by@elsewhere.test"])
+@pytest.mark.parametrize(
+    "path", ['"x\u0085y"@example.test', '"x\u2028y"@example.test', "x\u009by@elsewhere.test"]
+)
 async def test_recipient_with_control_characters_is_refused(server: MTA, path: str) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()

@@ -50,8 +50,13 @@ def zone(port: int, *tlsa_records: str) -> dict[str, list[tuple[str, str]]]:
 
 
 async def deliver(dns: DnsServer, port: int, **relay: Any) -> list[Outcome]:
-    agent = RemoteAgent(RelayConfig(port=port, **relay), Resolver([dns.address], timeout=2.0),
-                        hostname=HOSTNAME, timeouts=FAST, policy_fetch_timeout=2.0)
+    agent = RemoteAgent(
+        RelayConfig(port=port, **relay),
+        Resolver([dns.address], timeout=2.0),
+        hostname=HOSTNAME,
+        timeouts=FAST,
+        policy_fetch_timeout=2.0,
+    )
     return list(await agent.deliver([item("bob@remote.test")]))
 
 
@@ -62,8 +67,10 @@ async def test_dane_ee_match_delivers_without_any_ca(
     """``3 1 1`` and ``3 0 1``: a self-made CA nobody trusts; the TLSA record is the proof."""
     port, handler = free_port(), MailWatcher()
     cert = trustme.CA().issue_cert("not-the-mx-name.test")  # DANE-EE skips names (§3.1.1)
-    with (DnsServer(zone(port, tlsa(3, selector, 1, leaf_of(cert))), authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=_ctx(cert))):
+    with (
+        DnsServer(zone(port, tlsa(3, selector, 1, leaf_of(cert))), authenticated=True) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=_ctx(cert)),
+    ):
         outcomes = await deliver(dns, port)
     assert [o.kind for o in outcomes] == ["delivered"]
     assert [m.tls for m in handler.messages] == [True]
@@ -75,12 +82,16 @@ async def test_dane_mismatch_defers_and_sends_no_mail(caplog: pytest.LogCaptureF
     """An attacker with any certificate (even one a CA signed for the MX name) loses."""
     port, handler, ca = free_port(), MailWatcher(), trustme.CA()
     published = ca.issue_cert(MX1)
-    with (DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(published))), authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(ca, MX1))):
+    with (
+        DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(published))), authenticated=True) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(ca, MX1)),
+    ):
         (outcome,) = await deliver(dns, port)
     assert (outcome.kind, outcome.status, outcome.stage) == ("deferred", "4.7.5", "tls")
-    assert outcome.text == (f"dane: certificate matches none of 1 usable TLSA records (leaf "
-                            f"(no chain sent) checked) at {TLSA_NAME.format(port=port)}")
+    assert outcome.text == (
+        f"dane: certificate matches none of 1 usable TLSA records (leaf "
+        f"(no chain sent) checked) at {TLSA_NAME.format(port=port)}"
+    )
     assert handler.mails == []
     (logged,) = attempts(caplog)
     assert (logged["tls_policy"], logged["outcome"]) == ("dane", "unreachable")
@@ -90,8 +101,10 @@ async def test_dane_makes_starttls_mandatory() -> None:
     """The MX (or an attacker in front of it) hides STARTTLS: no plain-text fallback."""
     port, handler = free_port(), MailWatcher()
     cert = trustme.CA().issue_cert(MX1)
-    with (DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(cert))), authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port)):
+    with (
+        DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(cert))), authenticated=True) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port),
+    ):
         (outcome,) = await deliver(dns, port)
     assert (outcome.kind, outcome.status) == ("deferred", "4.7.10")
     assert outcome.text == "dane: STARTTLS not offered"
@@ -102,8 +115,10 @@ async def test_dane_ta_with_a_matching_issuer_delivers() -> None:
     """``2 0 1`` names the intermediate that issued the MX certificate (sent in its chain)."""
     port, handler = free_port(), MailWatcher()
     issuer = trustme.CA().create_child_ca()
-    with (DnsServer(zone(port, tlsa(2, 0, 1, ca_cert(issuer))), authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(issuer, MX1))):
+    with (
+        DnsServer(zone(port, tlsa(2, 0, 1, ca_cert(issuer))), authenticated=True) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(issuer, MX1)),
+    ):
         outcomes = await deliver(dns, port)
     assert [o.kind for o in outcomes] == ["delivered"]
 
@@ -112,9 +127,12 @@ async def test_dane_ta_checks_the_mx_name() -> None:
     """Unlike DANE-EE, a DANE-TA match still needs the certificate to name the MX host."""
     port, handler = free_port(), MailWatcher()
     issuer = trustme.CA().create_child_ca()
-    with (DnsServer(zone(port, tlsa(2, 1, 1, ca_cert(issuer))), authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port,
-                        tls_context=server_tls(issuer, "mx.attacker.test"))):
+    with (
+        DnsServer(zone(port, tlsa(2, 1, 1, ca_cert(issuer))), authenticated=True) as dns,
+        aiosmtpd_peer(
+            handler, "127.0.0.2", port, tls_context=server_tls(issuer, "mx.attacker.test")
+        ),
+    ):
         (outcome,) = await deliver(dns, port)
     assert outcome.kind == "deferred"
     assert "DANE-TA trust anchor matched, but the chain does not verify" in outcome.text
@@ -125,8 +143,10 @@ async def test_without_ad_tlsa_records_are_ignored(caplog: pytest.LogCaptureFixt
     """Unauthenticated answers prove nothing: plain opportunistic TLS, even on a mismatch."""
     port, handler = free_port(), MailWatcher()
     wrong = trustme.CA().issue_cert(MX1)
-    with (DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(wrong)))) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(trustme.CA(), MX1))):
+    with (
+        DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(wrong)))) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(trustme.CA(), MX1)),
+    ):
         outcomes = await deliver(dns, port)
     assert [o.kind for o in outcomes] == ["delivered"]
     assert attempts(caplog)[0]["tls_policy"] == "opportunistic"
@@ -151,12 +171,14 @@ async def test_only_unusable_tlsa_records_mean_mandatory_unauthenticated_tls(
     forbid clear text (RFC 7672 §2.2)."""
     port, ca = free_port(), trustme.CA()
     cert = ca.issue_cert(MX1)
-    records = zone(port, tlsa(1, 1, 1, leaf_of(cert)), tlsa(0, 0, 1, ca_cert(ca)),
-                   "3 1 9 00ff")  # an unknown matching type: unusable too
+    records = zone(
+        port, tlsa(1, 1, 1, leaf_of(cert)), tlsa(0, 0, 1, ca_cert(ca)), "3 1 9 00ff"
+    )  # an unknown matching type: unusable too
     with DnsServer(records, authenticated=True) as dns:
         encrypted, plain = MailWatcher(), MailWatcher()
-        with aiosmtpd_peer(encrypted, "127.0.0.2", port, tls_context=server_tls(trustme.CA(),
-                                                                              "x.test")):
+        with aiosmtpd_peer(
+            encrypted, "127.0.0.2", port, tls_context=server_tls(trustme.CA(), "x.test")
+        ):
             delivered = await deliver(dns, port)
         with aiosmtpd_peer(plain, "127.0.0.2", port):
             deferred = await deliver(dns, port)
@@ -179,21 +201,27 @@ async def test_a_failed_tlsa_lookup_skips_an_authenticated_host() -> None:
 
 
 async def test_dane_wins_over_mta_sts(
-    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    nursery: trio.Nursery,
+    ca: trustme.CA,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """RFC 8461 §2: with usable TLSA records, an MTA-STS policy that would refuse the host
     (its mx: does not list it) does not apply."""
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     policy = await start_policy_server(
-        nursery, ca, PolicyServer(policy_text("enforce", "mx7.remote.test")))
+        nursery, ca, PolicyServer(policy_text("enforce", "mx7.remote.test"))
+    )
     port, handler = free_port(), MailWatcher()
     cert = trustme.CA().issue_cert(MX1)
     records = zone(port, tlsa(3, 1, 1, leaf_of(cert)))
     records["_mta-sts.remote.test"] = [("TXT", '"v=STSv1; id=1"')]
     records["mta-sts.remote.test"] = [("A", "127.0.0.1")]
-    with (DnsServer(records, authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=_ctx(cert))):
+    with (
+        DnsServer(records, authenticated=True) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=_ctx(cert)),
+    ):
         outcomes = await deliver(dns, port, ca_file=bundle, mta_sts_port=policy.port)
     assert [o.kind for o in outcomes] == ["delivered"]
     assert attempts(caplog)[0]["tls_policy"] == "dane"
@@ -202,8 +230,10 @@ async def test_dane_wins_over_mta_sts(
 async def test_dane_off_ignores_tlsa_records() -> None:
     port, handler = free_port(), MailWatcher()
     wrong = trustme.CA().issue_cert(MX1)
-    with (DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(wrong))), authenticated=True) as dns,
-          aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(trustme.CA(), MX1))):
+    with (
+        DnsServer(zone(port, tlsa(3, 1, 1, leaf_of(wrong))), authenticated=True) as dns,
+        aiosmtpd_peer(handler, "127.0.0.2", port, tls_context=server_tls(trustme.CA(), MX1)),
+    ):
         outcomes = await deliver(dns, port, dane=False)
     assert [o.kind for o in outcomes] == ["delivered"]
 
@@ -216,10 +246,16 @@ def _ctx(cert: trustme.LeafCert) -> Any:
     return ctx
 
 
-@pytest.mark.parametrize("server, trusted", [
-    ("127.0.0.53", True), ("Do53:127.0.0.1@53", True), ("::1", True),
-    ("192.0.2.53", False), ("Do53:2001:db8::53@53", False),
-])
+@pytest.mark.parametrize(
+    "server, trusted",
+    [
+        ("127.0.0.53", True),
+        ("Do53:127.0.0.1@53", True),
+        ("::1", True),
+        ("192.0.2.53", False),
+        ("Do53:2001:db8::53@53", False),
+    ],
+)
 def test_a_system_resolver_is_trusted_for_ad_only_on_loopback(server: str, trusted: bool) -> None:
     """AD from a resolver across the network could be forged on the way (RFC 4035 §4.9.3)."""
     from trio_mta.dns import _loopback

@@ -34,7 +34,8 @@ from trio_mta.testing.fake_dns import _bind_pair
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("unbound", "ldns-keygen", "ldns-signzone")),
-    reason="needs unbound and ldnsutils (.ci/run installs them)")
+    reason="needs unbound and ldnsutils (.ci/run installs them)",
+)
 
 
 def signed_zone(folder: Path, port: int, good: str, tampered: str) -> tuple[Path, Path]:
@@ -53,15 +54,25 @@ bad IN MX 10 mx2.dane.test.
 mx2 IN A 127.0.0.3
 _{port}._tcp.mx2 IN TLSA {good}
 """)
-    key = subprocess.run(["ldns-keygen", "-a", "ECDSAP256SHA256", "-k", "dane.test"],
-                         cwd=folder, check=True, capture_output=True, text=True).stdout.strip()
-    subprocess.run(["ldns-signzone", "-n", str(zone), key], cwd=folder, check=True,
-                   capture_output=True)
+    key = subprocess.run(
+        ["ldns-keygen", "-a", "ECDSAP256SHA256", "-k", "dane.test"],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run(
+        ["ldns-signzone", "-n", str(zone), key], cwd=folder, check=True, capture_output=True
+    )
     signed = folder / "dane.test.zone.signed"
     lines = signed.read_text().splitlines()
     owner = f"_{port}._tcp.mx2.dane.test."
-    forged = [f"{owner}\t300\tIN\tTLSA\t{tampered}" if line.startswith(owner)
-              and "\tTLSA\t" in line else line for line in lines]
+    forged = [
+        f"{owner}\t300\tIN\tTLSA\t{tampered}"
+        if line.startswith(owner) and "\tTLSA\t" in line
+        else line
+        for line in lines
+    ]
     assert forged != lines
     signed.write_text("\n".join(forged) + "\n")
     return signed, folder / f"{key}.key"
@@ -86,7 +97,7 @@ def start_unbound(folder: Path, port: int, zone: Path, anchor: Path) -> subproce
   directory: "{folder}"
   pidfile: ""
   use-syslog: no
-  logfile: "{folder / 'unbound.log'}"
+  logfile: "{folder / "unbound.log"}"
   do-not-query-localhost: no
   module-config: "validator iterator"
   trust-anchor-file: "{anchor}"
@@ -98,8 +109,9 @@ auth-zone:
   for-downstream: no
   fallback-enabled: no
 """)
-    proc = subprocess.Popen(["unbound", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["unbound", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         query = dns.message.make_query("dane.test", "MX")
@@ -131,11 +143,14 @@ async def test_dane_through_a_validating_unbound(
         resolver = Resolver([("127.0.0.1", dns_port)], timeout=3.0)
         (mx,) = await resolver.mail_hosts("dane.test")
         assert mx.authenticated
-        agent = RemoteAgent(RelayConfig(port=smtp_port), resolver, hostname="relay.local.test",
-                            timeouts=FAST)
+        agent = RemoteAgent(
+            RelayConfig(port=smtp_port), resolver, hostname="relay.local.test", timeouts=FAST
+        )
         good_mx, bad_mx = MailWatcher(), MailWatcher()
-        with (aiosmtpd_peer(good_mx, "127.0.0.2", smtp_port, tls_context=_ctx(cert)),
-              aiosmtpd_peer(bad_mx, "127.0.0.3", smtp_port, tls_context=_ctx(cert))):
+        with (
+            aiosmtpd_peer(good_mx, "127.0.0.2", smtp_port, tls_context=_ctx(cert)),
+            aiosmtpd_peer(bad_mx, "127.0.0.3", smtp_port, tls_context=_ctx(cert)),
+        ):
             delivered = await agent.deliver([item("bob@dane.test")])
             bogus = await agent.deliver([item("carol@bad.dane.test", message_id="Q2")])
     finally:

@@ -90,8 +90,9 @@ def check(message: bytes, *pairs: KeyPair) -> list[str]:
 
 @needs_opendkim
 @pytest.mark.parametrize("which", ["rsa", "ed25519"])
-def test_opendkim_verifies_our_signature(which: str, rsa_key: KeyPair, ed_key: KeyPair,
-                                         tmp_path: Path) -> None:
+def test_opendkim_verifies_our_signature(
+    which: str, rsa_key: KeyPair, ed_key: KeyPair, tmp_path: Path
+) -> None:
     pair = rsa_key if which == "rsa" else ed_key
     signed = Signer([pair.key]).sign(MESSAGE) + MESSAGE
     [verdict] = opendkim_verify(signed, [pair], tmp_path)
@@ -108,13 +109,16 @@ def test_dkimpy_verifies_our_signature(which: str, rsa_key: KeyPair, ed_key: Key
     signed = Signer([pair.key]).sign(MESSAGE) + MESSAGE
     records = {(pair.name + ".").encode(): pair.record.encode()}
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: records.get(name))
-    assert not dkim.verify(signed.replace(b"Subject: a", b"Subject: A"),
-                           dnsfunc=lambda name, timeout=5: records.get(name))
+    assert not dkim.verify(
+        signed.replace(b"Subject: a", b"Subject: A"),
+        dnsfunc=lambda name, timeout=5: records.get(name),
+    )
 
 
 @needs_opendkim
 def test_two_keys_for_a_domain_give_two_signatures_both_valid(
-        rsa_key: KeyPair, ed_key: KeyPair, tmp_path: Path) -> None:
+    rsa_key: KeyPair, ed_key: KeyPair, tmp_path: Path
+) -> None:
     signed = Signer([rsa_key.key, ed_key.key]).sign(MESSAGE) + MESSAGE
     fields = signature_fields(signed)
     assert [b"a=rsa-sha256" in f for f in fields] == [True, False]
@@ -130,8 +134,17 @@ def test_signature_covers_the_spec_headers_and_oversigns_from(ed_key: KeyPair) -
     h = re.search(rb"h=([^;]*);", field)
     assert h is not None
     names = re.sub(rb"\s", b"", h.group(1)).split(b":")
-    assert names == [b"from", b"to", b"cc", b"subject", b"date", b"message-id",
-                     b"mime-version", b"content-type", b"from"]
+    assert names == [
+        b"from",
+        b"to",
+        b"cc",
+        b"subject",
+        b"date",
+        b"message-id",
+        b"mime-version",
+        b"content-type",
+        b"from",
+    ]
     assert b"c=relaxed/relaxed" in field and b"d=example.org" in field
     # Over-signing: a second From: added later breaks the signature.
     signed = Signer([ed_key.key]).sign(MESSAGE) + MESSAGE
@@ -140,8 +153,7 @@ def test_signature_covers_the_spec_headers_and_oversigns_from(ed_key: KeyPair) -
     assert check(forged, ed_key) == ["fail"]
 
 
-def test_subdomain_from_is_signed_by_the_parent_entry_other_domains_not(
-        ed_key: KeyPair) -> None:
+def test_subdomain_from_is_signed_by_the_parent_entry_other_domains_not(ed_key: KeyPair) -> None:
     signer = Signer([ed_key.key])
     sub = MESSAGE.replace(b"alice@example.org", b"alice@news.example.org")
     assert b"d=example.org" in signer.sign(sub)
@@ -150,33 +162,54 @@ def test_subdomain_from_is_signed_by_the_parent_entry_other_domains_not(
     assert signer.sign(b"Subject: no from\r\n\r\nbody\r\n") == b""
 
 
-_header_name = st.sampled_from(["From", "To", "Cc", "Subject", "Date", "Message-ID",
-                                "Reply-To", "References", "X-Other", "Content-Type"])
-_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
-                max_size=30)
-_value = st.lists(st.tuples(_text, st.sampled_from([" ", "  ", "\t", "\r\n ", "\r\n\t"])),
-                  min_size=1, max_size=4).map(lambda parts: "".join(a + b for a, b in parts))
-_line = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60) | \
-    st.sampled_from(["", " ", "\t", "trailing  ", "  lead"])
+_header_name = st.sampled_from(
+    [
+        "From",
+        "To",
+        "Cc",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "Reply-To",
+        "References",
+        "X-Other",
+        "Content-Type",
+    ]
+)
+_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=30)
+_value = st.lists(
+    st.tuples(_text, st.sampled_from([" ", "  ", "\t", "\r\n ", "\r\n\t"])), min_size=1, max_size=4
+).map(lambda parts: "".join(a + b for a, b in parts))
+_line = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60
+) | st.sampled_from(["", " ", "\t", "trailing  ", "  lead"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(headers=st.lists(st.tuples(_header_name, _value), max_size=8),
-       body=st.lists(_line, max_size=12), trailing=st.sampled_from(["", "\r\n", "\r\n\r\n"]))
+@given(
+    headers=st.lists(st.tuples(_header_name, _value), max_size=8),
+    body=st.lists(_line, max_size=12),
+    trailing=st.sampled_from(["", "\r\n", "\r\n\r\n"]),
+)
 def test_sign_then_verify_round_trips_under_relaxed_canonicalisation(
-        ed_key: KeyPair, rsa_key: KeyPair, headers: list[tuple[str, str]], body: list[str],
-        trailing: str) -> None:
+    ed_key: KeyPair,
+    rsa_key: KeyPair,
+    headers: list[tuple[str, str]],
+    body: list[str],
+    trailing: str,
+) -> None:
     head = "From: someone@example.org\r\n" + "".join(
-        f"{name}: {value.rstrip(chr(10)).rstrip(chr(13))}\r\n" for name, value in headers
-        if not value.endswith(("\r\n ", "\r\n\t")))
+        f"{name}: {value.rstrip(chr(10)).rstrip(chr(13))}\r\n"
+        for name, value in headers
+        if not value.endswith(("\r\n ", "\r\n\t"))
+    )
     message = (head + "\r\n" + "".join(line + "\r\n" for line in body) + trailing).encode()
     signed = Signer([rsa_key.key, ed_key.key]).sign(message) + message
     assert check(signed, rsa_key, ed_key) == ["pass", "pass"]
     # Relaxed canonicalisation forgives whitespace changes in transit (RFC 6376 §3.4.2,
     # §3.4.4): trailing spaces added to every body line, header whitespace doubled.
     head_part, _, body_part = signed.partition(b"\r\n\r\n")
-    loosened = (head_part.replace(b": ", b":  ") + b"\r\n\r\n"
-                + body_part.replace(b"\r\n", b" \r\n"))
+    loosened = head_part.replace(b": ", b":  ") + b"\r\n\r\n" + body_part.replace(b"\r\n", b" \r\n")
     assert check(loosened, rsa_key, ed_key) == ["pass", "pass"]
 
 
@@ -186,24 +219,36 @@ def test_sign_then_verify_round_trips_under_relaxed_canonicalisation(
 def dkimpy_sign(message: bytes, pair: KeyPair, *, canon: tuple[bytes, bytes]) -> bytes:
     private = pair.key.private
     if pair.key.algorithm == "rsa":
-        secret = private.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.TraditionalOpenSSL,
-                                       serialization.NoEncryption())
+        secret = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
         algorithm = b"rsa-sha256"
     else:
-        raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                    serialization.NoEncryption())
+        raw = private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
         secret = Base64Encoder.encode(raw)
         algorithm = b"ed25519-sha256"
-    field: bytes = dkim.sign(message, pair.key.selector.encode(), pair.key.domain.encode(),
-                             secret, canonicalize=canon, signature_algorithm=algorithm)
+    field: bytes = dkim.sign(
+        message,
+        pair.key.selector.encode(),
+        pair.key.domain.encode(),
+        secret,
+        canonicalize=canon,
+        signature_algorithm=algorithm,
+    )
     return field + message
 
 
 @pytest.mark.parametrize("which", ["rsa", "ed25519"])
 @pytest.mark.parametrize("canon", [(b"relaxed", b"relaxed"), (b"simple", b"simple")])
 def test_signatures_by_another_signer_pass_and_any_change_fails(
-        which: str, canon: tuple[bytes, bytes], rsa_key: KeyPair, ed_key: KeyPair) -> None:
+    which: str, canon: tuple[bytes, bytes], rsa_key: KeyPair, ed_key: KeyPair
+) -> None:
     pair = rsa_key if which == "rsa" else ed_key
     signed = dkimpy_sign(MESSAGE, pair, canon=canon)
     assert check(signed, pair) == ["pass"]
@@ -228,7 +273,8 @@ def test_no_key_bad_key_and_malformed_signature_are_permerror(rsa_key: KeyPair) 
 
 
 async def test_verifier_fetches_keys_through_the_loopback_dns(
-        dns_server: DnsServer, keydir: Path) -> None:
+    dns_server: DnsServer, keydir: Path
+) -> None:
     domain = unique_domain("k")
     good = make_key(keydir, domain, "s1", "ed25519")
     good.publish(dns_server)
@@ -241,16 +287,21 @@ async def test_verifier_fetches_keys_through_the_loopback_dns(
     signed = dkimpy_sign(signed, missing, canon=(b"relaxed", b"relaxed"))
     signed = dkimpy_sign(signed, flaky, canon=(b"relaxed", b"relaxed"))
     resolver = Resolver([dns_server.address], timeout=2.0)
-    verifier = Verifier(VerifyConfig(spf=False, dmarc=False), resolver,
-                        hostname="mx.example.test", dns_timeout=2.0)
+    verifier = Verifier(
+        VerifyConfig(spf=False, dmarc=False), resolver, hostname="mx.example.test", dns_timeout=2.0
+    )
     with trio.fail_after(10):
-        outcome = await verifier.begin(client_ip="192.0.2.1", sender="",
-                                       helo="x.test").at_end_of_data(signed)
+        outcome = await verifier.begin(
+            client_ip="192.0.2.1", sender="", helo="x.test"
+        ).at_end_of_data(signed)
     assert outcome.dkim is not None
     got = [(r.result, r.domain, r.selector) for r in outcome.dkim]
     # Top signature first: the last one added is on top.
-    assert got == [("temperror", flaky_domain, "s1"), ("permerror", domain, "unpublished"),
-                   ("pass", domain, "s1")]
+    assert got == [
+        ("temperror", flaky_domain, "s1"),
+        ("permerror", domain, "unpublished"),
+        ("pass", domain, "s1"),
+    ]
     header = outcome.header.decode()
     assert header.startswith("Authentication-Results: mx.example.test;\r\n\t")
     [passed] = [c for c in header.split(";") if "dkim=pass" in c]
@@ -259,7 +310,8 @@ async def test_verifier_fetches_keys_through_the_loopback_dns(
 
 
 async def test_big_messages_are_signed_and_verified_off_the_event_loop(
-        dns_server: DnsServer, keydir: Path, tmp_path: Path) -> None:
+    dns_server: DnsServer, keydir: Path, tmp_path: Path
+) -> None:
     """Above the thread threshold, hashing runs in a worker thread; results are the same."""
     from trio_mta.auth.inbound import THREAD_THRESHOLD
     from trio_mta.auth.service import MailAuth
@@ -268,21 +320,27 @@ async def test_big_messages_are_signed_and_verified_off_the_event_loop(
     domain = unique_domain("big")
     pair = make_key(keydir, domain, "s1", "ed25519")
     pair.publish(dns_server)
-    config = Config.from_mapping({
-        "hostname": "mx.example.test",
-        "dns": {"nameservers": ["{}:{}".format(*dns_server.address)], "timeout": "2s"},
-        "dkim": {"sign": [{"domain": domain, "selector": "s1", "key": str(pair.key.path)}]},
-    }, base_dir=tmp_path)
+    config = Config.from_mapping(
+        {
+            "hostname": "mx.example.test",
+            "dns": {"nameservers": ["{}:{}".format(*dns_server.address)], "timeout": "2s"},
+            "dkim": {"sign": [{"domain": domain, "selector": "s1", "key": str(pair.key.path)}]},
+        },
+        base_dir=tmp_path,
+    )
     auth = MailAuth(config)
     line = b"A line of a big message, long enough to add up quickly.\r\n"
-    big = (f"From: a@{domain}\r\nSubject: big\r\n\r\n".encode()
-           + line * (2 * THREAD_THRESHOLD // len(line)))
+    big = f"From: a@{domain}\r\nSubject: big\r\n\r\n".encode() + line * (
+        2 * THREAD_THRESHOLD // len(line)
+    )
     signed = await auth.sign(big, queue_id="Q1") + big
     assert auth.verifier is not None
-    outcome = await auth.verifier.begin(client_ip="192.0.2.1", sender="",
-                                        helo="x.test").at_end_of_data(signed)
+    outcome = await auth.verifier.begin(
+        client_ip="192.0.2.1", sender="", helo="x.test"
+    ).at_end_of_data(signed)
     assert outcome.dkim is not None and [r.result for r in outcome.dkim] == ["pass"]
     tampered = signed[:-10] + b"tampered\r\n"
-    outcome = await auth.verifier.begin(client_ip="192.0.2.1", sender="",
-                                        helo="x.test").at_end_of_data(tampered)
+    outcome = await auth.verifier.begin(
+        client_ip="192.0.2.1", sender="", helo="x.test"
+    ).at_end_of_data(tampered)
     assert outcome.dkim is not None and [r.result for r in outcome.dkim] == ["fail"]

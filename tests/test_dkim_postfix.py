@@ -36,21 +36,33 @@ pytestmark = [
 
 
 async def test_signatures_survive_relay_through_postfix(
-        nursery: trio.Nursery, make_config: Callable[..., Config], postfix: PostfixInstance,  # noqa: F811
-        pf_dns: None, tmp_path: Path) -> None:  # noqa: F811
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    postfix: PostfixInstance,  # noqa: F811
+    pf_dns: None,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     rsa = make_key(tmp_path, "trio.test", "r1", "rsa")
     ed = make_key(tmp_path, "trio.test", "e1", "ed25519")
     config = make_config(
         local={"domains": ["trio.test"]},
         relay={"port": postfix.port},
-        dkim={"sign": [{"domain": "trio.test", "selector": "r1", "key": str(rsa.key.path)},
-                       {"domain": "trio.test", "selector": "e1", "key": str(ed.key.path)}]})
+        dkim={
+            "sign": [
+                {"domain": "trio.test", "selector": "r1", "key": str(rsa.key.path)},
+                {"domain": "trio.test", "selector": "e1", "key": str(ed.key.path)},
+            ]
+        },
+    )
     mta: MTA = await nursery.start(serve, config)
-    message = (b"From: Alice <alice@trio.test>\r\nTo: someone@pf.test\r\n"
-               b"Subject: signed, via Postfix\r\n\r\nHello Postfix.\r\n.leading dot\r\n"
-               b"trailing space \r\n\r\n")
+    message = (
+        b"From: Alice <alice@trio.test>\r\nTo: someone@pf.test\r\n"
+        b"Subject: signed, via Postfix\r\n\r\nHello Postfix.\r\n.leading dot\r\n"
+        b"trailing space \r\n\r\n"
+    )
     await trio.to_thread.run_sync(
-        submit, mta.address("smtp")[1], "alice@trio.test", "someone@pf.test", message)
+        submit, mta.address("smtp")[1], "alice@trio.test", "someone@pf.test", message
+    )
     stored = (await wait_for_postfix_mail(postfix, "someone")).read_bytes()
     assert b"(Postfix)" in stored and stored.count(b"DKIM-Signature:") == 2
     crlf = stored.replace(b"\n", b"\r\n")

@@ -73,8 +73,9 @@ def inbox(dovecot: DovecotInstance, user: str) -> list[email.message.EmailMessag
         return messages
 
 
-async def wait_for_inbox(dovecot: DovecotInstance, user: str,
-                         count: int = 1) -> list[email.message.EmailMessage]:
+async def wait_for_inbox(
+    dovecot: DovecotInstance, user: str, count: int = 1
+) -> list[email.message.EmailMessage]:
     with trio.fail_after(20):
         while True:
             messages = await trio.to_thread.run_sync(inbox, dovecot, user)
@@ -92,18 +93,21 @@ async def recipient(server: MTA, queue_id: str, address: str) -> RecipientState:
 
 
 def lmtp_config(make_config: Callable[..., Config], target: str, **local: object) -> Config:
-    return make_config(local={"domains": ["example.test"], "lmtp": target, **local},
-                       queue={"retry_initial": "1s", "retry_max": "1s"})
+    return make_config(
+        local={"domains": ["example.test"], "lmtp": target, **local},
+        queue={"retry_initial": "1s", "retry_max": "1s"},
+    )
 
 
 async def test_local_mail_goes_over_lmtp_into_dovecot_and_reads_back_over_imap(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        dovecot: DovecotInstance) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], dovecot: DovecotInstance
+) -> None:
     config = lmtp_config(make_config, dovecot.lmtp_target)
     assert config.local.deliver_at_once  # ignored with lmtp: the queue hands mail to Dovecot
     server: MTA = await nursery.start(serve, config)
     queue_id = await trio.to_thread.run_sync(
-        lambda: submit(server, ["bob@example.test", "ghost@example.test"], body=BODY))
+        lambda: submit(server, ["bob@example.test", "ghost@example.test"], body=BODY)
+    )
     (message,) = await wait_for_inbox(dovecot, "bob")
     assert message["Subject"] == "over lmtp"
     assert message["Delivered-To"] == "bob@example.test"
@@ -123,8 +127,8 @@ async def test_local_mail_goes_over_lmtp_into_dovecot_and_reads_back_over_imap(
 
 
 async def test_lmtp_over_a_unix_socket(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        dovecot: DovecotInstance) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], dovecot: DovecotInstance
+) -> None:
     socket_path = dovecot.root / "run" / "lmtp"
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     server: MTA = await nursery.start(serve, lmtp_config(make_config, f"unix:{socket_path}"))
@@ -134,12 +138,13 @@ async def test_lmtp_over_a_unix_socket(
 
 
 async def test_dovecot_down_defers_and_the_retry_delivers(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        dovecot: DovecotInstance) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], dovecot: DovecotInstance
+) -> None:
     await trio.to_thread.run_sync(dovecot.stop)
     server: MTA = await nursery.start(serve, lmtp_config(make_config, dovecot.lmtp_target))
     queue_id = await trio.to_thread.run_sync(
-        lambda: submit(server, ["bob@example.test"], body=BODY))
+        lambda: submit(server, ["bob@example.test"], body=BODY)
+    )
     assert server.store is not None
     store = server.store
 
@@ -159,12 +164,13 @@ async def test_dovecot_down_defers_and_the_retry_delivers(
 
 
 async def test_maildir_shared_by_group_is_readable_by_dovecot_as_another_user(
-        nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path,
-        shared_dir: Path) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path, shared_dir: Path
+) -> None:
     """trio_mta (root here) writes with maildir_group = "mail"; Dovecot reads as nobody:mail."""
     mail_root = shared_dir / "shared-mail"
-    config = make_config(local={"domains": ["example.test"], "maildir_root": str(mail_root),
-                                "maildir_group": "mail"})
+    config = make_config(
+        local={"domains": ["example.test"], "maildir_root": str(mail_root), "maildir_group": "mail"}
+    )
     server: MTA = await nursery.start(serve, config)
     await trio.to_thread.run_sync(lambda: submit(server, ["alice@example.test"], body=BODY))
     gid = mail_gid()
@@ -187,22 +193,24 @@ async def test_maildir_shared_by_group_is_readable_by_dovecot_as_another_user(
 
 
 async def test_per_recipient_replies_after_the_data_decide_each_recipient(
-        nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path,
-        shared_dir: Path) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path, shared_dir: Path
+) -> None:
     """One transaction, two accepted recipients: Dovecot saves alice's copy and answers
     452 4.2.2 (over quota) for bob's after the data; only bob's is deferred and retried."""
     mail_root = shared_dir / "mail"
     mail_root.mkdir()
     os.chown(mail_root, NOBODY, mail_gid())
-    instance = DovecotInstance(tmp_path / "dovecot", mail_root, ("alice", "bob"),
-                               tiny_quota=("bob",))
+    instance = DovecotInstance(
+        tmp_path / "dovecot", mail_root, ("alice", "bob"), tiny_quota=("bob",)
+    )
     instance.write_config()
     await trio.to_thread.run_sync(instance.start)
     try:
         server: MTA = await nursery.start(serve, lmtp_config(make_config, instance.lmtp_target))
         big = BODY + b"x" * 2048 + b"\r\n"  # over bob's 1 KiB quota
         queue_id = await trio.to_thread.run_sync(
-            lambda: submit(server, ["alice@example.test", "bob@example.test"], body=big))
+            lambda: submit(server, ["alice@example.test", "bob@example.test"], body=big)
+        )
         (message,) = await wait_for_inbox(instance, "alice")
         assert message["Subject"] == "over lmtp"
         assert server.store is not None
@@ -211,7 +219,8 @@ async def test_per_recipient_replies_after_the_data_decide_each_recipient(
         def bob_tried() -> bool:
             shown = store.show(queue_id)
             return shown is not None and any(
-                r.address == "bob@example.test" and r.attempts >= 1 for r in shown.recipients)
+                r.address == "bob@example.test" and r.attempts >= 1 for r in shown.recipients
+            )
 
         await wait_until(bob_tried)
         bob = await recipient(server, queue_id, "bob@example.test")

@@ -27,8 +27,9 @@ __all__ = ["port", "zone"]  # fixtures
 BODY = b"From: alice@example.test\r\nSubject: dsn\r\n\r\nthe body text\r\n"
 
 
-def submit(server: MTA, rcpts: list[tuple[str, list[str]]],
-           mail_options: tuple[str, ...] = ()) -> str:
+def submit(
+    server: MTA, rcpts: list[tuple[str, list[str]]], mail_options: tuple[str, ...] = ()
+) -> str:
     with smtplib.SMTP(*server.address("smtp"), timeout=10) as client:
         client.ehlo("app.example.test")
         assert client.has_extn("dsn")
@@ -51,16 +52,20 @@ def returned_part(path: Path) -> tuple[str, str]:
 
 
 async def test_notify_never_gets_no_bounce_for_a_550_at_the_next_hop(
-        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer,
-        port: int) -> None:
-    recorder = Recorder(rcpt_replies={"dora@remote.test": "550 5.1.1 no such user here",
-                                      "eve@remote.test": "550 5.1.1 no such user here"})
+    nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer, port: int
+) -> None:
+    recorder = Recorder(
+        rcpt_replies={
+            "dora@remote.test": "550 5.1.1 no such user here",
+            "eve@remote.test": "550 5.1.1 no such user here",
+        }
+    )
     with aiosmtpd_peer(recorder, "127.0.0.2", port):
         server = await start(nursery, make_config, zone, port)
+        await trio.to_thread.run_sync(submit, server, [("dora@remote.test", ["NOTIFY=NEVER"])])
         await trio.to_thread.run_sync(
-            submit, server, [("dora@remote.test", ["NOTIFY=NEVER"])])
-        await trio.to_thread.run_sync(
-            submit, server, [("dora@remote.test", ["NOTIFY=NEVER"]), ("eve@remote.test", [])])
+            submit, server, [("dora@remote.test", ["NOTIFY=NEVER"]), ("eve@remote.test", [])]
+        )
         [path] = await wait_for_mail(server.config.local.maildir_root, "alice")
         await queue_empty(server)
     fields = status_fields(dsn_of(path))
@@ -71,14 +76,19 @@ async def test_notify_never_gets_no_bounce_for_a_550_at_the_next_hop(
 
 
 async def test_notify_success_gets_a_delivered_dsn_with_envid_orcpt_and_headers_only(
-        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer,
-        port: int) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer, port: int
+) -> None:
     server = await start(nursery, make_config, zone, port)
     await trio.to_thread.run_sync(
-        lambda: submit(server, [("bob@example.test", ["NOTIFY=SUCCESS",
-                                                      "ORCPT=rfc822;Bob+2BList@origin.test"]),
-                                ("carol@example.test", [])],
-                       ("RET=HDRS", "ENVID=env+2B42")))
+        lambda: submit(
+            server,
+            [
+                ("bob@example.test", ["NOTIFY=SUCCESS", "ORCPT=rfc822;Bob+2BList@origin.test"]),
+                ("carol@example.test", []),
+            ],
+            ("RET=HDRS", "ENVID=env+2B42"),
+        )
+    )
     [path] = await wait_for_mail(server.config.local.maildir_root, "alice")
     assert len(mailbox(server, "bob")) == 1 and len(mailbox(server, "carol")) == 1
     message = dsn_of(path)
@@ -96,14 +106,14 @@ async def test_notify_success_gets_a_delivered_dsn_with_envid_orcpt_and_headers_
 
 
 async def test_notify_success_to_a_next_hop_without_dsn_is_relayed_with_the_full_message(
-        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer,
-        port: int) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer, port: int
+) -> None:
     recorder = Recorder()
     with aiosmtpd_peer(recorder, "127.0.0.2", port):
         server = await start(nursery, make_config, zone, port)
         await trio.to_thread.run_sync(
-            lambda: submit(server, [("bob@remote.test", ["NOTIFY=SUCCESS,FAILURE"])],
-                           ("RET=FULL",)))
+            lambda: submit(server, [("bob@remote.test", ["NOTIFY=SUCCESS,FAILURE"])], ("RET=FULL",))
+        )
         [path] = await wait_for_mail(server.config.local.maildir_root, "alice")
         await queue_empty(server)
     assert [m.rcpt_tos for m in recorder.messages] == [["bob@remote.test"]]
@@ -115,13 +125,17 @@ async def test_notify_success_to_a_next_hop_without_dsn_is_relayed_with_the_full
 
 
 async def test_notify_delay_sends_one_delayed_dsn_after_delay_warning(
-        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer,
-        port: int) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer, port: int
+) -> None:
     # Nothing listens on the MX hosts: bob stays deferred.
     server = await start(nursery, make_config, zone, port, queue={"delay_warning": "1s"})
     await trio.to_thread.run_sync(
-        lambda: submit(server, [("bob@remote.test", ["NOTIFY=DELAY,FAILURE"]),
-                                ("dan@remote.test", [])], ("ENVID=late-1",)))
+        lambda: submit(
+            server,
+            [("bob@remote.test", ["NOTIFY=DELAY,FAILURE"]), ("dan@remote.test", [])],
+            ("ENVID=late-1",),
+        )
+    )
     [path] = await wait_for_mail(server.config.local.maildir_root, "alice", timeout=20)
     message = dsn_of(path)
     assert message["Subject"] == "Delayed Mail (still being retried)"
@@ -134,17 +148,21 @@ async def test_notify_delay_sends_one_delayed_dsn_after_delay_warning(
 
 
 async def test_dsn_parameters_are_passed_on_only_to_a_next_hop_that_advertises_dsn() -> None:
-    records = {"sink.test": [("MX", "10 sink.remote.test.")],
-               "sink.remote.test": [("A", "127.0.0.4")]}
+    records = {
+        "sink.test": [("MX", "10 sink.remote.test.")],
+        "sink.remote.test": [("A", "127.0.0.4")],
+    }
     for options, passed in (((), True), (("-N",), False)):
         port = free_port("127.0.0.4")
         base = item("a@sink.test")
-        rcpt = dataclasses.replace(base.rcpt, notify=("SUCCESS", "FAILURE"),
-                                   orcpt="o+1@x.test", ret="HDRS", envid="e 1")
+        rcpt = dataclasses.replace(
+            base.rcpt, notify=("SUCCESS", "FAILURE"), orcpt="o+1@x.test", ret="HDRS", envid="e 1"
+        )
         with smtp_sink("127.0.0.4", port, *options) as dump, DnsServer(records) as dns:
             await wait_for_port("127.0.0.4", port)
             outcomes = await make_agent(dns, RelayConfig(port=port)).deliver(
-                [dataclasses.replace(base, rcpt=rcpt)])
+                [dataclasses.replace(base, rcpt=rcpt)]
+            )
             assert kinds(outcomes) == ["delivered"]
             assert outcomes[0].dsn_passed is passed
             with trio.fail_after(5):
@@ -177,16 +195,21 @@ def test_an_older_queue_gains_the_dsn_columns_and_still_bounces(tmp_path: Path) 
 
 
 def test_a_delivered_recipient_that_asked_for_success_keeps_its_message_for_the_report(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     store = QueueStore(tmp_path / "queue.sqlite3")
-    rcpts = (NewRecipient("bob@example.test", "bob@example.test", "bob", notify=("SUCCESS",)),
-             NewRecipient("eve@example.test", "eve@example.test", "eve"))
+    rcpts = (
+        NewRecipient("bob@example.test", "bob@example.test", "bob", notify=("SUCCESS",)),
+        NewRecipient("eve@example.test", "eve@example.test", "eve"),
+    )
     store.insert([("M1", NewMessage("alice@example.test", rcpts, BODY, envid="e1"))], now=1.0)
-    store.mark_delivered([r.rcpt_id for r in store.due(2.0, 10)], now=2.0,
-                         outcome=Outcome("delivered", "2.0.0", "ok", stage="local"))
+    store.mark_delivered(
+        [r.rcpt_id for r in store.due(2.0, 10)],
+        now=2.0,
+        outcome=Outcome("delivered", "2.0.0", "ok", stage="local"),
+    )
     assert store.purge_finished(keep_failed=True) == 0
     (finished,) = store.bounce_candidates()
-    assert [(n.address, n.action) for n in finished.notices] == [("bob@example.test",
-                                                                  "delivered")]
+    assert [(n.address, n.action) for n in finished.notices] == [("bob@example.test", "delivered")]
     assert finished.failed == () and finished.envid == "e1"
     store.close()

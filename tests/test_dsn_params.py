@@ -22,39 +22,47 @@ def refusal(line: bytes) -> str:
 
 def test_mail_ret_and_envid_are_parsed() -> None:
     assert parse_command(b"MAIL FROM:<a@b> RET=hdrs ENVID=QQ+2B314") == Mail(
-        Path("a", "b"), MailParams(ret="HDRS", envid="QQ+314"))
+        Path("a", "b"), MailParams(ret="HDRS", envid="QQ+314")
+    )
     assert parse_command(b"MAIL FROM:<> RET=FULL").params.ret == "FULL"  # type: ignore[union-attr]
 
 
 def test_rcpt_notify_and_orcpt_are_parsed() -> None:
     assert parse_command(b"RCPT TO:<x@y> NOTIFY=delay,Success ORCPT=RFC822;x+2By@y") == Rcpt(
-        Path("x", "y"), RcptParams(notify=("SUCCESS", "DELAY"), orcpt="x+y@y"))
+        Path("x", "y"), RcptParams(notify=("SUCCESS", "DELAY"), orcpt="x+y@y")
+    )
     assert parse_command(b"RCPT TO:<x@y> NOTIFY=NEVER") == Rcpt(
-        Path("x", "y"), RcptParams(notify=("NEVER",)))
+        Path("x", "y"), RcptParams(notify=("NEVER",))
+    )
 
 
-@pytest.mark.parametrize(("line", "reply"), [
-    (b"RCPT TO:<x@y> NOTIFY=NEVER,SUCCESS",
-     "501 5.5.4 NOTIFY=NEVER cannot be combined with other values"),
-    (b"RCPT TO:<x@y> NOTIFY=FAILURE,FAILURE", "501 5.5.4 Duplicate value in NOTIFY"),
-    (b"RCPT TO:<x@y> NOTIFY=SOMETIMES", NOTIFY_SYNTAX),
-    (b"RCPT TO:<x@y> NOTIFY=", NOTIFY_SYNTAX),
-    (b"RCPT TO:<x@y> NOTIFY=SUCCESS, ", NOTIFY_SYNTAX),
-    (b"RCPT TO:<x@y> NOTIFY", NOTIFY_SYNTAX),
-    (b"RCPT TO:<x@y> NOTIFY=NEVER NOTIFY=NEVER", "555 5.5.4 Duplicate parameter: NOTIFY"),
-    (b"RCPT TO:<x@y> ORCPT=x400;a", "501 5.5.4 Unsupported ORCPT address type (only rfc822)"),
-    (b"RCPT TO:<x@y> ORCPT=a@b", ORCPT_SYNTAX),
-    (b"RCPT TO:<x@y> ORCPT=rfc822;", ORCPT_SYNTAX),
-    (b"RCPT TO:<x@y> ORCPT=rfc822;a+0Db", ORCPT_SYNTAX),
-    (b"RCPT TO:<x@y> ORCPT=rfc822;a+zz", ORCPT_SYNTAX),
-    (b"RCPT TO:<x@y> ORCPT=rfc822;" + b"a" * 494, ORCPT_SYNTAX),
-    (b"MAIL FROM:<a@b> RET=ALL", "501 5.5.4 Invalid value for RET (FULL or HDRS)"),
-    (b"MAIL FROM:<a@b> RET", "501 5.5.4 Invalid value for RET (FULL or HDRS)"),
-    (b"MAIL FROM:<a@b> ENVID=", ENVID_SYNTAX),
-    (b"MAIL FROM:<a@b> ENVID=" + b"e" * 101, ENVID_SYNTAX),
-    (b"MAIL FROM:<a@b> ENVID=a+C3+A9", ENVID_SYNTAX),
-    (b"MAIL FROM:<a@b> ENVID=a=b", ENVID_SYNTAX),
-])
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (
+            b"RCPT TO:<x@y> NOTIFY=NEVER,SUCCESS",
+            "501 5.5.4 NOTIFY=NEVER cannot be combined with other values",
+        ),
+        (b"RCPT TO:<x@y> NOTIFY=FAILURE,FAILURE", "501 5.5.4 Duplicate value in NOTIFY"),
+        (b"RCPT TO:<x@y> NOTIFY=SOMETIMES", NOTIFY_SYNTAX),
+        (b"RCPT TO:<x@y> NOTIFY=", NOTIFY_SYNTAX),
+        (b"RCPT TO:<x@y> NOTIFY=SUCCESS, ", NOTIFY_SYNTAX),
+        (b"RCPT TO:<x@y> NOTIFY", NOTIFY_SYNTAX),
+        (b"RCPT TO:<x@y> NOTIFY=NEVER NOTIFY=NEVER", "555 5.5.4 Duplicate parameter: NOTIFY"),
+        (b"RCPT TO:<x@y> ORCPT=x400;a", "501 5.5.4 Unsupported ORCPT address type (only rfc822)"),
+        (b"RCPT TO:<x@y> ORCPT=a@b", ORCPT_SYNTAX),
+        (b"RCPT TO:<x@y> ORCPT=rfc822;", ORCPT_SYNTAX),
+        (b"RCPT TO:<x@y> ORCPT=rfc822;a+0Db", ORCPT_SYNTAX),
+        (b"RCPT TO:<x@y> ORCPT=rfc822;a+zz", ORCPT_SYNTAX),
+        (b"RCPT TO:<x@y> ORCPT=rfc822;" + b"a" * 494, ORCPT_SYNTAX),
+        (b"MAIL FROM:<a@b> RET=ALL", "501 5.5.4 Invalid value for RET (FULL or HDRS)"),
+        (b"MAIL FROM:<a@b> RET", "501 5.5.4 Invalid value for RET (FULL or HDRS)"),
+        (b"MAIL FROM:<a@b> ENVID=", ENVID_SYNTAX),
+        (b"MAIL FROM:<a@b> ENVID=" + b"e" * 101, ENVID_SYNTAX),
+        (b"MAIL FROM:<a@b> ENVID=a+C3+A9", ENVID_SYNTAX),
+        (b"MAIL FROM:<a@b> ENVID=a=b", ENVID_SYNTAX),
+    ],
+)
 def test_bad_dsn_values_are_refused_with_a_clear_reply(line: bytes, reply: str) -> None:
     assert refusal(line) == reply
 

@@ -46,12 +46,14 @@ async def _sender(port: int, worker: int, acked: set[int], stop: trio.Event) -> 
             await client.reply()
             await client.send(b"EHLO load.test\r\n")
             await client.reply()
-            await client.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<box%d@durable.test>\r\n"
-                              b"DATA\r\n" % (seq % 7))
+            await client.send(
+                b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<box%d@durable.test>\r\nDATA\r\n" % (seq % 7)
+            )
             for _ in range(3):
                 await client.reply()
-            await client.send(b"Subject: load\r\nX-Seq: %d\r\n\r\n%sEND %d\r\n.\r\n"
-                              % (seq, body, seq))
+            await client.send(
+                b"Subject: load\r\nX-Seq: %d\r\n\r\n%sEND %d\r\n.\r\n" % (seq, body, seq)
+            )
             if (await client.reply()).startswith(b"250"):
                 acked.add(seq)
             await client.aclose()
@@ -69,7 +71,8 @@ def _delivered(root: Path) -> set[int]:
             seq = int(match.group(1))
             body = LARGE if (seq // 100000) % 4 == 0 else SMALL
             assert data.endswith(b"\n\n" + body.replace(b"\r\n", b"\n") + b"END %d\n" % seq), (
-                f"truncated: {path}")
+                f"truncated: {path}"
+            )
             found.add(seq)
     return found
 

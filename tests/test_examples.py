@@ -51,8 +51,13 @@ class Example:
 
     def __init__(self, name: str, *args: str, cwd: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, text=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [sys.executable, str(EXAMPLES / name), *args],
+            cwd=cwd,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -70,8 +75,9 @@ class Example:
             try:
                 line = self.lines.get(timeout=max(remaining, 0.01))
             except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r}; output so far:\n"
-                                     + "".join(self.seen)) from None
+                raise AssertionError(
+                    f"no line matching {pattern!r}; output so far:\n" + "".join(self.seen)
+                ) from None
             self.seen.append(line)
             match = re.search(pattern, line)
             if match:
@@ -101,9 +107,13 @@ def cleanup() -> Iterator[list[Example]]:
 
 
 def send_one(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(EXAMPLES / "send_one.py"), *args],
-                          capture_output=True, text=True, timeout=TIMEOUT,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "send_one.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def rewrite_mta_toml(tmp_path: Path, ca: trustme.CA) -> Path:
@@ -164,17 +174,27 @@ def test_mta_toml_with_local_paths_passes_check_config(tmp_path: Path, ca: trust
 
 
 async def test_mta_toml_delivers_mailboxes_and_aliases(
-        nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> None:
+    nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA
+) -> None:
     config = trio_mta.Config.load(rewrite_mta_toml(tmp_path, ca))
     mta: trio_mta.MTA = await nursery.start(trio_mta.serve, config)
     host, port = mta.address("smtp")
 
     async def send(*recipients: str) -> trio_mta.SendResult:
-        message = (f"From: someone@remote.test\r\nTo: {', '.join(recipients)}\r\n"
-                   "Subject: example\r\n\r\nhello\r\n").encode()
+        message = (
+            f"From: someone@remote.test\r\nTo: {', '.join(recipients)}\r\n"
+            "Subject: example\r\n\r\nhello\r\n"
+        ).encode()
         return await trio_mta.send_message(
-            message, sender="someone@remote.test", recipients=list(recipients), host=host,
-            port=port, tls="verify", ssl_context=trusting(ca), server_hostname=MX)
+            message,
+            sender="someone@remote.test",
+            recipients=list(recipients),
+            host=host,
+            port=port,
+            tls="verify",
+            ssl_context=trusting(ca),
+            server_hostname=MX,
+        )
 
     result = await send("postmaster@example.org", "Alice.Smith@example.org")
     assert result.tls and result.tls.startswith("TLSv1.")
@@ -207,7 +227,8 @@ def scrape(url: str) -> str:
 
 
 async def test_send_one_submits_with_auth_and_tls_options(
-        nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> None:
+    nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA
+) -> None:
     config = trio_mta.Config.load(rewrite_mta_toml(tmp_path, ca))
     PasswordFile(config.auth.users_file).set_password("alice", "correct horse")
     mta: trio_mta.MTA = await nursery.start(trio_mta.serve, config)
@@ -220,8 +241,10 @@ async def test_send_one_submits_with_auth_and_tls_options(
     verified = ("--cafile", str(ca_file), "--server-hostname", MX)
     runs: dict[str, tuple[tuple[str, ...], str | None]] = {
         "starttls": ((*base, "--tls", "verify", *verified, "--user", "alice"), "correct horse"),
-        "implicit": (("127.0.0.1", str(smtps), *base[2:], "--tls", "implicit", *verified,
-                      "--user", "alice"), "correct horse"),
+        "implicit": (
+            ("127.0.0.1", str(smtps), *base[2:], "--tls", "implicit", *verified, "--user", "alice"),
+            "correct horse",
+        ),
         "no_auth": ((*base, "--tls", "required"), None),
         "wrong": ((*base, "--tls", "required", "--user", "alice"), "wrong"),
         # verify without the private CA: the certificate is refused
@@ -233,15 +256,19 @@ async def test_send_one_submits_with_auth_and_tls_options(
         args, password = runs[name]
         env = {**os.environ, **({"SMTP_PASSWORD": password} if password else {})}
         done[name] = await trio.run_process(
-            [sys.executable, str(EXAMPLES / "send_one.py"), *args], env=env, check=False,
-            capture_stdout=True, capture_stderr=True, stdin=subprocess.DEVNULL)
+            [sys.executable, str(EXAMPLES / "send_one.py"), *args],
+            env=env,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+            stdin=subprocess.DEVNULL,
+        )
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as processes:  # one Python start-up's wait, not five
             for name in runs:
                 processes.start_soon(run, name)
-    out = {name: (r.returncode, r.stdout.decode() + r.stderr.decode())
-           for name, r in done.items()}
+    out = {name: (r.returncode, r.stdout.decode() + r.stderr.decode()) for name, r in done.items()}
     for name in ("starttls", "implicit"):
         code, text = out[name]
         assert code == 0, text
@@ -259,19 +286,36 @@ async def test_send_one_submits_with_auth_and_tls_options(
 
 
 def test_receive_into_app_prints_and_refuses(tmp_path: Path, cleanup: list[Example]) -> None:
-    app = Example("receive_into_app.py", "--port", "0", "--domain", "example.org",
-                  "--state-dir", str(tmp_path / "app"), cwd=tmp_path)
+    app = Example(
+        "receive_into_app.py",
+        "--port",
+        "0",
+        "--domain",
+        "example.org",
+        "--state-dir",
+        str(tmp_path / "app"),
+        cwd=tmp_path,
+    )
     cleanup.append(app)
     port = app.port()
-    sent = send_one("127.0.0.1", str(port), "me@remote.test", "you@example.org",
-                    "--subject", "hello app", "--tls", "required")
+    sent = send_one(
+        "127.0.0.1",
+        str(port),
+        "me@remote.test",
+        "you@example.org",
+        "--subject",
+        "hello app",
+        "--tls",
+        "required",
+    )
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert "message: 250 2.0.0 Ok: message 1 received" in sent.stdout
     line = app.expect(r"^message from ").string
     assert "me@remote.test to you@example.org subject 'hello app'" in line
     assert "TLSv1." in line  # --tls required: STARTTLS with the generated certificate
-    refused = send_one("127.0.0.1", str(port), "me@remote.test", "x@elsewhere.test",
-                       "--tls", "none")
+    refused = send_one(
+        "127.0.0.1", str(port), "me@remote.test", "x@elsewhere.test", "--tls", "none"
+    )
     assert refused.returncode == 1
     assert "refused x@elsewhere.test: 550 5.1.1" in refused.stdout
     # nothing is queued or delivered without the queue
@@ -281,16 +325,24 @@ def test_receive_into_app_prints_and_refuses(tmp_path: Path, cleanup: list[Examp
 
 
 def test_embed_full_mta_delivers_and_reports_the_queue(
-        tmp_path: Path, cleanup: list[Example]) -> None:
+    tmp_path: Path, cleanup: list[Example]
+) -> None:
     state = tmp_path / "embed"
-    app = Example("embed_full_mta.py", "--listen", "127.0.0.1:0", "--state-dir", str(state),
-                  "--interval", "0.2", cwd=tmp_path)
+    app = Example(
+        "embed_full_mta.py",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        str(state),
+        "--interval",
+        "0.2",
+        cwd=tmp_path,
+    )
     cleanup.append(app)
     port = app.port()
     app.expect(rf"mail for localhost goes to {re.escape(str(state / 'mail'))}")
     app.expect(r"^queue: 0 message\(s\), 0 recipient\(s\) waiting; 0 delivered")
-    sent = send_one("127.0.0.1", str(port), "me@remote.test", "someone@localhost",
-                    "--tls", "none")
+    sent = send_one("127.0.0.1", str(port), "me@remote.test", "someone@localhost", "--tls", "none")
     assert sent.returncode == 0, sent.stdout + sent.stderr
     app.expect(r"; 1 delivered since start")
     [copy] = new_files(state / "mail", "someone")
@@ -301,8 +353,12 @@ def test_embed_full_mta_delivers_and_reports_the_queue(
 def test_embed_full_mta_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[queue]\nretry_intial = "5m"\n')
-    result = subprocess.run([sys.executable, str(EXAMPLES / "embed_full_mta.py"), "--config",
-                             str(bad)], capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "embed_full_mta.py"), "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 2
     assert "unknown key [queue].retry_intial (did you mean retry_initial?)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -313,8 +369,9 @@ def test_embed_full_mta_reports_a_bad_config_in_one_line(tmp_path: Path) -> None
 
 def read_unit() -> configparser.RawConfigParser:
     # systemd allows repeated keys (SystemCallFilter=); strict=False keeps the last.
-    parser = configparser.RawConfigParser(strict=False, delimiters=("=",),
-                                          comment_prefixes=("#", ";"))
+    parser = configparser.RawConfigParser(
+        strict=False, delimiters=("=",), comment_prefixes=("#", ";")
+    )
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
     parser.read_string(UNIT.read_text())
     return parser
@@ -334,14 +391,20 @@ def test_systemd_unit_structure_matches_the_config() -> None:
     assert service["Restart"] == "on-failure"
     assert service["LimitNOFILE"] == "65536"
     assert service["ExecStart"].split()[1:] == ["serve", "--config", "/etc/trio-mta/mta.toml"]
-    assert service["ExecStartPre"].split()[1:] == ["check-config", "--config",
-                                                   "/etc/trio-mta/mta.toml"]
+    assert service["ExecStartPre"].split()[1:] == [
+        "check-config",
+        "--config",
+        "/etc/trio-mta/mta.toml",
+    ]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     # Under ProtectSystem=strict every path the example config writes must be listed.
     config = tomllib.loads(MTA_TOML.read_text())
     writable = [Path(p) for p in service["ReadWritePaths"].split()]
-    written = [Path(config["state_dir"]), Path(config["local"]["maildir_root"]),
-               Path(config["auth"]["users_file"]).parent]
+    written = [
+        Path(config["state_dir"]),
+        Path(config["local"]["maildir_root"]),
+        Path(config["auth"]["users_file"]).parent,
+    ]
     for path in written:
         assert any(path == w or w in path.parents for w in writable), path
     # ports below 1024 are why the capability is there
@@ -356,8 +419,10 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     # verify insists that ExecStart= names an executable file on this machine
     unit = tmp_path / "trio-mta.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/trio-mta", trio_mta_bin))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                            text=True, timeout=60)
-    complaints = [ln for ln in (result.stdout + result.stderr).splitlines()
-                  if "trio-mta.service" in ln]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    complaints = [
+        ln for ln in (result.stdout + result.stderr).splitlines() if "trio-mta.service" in ln
+    ]
     assert result.returncode == 0 and not complaints, result.stdout + result.stderr

@@ -31,12 +31,14 @@ def send(server: MTA, rcpts: list[str]) -> str:
 
 
 async def test_local_mail_is_in_new_when_250_arrives_and_never_queued(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     server: MTA = await nursery.start(serve, make_config())
     root = server.config.local.maildir_root
     for n in range(5):
-        queue_id = await trio.to_thread.run_sync(send, server, ["bob@example.test",
-                                                                "carol@example.test"])
+        queue_id = await trio.to_thread.run_sync(
+            send, server, ["bob@example.test", "carol@example.test"]
+        )
         # No waiting: the 250 means both files are already in new/.
         assert len(new_files(root, "bob")) == n + 1
         assert len(new_files(root, "carol")) == n + 1
@@ -48,7 +50,8 @@ async def test_local_mail_is_in_new_when_250_arrives_and_never_queued(
 
 
 async def test_a_mailbox_that_cannot_be_written_falls_back_to_the_queue(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     """bob's Maildir is a regular file: his copy is queued (and retried), carol's is delivered
     at once, and once the obstacle is gone the queue delivers bob's."""
     config = make_config(queue={"retry_initial": "1s", "retry_max": "1s"})
@@ -56,8 +59,9 @@ async def test_a_mailbox_that_cannot_be_written_falls_back_to_the_queue(
     root.mkdir(parents=True)
     (root / "bob").write_bytes(b"not a folder")
     server: MTA = await nursery.start(serve, config)
-    queue_id = await trio.to_thread.run_sync(send, server, ["bob@example.test",
-                                                            "carol@example.test"])
+    queue_id = await trio.to_thread.run_sync(
+        send, server, ["bob@example.test", "carol@example.test"]
+    )
     assert len(new_files(root, "carol")) == 1
     assert server.store is not None
     store = server.store
@@ -71,12 +75,15 @@ async def test_a_mailbox_that_cannot_be_written_falls_back_to_the_queue(
 
 
 async def test_mixed_message_delivers_the_local_part_and_queues_the_rest(
-        nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], zone: DnsServer
+) -> None:
     port = free_port("127.0.0.2")  # nothing listens there: the remote part stays queued
-    server = await start(nursery, make_config, zone, port,
-                         queue={"retry_initial": "1h", "retry_max": "1h"})
+    server = await start(
+        nursery, make_config, zone, port, queue={"retry_initial": "1h", "retry_max": "1h"}
+    )
     queue_id = await trio.to_thread.run_sync(
-        lambda: submit(server, ["bob@example.test", "dave@remote.test"]))
+        lambda: submit(server, ["bob@example.test", "dave@remote.test"])
+    )
     root = server.config.local.maildir_root
     assert len(new_files(root, "bob")) == 1
     assert server.store is not None
@@ -86,8 +93,10 @@ async def test_mixed_message_delivers_the_local_part_and_queues_the_rest(
 
 
 async def test_the_queue_path_still_works_when_immediate_delivery_is_off(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
-    server: MTA = await nursery.start(serve, make_config(local={
-        "domains": ["example.test"], "deliver_at_once": False}))
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    server: MTA = await nursery.start(
+        serve, make_config(local={"domains": ["example.test"], "deliver_at_once": False})
+    )
     await trio.to_thread.run_sync(send, server, ["bob@example.test"])
     await wait_for_mail(server.config.local.maildir_root, "bob")

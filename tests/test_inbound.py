@@ -15,8 +15,9 @@ from trio_mta.mta import MTA, serve
 from .maildirs import new_files, tmp_files, wait_for_mail
 from .rawsmtp import RawClient
 
-MESSAGE = (b"Subject: hello\r\nFrom: a@remote.test\r\nTo: bob@example.test\r\n\r\n"
-           b"Hi Bob.\r\n.dot line\r\n")
+MESSAGE = (
+    b"Subject: hello\r\nFrom: a@remote.test\r\nTo: bob@example.test\r\n\r\nHi Bob.\r\n.dot line\r\n"
+)
 
 
 def smtplib_send(port: int, sender: str, rcpts: list[str], msg: bytes) -> str:
@@ -40,7 +41,8 @@ async def start(nursery: trio.Nursery, config: Config) -> MTA:
 async def test_smtplib_delivers_into_maildir(mta: MTA) -> None:
     _, port = mta.address("smtp")
     text = await trio.to_thread.run_sync(
-        smtplib_send, port, "alice@remote.test", ["Bob@Example.TEST"], MESSAGE)
+        smtplib_send, port, "alice@remote.test", ["Bob@Example.TEST"], MESSAGE
+    )
     assert text.startswith("2.0.0 Ok: queued as ")
     queue_id = text.rsplit(" ", 1)[1]
     root = mta.config.local.maildir_root
@@ -63,7 +65,8 @@ async def test_pipelined_transaction_replies_in_order(mta: MTA) -> None:
     assert (await client.reply()).startswith(b"220 ")
     await client.send(
         b"EHLO c.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@example.test>\r\n"
-        b"RCPT TO:<y@example.test>\r\nRCPT TO:<z@elsewhere.test>\r\nDATA\r\n")
+        b"RCPT TO:<y@example.test>\r\nRCPT TO:<z@elsewhere.test>\r\nDATA\r\n"
+    )
     ehlo = await client.reply()
     assert b"PIPELINING" in ehlo and b"STARTTLS" in ehlo
     assert b"AUTH" not in ehlo, "AUTH is only offered over TLS"
@@ -81,8 +84,9 @@ async def test_pipelined_transaction_replies_in_order(mta: MTA) -> None:
     await wait_for_mail(root, "y")
 
 
-async def test_relay_denied_for_untrusted(nursery: trio.Nursery,
-                                         make_config: Callable[..., Config]) -> None:
+async def test_relay_denied_for_untrusted(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     server = await start(nursery, make_config(relay={"trusted_networks": []}))
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
@@ -94,12 +98,21 @@ async def test_relay_denied_for_untrusted(nursery: trio.Nursery,
     assert reply.startswith(b"250 2.1.5"), reply
 
 
-async def test_unknown_user_with_mailbox_map(nursery: trio.Nursery,
-                                             make_config: Callable[..., Config]) -> None:
-    server = await start(nursery, make_config(local={
-        "mailboxes": {"alice@example.test": "alice"},
-        "aliases": {"postmaster@example.test": ["alice@example.test"],
-                    "team@example.test": ["alice@example.test", "team@example.test"]}}))
+async def test_unknown_user_with_mailbox_map(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    server = await start(
+        nursery,
+        make_config(
+            local={
+                "mailboxes": {"alice@example.test": "alice"},
+                "aliases": {
+                    "postmaster@example.test": ["alice@example.test"],
+                    "team@example.test": ["alice@example.test", "team@example.test"],
+                },
+            }
+        ),
+    )
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -117,9 +130,18 @@ async def test_unknown_user_with_mailbox_map(nursery: trio.Nursery,
     assert len(new_files(root, "alice")) == 1
 
 
-@pytest.mark.parametrize("local_part", [
-    b'"../../escape"', b'"a/b"', b'"%2e%2e"', b'".."', b'"."', b'".hidden"', b'"x\\\\y"',
-])
+@pytest.mark.parametrize(
+    "local_part",
+    [
+        b'"../../escape"',
+        b'"a/b"',
+        b'"%2e%2e"',
+        b'".."',
+        b'"."',
+        b'".hidden"',
+        b'"x\\\\y"',
+    ],
+)
 async def test_path_traversal_refused(mta: MTA, local_part: bytes, tmp_path: Path) -> None:
     client = await RawClient.connect(*mta.address("smtp"))
     await client.reply()
@@ -132,9 +154,17 @@ async def test_path_traversal_refused(mta: MTA, local_part: bytes, tmp_path: Pat
     assert not root.exists() or all(p.parent == root for p in root.iterdir())
 
 
-@pytest.mark.parametrize("smuggle", [
-    b"\n.\r\n", b"\n.\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r", b"\n.\r",
-])
+@pytest.mark.parametrize(
+    "smuggle",
+    [
+        b"\n.\r\n",
+        b"\n.\n",
+        b"\r.\r",
+        b"\r\n.\n",
+        b"\r\n.\r",
+        b"\n.\r",
+    ],
+)
 async def test_smuggling_never_ends_data(mta: MTA, smuggle: bytes) -> None:
     client = await RawClient.connect(*mta.address("smtp"))
     await client.reply()
@@ -142,9 +172,12 @@ async def test_smuggling_never_ends_data(mta: MTA, smuggle: bytes) -> None:
     await client.command(b"MAIL FROM:<a@remote.test>")
     await client.command(b"RCPT TO:<bob@example.test>")
     assert (await client.command(b"DATA")).startswith(b"354")
-    await client.send(b"Subject: one\r\n\r\nfirst" + smuggle +
-                      b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<victim@example.test>\r\n"
-                      b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
+    await client.send(
+        b"Subject: one\r\n\r\nfirst"
+        + smuggle
+        + b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<victim@example.test>\r\n"
+        b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
+    )
     reply = await client.reply()
     assert reply.startswith(b"550 5.5.2"), reply
     # The smuggled commands were data, not commands: the next reply is for NOOP.
@@ -163,8 +196,9 @@ async def test_bare_lf_command_line(mta: MTA) -> None:
 
 
 async def test_limits(nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
-    server = await start(nursery, make_config(limits={
-        "max_recipients": 2, "max_message_size": 2000}))
+    server = await start(
+        nursery, make_config(limits={"max_recipients": 2, "max_message_size": 2000})
+    )
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     ehlo = await client.command(b"EHLO c.test")
@@ -175,8 +209,15 @@ async def test_limits(nursery: trio.Nursery, make_config: Callable[..., Config])
     assert (await client.command(b"RCPT TO:<b@example.test>")).startswith(b"250")
     assert (await client.command(b"RCPT TO:<c@example.test>")).startswith(b"452 4.5.3")
     assert (await client.command(b"DATA")).startswith(b"354")
-    await client.send(b"Subject: big\r\n\r\n" + b"x" * 990 + b"\r\n" + b"y" * 990 + b"\r\n" +
-                      b"z" * 100 + b"\r\n.\r\n")
+    await client.send(
+        b"Subject: big\r\n\r\n"
+        + b"x" * 990
+        + b"\r\n"
+        + b"y" * 990
+        + b"\r\n"
+        + b"z" * 100
+        + b"\r\n.\r\n"
+    )
     assert (await client.reply()).startswith(b"552 5.3.4")
     assert (await client.command(b"X" * 600)).startswith(b"500 5.5.2")
     assert (await client.command(b"NOOP")).startswith(b"250")
@@ -195,8 +236,7 @@ async def test_text_lines_of_998_octets_are_accepted(mta: MTA) -> None:
     assert b"\n" + line + b"\n" in path.read_bytes()
 
 
-async def test_command_timeout(nursery: trio.Nursery,
-                               make_config: Callable[..., Config]) -> None:
+async def test_command_timeout(nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
     server = await start(nursery, make_config(limits={"command_timeout": 0.5}))
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
@@ -218,10 +258,10 @@ async def test_data_timeout(nursery: trio.Nursery, make_config: Callable[..., Co
     assert new_files(server.config.local.maildir_root, "slow") == []
 
 
-async def test_connection_limits(nursery: trio.Nursery,
-                                 make_config: Callable[..., Config]) -> None:
-    server = await start(nursery, make_config(limits={
-        "max_connections": 3, "max_connections_per_ip": 2}))
+async def test_connection_limits(nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    server = await start(
+        nursery, make_config(limits={"max_connections": 3, "max_connections_per_ip": 2})
+    )
     addr = server.address("smtp")
     first = await RawClient.connect(*addr)
     second = await RawClient.connect(*addr)
@@ -263,8 +303,9 @@ async def test_vrfy_help_and_unknown_commands(mta: MTA) -> None:
     assert (await client.command(b"QUIT")).startswith(b"221")
 
 
-async def test_graceful_stop_lets_a_transaction_finish(nursery: trio.Nursery,
-                                                       make_config: Callable[..., Config]) -> None:
+async def test_graceful_stop_lets_a_transaction_finish(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     server = await start(nursery, make_config())
     idle = await RawClient.connect(*server.address("smtp"))
     busy = await RawClient.connect(*server.address("smtp"))

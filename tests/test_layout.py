@@ -17,8 +17,7 @@ def test_importing_the_sans_io_core_loads_no_io_library() -> None:
         f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules "
         "and m not in before)))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
 
@@ -26,8 +25,20 @@ def test_the_public_names_still_resolve_lazily() -> None:
     """The embedding API of SPEC §7 stays ``trio_mta.serve``, ``trio_mta.Config`` and so on."""
     import trio_mta
 
-    for name in ("Config", "ConfigError", "Envelope", "Handler", "ListenError", "Listener",
-                 "MTA", "Reply", "SendResult", "SessionInfo", "send_message", "serve"):
+    for name in (
+        "Config",
+        "ConfigError",
+        "Envelope",
+        "Handler",
+        "ListenError",
+        "Listener",
+        "MTA",
+        "Reply",
+        "SendResult",
+        "SessionInfo",
+        "send_message",
+        "serve",
+    ):
         assert getattr(trio_mta, name) is not None, name
     assert set(trio_mta.__all__) <= set(dir(trio_mta))
 
@@ -64,6 +75,5 @@ def test_importing_the_proxy_protocol_parser_loads_no_io_library() -> None:
         f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules "
         "and m not in before)))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

@@ -35,13 +35,17 @@ def test_lhlo_refused_is_not_retried_as_helo() -> None:
 
 def test_one_reply_per_accepted_recipient_after_the_data() -> None:
     client = lmtp_session()
-    client.send_mail("a@b.test", ["ok@l.test", "gone@l.test", "full@l.test", "ok2@l.test"],
-                     b"Subject: x\n\nhi\n")
+    client.send_mail(
+        "a@b.test", ["ok@l.test", "gone@l.test", "full@l.test", "ok2@l.test"], b"Subject: x\n\nhi\n"
+    )
     assert client.data_to_send() == (
         b"MAIL FROM:<a@b.test>\r\nRCPT TO:<ok@l.test>\r\nRCPT TO:<gone@l.test>\r\n"
-        b"RCPT TO:<full@l.test>\r\nRCPT TO:<ok2@l.test>\r\nDATA\r\n")
-    client.receive_data(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n550 5.1.1 <gone@l.test> User doesn't"
-                        b" exist\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n354 go\r\n")
+        b"RCPT TO:<full@l.test>\r\nRCPT TO:<ok2@l.test>\r\nDATA\r\n"
+    )
+    client.receive_data(
+        b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n550 5.1.1 <gone@l.test> User doesn't"
+        b" exist\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n354 go\r\n"
+    )
     assert client.next_event() is NEED_DATA
     assert client.data_to_send() == b"Subject: x\r\n\r\nhi\r\n.\r\n"
     # Three accepted recipients: three replies, the second one arriving in two pieces.

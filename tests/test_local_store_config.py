@@ -17,8 +17,7 @@ from .test_maildir import item
 
 
 def local(tmp_path: Path, **keys: object) -> Config:
-    return Config.from_mapping({"local": {"domains": ["example.test"], **keys}},
-                               base_dir=tmp_path)
+    return Config.from_mapping({"local": {"domains": ["example.test"], **keys}}, base_dir=tmp_path)
 
 
 def error(tmp_path: Path, **keys: object) -> str:
@@ -33,12 +32,15 @@ def test_defaults_write_private_maildir(tmp_path: Path) -> None:
     assert config.local.lmtp is None and config.local.maildir_group is None
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("127.0.0.1:24", "127.0.0.1:24"),
-    ("[::1]:24", "[::1]:24"),
-    ("localhost:2424", "localhost:2424"),
-    ("unix:/run/dovecot/lmtp", "unix:/run/dovecot/lmtp"),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:24", "127.0.0.1:24"),
+        ("[::1]:24", "[::1]:24"),
+        ("localhost:2424", "localhost:2424"),
+        ("unix:/run/dovecot/lmtp", "unix:/run/dovecot/lmtp"),
+    ],
+)
 def test_lmtp_targets(tmp_path: Path, value: str, expected: str) -> None:
     assert local(tmp_path, lmtp=value).local.lmtp == expected
 
@@ -55,11 +57,14 @@ def test_maildir_group_by_name_or_number(tmp_path: Path) -> None:
     assert local(tmp_path, maildir_group=str(gid)).local.maildir_group == gid
 
 
-@pytest.mark.parametrize(("value", "why"), [
-    ("no-such-group-here", "no group named 'no-such-group-here' on this system"),
-    (True, "must be a group name or a numeric group id"),
-    (-1, "must be a group name or a numeric group id"),
-])
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("no-such-group-here", "no group named 'no-such-group-here' on this system"),
+        (True, "must be a group name or a numeric group id"),
+        (-1, "must be a group name or a numeric group id"),
+    ],
+)
 def test_bad_maildir_group_names_the_key(tmp_path: Path, value: object, why: str) -> None:
     assert error(tmp_path, maildir_group=value).startswith(f"[local].maildir_group: {why}")
 
@@ -70,7 +75,8 @@ def _modes(path: Path) -> tuple[int, int]:
 
 
 async def test_maildir_group_gives_group_folders_and_files_whatever_the_umask(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     gid = grp.getgrnam("mail").gr_gid
     if os.getgid() == gid:
         pytest.skip("the test needs a group other than our own")

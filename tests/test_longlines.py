@@ -70,8 +70,15 @@ def test_a_plain_message_body_decodes_back_to_the_original(body: list[bytes]) ->
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.text(alphabet="abcdé東=:", min_size=1, max_size=60),
-                          st.sampled_from([" ", "\t"])), min_size=1, max_size=400))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet="abcdé東=:", min_size=1, max_size=60), st.sampled_from([" ", "\t"])
+        ),
+        min_size=1,
+        max_size=400,
+    )
+)
 def test_a_folded_header_unfolds_to_what_it_was(words: list[tuple[str, str]]) -> None:
     """Folding only inserts CRLF before existing whitespace (RFC 5322 §2.2.3)."""
     field = ("Subject:" + "".join(space + word for word, space in words)).encode()

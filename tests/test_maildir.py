@@ -150,9 +150,7 @@ _PATHISH = st.text(alphabet="./\\%2efa\x00\n ~:\u2028é", max_size=130)
 
 
 @given(name=st.one_of(st.text(), _PATHISH, st.text(st.characters(codec=None), max_size=20)))
-def test_a_name_is_refused_or_one_folder_inside_the_root(
-    maildir_root: Path, name: str
-) -> None:
+def test_a_name_is_refused_or_one_folder_inside_the_root(maildir_root: Path, name: str) -> None:
     try:
         path = safe_join(maildir_root, name)
     except ValueError:

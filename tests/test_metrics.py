@@ -43,11 +43,12 @@ def _key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
     return name, frozenset(labels.items())
 
 
-async def _start(nursery: trio.Nursery, metrics: Metrics,
-                 read_timeout: float = 10.0) -> int:
+async def _start(nursery: trio.Nursery, metrics: Metrics, read_timeout: float = 10.0) -> int:
     address: tuple[str, int] = await nursery.start(
-        lambda task_status: serve_metrics(metrics, "127.0.0.1", 0, read_timeout=read_timeout,
-                                          task_status=task_status))
+        lambda task_status: serve_metrics(
+            metrics, "127.0.0.1", 0, read_timeout=read_timeout, task_status=task_status
+        )
+    )
     assert address[0] == "127.0.0.1" and address[1] > 0
     return address[1]
 
@@ -93,8 +94,7 @@ async def test_counters_move_with_labels(nursery: trio.Nursery) -> None:
     _, _, before = await _scrape(port)
     samples = _parse(before)
     # Series that exist before any event read 0 rather than being absent.
-    assert samples[_key("trio_mta_recipients_total", outcome="failed",
-                        destination="remote")] == 0
+    assert samples[_key("trio_mta_recipients_total", outcome="failed", destination="remote")] == 0
     assert samples[_key("trio_mta_messages_rejected_total", reason="relay_denied")] == 0
     assert _key("trio_mta_connections_total", listener="smtp", tls="false") not in samples
 
@@ -152,8 +152,9 @@ async def test_latency_histogram_buckets(nursery: trio.Nursery) -> None:
     samples = _parse((await _scrape(port))[2])
 
     def bucket(destination: str, le: str) -> float:
-        return samples[_key("trio_mta_delivery_latency_seconds_bucket",
-                            destination=destination, le=le)]
+        return samples[
+            _key("trio_mta_delivery_latency_seconds_bucket", destination=destination, le=le)
+        ]
 
     for destination in ("local", "remote"):
         for bound in LATENCY_BUCKETS:
@@ -167,8 +168,9 @@ async def test_latency_histogram_buckets(nursery: trio.Nursery) -> None:
     assert bucket("remote", "3600.0") == 1
     assert bucket("remote", "7200.0") == 2
     assert samples[_key("trio_mta_delivery_latency_seconds_count", destination="remote")] == 2
-    assert samples[_key("trio_mta_delivery_latency_seconds_sum",
-                        destination="local")] == pytest.approx(0.203)
+    assert samples[
+        _key("trio_mta_delivery_latency_seconds_sum", destination="local")
+    ] == pytest.approx(0.203)
 
 
 async def test_queue_gauges_from_source_off_the_event_loop(nursery: trio.Nursery) -> None:
@@ -261,25 +263,29 @@ async def test_not_found_and_wrong_method(nursery: trio.Nursery) -> None:
     assert b"Content-Length: 0" not in head
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400),
-    (b"GET /metrics\r\n\r\n", 400),                        # HTTP/0.9 shape
-    (b"GET /metrics HTTP/1.1\r\n\r\n", 400),               # HTTP/1.1 without Host
-    (b"GET /metrics HTTP/2.0\r\nHost: a\r\n\r\n", 400),
-    (b"GET  /metrics HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-    (b"GET metrics HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nHost : a\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nHost: a\r\nX: \x00\r\n\r\n", 400),
-    (b"GET /m\xe9trics HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
-    (b"GET http://[x/metrics HTTP/1.1\r\nHost: h\r\n\r\n", 400),
-    (b"GET //metrics HTTP/1.1\r\nHost: h\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.0\n\n", 200),                   # bare LF, no Host needed in 1.0
-    (b"GET http://h/metrics HTTP/1.1\r\nHost: h\r\n\r\n", 200),  # absolute-form
-])
-async def test_garbage_gets_an_error_not_a_crash(nursery: trio.Nursery, request_bytes: bytes,
-                                                status: int) -> None:
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400),
+        (b"GET /metrics\r\n\r\n", 400),  # HTTP/0.9 shape
+        (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+        (b"GET /metrics HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+        (b"GET  /metrics HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET metrics HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\nX: \x00\r\n\r\n", 400),
+        (b"GET /m\xe9trics HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (b"GET http://[x/metrics HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        (b"GET //metrics HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.0\n\n", 200),  # bare LF, no Host needed in 1.0
+        (b"GET http://h/metrics HTTP/1.1\r\nHost: h\r\n\r\n", 200),  # absolute-form
+    ],
+)
+async def test_garbage_gets_an_error_not_a_crash(
+    nursery: trio.Nursery, request_bytes: bytes, status: int
+) -> None:
     metrics = Metrics()
     port = await _start(nursery, metrics)
     answer = await _raw_async(port, request_bytes)
@@ -297,13 +303,27 @@ def _joined(*parts: bytes, max_size: int) -> st.SearchStrategy[bytes]:
 # almost never get past the request line.
 _TARGETS = st.tuples(
     st.sampled_from([b"", b"/", b"http://", b"HTTPS://", b"//"]),
-    _joined(b"/", b"metrics", b"[", b"[", b"]", b"?", b"#", b"%", b":", b"@", b"\xff", b"\x7f",
-            max_size=6),
+    _joined(
+        b"/",
+        b"metrics",
+        b"[",
+        b"[",
+        b"]",
+        b"?",
+        b"#",
+        b"%",
+        b":",
+        b"@",
+        b"\xff",
+        b"\x7f",
+        max_size=6,
+    ),
 ).map(b"".join)
 _FIELDS = _joined(b"Host", b"X", b":", b" ", b"\t", b"a", b"\x00", b"\xff", b"\r", max_size=6)
 _REQUESTS = st.builds(
     lambda method, target, version, fields, eol: (
-        b" ".join((method, target, version)) + b"".join(eol + f for f in fields)),
+        b" ".join((method, target, version)) + b"".join(eol + f for f in fields)
+    ),
     st.sampled_from([b"GET", b"GET", b"HEAD", b"POST", b"G\x00T", b""]),
     _TARGETS,
     st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.1", b"http/1.1"]),

@@ -26,8 +26,9 @@ def scrape(host: str, port: int) -> dict[str, float]:
     return values
 
 
-async def test_counters_move_after_delivery(nursery: trio.Nursery,
-                                            make_config: Callable[..., Config]) -> None:
+async def test_counters_move_after_delivery(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     mta: MTA = await nursery.start(serve, make_config(metrics={"listen": "127.0.0.1:0"}))
     assert mta.metrics_address is not None
     before = await trio.to_thread.run_sync(scrape, *mta.metrics_address)

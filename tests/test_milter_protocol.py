@@ -11,8 +11,12 @@ from hypothesis import strategies as st
 from trio_mta.milter import protocol as p
 from trio_mta.milter.message import MilterMessage, parse_headers
 
-packets = st.lists(st.tuples(st.sampled_from(list(b"acrtdyhimebp+-l")).map(lambda c: bytes([c])),
-                             st.binary(max_size=300)), max_size=20)
+packets = st.lists(
+    st.tuples(
+        st.sampled_from(list(b"acrtdyhimebp+-l")).map(lambda c: bytes([c])), st.binary(max_size=300)
+    ),
+    max_size=20,
+)
 
 
 def _decode_all(decoder: p.Decoder) -> list[p.Packet]:
@@ -24,7 +28,8 @@ def _decode_all(decoder: p.Decoder) -> list[p.Packet]:
 
 @given(packets, st.lists(st.integers(0, 10_000), max_size=30))
 def test_any_split_of_a_reply_stream_decodes_to_the_same_packets(
-        items: list[tuple[bytes, bytes]], cuts: list[int]) -> None:
+    items: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
     wire = b"".join(p.packet(c, d) for c, d in items)
     decoder = p.Decoder()
     got: list[p.Packet] = []
@@ -36,18 +41,28 @@ def test_any_split_of_a_reply_stream_decodes_to_the_same_packets(
     assert got == [p.Packet(c, d) for c, d in items]
 
 
-@given(st.text(min_size=1, max_size=40).filter(lambda s: "\0" not in s and ":" not in s),
-       st.text(max_size=200).filter(lambda s: "\0" not in s), st.integers(0, 2**32 - 1))
+@given(
+    st.text(min_size=1, max_size=40).filter(lambda s: "\0" not in s and ":" not in s),
+    st.text(max_size=200).filter(lambda s: "\0" not in s),
+    st.integers(0, 2**32 - 1),
+)
 def test_header_modifications_round_trip(name: str, value: str, index: int) -> None:
     encoded = name.encode() + b"\0" + value.encode() + b"\0"
     assert p.decode_modification(p.Packet(b"h", encoded)) == p.Modification(
-        "add_header", name=name, value=value)
-    assert p.decode_modification(p.Packet(b"m", struct.pack(">I", index) + encoded)) == \
-        p.Modification("change_header", name=name, value=value, index=index)
+        "add_header", name=name, value=value
+    )
+    assert p.decode_modification(
+        p.Packet(b"m", struct.pack(">I", index) + encoded)
+    ) == p.Modification("change_header", name=name, value=value, index=index)
 
 
-@given(st.dictionaries(st.text(min_size=1, max_size=10).filter(lambda s: "\0" not in s),
-                       st.text(max_size=30).filter(lambda s: "\0" not in s), max_size=8))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=10).filter(lambda s: "\0" not in s),
+        st.text(max_size=30).filter(lambda s: "\0" not in s),
+        max_size=8,
+    )
+)
 def test_macro_packets_round_trip(macros: dict[str, str]) -> None:
     decoder = p.Decoder()
     decoder.feed(p.encode_macros(b"M", macros))
@@ -55,12 +70,14 @@ def test_macro_packets_round_trip(macros: dict[str, str]) -> None:
     assert packet.command == b"D" and packet.data[:1] == b"M"
     fields = packet.data[1:].split(b"\0")[:-1] if macros else []
     assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
-        k.encode(): v.encode() for k, v in macros.items()}
+        k.encode(): v.encode() for k, v in macros.items()
+    }
 
 
 @given(st.binary(max_size=2000), st.sampled_from(["mail", "rcpt", "body", "eom", "optneg"]))
 def test_hostile_milter_replies_only_ever_raise_the_protocol_error(
-        stream: bytes, stage: str) -> None:
+    stream: bytes, stage: str
+) -> None:
     milter = p.Milter(max_packet=512)
     milter.optneg()
     if stage != "optneg":
@@ -163,12 +180,15 @@ def test_folded_headers_are_one_field_and_the_body_starts_after_the_blank_line()
 
 def test_message_rebuilt_from_modifications() -> None:
     message = MilterMessage.from_parts(b"R: x\r\n", b"A: 1\r\nA: 2\r\n\r\nbody\r\n", None)
-    message.apply((p.Modification("change_header", name="a", value="z", index=2),
-                   p.Modification("insert_header", name="T", value="top", index=0),
-                   p.Modification("change_header", name="R", value="", index=1),
-                   p.Modification("add_header", name="N", value="a\nb")))
-    assert b"".join(message.chunks()) == (
-        b"T: top\r\nA: 1\r\nA: z\r\nN: a\r\nb\r\n\r\nbody\r\n")
+    message.apply(
+        (
+            p.Modification("change_header", name="a", value="z", index=2),
+            p.Modification("insert_header", name="T", value="top", index=0),
+            p.Modification("change_header", name="R", value="", index=1),
+            p.Modification("add_header", name="N", value="a\nb"),
+        )
+    )
+    assert b"".join(message.chunks()) == (b"T: top\r\nA: 1\r\nA: z\r\nN: a\r\nb\r\n\r\nbody\r\n")
 
 
 def test_rspamds_protocol_flags_are_accepted() -> None:

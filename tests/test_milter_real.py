@@ -24,9 +24,11 @@ GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
 def _message(body: str, sender: str = "alice@example.test") -> bytes:
-    return (f"From: Alice <{sender}>\r\nTo: bob@example.test\r\nSubject: test\r\n"
-            f"Date: Wed, 02 Dec 2026 04:00:00 +0000\r\nMessage-ID: <m1@example.test>\r\n"
-            f"\r\n{body}\r\n").encode()
+    return (
+        f"From: Alice <{sender}>\r\nTo: bob@example.test\r\nSubject: test\r\n"
+        f"Date: Wed, 02 Dec 2026 04:00:00 +0000\r\nMessage-ID: <m1@example.test>\r\n"
+        f"\r\n{body}\r\n"
+    ).encode()
 
 
 def _send(port: int, data: bytes) -> tuple[int, bytes]:
@@ -41,38 +43,42 @@ def _send(port: int, data: bytes) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def rspamd_address(tmp_path_factory: pytest.TempPathFactory,
-                   dns_server: DnsServer) -> Iterator[str]:
+def rspamd_address(
+    tmp_path_factory: pytest.TempPathFactory, dns_server: DnsServer
+) -> Iterator[str]:
     if shutil.which("rspamd") is None:
         pytest.skip("rspamd is not installed (.ci/run installs it)")
     with rspamd(tmp_path_factory.mktemp("rspamd"), dns_server.address) as address:
         yield address
 
 
-async def _serve(nursery: trio.Nursery, make_config: Callable[..., Config],
-                 *addresses: str) -> trio_mta.MTA:
+async def _serve(
+    nursery: trio.Nursery, make_config: Callable[..., Config], *addresses: str
+) -> trio_mta.MTA:
     milters = [{"address": a, "timeout": "60s"} for a in addresses]
     mta: trio_mta.MTA = await nursery.start(
-        lambda task_status: trio_mta.serve(make_config(milter=milters),
-                                           task_status=task_status))
+        lambda task_status: trio_mta.serve(make_config(milter=milters), task_status=task_status)
+    )
     return mta
 
 
-async def test_rspamd_rejects_gtube(nursery: trio.Nursery, make_config: Callable[..., Config],
-                                    rspamd_address: str) -> None:
+async def test_rspamd_rejects_gtube(
+    nursery: trio.Nursery, make_config: Callable[..., Config], rspamd_address: str
+) -> None:
     mta = await _serve(nursery, make_config, rspamd_address)
-    code, text = await trio.to_thread.run_sync(
-        _send, mta.address("smtp")[1], _message(GTUBE))
+    code, text = await trio.to_thread.run_sync(_send, mta.address("smtp")[1], _message(GTUBE))
     assert code == 554 and text.startswith(b"5.7.1 Gtube"), (code, text)
     await trio.sleep(0.5)
     assert new_files(mta.config.local.maildir_root, "bob") == []
 
 
 async def test_rspamd_adds_its_result_header_to_a_normal_message(
-        nursery: trio.Nursery, make_config: Callable[..., Config], rspamd_address: str) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], rspamd_address: str
+) -> None:
     mta = await _serve(nursery, make_config, rspamd_address)
     code, _ = await trio.to_thread.run_sync(
-        _send, mta.address("smtp")[1], _message("Hello Bob,\r\nsee you tomorrow.\r\n"))
+        _send, mta.address("smtp")[1], _message("Hello Bob,\r\nsee you tomorrow.\r\n")
+    )
     assert code == 250
     [path] = await wait_for_mail(mta.config.local.maildir_root, "bob", timeout=30)
     msg = email.message_from_bytes(path.read_bytes())
@@ -82,16 +88,20 @@ async def test_rspamd_adds_its_result_header_to_a_normal_message(
 
 
 async def test_opendkim_signature_is_added_and_verifies(
-        nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path,
-        dns_server: DnsServer) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path, dns_server: DnsServer
+) -> None:
     if shutil.which("opendkim") is None or shutil.which("opendkim-genkey") is None:
         pytest.skip("opendkim/opendkim-tools are not installed (.ci/run installs them)")
     with opendkim(tmp_path / "opendkim", "example.test") as (address, record):
-        dns_server.add("test._domainkey.example.test.", "TXT",
-                       " ".join(f'"{record[i:i + 200]}"' for i in range(0, len(record), 200)))
+        dns_server.add(
+            "test._domainkey.example.test.",
+            "TXT",
+            " ".join(f'"{record[i : i + 200]}"' for i in range(0, len(record), 200)),
+        )
         mta = await _serve(nursery, make_config, address)
         code, _ = await trio.to_thread.run_sync(
-            _send, mta.address("smtp")[1], _message("Signed, sealed,\r\ndelivered.\r\n"))
+            _send, mta.address("smtp")[1], _message("Signed, sealed,\r\ndelivered.\r\n")
+        )
         assert code == 250
         [path] = await wait_for_mail(mta.config.local.maildir_root, "bob", timeout=30)
     stored = path.read_bytes()

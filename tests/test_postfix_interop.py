@@ -137,18 +137,22 @@ async def test_trio_mta_relays_to_postfix_over_verified_starttls(
         relay={"port": postfix.port, "tls": "verify", "ca_file": str(ca_bundle)},
     )
     mta: MTA = await nursery.start(serve, config)
-    message = b"From: alice@trio.test\r\nTo: someone@pf.test\r\nSubject: to postfix\r\n\r\n" \
-              b"Hello Postfix.\r\n.leading dot\r\n"
+    message = (
+        b"From: alice@trio.test\r\nTo: someone@pf.test\r\nSubject: to postfix\r\n\r\n"
+        b"Hello Postfix.\r\n.leading dot\r\n"
+    )
     reply = await trio.to_thread.run_sync(
-        submit, mta.address("smtp")[1], "alice@trio.test", "someone@pf.test", message)
+        submit, mta.address("smtp")[1], "alice@trio.test", "someone@pf.test", message
+    )
     queue_id = reply.rsplit(" ", 1)[1]
 
     content = (await wait_for_postfix_mail(postfix, "someone")).read_bytes()
     assert content.startswith(b"Return-Path: <alice@trio.test>\n"), content[:200]
     assert b"\nDelivered-To: someone@pf.test\n" in content
     # Postfix's own trace header: trio_mta's EHLO name, TLS 1.3, ESMTPS (RFC 3848).
-    assert (b"\nReceived: from mx.example.test (unknown [127.0.0.1])\n"
-            b"\t(using TLSv1.3 with cipher ") in content, content.decode()
+    assert (
+        b"\nReceived: from mx.example.test (unknown [127.0.0.1])\n\t(using TLSv1.3 with cipher "
+    ) in content, content.decode()
     assert b"\tby mx.pf.test (Postfix) with ESMTPS id " in content
     # trio_mta's header from the submission travelled below it, untouched.
     assert f"\tby {TRIO_HOST} (trio_mta) with ESMTP id {queue_id}".encode() in content
@@ -180,8 +184,12 @@ async def test_verify_refuses_postfix_cert_outside_trust_store(
     )
     mta: MTA = await nursery.start(serve, config)
     await trio.to_thread.run_sync(
-        submit, mta.address("smtp")[1], "alice@trio.test", "refused@pf.test",
-        b"Subject: never\r\n\r\nnot for an unverified peer\r\n")
+        submit,
+        mta.address("smtp")[1],
+        "alice@trio.test",
+        "refused@pf.test",
+        b"Subject: never\r\n\r\nnot for an unverified peer\r\n",
+    )
     assert mta.store is not None
     with trio.move_on_after(DELIVERY_TIMEOUT):
         while True:
@@ -206,24 +214,29 @@ async def test_postfix_relays_to_trio_mta_over_starttls(
         local={"domains": ["trio.test"]},
     )
     mta: MTA = await nursery.start(serve, config)
-    message = b"From: carol@pf.test\r\nTo: user@trio.test\r\nSubject: from postfix\r\n\r\n" \
-              b"Hello trio_mta.\r\n"
+    message = (
+        b"From: carol@pf.test\r\nTo: user@trio.test\r\nSubject: from postfix\r\n\r\n"
+        b"Hello trio_mta.\r\n"
+    )
     reply = await trio.to_thread.run_sync(
-        submit, postfix.port, "carol@pf.test", "user@trio.test", message)
+        submit, postfix.port, "carol@pf.test", "user@trio.test", message
+    )
     postfix_id = reply.rsplit(" ", 1)[1]
 
-    [path] = await wait_for_mail(mta.config.local.maildir_root, "user",
-                                 timeout=DELIVERY_TIMEOUT)
+    [path] = await wait_for_mail(mta.config.local.maildir_root, "user", timeout=DELIVERY_TIMEOUT)
     content = path.read_bytes()
     assert content.startswith(b"Return-Path: <carol@pf.test>\n"), content[:200]
     # trio_mta's trace header: Postfix's EHLO name, the TLS session Postfix's
     # smtp client opened with STARTTLS, ESMTPS.
-    assert (b"\nReceived: from mx.pf.test ([127.0.0.1])\n"
-            b"\t(using TLSv1.3 with cipher ") in content, content.decode()
+    assert (
+        b"\nReceived: from mx.pf.test ([127.0.0.1])\n\t(using TLSv1.3 with cipher "
+    ) in content, content.decode()
     assert f"\tby {TRIO_HOST} (trio_mta) with ESMTPS id ".encode() in content
     # Postfix's header from the submission, with the id its smtpd gave us.
-    assert (b"\nReceived: from client.test (unknown [127.0.0.1])\n"
-            b"\tby mx.pf.test (Postfix) with ESMTP id " + postfix_id.encode()) in content
+    assert (
+        b"\nReceived: from client.test (unknown [127.0.0.1])\n"
+        b"\tby mx.pf.test (Postfix) with ESMTP id " + postfix_id.encode()
+    ) in content
     assert content.index(b"(trio_mta)") < content.index(b"(Postfix)")
     assert content.endswith(b"\n\nHello trio_mta.\n"), content[-80:]
 
@@ -232,7 +245,9 @@ async def test_postfix_relays_to_trio_mta_over_starttls(
     assert f"TLS connection established to 127.0.0.1[127.0.0.1]:{trio_port}: TLSv1.3" in log
     sent = re.search(
         rf"{postfix_id}: to=<user@trio\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{trio_port},"
-        r".* status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)", log)
+        r".* status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)",
+        log,
+    )
     assert sent is not None, log
     # ... and the queue id trio_mta answered with is the one in its Received header.
     assert f"(trio_mta) with ESMTPS id {sent[1]}".encode() in content
@@ -247,8 +262,9 @@ def test_instance_leaves_no_process_behind(
     chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
     chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(str(key))
-    with running_postfix(tls_chain=chain, tls_key=key, virtual_domain="other.test",
-                         mailboxes={"x@other.test": "x"}) as second:
+    with running_postfix(
+        tls_chain=chain, tls_key=key, virtual_domain="other.test", mailboxes={"x@other.test": "x"}
+    ) as second:
         pids = second.processes()
         assert second.master_pid() in pids
         assert not set(pids) & set(postfix.processes())

@@ -37,15 +37,27 @@ from trio_mta.server.passwords import PasswordFile
 
 from .proc import ServerProcess, run_cli
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
-                                reason="needs root and useradd")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("useradd"), reason="needs root and useradd"
+)
 
 
 @pytest.fixture
 def account() -> Iterator[pwd.struct_passwd]:
     name = f"triomta{random.randrange(10**6):06d}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
-                    "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-create-home",
+            "--user-group",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield pwd.getpwnam(name)
     finally:
@@ -83,8 +95,12 @@ def reachable_prefix(view_root: Path) -> tuple[str, ...]:
     """A command prefix that runs its arguments where any user reaches this Python,
     its packages and trio_mta: each folder closed to others on the way is replaced,
     in a private mount namespace only, by one that holds just those entries."""
-    needed = {Path(os.path.realpath(sys.executable)), Path(sys.base_prefix), Path(sys.prefix),
-              Path(trio_mta.__file__).parent.parent}
+    needed = {
+        Path(os.path.realpath(sys.executable)),
+        Path(sys.base_prefix),
+        Path(sys.prefix),
+        Path(trio_mta.__file__).parent.parent,
+    }
     needed |= {Path(p) for p in sys.path if p and os.path.exists(p)}
     blocked = _blocked_for_others(sorted(needed))
     if not blocked:
@@ -169,11 +185,13 @@ def wait_for_files(folder: Path, timeout: float = 20) -> list[Path]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_process_runs_as_user_and_still_serves_a_low_port(
-        account: pwd.struct_passwd, data_dir: Path, workers: int) -> None:
+    account: pwd.struct_passwd, data_dir: Path, workers: int
+) -> None:
     port = free_privileged_port()
     config = write_config(data_dir, port, account.pw_name, workers)
-    server = ServerProcess.start(config, wait_for=2, timeout=60,
-                                 prefix=reachable_prefix(data_dir / "views"))
+    server = ServerProcess.start(
+        config, wait_for=2, timeout=60, prefix=reachable_prefix(data_dir / "views")
+    )
     try:
         assert server.ports["smtp"] == port
         pids = [server.proc.pid, *server.worker_pids().values()]
@@ -186,8 +204,9 @@ def test_every_process_runs_as_user_and_still_serves_a_low_port(
         context = ssl._create_unverified_context()  # the generated self-signed pair
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.starttls(context=context)
-            client.sendmail("alice@remote.test", ["bob@example.test"],
-                            b"Subject: low port\r\n\r\nHello.\r\n")
+            client.sendmail(
+                "alice@remote.test", ["bob@example.test"], b"Subject: low port\r\n\r\nHello.\r\n"
+            )
         # The users file is root's alone (mode 0600 in a 0700 folder): read before the drop.
         with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as client:
             client.starttls(context=context)
@@ -205,18 +224,22 @@ def test_every_process_runs_as_user_and_still_serves_a_low_port(
 
 
 def test_a_state_dir_the_user_cannot_write_is_a_one_line_error(
-        account: pwd.struct_passwd, data_dir: Path) -> None:
+    account: pwd.struct_passwd, data_dir: Path
+) -> None:
     config = write_config(data_dir, free_privileged_port(), account.pw_name, 1)
     (data_dir / "state").mkdir(mode=0o700)  # left by an earlier run as root
     result = run_cli("serve", "--config", str(config))
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"trio-mta: config: state_dir: user {account.pw_name} cannot "
-                           f"write to {data_dir / 'state'} (owner root, mode drwx------)")
+    assert line.startswith(
+        f"trio-mta: config: state_dir: user {account.pw_name} cannot "
+        f"write to {data_dir / 'state'} (owner root, mode drwx------)"
+    )
 
 
 def test_queue_files_left_by_root_are_named_before_serving(
-        account: pwd.struct_passwd, data_dir: Path) -> None:
+    account: pwd.struct_passwd, data_dir: Path
+) -> None:
     config = write_config(data_dir, free_privileged_port(), account.pw_name, 1)
     state = data_dir / "state"
     state.mkdir()
@@ -229,14 +252,16 @@ def test_queue_files_left_by_root_are_named_before_serving(
     assert line.startswith("trio-mta: config: state_dir: ")
 
 
-@pytest.mark.parametrize(("toml", "message"), [
-    ('user = "no-such-user-here"', "trio-mta: config: user: no such user"),
-    ('user = "root"', "trio-mta: config: user: must not be root"),
-    ('user = "nobody"\ngroup = "no-such-group-here"', "trio-mta: config: group: no such group"),
-    ('group = "nogroup"', "trio-mta: config: group: only applies with user"),
-])
-def test_check_config_names_a_bad_user_or_group(tmp_path: Path, toml: str,
-                                                message: str) -> None:
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('user = "no-such-user-here"', "trio-mta: config: user: no such user"),
+        ('user = "root"', "trio-mta: config: user: must not be root"),
+        ('user = "nobody"\ngroup = "no-such-group-here"', "trio-mta: config: group: no such group"),
+        ('group = "nogroup"', "trio-mta: config: group: only applies with user"),
+    ],
+)
+def test_check_config_names_a_bad_user_or_group(tmp_path: Path, toml: str, message: str) -> None:
     config = tmp_path / "mta.toml"
     config.write_text(toml + "\n")
     result = run_cli("check-config", "--config", str(config))
@@ -245,8 +270,8 @@ def test_check_config_names_a_bad_user_or_group(tmp_path: Path, toml: str,
 
 
 async def test_running_as_root_without_user_logs_a_warning(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server: MTA = await nursery.start(serve, make_config())
     assert server.config.user is None

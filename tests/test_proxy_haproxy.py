@@ -23,8 +23,9 @@ from trio_mta.mta import MTA, serve
 from .maildirs import wait_for_mail
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
-                                reason="needs HAProxy (apt-get install haproxy)")
+pytestmark = pytest.mark.skipif(
+    not Path(HAPROXY).exists(), reason="needs HAProxy (apt-get install haproxy)"
+)
 
 CLIENT_ADDRESS = "127.0.0.2"
 
@@ -69,8 +70,9 @@ backend mta
 """)
     check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True)
     assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_port(port, proc)
         yield port
@@ -85,12 +87,10 @@ backend mta
 
 def send_via(port: int, rcpt: str) -> tuple[int, str]:
     """One message from 127.0.0.2; (code, text) of RCPT's refusal, or (250, queue reply)."""
-    with smtplib.SMTP("127.0.0.1", port, source_address=(CLIENT_ADDRESS, 0),
-                      timeout=20) as client:
+    with smtplib.SMTP("127.0.0.1", port, source_address=(CLIENT_ADDRESS, 0), timeout=20) as client:
         client.ehlo("client.example")
         try:
-            client.sendmail("alice@remote.test", [rcpt],
-                            b"Subject: via haproxy\r\n\r\nHello.\r\n")
+            client.sendmail("alice@remote.test", [rcpt], b"Subject: via haproxy\r\n\r\nHello.\r\n")
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = exc.recipients[rcpt]
             return code, text.decode()
@@ -99,13 +99,17 @@ def send_via(port: int, rcpt: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 async def test_mail_through_haproxy_is_from_the_client_behind_it(
-        nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path,
-        caplog: pytest.LogCaptureFixture, send_proxy: str) -> None:
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    send_proxy: str,
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     config = make_config(
-        listen=[{"address": "127.0.0.1:0", "proxy_protocol": True,
-                 "proxy_from": ["127.0.0.1/32"]}],
-        relay={"trusted_networks": ["127.0.0.1/32"]})
+        listen=[{"address": "127.0.0.1:0", "proxy_protocol": True, "proxy_from": ["127.0.0.1/32"]}],
+        relay={"trusted_networks": ["127.0.0.1/32"]},
+    )
     server: MTA = await nursery.start(serve, config)
     with haproxy(tmp_path, server.address("smtp")[1], send_proxy) as port:
         # HAProxy itself (127.0.0.1) is trusted; the client behind it is not.
@@ -115,9 +119,11 @@ async def test_mail_through_haproxy_is_from_the_client_behind_it(
         assert delivered[0] == 250
     [path] = await wait_for_mail(server.config.local.maildir_root, "bob")
     assert f"Received: from client.example ([{CLIENT_ADDRESS}])".encode() in path.read_bytes()
-    connects = [getattr(r, "trio_mta_fields", {}) for r in caplog.records
-                if r.getMessage() == "smtpd.connect"]
+    connects = [
+        getattr(r, "trio_mta_fields", {})
+        for r in caplog.records
+        if r.getMessage() == "smtpd.connect"
+    ]
     # The readiness probe came from 127.0.0.1 through HAProxy; the two sessions after it
     # from 127.0.0.2.
-    assert [(c["client"], c["proxy"]) for c in connects[-2:]] == [
-        (CLIENT_ADDRESS, "127.0.0.1")] * 2
+    assert [(c["client"], c["proxy"]) for c in connects[-2:]] == [(CLIENT_ADDRESS, "127.0.0.1")] * 2

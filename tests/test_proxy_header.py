@@ -31,10 +31,17 @@ def tcp_headers(draw: st.DrawFn, version: int) -> ProxyHeader:
     addresses = ipv4 if family == "TCP4" else ipv6
     tlvs: tuple[tuple[int, bytes], ...] = ()
     if version == 2:
-        tlvs = tuple(draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)),
-                                   max_size=4)))
-    return ProxyHeader(version, "PROXY", family,  # type: ignore[arg-type]
-                       (draw(addresses), draw(ports)), (draw(addresses), draw(ports)), tlvs)
+        tlvs = tuple(
+            draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4))
+        )
+    return ProxyHeader(
+        version,
+        "PROXY",
+        family,  # type: ignore[arg-type]
+        (draw(addresses), draw(ports)),
+        (draw(addresses), draw(ports)),
+        tlvs,
+    )
 
 
 def v2_headers() -> st.SearchStrategy[ProxyHeader]:
@@ -43,7 +50,9 @@ def v2_headers() -> st.SearchStrategy[ProxyHeader]:
         st.just(ProxyHeader(2, "LOCAL", "UNKNOWN")),
         st.just(ProxyHeader(2, "PROXY", "UNKNOWN")),
         st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=20)), max_size=3).map(
-            lambda tlvs: ProxyHeader(2, "PROXY", "UNIX", tlvs=tuple(tlvs))))
+            lambda tlvs: ProxyHeader(2, "PROXY", "UNIX", tlvs=tuple(tlvs))
+        ),
+    )
 
 
 def v1_headers() -> st.SearchStrategy[ProxyHeader]:
@@ -73,23 +82,22 @@ def _feed_in_pieces(data: bytes, cuts: list[int]) -> object:
 
 
 @given(st.one_of(v1_headers(), v2_headers()), st.binary(max_size=30))
-def test_formatted_headers_parse_back_to_the_same_header(header: ProxyHeader,
-                                                         rest: bytes) -> None:
+def test_formatted_headers_parse_back_to_the_same_header(header: ProxyHeader, rest: bytes) -> None:
     data = _formatted(header)
     assert parse_header(data + rest) == (header, len(data))
 
 
 @given(st.one_of(v1_headers(), v2_headers()), st.binary(max_size=30), st.data())
 def test_any_split_of_a_header_gives_the_same_header_and_trailing_bytes(
-        header: ProxyHeader, rest: bytes, data: st.DataObject) -> None:
+    header: ProxyHeader, rest: bytes, data: st.DataObject
+) -> None:
     raw = _formatted(header) + rest
     cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=8))
     assert _feed_in_pieces(raw, cuts) == (header, rest)
 
 
 @given(st.one_of(v1_headers(), v2_headers()), st.data())
-def test_every_truncated_header_needs_more_data(header: ProxyHeader,
-                                                data: st.DataObject) -> None:
+def test_every_truncated_header_needs_more_data(header: ProxyHeader, data: st.DataObject) -> None:
     raw = _formatted(header)
     cut = data.draw(st.integers(0, len(raw) - 1))
     assert parse_header(raw[:cut]) is NEED_DATA
@@ -99,7 +107,8 @@ def test_every_truncated_header_needs_more_data(header: ProxyHeader,
 @example(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", None)
 @example(V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes(11), None)
 def test_arbitrary_bytes_never_crash_and_do_not_depend_on_the_split(
-        raw: bytes, data: st.DataObject | None) -> None:
+    raw: bytes, data: st.DataObject | None
+) -> None:
     """Only ProxyHeaderError, and the same outcome however the bytes arrive."""
     try:
         whole: object = parse_header(raw)
@@ -125,28 +134,31 @@ def test_corrupting_one_byte_never_crashes(header: ProxyHeader, data: st.DataObj
         assert result[1] <= len(raw)
 
 
-@pytest.mark.parametrize(("raw", "reason"), [
-    (b"EHLO client.example\r\n", "not a PROXY protocol header"),
-    (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "TCP4, TCP6 or UNKNOWN"),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "4 fields"),
-    (b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n", "4 fields"),
-    (b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n", "bad address"),
-    (b"PROXY TCP4 ::1 ::1 1 2\r\n", "bad address"),
-    (b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n", "bad address"),
-    (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "bad address"),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", "bad port"),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "bad port"),
-    (b"PROXY TCP4 1.2.3.4\n5.6.7.8 1 2\r\n", "0x0a"),
-    (b"PROXY " + b"A" * (MAX_V1_LENGTH - 6), "longer than 107"),
-    (V2_SIGNATURE + b"\x11\x11\x00\x0c" + bytes(12), "version nibble 1"),
-    (V2_SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12), "neither LOCAL nor PROXY"),
-    (V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12), "datagram"),
-    (V2_SIGNATURE + b"\x21\x41\x00\x0c" + bytes(12), "not defined"),
-    (V2_SIGNATURE + b"\x21\x11\x00\x0b", "cannot hold"),
-    (V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12), "cannot hold"),
-    (V2_SIGNATURE + b"\x21\x11\x00\x0e" + bytes(14), "inside a TLV"),
-    (V2_SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x04\x00\x09\x00", "overruns"),
-])
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"EHLO client.example\r\n", "not a PROXY protocol header"),
+        (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "TCP4, TCP6 or UNKNOWN"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "4 fields"),
+        (b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n", "4 fields"),
+        (b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n", "bad address"),
+        (b"PROXY TCP4 ::1 ::1 1 2\r\n", "bad address"),
+        (b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n", "bad address"),
+        (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "bad address"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", "bad port"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "bad port"),
+        (b"PROXY TCP4 1.2.3.4\n5.6.7.8 1 2\r\n", "0x0a"),
+        (b"PROXY " + b"A" * (MAX_V1_LENGTH - 6), "longer than 107"),
+        (V2_SIGNATURE + b"\x11\x11\x00\x0c" + bytes(12), "version nibble 1"),
+        (V2_SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12), "neither LOCAL nor PROXY"),
+        (V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12), "datagram"),
+        (V2_SIGNATURE + b"\x21\x41\x00\x0c" + bytes(12), "not defined"),
+        (V2_SIGNATURE + b"\x21\x11\x00\x0b", "cannot hold"),
+        (V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12), "cannot hold"),
+        (V2_SIGNATURE + b"\x21\x11\x00\x0e" + bytes(14), "inside a TLV"),
+        (V2_SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x04\x00\x09\x00", "overruns"),
+    ],
+)
 def test_malformed_headers_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
     with pytest.raises(ProxyHeaderError, match=reason):
         parse_header(raw)

@@ -24,15 +24,12 @@ from .rawsmtp import RawClient
 def proxy_listeners(*, proxy_from: list[str] | None = None) -> list[dict[str, Any]]:
     allowed = ["127.0.0.1/32"] if proxy_from is None else proxy_from
     return [
-        {"address": "127.0.0.1:0", "mode": "smtp", "proxy_protocol": True,
-         "proxy_from": allowed},
-        {"address": "127.0.0.1:0", "mode": "smtps", "proxy_protocol": True,
-         "proxy_from": allowed},
+        {"address": "127.0.0.1:0", "mode": "smtp", "proxy_protocol": True, "proxy_from": allowed},
+        {"address": "127.0.0.1:0", "mode": "smtps", "proxy_protocol": True, "proxy_from": allowed},
     ]
 
 
-async def start(nursery: trio.Nursery, make_config: Callable[..., Config],
-                **sections: Any) -> MTA:
+async def start(nursery: trio.Nursery, make_config: Callable[..., Config], **sections: Any) -> MTA:
     sections.setdefault("listen", proxy_listeners())
     server: MTA = await nursery.start(serve, make_config(**sections))
     return server
@@ -58,8 +55,11 @@ async def assert_closed_without_banner(client: RawClient) -> None:
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
-    return [getattr(r, "trio_mta_fields", {}) for r in caplog.records
-            if r.getMessage() == "smtpd.proxy_refused"]
+    return [
+        getattr(r, "trio_mta_fields", {})
+        for r in caplog.records
+        if r.getMessage() == "smtpd.proxy_refused"
+    ]
 
 
 async def relay_reply(client: RawClient) -> bytes:
@@ -71,11 +71,12 @@ async def relay_reply(client: RawClient) -> bytes:
 
 @pytest.mark.parametrize("make_header", [v1, v2])
 async def test_the_headers_address_decides_relaying_not_the_proxys(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        make_header: Callable[[str], bytes]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], make_header: Callable[[str], bytes]
+) -> None:
     """The proxy at 127.0.0.1 is a trusted network; the client it speaks for is not."""
-    server = await start(nursery, make_config,
-                         relay={"trusted_networks": ["127.0.0.1/32", "10.0.0.0/8"]})
+    server = await start(
+        nursery, make_config, relay={"trusted_networks": ["127.0.0.1/32", "10.0.0.0/8"]}
+    )
     outside = await connect(server)
     await outside.send(make_header("203.0.113.7"))
     assert (await relay_reply(outside)).startswith(b"554 5.7.1")
@@ -85,27 +86,36 @@ async def test_the_headers_address_decides_relaying_not_the_proxys(
 
 
 async def test_received_header_and_log_name_the_client_behind_the_proxy(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server = await start(nursery, make_config)
     client = await connect(server)
     await client.send(v2("2001:db8::25", 4242))
     assert (await client.reply()).startswith(b"220 ")
-    for line in (b"EHLO client.example", b"MAIL FROM:<a@remote.test>",
-                 b"RCPT TO:<bob@example.test>", b"DATA"):
+    for line in (
+        b"EHLO client.example",
+        b"MAIL FROM:<a@remote.test>",
+        b"RCPT TO:<bob@example.test>",
+        b"DATA",
+    ):
         assert (await client.command(line))[:1] in (b"2", b"3")
     assert (await client.command(b"Subject: hi\r\n\r\nbody\r\n.")).startswith(b"250")
     [path] = await wait_for_mail(server.config.local.maildir_root, "bob")
     assert b"Received: from client.example ([IPv6:2001:db8::25])" in path.read_bytes()
-    connects = [getattr(r, "trio_mta_fields", {}) for r in caplog.records
-                if r.getMessage() == "smtpd.connect"]
-    assert {"client": "2001:db8::25", "port": 4242, "proxy": "127.0.0.1"}.items() <= \
-        connects[-1].items()
+    connects = [
+        getattr(r, "trio_mta_fields", {})
+        for r in caplog.records
+        if r.getMessage() == "smtpd.connect"
+    ]
+    assert {"client": "2001:db8::25", "port": 4242, "proxy": "127.0.0.1"}.items() <= connects[
+        -1
+    ].items()
 
 
 async def test_connection_limits_count_the_clients_behind_the_proxy(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     """One proxy address, many clients: max_connections_per_ip is per real client."""
     server = await start(nursery, make_config, limits={"max_connections_per_ip": 1})
     first = await connect(server)
@@ -120,7 +130,8 @@ async def test_connection_limits_count_the_clients_behind_the_proxy(
 
 
 async def test_header_followed_at_once_by_smtp_keeps_the_early_bytes(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     server = await start(nursery, make_config)
     client = await connect(server)
     await client.send(v2("192.0.2.9", tlvs=((0x04, b"noop"), (0x05, b"id"))) + b"NOOP\r\n")
@@ -129,8 +140,11 @@ async def test_header_followed_at_once_by_smtp_keeps_the_early_bytes(
 
 
 async def test_smtps_reads_the_header_before_the_tls_handshake(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        tls_files: tuple[Any, Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    tls_files: tuple[Any, Any, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server = await start(nursery, make_config)
     client = await connect(server, "smtps")
@@ -139,8 +153,9 @@ async def test_smtps_reads_the_header_before_the_tls_handshake(
     await client.starttls(context, HOSTNAME)
     assert (await client.reply()).startswith(b"220 ")
     assert (await client.command(b"EHLO client.example")).startswith(b"250")
-    tls = [getattr(r, "trio_mta_fields", {}) for r in caplog.records
-           if r.getMessage() == "smtpd.tls"]
+    tls = [
+        getattr(r, "trio_mta_fields", {}) for r in caplog.records if r.getMessage() == "smtpd.tls"
+    ]
     assert tls[-1]["client"] == "192.0.2.10"
 
 
@@ -165,8 +180,8 @@ class _HeaderInFirstWrite(trio.abc.Stream):
 
 
 async def test_smtps_client_hello_in_the_headers_segment_still_handshakes(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        tls_files: tuple[Any, Any, Any]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], tls_files: tuple[Any, Any, Any]
+) -> None:
     server = await start(nursery, make_config)
     raw = await trio.open_tcp_stream(*server.address("smtps"))
     client = RawClient(_HeaderInFirstWrite(raw, v2("192.0.2.11")))
@@ -176,7 +191,8 @@ async def test_smtps_client_hello_in_the_headers_segment_still_handshakes(
 
 
 async def test_local_command_is_the_proxy_itself(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     """HAProxy's own health checks: LOCAL keeps the connection's address (trusted here)."""
     server = await start(nursery, make_config)
     client = await connect(server)
@@ -184,17 +200,24 @@ async def test_local_command_is_the_proxy_itself(
     assert (await relay_reply(client)).startswith(b"250")
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"EHLO client.example\r\n", "not a PROXY protocol header"),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "4 fields"),
-    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "0x0a"),
-    (V2_SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x04\x00\x09\x00", "overruns"),
-    (b"PROXY UNKNOWN\r\n", "names no client IP"),
-    (format_v2(ProxyHeader(2, "PROXY", "UNIX")), "names no client IP"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"EHLO client.example\r\n", "not a PROXY protocol header"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "4 fields"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "0x0a"),
+        (V2_SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x04\x00\x09\x00", "overruns"),
+        (b"PROXY UNKNOWN\r\n", "names no client IP"),
+        (format_v2(ProxyHeader(2, "PROXY", "UNIX")), "names no client IP"),
+    ],
+)
 async def test_invalid_headers_close_without_a_banner(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture, data: bytes, reason: str) -> None:
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    caplog: pytest.LogCaptureFixture,
+    data: bytes,
+    reason: str,
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server = await start(nursery, make_config)
     client = await connect(server)
@@ -204,8 +227,8 @@ async def test_invalid_headers_close_without_a_banner(
 
 
 async def test_truncated_header_then_close_gets_no_banner(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server = await start(nursery, make_config)
     client = await connect(server)
@@ -216,8 +239,8 @@ async def test_truncated_header_then_close_gets_no_banner(
 
 
 async def test_a_header_that_never_completes_times_out_without_a_banner(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     server = await start(nursery, make_config)
     server.state.proxy_header_timeout = 0.3
@@ -231,11 +254,12 @@ async def test_a_header_that_never_completes_times_out_without_a_banner(
 
 
 async def test_a_peer_outside_proxy_from_is_closed_even_with_a_valid_header(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
-    server = await start(nursery, make_config,
-                         listen=proxy_listeners(proxy_from=["192.0.2.0/24", "::1/128"]))
+    server = await start(
+        nursery, make_config, listen=proxy_listeners(proxy_from=["192.0.2.0/24", "::1/128"])
+    )
     for mode in ("smtp", "smtps"):
         client = await connect(server, mode)
         await client.send(v1("10.0.0.1"))
@@ -245,7 +269,8 @@ async def test_a_peer_outside_proxy_from_is_closed_even_with_a_valid_header(
 
 
 async def test_a_listener_without_proxy_protocol_takes_no_header(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     """A PROXY line on an ordinary listener is just a bad command, not a new identity."""
     server = await start(nursery, make_config, listen=[{"address": "127.0.0.1:0"}])
     client = await connect(server)
@@ -253,17 +278,27 @@ async def test_a_listener_without_proxy_protocol_takes_no_header(
     assert (await client.command(v1("203.0.113.7")[:-2]))[:1] == b"5"
 
 
-@pytest.mark.parametrize(("listen", "message"), [
-    ({"proxy_protocol": True}, "[[listen]][1].proxy_from: required when proxy_protocol"),
-    ({"proxy_from": ["127.0.0.1/32"]},
-     "[[listen]][1].proxy_from: only applies with proxy_protocol = true"),
-    ({"proxy_protocol": "yes", "proxy_from": ["x"]},
-     "[[listen]][1].proxy_protocol: must be true or false"),
-    ({"proxy_protocol": True, "proxy_from": ["nonsense"]},
-     "[[listen]][1].proxy_from[1]: must be an IP network"),
-])
-def test_proxy_settings_errors_name_the_key(make_config: Callable[..., Config],
-                                            listen: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ({"proxy_protocol": True}, "[[listen]][1].proxy_from: required when proxy_protocol"),
+        (
+            {"proxy_from": ["127.0.0.1/32"]},
+            "[[listen]][1].proxy_from: only applies with proxy_protocol = true",
+        ),
+        (
+            {"proxy_protocol": "yes", "proxy_from": ["x"]},
+            "[[listen]][1].proxy_protocol: must be true or false",
+        ),
+        (
+            {"proxy_protocol": True, "proxy_from": ["nonsense"]},
+            "[[listen]][1].proxy_from[1]: must be an IP network",
+        ),
+    ],
+)
+def test_proxy_settings_errors_name_the_key(
+    make_config: Callable[..., Config], listen: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         make_config(listen=[{"address": "127.0.0.1:0", **listen}])
     assert any(line.startswith(message) for line in info.value.errors), info.value.errors
@@ -272,18 +307,24 @@ def test_proxy_settings_errors_name_the_key(make_config: Callable[..., Config],
 def test_check_config_describes_a_proxy_listener(make_config: Callable[..., Config]) -> None:
     config = make_config(listen=proxy_listeners(proxy_from=["10.0.0.0/8", "::1"])[:1])
     assert config.describe_listeners() == [
-        "127.0.0.1:0 smtp (STARTTLS, PROXY protocol from 10.0.0.0/8 ::1/128)"]
+        "127.0.0.1:0 smtp (STARTTLS, PROXY protocol from 10.0.0.0/8 ::1/128)"
+    ]
 
 
 def test_workers_get_the_proxy_settings_of_their_listeners(
-        make_config: Callable[..., Config]) -> None:
+    make_config: Callable[..., Config],
+) -> None:
     """A supervised worker rebuilds its listeners from the parent's spec: a PROXY
     listener must stay one, or every header would become a bad command."""
     from trio_mta.workers.worker import ListenerFd, WorkerSpec
 
     config = make_config(listen=proxy_listeners(proxy_from=["10.0.0.0/8", "::1"]))
-    spec = WorkerSpec(index=0, count=2, alive_fd=3, ready_fd=4,
-                      listeners=[ListenerFd.of(5 + i, listen)
-                                 for i, listen in enumerate(config.listen)])
+    spec = WorkerSpec(
+        index=0,
+        count=2,
+        alive_fd=3,
+        ready_fd=4,
+        listeners=[ListenerFd.of(5 + i, listen) for i, listen in enumerate(config.listen)],
+    )
     again = WorkerSpec.from_json(spec.to_json())
     assert [item.config() for item in again.listeners] == list(config.listen)

@@ -50,8 +50,10 @@ def _queue_inline(state: Path, count: int) -> list[str]:
     """Queue `count` small messages (inline bodies) while no server runs."""
     store = QueueStore(state / "queue.sqlite3")
     ids = [f"M{n:03d}" for n in range(count)]
-    store.insert([(mid, NewMessage("a@remote.test", _rcpt(), _message(n)))
-                  for n, mid in enumerate(ids)], now=1.0)
+    store.insert(
+        [(mid, NewMessage("a@remote.test", _rcpt(), _message(n))) for n, mid in enumerate(ids)],
+        now=1.0,
+    )
     store.close()  # checkpoints the WAL into the database file
     return ids
 
@@ -67,8 +69,17 @@ def _queue_files(state: Path, count: int) -> list[str]:
         body = _message(n, 200_000)
         spool = files.spool / mid
         spool.write_bytes(body)
-        items.append((mid, NewMessage("a@remote.test", _rcpt(), b"X-Trace: t\r\n",
-                                      spooled=SpooledBody(spool, len(body), crc_of(body)))))
+        items.append(
+            (
+                mid,
+                NewMessage(
+                    "a@remote.test",
+                    _rcpt(),
+                    b"X-Trace: t\r\n",
+                    spooled=SpooledBody(spool, len(body), crc_of(body)),
+                ),
+            )
+        )
     store.insert(items, now=1.0)
     store.close()
     return ids
@@ -144,9 +155,11 @@ async def test_damaged_body_file_is_set_aside_and_the_rest_delivered(tmp_path: P
     finally:
         assert server.stop(signal.SIGTERM) == 0
     for path in new_files(state / "mail", "box"):
-        assert path.read_bytes().endswith(_message(int(path.read_bytes().split(b"X-Seq: ")[1]
-                                                       .split(b"\n")[0]), 200_000)[-1000:]
-                                          .replace(b"\r\n", b"\n"))
+        assert path.read_bytes().endswith(
+            _message(int(path.read_bytes().split(b"X-Seq: ")[1].split(b"\n")[0]), 200_000)[
+                -1000:
+            ].replace(b"\r\n", b"\n")
+        )
 
 
 async def test_random_bytes_in_database_pages_do_not_stop_delivery(tmp_path: Path) -> None:
@@ -165,7 +178,8 @@ async def test_random_bytes_in_database_pages_do_not_stop_delivery(tmp_path: Pat
         assert len(delivered) >= 30, f"only {len(delivered)} of 40 delivered"
         assert server.proc.poll() is None, "the server keeps running"
         assert server.wait_for_log("queue.database_recovered") or server.wait_for_log(
-            "queue.damaged")
+            "queue.damaged"
+        )
         result = _queue_list(config)
         assert result.returncode == 0, result.stderr
     finally:

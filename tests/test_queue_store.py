@@ -146,8 +146,9 @@ def test_bodies_are_read_once_per_message(store: QueueStore) -> None:
 def test_defer_records_error_attempt_and_next_time(store: QueueStore) -> None:
     store.insert([("M1", message(remote("bob@remote.test")))], now=NOW)
     (r,) = store.due(NOW, 10)
-    store.defer(r.rcpt_id, now=NOW + 5, next_attempt=NOW + 600,
-        outcome=o("deferred", "451 4.3.0 try later"))
+    store.defer(
+        r.rcpt_id, now=NOW + 5, next_attempt=NOW + 600, outcome=o("deferred", "451 4.3.0 try later")
+    )
     assert store.due(NOW + 599, 10) == []
     assert store.next_due() == NOW + 600
     (again,) = store.due(NOW + 600, 10)
@@ -272,8 +273,9 @@ def test_failed_update_keeps_the_leases(tmp_path: Path) -> None:
 def test_flush_makes_deferred_due_now(store: QueueStore) -> None:
     store.insert([("M1", message(local("a"))), ("M2", message(remote("b@remote.test")))], now=NOW)
     for r in store.due(NOW, 10):
-        store.defer(r.rcpt_id, now=NOW, next_attempt=NOW + 3600,
-            outcome=o("deferred", "4.4.1 no answer"))
+        store.defer(
+            r.rcpt_id, now=NOW, next_attempt=NOW + 3600, outcome=o("deferred", "4.4.1 no answer")
+        )
     assert store.due(NOW + 10, 10) == []
     assert store.flush("M1", now=NOW + 10) == 1
     assert [r.message_id for r in store.due(NOW + 10, 10)] == ["M1"]
@@ -307,8 +309,9 @@ def test_show_has_envelope_history_and_headers(store: QueueStore) -> None:
         now=NOW,
     )
     (r,) = store.due(NOW, 10)
-    store.defer(r.rcpt_id, now=NOW + 1, next_attempt=NOW + 60,
-        outcome=o("deferred", "4.2.0 mailbox busy"))
+    store.defer(
+        r.rcpt_id, now=NOW + 1, next_attempt=NOW + 60, outcome=o("deferred", "4.2.0 mailbox busy")
+    )
     info = store.show("M1")
     assert info is not None
     assert info.sender == "s@example.org"
@@ -363,7 +366,9 @@ def test_format_list_human_shows_status_retry_and_error(store: QueueStore) -> No
     store.insert([("M1", message(local("alice"), remote("bob@remote.test"), sender=""))], now=NOW)
     due = {r.address: r.rcpt_id for r in store.due(NOW, 10)}
     store.defer(
-        due["bob@remote.test"], now=NOW, next_attempt=NOW + 600,
+        due["bob@remote.test"],
+        now=NOW,
+        next_attempt=NOW + 600,
         outcome=o("deferred", "451 4.3.0 try\x1b[2J later"),
     )
     text = format_list(store.list_messages(), json_output=False, now=NOW + 300)
@@ -422,8 +427,9 @@ def version_2_queue(path: Path) -> None:
     """A queue as version 2 left it: one deferred and one failed recipient, text only."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(V2_SCHEMA)
-    conn.execute("INSERT INTO messages VALUES ('OLD', 's@example.org', ?, ?, '{}')",
-                 (NOW, len(DATA)))
+    conn.execute(
+        "INSERT INTO messages VALUES ('OLD', 's@example.org', ?, ?, '{}')", (NOW, len(DATA))
+    )
     conn.execute("INSERT INTO bodies VALUES ('OLD', ?)", (DATA,))
     for rcpt_id, address, status, error in [
         (1, "a@remote.test", "deferred", "451 4.3.0 try later (mx.remote.test[192.0.2.1])"),
@@ -433,16 +439,23 @@ def version_2_queue(path: Path) -> None:
             "INSERT INTO recipients VALUES (?, 'OLD', ?, ?, NULL, 0, ?, 1, ?, ?, ?)",
             (rcpt_id, address, address, status, NOW + 600, error, NOW + 1),
         )
-        conn.execute("INSERT INTO attempts (rcpt_id, at, outcome, detail) VALUES (?, ?, ?, ?)",
-                     (rcpt_id, NOW + 1, status, error))
+        conn.execute(
+            "INSERT INTO attempts (rcpt_id, at, outcome, detail) VALUES (?, ?, ?, ?)",
+            (rcpt_id, NOW + 1, status, error),
+        )
     conn.close()
 
 
 def test_outcome_fields_round_trip_through_the_store(store: QueueStore) -> None:
     store.insert([("M1", message(remote("bob@remote.test")))], now=NOW)
     (r,) = store.due(NOW, 10)
-    sent = o("failed", "550 5.1.1 no such user", remote_host="mx.remote.test",
-             remote_address="192.0.2.1", stage="rcpt")
+    sent = o(
+        "failed",
+        "550 5.1.1 no such user",
+        remote_host="mx.remote.test",
+        remote_address="192.0.2.1",
+        stage="rcpt",
+    )
     store.fail(r.rcpt_id, now=NOW + 1, outcome=sent)
     info = store.show("M1")
     assert info is not None
@@ -488,8 +501,12 @@ def _spooled(store: QueueStore, name: str, body: bytes) -> NewMessage:
     store.files.ensure_spool()
     path = store.files.spool / name
     path.write_bytes(body)
-    return NewMessage("s@example.org", (local("bob"),), b"Received: x\r\n",
-                      spooled=SpooledBody(path, len(body), crc_of(body)))
+    return NewMessage(
+        "s@example.org",
+        (local("bob"),),
+        b"Received: x\r\n",
+        spooled=SpooledBody(path, len(body), crc_of(body)),
+    )
 
 
 def test_blob_bodies_from_before_schema_4_are_still_delivered(tmp_path: Path) -> None:
@@ -499,8 +516,10 @@ def test_blob_bodies_from_before_schema_4_are_still_delivered(tmp_path: Path) ->
     old.close()
     # Make it the database an older trio_mta wrote: no body index, schema 3.
     conn = sqlite3.connect(db)
-    conn.executescript("DROP TRIGGER messages_gone; DROP TABLE body_index; DROP TABLE damaged;"
-                       " DROP TABLE doomed_bodies; PRAGMA user_version=3;")
+    conn.executescript(
+        "DROP TRIGGER messages_gone; DROP TABLE body_index; DROP TABLE damaged;"
+        " DROP TABLE doomed_bodies; PRAGMA user_version=3;"
+    )
     conn.close()
     store = QueueStore(db)
     assert store.data_many(["OLD"]) == {"OLD": DATA}
@@ -527,8 +546,7 @@ def test_spooled_body_becomes_a_file_and_goes_after_a_durable_commit(store: Queu
 
 def test_damaged_body_file_is_set_aside_not_due_and_listed(store: QueueStore) -> None:
     body = b"Subject: big\r\n\r\n" + b"z" * 200_000
-    store.insert([("BAD", _spooled(store, "s1", body)), ("GOOD", message(local("bob")))],
-                 now=NOW)
+    store.insert([("BAD", _spooled(store, "s1", body)), ("GOOD", message(local("bob")))], now=NOW)
     with open(store.files.path_for("BAD"), "r+b") as f:
         f.write(b"X")
     assert store.data_many(["BAD", "GOOD"]) == {"GOOD": DATA}

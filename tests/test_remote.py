@@ -370,8 +370,9 @@ async def test_required_tls_defers_on_a_host_without_starttls() -> None:
         outcomes = await agent.deliver([item("bob@remote.test")])
     (outcome,) = outcomes
     assert outcome.kind == "deferred"
-    assert outcome == Outcome("deferred", "4.7.10", "STARTTLS not offered", None, MX1,
-                              "127.0.0.2", "tls")
+    assert outcome == Outcome(
+        "deferred", "4.7.10", "STARTTLS not offered", None, MX1, "127.0.0.2", "tls"
+    )
     assert handler.messages == []
 
 
@@ -481,9 +482,15 @@ async def test_a_slow_domain_cannot_take_every_slot(tmp_path: Path) -> None:
     ):
         agent = make_agent(dns, RelayConfig(port=port))
         scheduler = Scheduler(
-            store, local_agent=MaildirAgent(tmp_path, HOSTNAME, limiter=trio.CapacityLimiter(1)),
-            remote_agent=agent, retry_initial=60, retry_max=60, max_age=3600, concurrency=3,
-            per_domain=2, poll_interval=0.05,
+            store,
+            local_agent=MaildirAgent(tmp_path, HOSTNAME, limiter=trio.CapacityLimiter(1)),
+            remote_agent=agent,
+            retry_initial=60,
+            retry_max=60,
+            max_age=3600,
+            concurrency=3,
+            per_domain=2,
+            poll_interval=0.05,
         )
         start = trio.current_time()
         async with trio.open_nursery() as nursery:

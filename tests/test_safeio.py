@@ -84,8 +84,13 @@ def test_missing_target_folder_is_made_once_on_request(tmp_path: Path) -> None:
         made.append(tmp_path / "new")
         (tmp_path / "new").mkdir()
 
-    write_file_durably(tmp_path / "tmp" / "m", tmp_path / "new" / "m", [b"head\n", b"body\n"],
-                       fsync_dir=False, make_target_dir=make)
+    write_file_durably(
+        tmp_path / "tmp" / "m",
+        tmp_path / "new" / "m",
+        [b"head\n", b"body\n"],
+        fsync_dir=False,
+        make_target_dir=make,
+    )
     assert made == [tmp_path / "new"]
     assert (tmp_path / "new" / "m").read_bytes() == b"head\nbody\n"
     assert list((tmp_path / "tmp").iterdir()) == []

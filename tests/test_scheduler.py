@@ -178,9 +178,7 @@ async def test_permanent_failure_is_not_retried(store: QueueStore, autojump_cloc
     store.insert([("M1", msg(loc("alice"), loc("bob")))], now=vclock())
     agent = Scripted(
         lambda item: (
-            o("failed", "5.2.0 nope")
-            if item.rcpt.mailbox == "bob"
-            else o("delivered", "2.0.0 ok")
+            o("failed", "5.2.0 nope") if item.rcpt.mailbox == "bob" else o("delivered", "2.0.0 ok")
         )
     )
     with trio.fail_after(10_000):
@@ -283,8 +281,12 @@ async def test_startup_recovery_makes_everything_due(
     crashed = QueueStore(path)
     crashed.insert([("M1", msg(loc("alice"))), ("M2", msg(loc("bob")))], now=vclock())
     leased = {r.message_id: r for r in crashed.due(vclock(), 10)}  # both in flight...
-    crashed.defer(leased["M2"].rcpt_id, now=vclock(), next_attempt=vclock() + 86400,
-        outcome=o("deferred", "4.0.0 x"))
+    crashed.defer(
+        leased["M2"].rcpt_id,
+        now=vclock(),
+        next_attempt=vclock() + 86400,
+        outcome=o("deferred", "4.0.0 x"),
+    )
     crashed.close()  # ...when the process died
     store = QueueStore(path)
     agent = Scripted()
@@ -320,8 +322,12 @@ async def test_flush_from_another_process_is_seen_by_polling(
         await trio.sleep(5)
         store.insert([("M1", msg(loc("alice")))], now=vclock())
         (r,) = store.due(vclock(), 10)  # as if an earlier attempt had deferred it
-        store.defer(r.rcpt_id, now=vclock(), next_attempt=vclock() + 3600,
-            outcome=o("deferred", "4.2.0 busy"))
+        store.defer(
+            r.rcpt_id,
+            now=vclock(),
+            next_attempt=vclock() + 3600,
+            outcome=o("deferred", "4.2.0 busy"),
+        )
         await trio.sleep(10.5)  # between two polls
         assert agent.calls == []
         cli = QueueStore(store.path)  # `trio-mta queue flush` runs in another process
@@ -512,8 +518,10 @@ async def test_through_a_smarthost_one_destination_may_use_every_slot(
     store: QueueStore, autojump_clock: object
 ) -> None:
     """Everything goes to one next hop: no per-domain share, one batch per message."""
-    store.insert([(f"S{i}", msg(rem(f"u{i}@slow.test"), rem(f"v{i}@other.test")))
-                  for i in range(4)], now=vclock())
+    store.insert(
+        [(f"S{i}", msg(rem(f"u{i}@slow.test"), rem(f"v{i}@other.test"))) for i in range(4)],
+        now=vclock(),
+    )
     remote = OneSlowDomain()
     sched = make(store, Scripted(), remote, concurrency=3, single_destination=True)
     with trio.fail_after(10_000):

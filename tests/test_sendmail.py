@@ -63,10 +63,12 @@ class Site:
     async def sendmail(self, *args: str, stdin: bytes = b"") -> Result:
         return await sendmail(self.config_file, *args, stdin=stdin)
 
-    async def sendmail_process(self, *args: str, stdin: bytes = b"",
-                               env: dict[str, str] | None = None, config: bool = True) -> Result:
-        return await sendmail_process(self.config_file if config else None, *args, stdin=stdin,
-                                      env=env)
+    async def sendmail_process(
+        self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None, config: bool = True
+    ) -> Result:
+        return await sendmail_process(
+            self.config_file if config else None, *args, stdin=stdin, env=env
+        )
 
     async def mail(self, mailbox: str, count: int = 1) -> list[EmailMessage]:
         files = await wait_for_mail(self.maildir, mailbox, count)
@@ -76,24 +78,33 @@ class Site:
 async def sendmail(config_file: Path, *args: str, stdin: bytes = b"") -> Result:
     """The command in a worker thread (it runs its own trio loop): fast, same code path
     from its argument list on; the cli hook itself is covered by :func:`sendmail_process`."""
+
     def call() -> Result:
         err = io.StringIO()
-        code = run_sendmail(list(args), config_path=str(config_file), stdin=io.BytesIO(stdin),
-                            stderr=err)
+        code = run_sendmail(
+            list(args), config_path=str(config_file), stdin=io.BytesIO(stdin), stderr=err
+        )
         return Result(code, "", err.getvalue())
 
     return await trio.to_thread.run_sync(call)
 
 
-async def sendmail_process(config_file: Path | None, *args: str, stdin: bytes = b"",
-                           env: dict[str, str] | None = None) -> Result:
+async def sendmail_process(
+    config_file: Path | None, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+) -> Result:
     """``python -m trio_mta [--config FILE] sendmail ARGS`` with ``stdin``; never a traceback."""
     argv = [sys.executable, "-m", "trio_mta"]
     argv += ["--config", str(config_file), "sendmail"] if config_file else ["sendmail"]
     environment = {k: v for k, v in os.environ.items() if k != "TRIO_MTA_CONFIG"}
     environment |= {"LOGNAME": LOGIN, **(env or {})}
-    done = await trio.run_process([*argv, *args], stdin=stdin, capture_stdout=True,
-                                  capture_stderr=True, check=False, env=environment)
+    done = await trio.run_process(
+        [*argv, *args],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=environment,
+    )
     result = Result(done.returncode, done.stdout.decode(), done.stderr.decode())
     assert "Traceback" not in result.stderr, result.stderr
     return result
@@ -108,9 +119,17 @@ def _parse(data: bytes) -> EmailMessage:
 def write_client_config(tmp_path: Path, port: int, **extra: str) -> Path:
     """What an admin's /etc/trio-mta.toml says, minus the parts sendmail never reads."""
     path = tmp_path / "sendmail.toml"
-    lines = [f'hostname = "{HOSTNAME}"', "[[listen]]", 'address = "127.0.0.1:1"',
-             'mode = "submission"', "[[listen]]", f'address = "127.0.0.1:{port}"',
-             'mode = "smtp"', "[local]", f'domains = ["{DOMAIN}"]']
+    lines = [
+        f'hostname = "{HOSTNAME}"',
+        "[[listen]]",
+        'address = "127.0.0.1:1"',
+        'mode = "submission"',
+        "[[listen]]",
+        f'address = "127.0.0.1:{port}"',
+        'mode = "smtp"',
+        "[local]",
+        f'domains = ["{DOMAIN}"]',
+    ]
     lines += [f"{key} = {value}" for key, value in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -124,13 +143,15 @@ def login(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def start_site(nursery: trio.Nursery, tmp_path: Path,
-               make_config: Callable[..., Config]) -> Callable[..., Any]:
+def start_site(
+    nursery: trio.Nursery, tmp_path: Path, make_config: Callable[..., Config]
+) -> Callable[..., Any]:
     async def start(**sections: Any) -> Site:
         config = make_config(listen=[{"address": "127.0.0.1:0", "mode": "smtp"}], **sections)
         mta: MTA = await nursery.start(serve, config)
-        return Site(mta, write_client_config(tmp_path, mta.address("smtp")[1]),
-                    config.local.maildir_root)
+        return Site(
+            mta, write_client_config(tmp_path, mta.address("smtp")[1]), config.local.maildir_root
+        )
 
     return start
 
@@ -144,8 +165,9 @@ async def site(start_site: Callable[..., Any]) -> AsyncIterator[Site]:
 
 
 async def test_plain_recipients_reach_their_maildirs(site: Site) -> None:
-    result = await site.sendmail_process("alice@example.test", "bob",
-                                         stdin=b"Subject: cron output\n\nall good\n")
+    result = await site.sendmail_process(
+        "alice@example.test", "bob", stdin=b"Subject: cron output\n\nall good\n"
+    )
     assert (result.code, result.stdout, result.stderr) == (EX_OK, "", "")
     alice = (await site.mail("alice"))[0]
     bob = (await site.mail("bob"))[0]  # unqualified: a user of the first local domain
@@ -160,19 +182,22 @@ async def test_plain_recipients_reach_their_maildirs(site: Site) -> None:
 
 
 async def test_t_takes_to_cc_bcc_and_strips_bcc(site: Site) -> None:
-    message = (b"From: Reporter <reporter@example.test>\r\n"
-               b"To: Alice <alice@example.test>,\r\n\tbob@example.test\r\n"
-               b"Cc: carol@example.test\r\n"
-               b"Bcc: dave@example.test, erin@example.test\r\n"
-               b"Subject: weekly\r\n\r\nnumbers\r\n")
+    message = (
+        b"From: Reporter <reporter@example.test>\r\n"
+        b"To: Alice <alice@example.test>,\r\n\tbob@example.test\r\n"
+        b"Cc: carol@example.test\r\n"
+        b"Bcc: dave@example.test, erin@example.test\r\n"
+        b"Subject: weekly\r\n\r\nnumbers\r\n"
+    )
     result = await site.sendmail("-t", "-i", "frank@example.test", stdin=message)
     assert result.code == EX_OK, result.stderr
     for mailbox in ("alice", "bob", "carol", "dave", "erin", "frank"):
         (copy,) = await site.mail(mailbox)
         assert copy["Bcc"] is None
         header = new_files(site.maildir, mailbox)[0].read_bytes().split(b"\n\n")[0]
-        seen = b"\n".join(line for line in header.split(b"\n")
-                          if not line.startswith(b"Delivered-To:"))
+        seen = b"\n".join(
+            line for line in header.split(b"\n") if not line.startswith(b"Delivered-To:")
+        )
         assert b"dave@" not in seen and b"erin@" not in seen  # no trace of who else got it
         assert copy["To"] == "Alice <alice@example.test>, bob@example.test"
         assert copy["Cc"] == "carol@example.test"
@@ -180,16 +205,18 @@ async def test_t_takes_to_cc_bcc_and_strips_bcc(site: Site) -> None:
 
 
 async def test_f_sets_return_path_and_F_the_from_name(site: Site) -> None:
-    result = await site.sendmail("-f", "robot@example.test", "-FBuild Robot", "alice",
-                                 stdin=b"Subject: built\n\nok\n")
+    result = await site.sendmail(
+        "-f", "robot@example.test", "-FBuild Robot", "alice", stdin=b"Subject: built\n\nok\n"
+    )
     assert result.code == EX_OK, result.stderr
     (message,) = await site.mail("alice")
     assert message["Return-Path"] == "<robot@example.test>"
     assert message["From"] == "Build Robot <robot@example.test>"
 
     # -r is the old spelling; -F never overrides a From: the message has
-    result = await site.sendmail("-r<ops@example.test>", "-F", "Ignored", "bob",
-                                 stdin=b"From: me@example.test\n\nx\n")
+    result = await site.sendmail(
+        "-r<ops@example.test>", "-F", "Ignored", "bob", stdin=b"From: me@example.test\n\nx\n"
+    )
     assert result.code == EX_OK, result.stderr
     (message,) = await site.mail("bob")
     assert message["Return-Path"] == "<ops@example.test>"
@@ -210,7 +237,8 @@ async def test_lone_dot_ends_input_unless_i(site: Site) -> None:
 
 
 async def test_too_many_recipients_go_in_a_second_transaction(
-        start_site: Callable[..., Any]) -> None:
+    start_site: Callable[..., Any],
+) -> None:
     site = await start_site(limits={"max_recipients": 2})
     result = await site.sendmail("a1", "a2", "a3", "a4", "a5", stdin=b"Subject: many\n\nx\n")
     assert result.code == EX_OK, result.stderr  # RFC 5321 §4.5.3.1.10: 452 -> retry the rest
@@ -222,7 +250,8 @@ async def test_too_many_recipients_go_in_a_second_transaction(
 
 
 async def test_rejected_recipients_exit_69_with_the_servers_text(
-        start_site: Callable[..., Any]) -> None:
+    start_site: Callable[..., Any],
+) -> None:
     site = await start_site(local={"mailboxes": {"alice@example.test": "alice"}})
     result = await site.sendmail("nobody@example.test", stdin=b"Subject: x\n\ny\n")
     assert result.code == EX_UNAVAILABLE
@@ -238,8 +267,9 @@ async def test_rejected_recipients_exit_69_with_the_servers_text(
     assert message["Subject"] == "half"
 
 
-async def test_server_stopped_is_tempfail(nursery: trio.Nursery, tmp_path: Path,
-                                          make_config: Callable[..., Config]) -> None:
+async def test_server_stopped_is_tempfail(
+    nursery: trio.Nursery, tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
     config = make_config(listen=[{"address": "127.0.0.1:0", "mode": "smtp"}])
     stopped = trio.Event()
 
@@ -248,8 +278,9 @@ async def test_server_stopped_is_tempfail(nursery: trio.Nursery, tmp_path: Path,
         stopped.set()
 
     mta: MTA = await nursery.start(run)
-    site = Site(mta, write_client_config(tmp_path, mta.address("smtp")[1]),
-                config.local.maildir_root)
+    site = Site(
+        mta, write_client_config(tmp_path, mta.address("smtp")[1]), config.local.maildir_root
+    )
     mta.stop()
     await stopped.wait()
     result = await site.sendmail_process("alice", stdin=b"Subject: lost?\n\nno\n")
@@ -273,10 +304,15 @@ async def test_usage_errors_exit_64(site: Site) -> None:
 
 
 async def test_config_after_subcommand_and_from_environment(site: Site) -> None:
-    after = await site.sendmail_process("alice", "--config", str(site.config_file),
-                                        stdin=b"Subject: one\n\n1\n", config=False)
-    env = await site.sendmail_process("alice", stdin=b"Subject: two\n\n2\n", config=False,
-                                      env={"TRIO_MTA_CONFIG": str(site.config_file)})
+    after = await site.sendmail_process(
+        "alice", "--config", str(site.config_file), stdin=b"Subject: one\n\n1\n", config=False
+    )
+    env = await site.sendmail_process(
+        "alice",
+        stdin=b"Subject: two\n\n2\n",
+        config=False,
+        env={"TRIO_MTA_CONFIG": str(site.config_file)},
+    )
     assert (after.code, env.code) == (EX_OK, EX_OK), after.stderr + env.stderr
     subjects = sorted(str(m["Subject"]) for m in await site.mail("alice", 2))
     assert subjects == ["one", "two"]
@@ -289,12 +325,16 @@ async def test_nul_bytes_are_a_data_error(site: Site) -> None:
     assert bad_header.code == EX_DATAERR and "To: header" in bad_header.stderr
 
 
-@pytest.mark.parametrize(("listen", "why"), [
-    ([("127.0.0.1:2587", "submission"), ("127.0.0.1:2465", "smtps")], 'mode "smtp"'),
-    ([("127.0.0.1:0", "smtp")], "port 0"),
-])
+@pytest.mark.parametrize(
+    ("listen", "why"),
+    [
+        ([("127.0.0.1:2587", "submission"), ("127.0.0.1:2465", "smtps")], 'mode "smtp"'),
+        ([("127.0.0.1:0", "smtp")], "port 0"),
+    ],
+)
 async def test_config_without_a_usable_listener_exits_78(
-        tmp_path: Path, listen: list[tuple[str, str]], why: str) -> None:
+    tmp_path: Path, listen: list[tuple[str, str]], why: str
+) -> None:
     path = tmp_path / "mta.toml"
     path.write_text("".join(f'[[listen]]\naddress = "{a}"\nmode = "{m}"\n' for a, m in listen))
     result = await sendmail(path, "alice", stdin=b"x\n")
@@ -316,8 +356,22 @@ async def test_untrusted_loopback_and_broken_config_exit_78(tmp_path: Path) -> N
 
 
 def test_flags_parse_the_way_sendmails_getopt_does() -> None:
-    options = parse_args(["-ti", "-fbot@example.test", "-odb", "-oem", "-B8BITMIME", "-bm",
-                          "-F", "--config", "alice", "--config=x.toml", "--", "-bob"])
+    options = parse_args(
+        [
+            "-ti",
+            "-fbot@example.test",
+            "-odb",
+            "-oem",
+            "-B8BITMIME",
+            "-bm",
+            "-F",
+            "--config",
+            "alice",
+            "--config=x.toml",
+            "--",
+            "-bob",
+        ]
+    )
     assert options.extract and options.ignore_dots
     assert options.sender == "bot@example.test"
     assert options.full_name == "--config"  # a value, not the long option
@@ -331,23 +385,34 @@ def test_flags_parse_the_way_sendmails_getopt_does() -> None:
 
 
 def test_prepare_message_edits_only_what_it_must() -> None:
-    raw = (b"To: a@example.test,\n b@example.test\nBcc: hidden@example.test\n"
-           b"Cc: undisclosed-recipients:;\nX-Keep: \xc3\xa9t\xc3\xa9\n\nBcc: in the body\n")
-    data, found = prepare_message(raw, sender="s@example.test", hostname=HOSTNAME,
-                                  full_name=None, extract=True)
-    assert data == (b"To: a@example.test,\n b@example.test\n"
-                    b"Cc: undisclosed-recipients:;\nX-Keep: \xc3\xa9t\xc3\xa9\n"
-                    b"From: s@example.test\r\n\nBcc: in the body\n")
-    assert found == [("To: header", "a@example.test, b@example.test"),
-                     ("Bcc: header", "hidden@example.test"),
-                     ("Cc: header", "undisclosed-recipients:;")]
+    raw = (
+        b"To: a@example.test,\n b@example.test\nBcc: hidden@example.test\n"
+        b"Cc: undisclosed-recipients:;\nX-Keep: \xc3\xa9t\xc3\xa9\n\nBcc: in the body\n"
+    )
+    data, found = prepare_message(
+        raw, sender="s@example.test", hostname=HOSTNAME, full_name=None, extract=True
+    )
+    assert data == (
+        b"To: a@example.test,\n b@example.test\n"
+        b"Cc: undisclosed-recipients:;\nX-Keep: \xc3\xa9t\xc3\xa9\n"
+        b"From: s@example.test\r\n\nBcc: in the body\n"
+    )
+    assert found == [
+        ("To: header", "a@example.test, b@example.test"),
+        ("Bcc: header", "hidden@example.test"),
+        ("Cc: header", "undisclosed-recipients:;"),
+    ]
 
 
 def test_prepare_message_keeps_a_headerless_text_a_body() -> None:
     # An mbox "From " line is dropped; text that is no header field stays body.
-    data, found = prepare_message(b"From someone Mon Jan  1 00:00:00 2024\nhello: world?\n"
-                                  b"no header here\n", sender="", hostname=HOSTNAME,
-                                  full_name="Jörg", extract=False)
+    data, found = prepare_message(
+        b"From someone Mon Jan  1 00:00:00 2024\nhello: world?\nno header here\n",
+        sender="",
+        hostname=HOSTNAME,
+        full_name="Jörg",
+        extract=False,
+    )
     assert found == []
     head, _, body = data.partition(b"\r\n\r\n")
     # the null sender (-f '<>') is no author: From: names the login instead
@@ -356,17 +421,26 @@ def test_prepare_message_keeps_a_headerless_text_a_body() -> None:
     assert body == b"no header here\n"
 
 
-@pytest.mark.parametrize(("address", "expected"), [
-    ("0.0.0.0:2525", ("127.0.0.1", 2525)),  # a wildcard listener is reached on loopback
-    ("[::]:2525", ("::1", 2525)),
-    ("[::1]:25", ("::1", 25)),
-    ("127.0.0.2:26", ("127.0.0.2", 26)),
-])
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("0.0.0.0:2525", ("127.0.0.1", 2525)),  # a wildcard listener is reached on loopback
+        ("[::]:2525", ("::1", 2525)),
+        ("[::1]:25", ("::1", 25)),
+        ("127.0.0.2:26", ("127.0.0.2", 26)),
+    ],
+)
 def test_target_is_the_first_smtp_listener_seen_from_here(
-        tmp_path: Path, address: str, expected: tuple[str, int]) -> None:
-    config = Config.from_mapping({"listen": [
-        {"address": "127.0.0.1:2587", "mode": "submission"},
-        {"address": address, "mode": "smtp"},
-        {"address": "127.0.0.1:2600", "mode": "smtp"},
-    ]}, base_dir=tmp_path)
+    tmp_path: Path, address: str, expected: tuple[str, int]
+) -> None:
+    config = Config.from_mapping(
+        {
+            "listen": [
+                {"address": "127.0.0.1:2587", "mode": "submission"},
+                {"address": address, "mode": "smtp"},
+                {"address": "127.0.0.1:2600", "mode": "smtp"},
+            ]
+        },
+        base_dir=tmp_path,
+    )
     assert submission_target(config) == expected

@@ -27,8 +27,9 @@ from trio_mta.server.passwords import PasswordFile
 FLOOD = b"EHLO c.test\r\n" * 40000
 
 
-async def _stalled_client(port: int, prologue: bytes,
-                          tls: ssl.SSLContext | None = None) -> trio.abc.Stream:
+async def _stalled_client(
+    port: int, prologue: bytes, tls: ssl.SSLContext | None = None
+) -> trio.abc.Stream:
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect(("127.0.0.1", port))
@@ -58,27 +59,38 @@ async def _server(nursery: trio.Nursery, config: Config) -> MTA:
 
 
 async def test_client_that_stops_reading_after_data_is_dropped(
-        nursery: trio.Nursery, make_config: Callable[..., Config]) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     server = await _server(nursery, make_config(limits={"command_timeout": 1}))
-    sock = await _stalled_client(server.address("smtp")[1], (
-        b"EHLO c.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n"
-        b"Subject: p\r\n\r\nbody\r\n.\r\n"))
+    sock = await _stalled_client(
+        server.address("smtp")[1],
+        (
+            b"EHLO c.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n"
+            b"Subject: p\r\n\r\nbody\r\n.\r\n"
+        ),
+    )
     async with sock:
         assert await _dropped(server, within=8), "session pinned by a blocked flush"
 
 
 async def test_client_that_stops_reading_after_auth_is_dropped(
-        nursery: trio.Nursery, make_config: Callable[..., Config], tmp_path: Path,
-        tls_files: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    tmp_path: Path,
+    tls_files: tuple[Path, Path, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="trio_mta")
     users = tmp_path / "users"
     PasswordFile(users).set_password("alice", "secret")
-    server = await _server(nursery, make_config(
-        limits={"command_timeout": 1}, auth={"users_file": str(users)}))
+    server = await _server(
+        nursery, make_config(limits={"command_timeout": 1}, auth={"users_file": str(users)})
+    )
     client_ctx = ssl.create_default_context(cafile=str(tls_files[2]))
     token = base64.b64encode(b"\0alice\0secret")
-    stream = await _stalled_client(server.address("smtps")[1],
-                                   b"EHLO c.test\r\nAUTH PLAIN " + token + b"\r\n", client_ctx)
+    stream = await _stalled_client(
+        server.address("smtps")[1], b"EHLO c.test\r\nAUTH PLAIN " + token + b"\r\n", client_ctx
+    )
     async with stream:
         assert await _dropped(server, within=8), "session pinned by a blocked flush"
     events = [record.getMessage() for record in caplog.records]

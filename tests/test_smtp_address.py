@@ -19,18 +19,21 @@ def sender(text: str, utf8: bool = False) -> Path:
     return parse_path(text, smtputf8=utf8, allow_null=True)
 
 
-@pytest.mark.parametrize(("text", "local", "domain"), [
-    ("<a@b.example>", "a", "b.example"),
-    ("<First.Last+tag@Example.COM>", "First.Last+tag", "Example.COM"),
-    ("<!#$%&'*+-/=?^_`{|}~@x>", "!#$%&'*+-/=?^_`{|}~", "x"),
-    ('<"john doe"@example.org>', "john doe", "example.org"),
-    ('<"a\\"b\\\\c"@example.org>', 'a"b\\c', "example.org"),
-    ('<"a..b"@x.y>', "a..b", "x.y"),
-    ("<user@[192.0.2.1]>", "user", "[192.0.2.1]"),
-    ("<user@[IPv6:2001:db8::1]>", "user", "[IPv6:2001:db8::1]"),
-    ("<@relay.one,@relay.two:user@final.example>", "user", "final.example"),
-    ("<a@xn--bcher-kva.example>", "a", "xn--bcher-kva.example"),
-])
+@pytest.mark.parametrize(
+    ("text", "local", "domain"),
+    [
+        ("<a@b.example>", "a", "b.example"),
+        ("<First.Last+tag@Example.COM>", "First.Last+tag", "Example.COM"),
+        ("<!#$%&'*+-/=?^_`{|}~@x>", "!#$%&'*+-/=?^_`{|}~", "x"),
+        ('<"john doe"@example.org>', "john doe", "example.org"),
+        ('<"a\\"b\\\\c"@example.org>', 'a"b\\c', "example.org"),
+        ('<"a..b"@x.y>', "a..b", "x.y"),
+        ("<user@[192.0.2.1]>", "user", "[192.0.2.1]"),
+        ("<user@[IPv6:2001:db8::1]>", "user", "[IPv6:2001:db8::1]"),
+        ("<@relay.one,@relay.two:user@final.example>", "user", "final.example"),
+        ("<a@xn--bcher-kva.example>", "a", "xn--bcher-kva.example"),
+    ],
+)
 def test_valid_paths(text: str, local: str, domain: str) -> None:
     assert rcpt(text) == Path(local, domain)
 
@@ -52,13 +55,39 @@ def test_postmaster_only_for_rcpt() -> None:
         sender("<postmaster>")
 
 
-@pytest.mark.parametrize("text", [
-    "a@b", "<a@b", "<a@b>x", "<a b@c>", "<a..b@c>", "<.a@c>", "<a.@c>", "<a@-b.c>",
-    "<a@b-.c>", "<a@b..c>", "<a@b.>", "<@a>", "<a@>", "<a>", '<""@x>', '<"a"b"@x>',
-    "<a@[300.1.1.1]>", "<a@[1.2.3]>", "<a@[IPv6:zz::1]>", "<a@[IPv6:fe80::1%eth0]>",
-    "<a@[tag:stuff]>", "<a@b_c.d>", "<a@@b>", "<a@b,@c:d@e>", "<@a:b>", "<a\x00@b>",
-    "<a@b\x7f>", "<a@[01.2.3.4]>",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a@b",
+        "<a@b",
+        "<a@b>x",
+        "<a b@c>",
+        "<a..b@c>",
+        "<.a@c>",
+        "<a.@c>",
+        "<a@-b.c>",
+        "<a@b-.c>",
+        "<a@b..c>",
+        "<a@b.>",
+        "<@a>",
+        "<a@>",
+        "<a>",
+        '<""@x>',
+        '<"a"b"@x>',
+        "<a@[300.1.1.1]>",
+        "<a@[1.2.3]>",
+        "<a@[IPv6:zz::1]>",
+        "<a@[IPv6:fe80::1%eth0]>",
+        "<a@[tag:stuff]>",
+        "<a@b_c.d>",
+        "<a@@b>",
+        "<a@b,@c:d@e>",
+        "<@a:b>",
+        "<a\x00@b>",
+        "<a@b\x7f>",
+        "<a@[01.2.3.4]>",
+    ],
+)
 def test_invalid_paths(text: str) -> None:
     with pytest.raises(CommandError) as info:
         rcpt(text)

@@ -40,8 +40,9 @@ MESSAGE = b"Subject: hello\n\n.leading dot\nbody\n"
 WIRE_BODY = b"Subject: hello\r\n\r\n.leading dot\r\nbody\r\n"
 
 
-def connected(server: ServerConnection, *, pipelining: bool = True,
-              chunk: int = 1 << 20) -> ClientConnection:
+def connected(
+    server: ServerConnection, *, pipelining: bool = True, chunk: int = 1 << 20
+) -> ClientConnection:
     client = ClientConnection(helo_name="client.test")
     assert isinstance(converse(client, server, chunk=chunk), Greeting)
     client.ehlo()
@@ -120,8 +121,10 @@ def test_extension_parsing() -> None:
     client = scripted(b"220 x\r\n")
     run(client)
     client.ehlo()
-    client.receive_data(b"250-x greets you\r\n250-AUTH=LOGIN\r\n250-auth plain cram-md5\r\n"
-                        b"250-SIZE 0\r\n250-X-Thing  a  b \r\n250 8bitmime\r\n")
+    client.receive_data(
+        b"250-x greets you\r\n250-AUTH=LOGIN\r\n250-auth plain cram-md5\r\n"
+        b"250-SIZE 0\r\n250-X-Thing  a  b \r\n250 8bitmime\r\n"
+    )
     run(client)
     assert client.auth_mechanisms == {"LOGIN", "PLAIN", "CRAM-MD5"}
     assert client.max_size is None  # SIZE 0: no fixed limit (RFC 1870)
@@ -144,7 +147,10 @@ def test_transaction_with_some_recipients_refused(pipelining: bool, chunk: int) 
     assert result.mail_reply == Reply(250, "2.1.0", "Ok")
     assert bodies(events) == WIRE_BODY
     assert [str(e.path) for e in events if isinstance(e, RcptTo)] == [
-        "x@y.test", "bad@y.test", "z@y.test"]
+        "x@y.test",
+        "bad@y.test",
+        "z@y.test",
+    ]
     mail = next(e for e in events if isinstance(e, MailFrom))
     assert mail.params.size == len(WIRE_BODY) + 1  # one stuffed dot
     assert mail.params.body is None and not mail.params.smtputf8
@@ -155,9 +161,11 @@ def test_pipelining_sends_one_write_then_the_body() -> None:
     client = connected(server)
     client.send_mail("a@b.test", ["x@y.test", "z@y.test"], b"hi\r\n")
     assert client.data_to_send() == (
-        b"MAIL FROM:<a@b.test> SIZE=4\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n")
-    server.receive_data(b"MAIL FROM:<a@b.test> SIZE=4\r\nRCPT TO:<x@y.test>\r\n"
-                        b"RCPT TO:<z@y.test>\r\nDATA\r\n")
+        b"MAIL FROM:<a@b.test> SIZE=4\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n"
+    )
+    server.receive_data(
+        b"MAIL FROM:<a@b.test> SIZE=4\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n"
+    )
     pump(server)
     client.receive_data(server.data_to_send())
     assert client.next_event() is NEED_DATA
@@ -338,9 +346,13 @@ def test_starttls_against_the_server_machine() -> None:
     server = make_server()
     client = connected(server)
     client.start_tls()
-    result = converse(client, server,
-                      decider=lambda e: Reply(220, "2.0.0", "Go")
-                      if isinstance(e, StartTlsRequest) else decide(e))
+    result = converse(
+        client,
+        server,
+        decider=lambda e: (
+            Reply(220, "2.0.0", "Go") if isinstance(e, StartTlsRequest) else decide(e)
+        ),
+    )
     assert result == StartTlsResult(Reply(220, "2.0.0", "Go"))
     assert server.awaiting_tls
     server.tls_established()
@@ -361,7 +373,8 @@ def test_auth_against_the_server_machine(mechanism: str, password: str) -> None:
     assert isinstance(result, AuthResult)
     assert result.reply.code == (235 if password == PASSWORD else 535)
     assert [e for e in events if isinstance(e, AuthAttempt)] == [
-        AuthAttempt(mechanism.upper(), "", "bob", password)]
+        AuthAttempt(mechanism.upper(), "", "bob", password)
+    ]
     assert server.authenticated_user == ("bob" if password == PASSWORD else None)
 
 
@@ -392,13 +405,15 @@ def test_server_asking_for_more_gets_a_cancel() -> None:
 
 
 # ---------------------------------------------------------------- properties
-_RECIPIENTS = st.lists(st.sampled_from(["x@y.test", "bad@y.test", "z@q.test", "bad2@q.test"]),
-                       min_size=1, max_size=6)
+_RECIPIENTS = st.lists(
+    st.sampled_from(["x@y.test", "bad@y.test", "z@q.test", "bad2@q.test"]), min_size=1, max_size=6
+)
 
 
 @given(_RECIPIENTS, st.binary(max_size=3000), st.booleans(), st.integers(1, 5000))
-def test_client_and_server_agree(recipients: list[str], body: bytes, pipelining: bool,
-                                 chunk: int) -> None:
+def test_client_and_server_agree(
+    recipients: list[str], body: bytes, pipelining: bool, chunk: int
+) -> None:
     server = make_server(max_message_size=100_000, max_recipients=4)
     client = connected(server, pipelining=pipelining, chunk=chunk)
     client.send_mail("a@b.test", recipients, body)

@@ -12,8 +12,11 @@ from trio_mta.smtp.data import BdatReader, LineEndingChecker, has_bare_line_endi
 from .smtp_helpers import split_at
 
 
-def read(wire: bytes, cuts: list[int] | None = None, max_size: int = 10**9,
-         ) -> tuple[bytes, bytes | None, DataReader]:
+def read(
+    wire: bytes,
+    cuts: list[int] | None = None,
+    max_size: int = 10**9,
+) -> tuple[bytes, bytes | None, DataReader]:
     """Feed ``wire`` split at ``cuts``; return (body, remainder, reader)."""
     reader = DataReader(max_size)
     body = []
@@ -32,16 +35,19 @@ def normalise(body: bytes) -> bytes:
     return body if not body or body.endswith(b"\r\n") else body + b"\r\n"
 
 
-@pytest.mark.parametrize(("body", "wire"), [
-    (b"", b".\r\n"),
-    (b"a", b"a\r\n.\r\n"),
-    (b"a\r\n", b"a\r\n.\r\n"),
-    (b".", b"..\r\n.\r\n"),
-    (b".a\r\n.\r\n..\r\n", b"..a\r\n..\r\n...\r\n.\r\n"),
-    (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n.\r\n"),
-    (b"x\n.\n", b"x\r\n..\r\n.\r\n"),
-    (b"\r\r\n", b"\r\n\r\n.\r\n"),
-])
+@pytest.mark.parametrize(
+    ("body", "wire"),
+    [
+        (b"", b".\r\n"),
+        (b"a", b"a\r\n.\r\n"),
+        (b"a\r\n", b"a\r\n.\r\n"),
+        (b".", b"..\r\n.\r\n"),
+        (b".a\r\n.\r\n..\r\n", b"..a\r\n..\r\n...\r\n.\r\n"),
+        (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n.\r\n"),
+        (b"x\n.\n", b"x\r\n..\r\n.\r\n"),
+        (b"\r\r\n", b"\r\n\r\n.\r\n"),
+    ],
+)
 def test_dot_stuff(body: bytes, wire: bytes) -> None:
     assert dot_stuff(body) == wire
 
@@ -63,9 +69,19 @@ def test_dot_line_with_text_loses_its_dot() -> None:
     assert read(b".abc\r\n.\r\n")[0] == b"abc\r\n"
 
 
-@pytest.mark.parametrize("smuggle", [
-    b"\n.\r\n", b"\n.\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r", b"\n.\r", b"\r.\r\n", b"\r.\n",
-])
+@pytest.mark.parametrize(
+    "smuggle",
+    [
+        b"\n.\r\n",
+        b"\n.\n",
+        b"\r.\r",
+        b"\r\n.\n",
+        b"\r\n.\r",
+        b"\n.\r",
+        b"\r.\r\n",
+        b"\r.\n",
+    ],
+)
 def test_smuggling_sequences_never_end_the_data(smuggle: bytes) -> None:
     second = b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nevil\r\n"
     body, rest, reader = read(b"first" + smuggle + second + b".\r\nNEXT")
@@ -111,17 +127,19 @@ def test_has_bare_line_ending() -> None:
         assert has_bare_line_ending(bad), bad
 
 
-@pytest.mark.parametrize(("chunks", "bad", "crlf_end"), [
-    ([b"a\r", b"\nb\r\n"], False, True),
-    ([b"a\r", b"b"], True, False),
-    ([b"a", b"\n"], True, False),
-    ([b"a\r"], True, False),
-    ([b"a\r\n", b""], False, True),
-    ([], False, True),
-    ([b"abc"], False, False),
-])
-def test_line_ending_checker_across_chunks(chunks: list[bytes], bad: bool,
-                                           crlf_end: bool) -> None:
+@pytest.mark.parametrize(
+    ("chunks", "bad", "crlf_end"),
+    [
+        ([b"a\r", b"\nb\r\n"], False, True),
+        ([b"a\r", b"b"], True, False),
+        ([b"a", b"\n"], True, False),
+        ([b"a\r"], True, False),
+        ([b"a\r\n", b""], False, True),
+        ([], False, True),
+        ([b"abc"], False, False),
+    ],
+)
+def test_line_ending_checker_across_chunks(chunks: list[bytes], bad: bool, crlf_end: bool) -> None:
     checker = LineEndingChecker()
     for chunk in chunks:
         checker.feed(chunk)
@@ -151,7 +169,11 @@ def test_any_split_gives_the_same_result(data: bytes, points: list[int], max_siz
     body, rest, reader = read(data, points, max_size=max_size)
     assert (body, rest) == (whole_body, whole_rest)
     assert (reader.bad_line_ending, reader.size, reader.done, reader.too_big) == (
-        whole.bad_line_ending, whole.size, whole.done, whole.too_big)
+        whole.bad_line_ending,
+        whole.size,
+        whole.done,
+        whole.too_big,
+    )
     assert len(body) == min(whole.size, max_size)  # the first max_size octets pass
 
 
@@ -175,8 +197,7 @@ def test_reader_matches_the_rfc_definition(data: bytes) -> None:
 
 
 @given(st.lists(_PIECES, max_size=30).map(b"".join), cuts)
-def test_line_ending_checker_agrees_with_whole_buffer_check(data: bytes,
-                                                           points: list[int]) -> None:
+def test_line_ending_checker_agrees_with_whole_buffer_check(data: bytes, points: list[int]) -> None:
     checker = LineEndingChecker()
     for chunk in split_at(data, points):
         checker.feed(chunk)
@@ -186,8 +207,12 @@ def test_line_ending_checker_agrees_with_whole_buffer_check(data: bytes,
 
 
 # ---------------------------------------------------------------------- BDAT
-def read_bdat(chunks: list[tuple[bytes, bool]], cuts: list[int], max_size: int = 10**9,
-              trailer: bytes = b"NEXT") -> tuple[bytes, list[bytes], BdatReader]:
+def read_bdat(
+    chunks: list[tuple[bytes, bool]],
+    cuts: list[int],
+    max_size: int = 10**9,
+    trailer: bytes = b"NEXT",
+) -> tuple[bytes, list[bytes], BdatReader]:
     """Each chunk followed by ``trailer`` (the next command) in one buffer, split at ``cuts``.
 
     Returns the body, what was left after each chunk, and the reader.
@@ -248,10 +273,14 @@ def test_bdat_reader_misuse() -> None:
         reader.begin_chunk(1, True)
 
 
-@given(st.lists(st.tuples(st.binary(max_size=40), st.booleans()), min_size=1, max_size=5),
-       st.lists(st.integers(0, 60), max_size=5), st.integers(0, 120))
+@given(
+    st.lists(st.tuples(st.binary(max_size=40), st.booleans()), min_size=1, max_size=5),
+    st.lists(st.integers(0, 60), max_size=5),
+    st.integers(0, 120),
+)
 def test_bdat_reader_any_split_gives_the_same_result(
-        chunks: list[tuple[bytes, bool]], cuts: list[int], max_size: int) -> None:
+    chunks: list[tuple[bytes, bool]], cuts: list[int], max_size: int
+) -> None:
     chunks[-1] = (chunks[-1][0], True)
     chunks = [(data, False) for data, _ in chunks[:-1]] + chunks[-1:]
     whole = read_bdat(chunks, [], max_size)

@@ -45,28 +45,44 @@ def test_str_and_text() -> None:
     assert str(Reply(354, None, "Go")) == "354 Go"
 
 
-@pytest.mark.parametrize(("code", "success", "positive", "intermediate", "transient",
-                          "permanent"), [
-    (200, True, True, False, False, False),
-    (250, True, True, False, False, False),
-    (299, True, True, False, False, False),
-    (354, False, True, True, False, False),
-    (421, False, False, False, True, False),
-    (554, False, False, False, False, True),
-])
-def test_classes(code: int, success: bool, positive: bool, intermediate: bool, transient: bool,
-                 permanent: bool) -> None:
+@pytest.mark.parametrize(
+    ("code", "success", "positive", "intermediate", "transient", "permanent"),
+    [
+        (200, True, True, False, False, False),
+        (250, True, True, False, False, False),
+        (299, True, True, False, False, False),
+        (354, False, True, True, False, False),
+        (421, False, False, False, True, False),
+        (554, False, False, False, False, True),
+    ],
+)
+def test_classes(
+    code: int, success: bool, positive: bool, intermediate: bool, transient: bool, permanent: bool
+) -> None:
     reply = Reply(code, None, "x")
-    assert (reply.is_success, reply.is_positive, reply.is_intermediate, reply.is_transient,
-            reply.is_permanent) == (success, positive, intermediate, transient, permanent)
+    assert (
+        reply.is_success,
+        reply.is_positive,
+        reply.is_intermediate,
+        reply.is_transient,
+        reply.is_permanent,
+    ) == (success, positive, intermediate, transient, permanent)
 
 
-@pytest.mark.parametrize(("code", "status", "lines"), [
-    (199, None, "x"), (600, None, "x"), (250, "2.0", "x"), (250, "3.0.0", "x"),
-    (250, None, "a\r\nb"), (250, None, ("ok", "inject\n250 x")),
-])
-def test_invalid_replies_are_refused_at_construction(code: int, status: str | None,
-                                                     lines: str | tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("code", "status", "lines"),
+    [
+        (199, None, "x"),
+        (600, None, "x"),
+        (250, "2.0", "x"),
+        (250, "3.0.0", "x"),
+        (250, None, "a\r\nb"),
+        (250, None, ("ok", "inject\n250 x")),
+    ],
+)
+def test_invalid_replies_are_refused_at_construction(
+    code: int, status: str | None, lines: str | tuple[str, ...]
+) -> None:
     with pytest.raises(ValueError):
         Reply(code, status, lines)
 
@@ -98,10 +114,19 @@ def test_parse_several_replies_incrementally() -> None:
     assert parser.buffered == b""
 
 
-@pytest.mark.parametrize("garbage", [
-    b"hello\r\n", b"25\r\n", b"2500 x\r\n", b"250x\r\n", b"099 x\r\n", b"250-a\r\n550 b\r\n",
-    b"250 a\rb\r\n", b"abc 250\r\n",
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"hello\r\n",
+        b"25\r\n",
+        b"2500 x\r\n",
+        b"250x\r\n",
+        b"099 x\r\n",
+        b"250-a\r\n550 b\r\n",
+        b"250 a\rb\r\n",
+        b"abc 250\r\n",
+    ],
+)
 def test_garbage_raises_reply_error(garbage: bytes) -> None:
     with pytest.raises(ReplyError):
         parse_all(garbage)

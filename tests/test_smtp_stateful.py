@@ -71,9 +71,13 @@ class Conversation(RuleBasedStateMachine):
         self.predicted_accepted = 0
 
     def start(self) -> None:
-        self.server = ServerConnection(hostname="mx.test", max_message_size=MAX_SIZE,
-                                       max_recipients=MAX_RCPT, starttls=True,
-                                       max_errors=10**6)
+        self.server = ServerConnection(
+            hostname="mx.test",
+            max_message_size=MAX_SIZE,
+            max_recipients=MAX_RCPT,
+            starttls=True,
+            max_errors=10**6,
+        )
         self.server.send_reply(BANNER)
         assert self.server.data_to_send() == BANNER.format()
         self.model = Model()
@@ -136,8 +140,10 @@ class Conversation(RuleBasedStateMachine):
         self.model.reset()
         self.model.greeted, self.model.esmtp = True, esmtp
 
-    @rule(local=st.sampled_from([b"a", b"bad"]),
-          size=st.sampled_from([None, 10, MAX_SIZE, MAX_SIZE + 1]))
+    @rule(
+        local=st.sampled_from([b"a", b"bad"]),
+        size=st.sampled_from([None, 10, MAX_SIZE, MAX_SIZE + 1]),
+    )
     def mail(self, local: bytes, size: int | None) -> None:
         line = b"MAIL FROM:<" + local + b"@b.test>"
         if size is not None:
@@ -173,11 +179,29 @@ class Conversation(RuleBasedStateMachine):
             self.queue(line, b"250 2.1.5")
             m.rcpts += 1
 
-    @rule(lines=st.lists(st.sampled_from([b"Subject: x", b"", b".", b"..", b".x", b"hello",
-                                          b"MAIL FROM:<evil@x.test>", b"QUIT", b"y" * 700]),
-                         max_size=6),
-          smuggle=st.none() | st.tuples(st.integers(0, 5), st.sampled_from(
-              [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n", b"\r"])))
+    @rule(
+        lines=st.lists(
+            st.sampled_from(
+                [
+                    b"Subject: x",
+                    b"",
+                    b".",
+                    b"..",
+                    b".x",
+                    b"hello",
+                    b"MAIL FROM:<evil@x.test>",
+                    b"QUIT",
+                    b"y" * 700,
+                ]
+            ),
+            max_size=6,
+        ),
+        smuggle=st.none()
+        | st.tuples(
+            st.integers(0, 5),
+            st.sampled_from([b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n", b"\r"]),
+        ),
+    )
     def data(self, lines: list[bytes], smuggle: tuple[int, bytes] | None) -> None:
         m = self.model
         if not m.mail:
@@ -193,8 +217,9 @@ class Conversation(RuleBasedStateMachine):
             i = smuggle[0] % len(lines)
             lines[i] = lines[i][:1] + smuggle[1] + lines[i][1:]
         content = b"".join(line + b"\r\n" for line in lines)
-        stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
-                           for line in lines)
+        stuffed = b"".join(
+            (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines
+        )
         assert b"\r\n.\r\n" not in b"\r\n" + stuffed
         if bare(stuffed):
             final = b"550 5.5.2"
@@ -207,9 +232,11 @@ class Conversation(RuleBasedStateMachine):
         self.end_markers += 1
         m.reset()
 
-    @rule(content=st.binary(max_size=60) | st.sampled_from(
-              [b"\r\n.\r\nMAIL FROM:<evil@x.test>\r\n", b"a\r", b"\nb", b"y" * 1500]),
-          last=st.booleans())
+    @rule(
+        content=st.binary(max_size=60)
+        | st.sampled_from([b"\r\n.\r\nMAIL FROM:<evil@x.test>\r\n", b"a\r", b"\nb", b"y" * 1500]),
+        last=st.booleans(),
+    )
     def bdat(self, content: bytes, last: bool) -> None:
         m = self.model
         head = b"BDAT %d%s\r\n" % (len(content), b" LAST" if last else b"")
@@ -243,8 +270,10 @@ class Conversation(RuleBasedStateMachine):
         line = b"NOOP" + arg + b"\r\n"
         self.queue(line, b"250 2.0.0" if len(line) <= 512 else b"500 5.5.2 Line too long")
 
-    @rule(junk=st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")),
-          ending=st.sampled_from([b"\r\n", b"\n"]))
+    @rule(
+        junk=st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")),
+        ending=st.sampled_from([b"\r\n", b"\n"]),
+    )
     def garbage(self, junk: bytes, ending: bytes) -> None:
         line = b"X" + junk + ending
         if bare(line[:-2] if line.endswith(b"\r\n") else line):
@@ -252,13 +281,17 @@ class Conversation(RuleBasedStateMachine):
         else:
             self.queue(line, b"500 5.5.1 Command unrecognized")
 
-    @rule(verb=st.sampled_from([b"X", b"NOOP ", b"RCPT TO:<", b"MAIL FROM:<"]),
-          size=st.sampled_from([513, 600, 1039, 1040, 1500, 3000]),
-          stray=st.lists(st.tuples(st.integers(0, 3000), st.sampled_from([b"\r", b"\x00"])),
-                         max_size=3),
-          ending=st.sampled_from([b"\r\n", b"\n"]))
-    def overlong(self, verb: bytes, size: int, stray: list[tuple[int, bytes]],
-                 ending: bytes) -> None:
+    @rule(
+        verb=st.sampled_from([b"X", b"NOOP ", b"RCPT TO:<", b"MAIL FROM:<"]),
+        size=st.sampled_from([513, 600, 1039, 1040, 1500, 3000]),
+        stray=st.lists(
+            st.tuples(st.integers(0, 3000), st.sampled_from([b"\r", b"\x00"])), max_size=3
+        ),
+        ending=st.sampled_from([b"\r\n", b"\n"]),
+    )
+    def overlong(
+        self, verb: bytes, size: int, stray: list[tuple[int, bytes]], ending: bytes
+    ) -> None:
         """Over the verb's limit, whatever else is wrong with it: 'Line too long'."""
         limit = max_line_length(verb)
         if size <= limit:
@@ -273,10 +306,18 @@ class Conversation(RuleBasedStateMachine):
     def flush(self, cuts: list[int]) -> None:
         self.send(cuts)
 
-    @rule(accept=st.booleans(), trailing=st.sampled_from(
-              [b"", b"RSET\r\n", b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\n",
-               b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 500]),
-          cuts=st.lists(st.integers(0, 10_000), max_size=4))
+    @rule(
+        accept=st.booleans(),
+        trailing=st.sampled_from(
+            [
+                b"",
+                b"RSET\r\n",
+                b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 500,
+            ]
+        ),
+        cuts=st.lists(st.integers(0, 10_000), max_size=4),
+    )
     def starttls(self, accept: bool, trailing: bytes, cuts: list[int]) -> None:
         m = self.model
         if m.tls:
@@ -346,6 +387,8 @@ class Conversation(RuleBasedStateMachine):
 # Each example is a conversation of up to 40 steps: 60 % of the profile's examples
 # (60 by default, ~7 s of CPU; fuzz/hypothesis_long.py's profile scales it up).
 Conversation.TestCase.settings = settings(
-    max_examples=max(1, settings.default.max_examples * 3 // 5), stateful_step_count=40,
-    deadline=None)
+    max_examples=max(1, settings.default.max_examples * 3 // 5),
+    stateful_step_count=40,
+    deadline=None,
+)
 test_server_conversation = Conversation.TestCase

@@ -31,16 +31,20 @@ async def spf_of(resolver: Resolver, domain: str, ip: str = CLIENT) -> str:
     return result.result
 
 
-@pytest.mark.parametrize(("record", "expected"), [
-    ("v=spf1 ip4:192.0.2.0/24 -all", "pass"),
-    ("v=spf1 ip4:198.51.100.0/24 -all", "fail"),
-    ("v=spf1 ip4:198.51.100.0/24 ~all", "softfail"),
-    ("v=spf1 ?all", "neutral"),
-    ("v=spf1 ip4:192.0.2.300 -all", "permerror"),
-    ("v=spf1 frobnicate -all", "permerror"),
-])
-async def test_spf_results_from_a_single_record(resolver: Resolver, dns_server: DnsServer,
-                                                record: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ("v=spf1 ip4:192.0.2.0/24 -all", "pass"),
+        ("v=spf1 ip4:198.51.100.0/24 -all", "fail"),
+        ("v=spf1 ip4:198.51.100.0/24 ~all", "softfail"),
+        ("v=spf1 ?all", "neutral"),
+        ("v=spf1 ip4:192.0.2.300 -all", "permerror"),
+        ("v=spf1 frobnicate -all", "permerror"),
+    ],
+)
+async def test_spf_results_from_a_single_record(
+    resolver: Resolver, dns_server: DnsServer, record: str, expected: str
+) -> None:
     domain = unique_domain("spf")
     dns_server.add(domain + ".", "TXT", f'"{record}"')
     assert await spf_of(resolver, domain) == expected
@@ -54,7 +58,8 @@ async def test_spf_none_without_a_record(resolver: Resolver, dns_server: DnsServ
 
 
 async def test_spf_dns_failure_is_temperror_never_a_hang(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     failing, silent = unique_domain("servfail"), unique_domain("silent")
     dns_server.servfail(failing + ".")
     dns_server.blackhole(silent + ".")
@@ -67,7 +72,8 @@ async def test_spf_dns_failure_is_temperror_never_a_hang(
 
 
 async def test_spf_include_chain_and_a_mx_mechanisms(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     top, middle, leaf = unique_domain("top"), unique_domain("mid"), unique_domain("leaf")
     dns_server.add(top + ".", "TXT", f'"v=spf1 include:{middle} -all"')
     dns_server.add(middle + ".", "TXT", f'"v=spf1 mx include:{leaf} -all"')
@@ -86,15 +92,17 @@ async def test_spf_include_chain_and_a_mx_mechanisms(
 
 async def test_spf_stops_at_ten_dns_mechanisms(resolver: Resolver, dns_server: DnsServer) -> None:
     """RFC 7208 §4.6.4: the 11th DNS-querying term is a permerror, 10 are fine."""
+
     def chain(terms: int) -> str:
         domain = unique_domain("lim")
         names = [f"h{i}.{domain}" for i in range(terms)]
         for name in names:
             dns_server.add(name + ".", "A", "198.51.100.1")
         record = "v=spf1 " + " ".join(f"a:{n}" for n in names) + " ip4:192.0.2.0/24 -all"
-        strings = " ".join(f'"{record[i:i + 200]}"' for i in range(0, len(record), 200))
+        strings = " ".join(f'"{record[i : i + 200]}"' for i in range(0, len(record), 200))
         dns_server.add(domain + ".", "TXT", strings)  # DNS joins them (RFC 7208 §3.3)
         return domain
+
     assert await spf_of(resolver, chain(10)) == "pass"
     assert await spf_of(resolver, chain(11)) == "permerror"
 
@@ -104,17 +112,24 @@ async def test_spf_void_lookup_limit(resolver: Resolver, dns_server: DnsServer) 
     domain = unique_domain("void")
     gone = [f"gone{i}.{domain}" for i in range(3)]
     dns_server.add(f"keep.{domain}.", "A", "198.51.100.1")  # makes domain exist
-    dns_server.add(domain + ".", "TXT",
-                   '"v=spf1 ' + " ".join(f"a:{g}" for g in gone) + ' ip4:192.0.2.0/24 -all"')
+    dns_server.add(
+        domain + ".",
+        "TXT",
+        '"v=spf1 ' + " ".join(f"a:{g}" for g in gone) + ' ip4:192.0.2.0/24 -all"',
+    )
     assert await spf_of(resolver, domain) == "permerror"
     two = unique_domain("void2")
-    dns_server.add(two + ".", "TXT",
-                   '"v=spf1 ' + " ".join(f"a:{g}" for g in gone[:2]) + ' ip4:192.0.2.0/24 -all"')
+    dns_server.add(
+        two + ".",
+        "TXT",
+        '"v=spf1 ' + " ".join(f"a:{g}" for g in gone[:2]) + ' ip4:192.0.2.0/24 -all"',
+    )
     assert await spf_of(resolver, two) == "pass"
 
 
 async def test_spf_checks_the_helo_name_for_the_null_sender(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     helo = unique_domain("helo")
     dns_server.add(helo + ".", "TXT", '"v=spf1 ip4:192.0.2.10 -all"')
     result = await check_spf(resolver, CLIENT, "", helo, timeout=5)
@@ -136,18 +151,22 @@ POLICY = DmarcPolicy("example.org", p="reject", sp="quarantine")
 
 
 def test_dmarc_passes_by_aligned_spf_or_dkim_and_fails_otherwise() -> None:
-    assert evaluate("example.org", POLICY, spf("pass", "bounces.example.org"), []).result \
-        == "pass"
-    assert evaluate("example.org", POLICY, None, [dkim_pass("mail.example.org")]).result \
-        == "pass"
+    assert evaluate("example.org", POLICY, spf("pass", "bounces.example.org"), []).result == "pass"
+    assert evaluate("example.org", POLICY, None, [dkim_pass("mail.example.org")]).result == "pass"
     # Unaligned passes do not count; neither do fails.
-    failed = evaluate("example.org", POLICY, spf("pass", "other.net"),
-                      [dkim_pass("other.net")])
+    failed = evaluate("example.org", POLICY, spf("pass", "other.net"), [dkim_pass("other.net")])
     assert (failed.result, failed.policy, failed.disposition) == ("fail", "reject", "reject")
     assert evaluate("example.org", POLICY, spf("fail", "example.org"), []).result == "fail"
     strict = DmarcPolicy("example.org", "reject", "reject", adkim="s", aspf="s")
-    assert evaluate("example.org", strict, spf("pass", "bounces.example.org"),
-                    [dkim_pass("mail.example.org")]).result == "fail"
+    assert (
+        evaluate(
+            "example.org",
+            strict,
+            spf("pass", "bounces.example.org"),
+            [dkim_pass("mail.example.org")],
+        ).result
+        == "fail"
+    )
     assert evaluate("example.org", strict, None, [dkim_pass("example.org")]).result == "pass"
     assert evaluate("example.org", None, None, []).result == "none"
 
@@ -177,7 +196,8 @@ def test_organizational_domain_comes_from_the_public_suffix_list() -> None:
 
 
 async def test_dmarc_policy_discovery_falls_back_to_the_organizational_domain(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     org = unique_domain("org")
     dns_server.add(f"_dmarc.{org}.", "TXT", '"v=DMARC1; p=reject; sp=none"')
     found = await dmarc.fetch_policy(resolver, f"a.b.{org}")
@@ -194,55 +214,71 @@ async def test_dmarc_policy_discovery_falls_back_to_the_organizational_domain(
 
 def test_authentication_results_header_shape() -> None:
     header = authentication_results(
-        "mx.example.test", spf=spf("pass", "example.org"),
-        dkim=[dkim_pass("example.org"), DkimResult("fail", "x.net", "k", "rsa-sha256", "",
-                                                   "body hash mismatch; really")],
+        "mx.example.test",
+        spf=spf("pass", "example.org"),
+        dkim=[
+            dkim_pass("example.org"),
+            DkimResult("fail", "x.net", "k", "rsa-sha256", "", "body hash mismatch; really"),
+        ],
         dmarc=dmarc.DmarcResult("pass", "example.org", "reject", "none"),
-        sender="alice@example.org")
+        sender="alice@example.org",
+    )
     text = header.decode()
     assert text.endswith("\r\n") and text.count("\r\n") == 5
     unfolded = text.replace("\r\n\t", " ")
-    assert unfolded.startswith("Authentication-Results: mx.example.test; spf=pass "
-                               "smtp.mailfrom=alice@example.org; dkim=pass")
+    assert unfolded.startswith(
+        "Authentication-Results: mx.example.test; spf=pass "
+        "smtp.mailfrom=alice@example.org; dkim=pass"
+    )
     assert 'dkim=fail reason="body hash mismatch really"' in unfolded
     assert "dmarc=pass (p=reject dis=none) header.from=example.org" in unfolded
     assert all(len(line) <= 100 for line in text.split("\r\n"))
-    assert authentication_results("mx.example.test", spf=None, dkim=None, dmarc=None) == \
-        b"Authentication-Results: mx.example.test; none\r\n"
+    assert (
+        authentication_results("mx.example.test", spf=None, dkim=None, dmarc=None)
+        == b"Authentication-Results: mx.example.test; none\r\n"
+    )
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (b" mx.example.test; spf=pass", "mx.example.test"),
-    (b" MX.Example.Test 1; none", "mx.example.test"),
-    (b' (forged) "mx.example.test"; dkim=pass', "mx.example.test"),
-    (b"\r\n\t(a (nested) comment) mx.example.test;spf=pass", "mx.example.test"),
-    (b" other.example; spf=pass", "other.example"),
-    (b"  ", None),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b" mx.example.test; spf=pass", "mx.example.test"),
+        (b" MX.Example.Test 1; none", "mx.example.test"),
+        (b' (forged) "mx.example.test"; dkim=pass', "mx.example.test"),
+        (b"\r\n\t(a (nested) comment) mx.example.test;spf=pass", "mx.example.test"),
+        (b" other.example; spf=pass", "other.example"),
+        (b"  ", None),
+    ],
+)
 def test_authserv_id(value: bytes, expected: str | None) -> None:
     assert authserv_id(value) == expected
 
 
 def test_strip_removes_only_our_authentication_results() -> None:
-    message = (b"Received: from a\r\n\tby b\r\n"
-               b"Authentication-Results: mx.example.test; dkim=pass\r\n\theader.d=evil.test\r\n"
-               b"authentication-results:MX.EXAMPLE.TEST;spf=pass\r\n"
-               b"Authentication-Results: other.example; spf=fail\r\n"
-               b"Subject: Authentication-Results: mx.example.test; x\r\n"
-               b"\r\n"
-               b"Authentication-Results: mx.example.test; body line stays\r\n")
+    message = (
+        b"Received: from a\r\n\tby b\r\n"
+        b"Authentication-Results: mx.example.test; dkim=pass\r\n\theader.d=evil.test\r\n"
+        b"authentication-results:MX.EXAMPLE.TEST;spf=pass\r\n"
+        b"Authentication-Results: other.example; spf=fail\r\n"
+        b"Subject: Authentication-Results: mx.example.test; x\r\n"
+        b"\r\n"
+        b"Authentication-Results: mx.example.test; body line stays\r\n"
+    )
     stripped = strip_ours(message, "mx.example.test")
-    assert stripped == (b"Received: from a\r\n\tby b\r\n"
-                        b"Authentication-Results: other.example; spf=fail\r\n"
-                        b"Subject: Authentication-Results: mx.example.test; x\r\n"
-                        b"\r\n"
-                        b"Authentication-Results: mx.example.test; body line stays\r\n")
+    assert stripped == (
+        b"Received: from a\r\n\tby b\r\n"
+        b"Authentication-Results: other.example; spf=fail\r\n"
+        b"Subject: Authentication-Results: mx.example.test; x\r\n"
+        b"\r\n"
+        b"Authentication-Results: mx.example.test; body line stays\r\n"
+    )
     clean = b"Subject: x\r\n\r\nbody\r\n"
     assert strip_ours(clean, "mx.example.test") is clean
 
 
 async def test_spf_lookups_never_stall_the_event_loop(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     """A check waiting on a silent name server leaves the loop free for other sessions."""
     silent = unique_domain("stall")
     dns_server.blackhole(silent + ".")
@@ -267,7 +303,8 @@ async def test_spf_lookups_never_stall_the_event_loop(
 
 
 async def test_records_are_served_from_cache_within_their_ttl(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     domain = unique_domain("cache")
     dns_server.add(domain + ".", "TXT", '"v=spf1 -all"')
     assert resolver.peek(domain, "TXT") is None
@@ -284,7 +321,8 @@ async def test_records_are_served_from_cache_within_their_ttl(
 
 
 async def test_spf_results_are_reused_only_while_every_answer_is_cached(
-        resolver: Resolver, dns_server: DnsServer) -> None:
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
     domain, missing = unique_domain("memo"), unique_domain("memomiss")
     dns_server.add(domain + ".", "TXT", '"v=spf1 ip4:192.0.2.0/24 -all"')
     dns_server.add(missing + ".", "TXT", f'"v=spf1 a:nothing.{missing} -all"')
@@ -298,8 +336,7 @@ async def test_spf_results_are_reused_only_while_every_answer_is_cached(
     again = await check_spf(resolver, CLIENT, f"a@{domain}", "h.test", timeout=5, memo=memo)
     assert again == first and len(dns_server.queries) == before
     # Another client address is evaluated on its own.
-    other = await check_spf(resolver, "198.51.100.1", f"a@{domain}", "h.test", timeout=5,
-                            memo=memo)
+    other = await check_spf(resolver, "198.51.100.1", f"a@{domain}", "h.test", timeout=5, memo=memo)
     assert other.result == "fail" and len(memo) == 2
     # A verdict that rested on a lookup finding nothing is not kept.
     void = await check_spf(resolver, CLIENT, f"a@{missing}", "h.test", timeout=5, memo=memo)

@@ -108,9 +108,11 @@ async def test_concurrent_large_messages_keep_server_memory_bounded(tmp_path: Pa
     finally:
         assert server.stop() == 0
     total = SESSIONS * SIZE
-    print(f"baseline {baseline / MiB:.0f} MiB, holding {(during - baseline) / MiB:.0f} MiB,"
-          f" peak {(after['VmHWM'] - baseline) / MiB:.0f} MiB, after"
-          f" {(after['VmRSS'] - baseline) / MiB:.0f} MiB over the baseline")
+    print(
+        f"baseline {baseline / MiB:.0f} MiB, holding {(during - baseline) / MiB:.0f} MiB,"
+        f" peak {(after['VmHWM'] - baseline) / MiB:.0f} MiB, after"
+        f" {(after['VmRSS'] - baseline) / MiB:.0f} MiB over the baseline"
+    )
     growth = during - baseline
     peak = after["VmHWM"] - baseline
     assert growth < total / 8, f"RSS grew {growth / MiB:.0f} MiB holding {total / MiB:.0f} MiB"
@@ -125,8 +127,9 @@ async def test_concurrent_large_messages_keep_server_memory_bounded(tmp_path: Pa
     assert list((tmp_path / "state" / "spool").iterdir()) == []
 
 
-async def _big_transaction(mta: MTA, rcpt: bytes = b"bob@example.test",
-                           size: int = 4 * 64 * 1024) -> RawClient:
+async def _big_transaction(
+    mta: MTA, rcpt: bytes = b"bob@example.test", size: int = 4 * 64 * 1024
+) -> RawClient:
     client = await RawClient.connect(*mta.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -188,8 +191,9 @@ async def test_bare_lf_in_large_message_leaves_no_spool_file(mta: MTA) -> None:
     await _wait_unspooled(mta)
 
 
-async def test_oversized_message_leaves_no_spool_file(nursery: trio.Nursery,
-                                                     make_config: Callable[..., Config]) -> None:
+async def test_oversized_message_leaves_no_spool_file(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     server: MTA = await nursery.start(serve, make_config(limits={"max_message_size": 200_000}))
     client = await _big_transaction(server)
     assert (await client.command(b"DATA")).startswith(b"354")

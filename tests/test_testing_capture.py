@@ -48,8 +48,10 @@ def capture() -> SMTPCapture:
 
 
 def test_smtplib_message_is_kept_exactly_with_its_envelope(capture: SMTPCapture) -> None:
-    data = (b"From: a@example.test\r\nTo: b@example.test\r\nSubject: hello\r\n\r\n"
-            b".leading dot\r\n..two dots\r\n.\r\n" + b"x" * 998 + b"\r\nend\r\n")
+    data = (
+        b"From: a@example.test\r\nTo: b@example.test\r\nSubject: hello\r\n\r\n"
+        b".leading dot\r\n..two dots\r\n.\r\n" + b"x" * 998 + b"\r\nend\r\n"
+    )
     with smtplib.SMTP(capture.host, capture.port) as client:
         client.sendmail("a@example.test", ["b@example.test", "c@other.test"], data)
     (msg,) = capture.wait_for(1)
@@ -66,7 +68,10 @@ def test_messages_keep_arrival_order_and_clear_forgets_them(capture: SMTPCapture
         for n in range(3):
             client.sendmail("a@example.test", [f"r{n}@example.test"], f"Subject: {n}\r\n\r\n")
     assert [m.recipients for m in capture.wait_for(3)] == [
-        ["r0@example.test"], ["r1@example.test"], ["r2@example.test"]]
+        ["r0@example.test"],
+        ["r1@example.test"],
+        ["r2@example.test"],
+    ]
     capture.clear()
     assert capture.messages == []
     with smtplib.SMTP(capture.host, capture.port) as client:
@@ -100,11 +105,18 @@ def test_smtputf8_and_8bitmime_reach_the_message(capture: SMTPCapture) -> None:
     with smtplib.SMTP(capture.host, capture.port) as client:
         client.ehlo()
         assert client.has_extn("smtputf8") and client.has_extn("8bitmime")
-        client.sendmail("jörg@example.test", ["zoë@example.test"], data,
-                        mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        client.sendmail(
+            "jörg@example.test",
+            ["zoë@example.test"],
+            data,
+            mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+        )
     (msg,) = capture.wait_for(1)
     assert (msg.sender, msg.recipients, msg.data) == (
-        "jörg@example.test", ["zoë@example.test"], data)
+        "jörg@example.test",
+        ["zoë@example.test"],
+        data,
+    )
     assert msg.smtputf8 and msg.body == "8BITMIME"
     assert msg.message["Subject"] == "grüße"
 
@@ -112,9 +124,16 @@ def test_smtputf8_and_8bitmime_reach_the_message(capture: SMTPCapture) -> None:
 def test_pipelined_commands_and_bdat_chunks(capture: SMTPCapture) -> None:
     """PIPELINING (RFC 2920) and CHUNKING (RFC 3030) in one write; BDAT bytes are raw."""
     body = b"Subject: chunks\r\n\r\n.not stuffed\r\n"
-    script = (b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
-              b"BDAT 10\r\n" + body[:10] + b"BDAT " + str(len(body) - 10).encode() + b" LAST\r\n"
-              + body[10:] + b"QUIT\r\n")
+    script = (
+        b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
+        b"BDAT 10\r\n"
+        + body[:10]
+        + b"BDAT "
+        + str(len(body) - 10).encode()
+        + b" LAST\r\n"
+        + body[10:]
+        + b"QUIT\r\n"
+    )
     codes = [line[:3] for line in raw_session(capture, script, replies=6)]
     assert codes == [b"250", b"250", b"250", b"250", b"250", b"221"]
     (msg,) = capture.wait_for(1)
@@ -124,8 +143,7 @@ def test_pipelined_commands_and_bdat_chunks(capture: SMTPCapture) -> None:
 
 def test_bare_lf_in_data_is_refused_not_kept(capture: SMTPCapture) -> None:
     """The production rules hold: a smuggling-shaped message gets 550 5.5.2 and is not kept."""
-    script = (b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
-              b"DATA\r\n")
+    script = b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
     with socket.create_connection((capture.host, capture.port), timeout=10) as sock:
         sock.sendall(script)
         time.sleep(0.2)
@@ -142,8 +160,10 @@ def test_bare_lf_in_data_is_refused_not_kept(capture: SMTPCapture) -> None:
 
 def test_message_that_looks_like_our_trace_header_is_kept_intact(capture: SMTPCapture) -> None:
     """Only the server's own Received field is removed, never the client's lines."""
-    data = (b"Received: from evil (x)\r\n\tby localhost (trio_mta) with ESMTP id X;\r\n"
-            b"\tMon, 1 Jan 2024 00:00:00 +0000\r\n \tcontinuation\r\nSubject: s\r\n\r\n")
+    data = (
+        b"Received: from evil (x)\r\n\tby localhost (trio_mta) with ESMTP id X;\r\n"
+        b"\tMon, 1 Jan 2024 00:00:00 +0000\r\n \tcontinuation\r\nSubject: s\r\n\r\n"
+    )
     with smtplib.SMTP(capture.host, capture.port) as client:
         client.sendmail("a@example.test", ["b@example.test"], data)
         client.sendmail("a@example.test", ["b@example.test"], b"\tstarts with a tab\r\n")
@@ -153,8 +173,11 @@ def test_message_that_looks_like_our_trace_header_is_kept_intact(capture: SMTPCa
 
 
 def test_wait_for_names_what_arrived_when_it_times_out(capture: SMTPCapture) -> None:
-    with pytest.raises(MessagesNotReceived, match=r"expected 1 message at 127\.0\.0\.1:\d+, "
-                       r"none arrived within 0\.2 s"):
+    with pytest.raises(
+        MessagesNotReceived,
+        match=r"expected 1 message at 127\.0\.0\.1:\d+, "
+        r"none arrived within 0\.2 s",
+    ):
         capture.wait_for(1, timeout=0.2)
     with smtplib.SMTP(capture.host, capture.port) as client:
         client.sendmail("a@example.test", ["b@example.test"], b"Subject: only one\r\n\r\n")
@@ -162,8 +185,7 @@ def test_wait_for_names_what_arrived_when_it_times_out(capture: SMTPCapture) -> 
         capture.wait_for(2, timeout=0.5)
     assert isinstance(caught.value, TimeoutError)
     assert "only 1 arrived" in str(caught.value)
-    assert "#1 from <a@example.test> to <b@example.test>, Subject: 'only one'" in str(
-        caught.value)
+    assert "#1 from <a@example.test> to <b@example.test>, Subject: 'only one'" in str(caught.value)
 
 
 def test_auth_users_can_log_in() -> None:
@@ -215,8 +237,10 @@ def test_startup_time_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
         with SMTPCapture():
             times.append(time.perf_counter() - started)
     with capsys.disabled():
-        print(f"\nSMTPCapture start+stop: best {min(times) * 1000:.1f} ms, "
-              f"worst {max(times) * 1000:.1f} ms")
+        print(
+            f"\nSMTPCapture start+stop: best {min(times) * 1000:.1f} ms, "
+            f"worst {max(times) * 1000:.1f} ms"
+        )
 
 
 def test_a_port_in_use_is_a_clear_error() -> None:
@@ -233,12 +257,14 @@ def test_without_pytest_the_context_manager_works(tmp_path: Path) -> None:
         "from trio_mta.testing import SMTPCapture\n"
         "with SMTPCapture() as cap:\n"
         "    smtplib.SMTP(cap.host, cap.port).sendmail('a@x.test', ['b@y.test'], 'Subject: s')\n"
-        "    print(cap.wait_for(1)[0].data)\n")
+        "    print(cap.wait_for(1)[0].data)\n"
+    )
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == repr(b"Subject: s\r\n")
 
 
@@ -252,9 +278,14 @@ async def test_trio_capture_with_send_message(nursery: trio.Nursery) -> None:
     message["To"] = "user@example.test"
     message["Subject"] = "from trio"
     message.set_content(".dot first\nsecond line\n")
-    result = await trio_mta.send_message(message, host=capture.host, port=capture.port,
-                                         tls="verify", ssl_context=capture.ssl_context,
-                                         server_hostname="localhost")
+    result = await trio_mta.send_message(
+        message,
+        host=capture.host,
+        port=capture.port,
+        tls="verify",
+        ssl_context=capture.ssl_context,
+        server_hostname="localhost",
+    )
     assert result.tls is not None
     (msg,) = await capture.wait_for(1)
     assert msg.recipients == ["user@example.test"]

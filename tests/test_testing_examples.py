@@ -21,9 +21,26 @@ APP_TESTS = Path(__file__).resolve().parent.parent / "examples" / "app_tests"
 def run_suite(folder: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "trio_mta.testing.plugin", "-p", "pytest_trio.plugin", "-rf"],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "trio_mta.testing.plugin",
+            "-p",
+            "pytest_trio.plugin",
+            "-rf",
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_example_suite_passes(tmp_path: Path) -> None:
@@ -39,7 +56,8 @@ def test_example_suite_catches_a_broken_app(tmp_path: Path) -> None:
     shop = tmp_path / "app" / "shop.py"
     source = shop.read_text()
     broken = source.replace('f"Your order #{order_id}"', 'f"Order {order_id}"').replace(
-        '"ALERT: " + text', '"Alert: " + text')
+        '"ALERT: " + text', '"Alert: " + text'
+    )
     assert broken != source
     shop.write_text(broken)
     result = run_suite(tmp_path / "app")

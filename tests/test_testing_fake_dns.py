@@ -20,8 +20,15 @@ from trio_mta.testing import FakeDNS
 TLSA = "3 1 1 " + "ab" * 32
 
 
-def ask(server: FakeDNS, name: str, rdtype: str, *, tcp: bool = False,
-        want_dnssec: bool = False, ad: bool = False) -> dns.message.Message:
+def ask(
+    server: FakeDNS,
+    name: str,
+    rdtype: str,
+    *,
+    tcp: bool = False,
+    want_dnssec: bool = False,
+    ad: bool = False,
+) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype, want_dnssec=want_dnssec)
     if ad:
         query.flags |= dns.flags.AD
@@ -96,6 +103,7 @@ def test_a_cname_chain_is_authenticated_only_when_every_link_is(server: FakeDNS)
     server.add("target.test", "A", "127.0.0.1", authenticated=True)
     assert not ask(server, "alias.test", "A", ad=True).flags & dns.flags.AD
 
+
 def test_a_validating_resolver_signs_everything_but_unsigned_zones() -> None:
     """``authenticated=True``: AD on answers and denials alike, except unauthenticated()."""
     with FakeDNS(authenticated=True) as signed:
@@ -115,8 +123,12 @@ def test_servfail_blackhole_and_clear(server: FakeDNS) -> None:
     assert ask(server, "broken.test", "A").rcode() == dns.rcode.SERVFAIL
     server.blackhole("silent.test")
     with pytest.raises(dns.exception.Timeout):
-        dns.query.udp(dns.message.make_query("silent.test", "A"), server.address[0],
-                      port=server.address[1], timeout=0.3)
+        dns.query.udp(
+            dns.message.make_query("silent.test", "A"),
+            server.address[0],
+            port=server.address[1],
+            timeout=0.3,
+        )
     server.clear()
     assert ask(server, "broken.test", "A").rcode() == dns.rcode.NXDOMAIN
     assert server.queries == [("broken.test.", "A")]
@@ -127,19 +139,21 @@ def test_bad_rdata_fails_in_the_test_not_the_server(server: FakeDNS) -> None:
         server.add("example.test", "MX", "not a preference")
 
 
-async def test_nameserver_goes_into_the_config_and_routes_mail(server: FakeDNS,
-                                                              tmp_path: Path) -> None:
+async def test_nameserver_goes_into_the_config_and_routes_mail(
+    server: FakeDNS, tmp_path: Path
+) -> None:
     server.add("example.test", "MX", "20 backup.example.test.")
     server.add("example.test", "MX", "10 mx.example.test.")
     server.add("mx.example.test", "A", "127.0.0.1")
     server.add("backup.example.test", "A", "127.0.0.2")
     assert server.nameserver == f"127.0.0.1:{server.address[1]}"
-    config = Config.from_mapping({"dns": {"nameservers": [server.nameserver]}},
-                                 base_dir=tmp_path)
+    config = Config.from_mapping({"dns": {"nameservers": [server.nameserver]}}, base_dir=tmp_path)
     resolver = Resolver(config.dns.nameservers, config.dns.timeout)
     hosts = await resolver.mail_hosts("example.test")
     assert [(h.name, h.addresses) for h in hosts] == [
-        ("mx.example.test", ("127.0.0.1",)), ("backup.example.test", ("127.0.0.2",))]
+        ("mx.example.test", ("127.0.0.1",)),
+        ("backup.example.test", ("127.0.0.2",)),
+    ]
 
 
 def test_stop_closes_both_sockets() -> None:

@@ -28,12 +28,13 @@ def _no_autoload(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
     pytester.makepyfile(test_user=textwrap.dedent(source))
-    return pytester.runpytest_subprocess(*WITH_TRIO, "-p", "no:cacheprovider", *args,
-                                         timeout=120)
+    return pytester.runpytest_subprocess(*WITH_TRIO, "-p", "no:cacheprovider", *args, timeout=120)
 
 
 def test_sync_user_test_sends_with_smtplib_and_asserts(pytester: pytest.Pytester) -> None:
-    result = run(pytester, """
+    result = run(
+        pytester,
+        """
         import smtplib
 
         def test_welcome_mail(smtp_capture):
@@ -45,12 +46,15 @@ def test_sync_user_test_sends_with_smtplib_and_asserts(pytester: pytest.Pytester
             assert msg.recipients == ["new@example.test"]
             assert msg.message["Subject"] == "Welcome"
             assert msg.tls is not None
-    """)
+    """,
+    )
     result.assert_outcomes(passed=1)
 
 
 def test_trio_user_test_uses_the_trio_capture(pytester: pytest.Pytester) -> None:
-    result = run(pytester, """
+    result = run(
+        pytester,
+        """
         import pytest
         import trio_mta
 
@@ -62,12 +66,15 @@ def test_trio_user_test_uses_the_trio_capture(pytester: pytest.Pytester) -> None
                 port=trio_mta_capture.port, tls="none")
             (msg,) = await trio_mta_capture.wait_for(1)
             assert msg.data == b"Subject: ping\\r\\n\\r\\n.dot\\r\\n"
-    """)
+    """,
+    )
     result.assert_outcomes(passed=1)
 
 
 def test_fake_dns_user_test(pytester: pytest.Pytester) -> None:
-    result = run(pytester, """
+    result = run(
+        pytester,
+        """
         import pytest
         from trio_mta.config import Config
         from trio_mta.dns import Resolver
@@ -86,12 +93,15 @@ def test_fake_dns_user_test(pytester: pytest.Pytester) -> None:
             query = dns.message.make_query("nothere.test", "MX")
             host, port = fake_dns.address
             assert dns.query.udp(query, host, port=port, timeout=5).rcode() == dns.rcode.NXDOMAIN
-    """)
+    """,
+    )
     result.assert_outcomes(passed=2)
 
 
 def test_a_failing_user_assertion_fails(pytester: pytest.Pytester) -> None:
-    result = run(pytester, """
+    result = run(
+        pytester,
+        """
         import smtplib
 
         def test_wrong_subject(smtp_capture):
@@ -99,13 +109,16 @@ def test_a_failing_user_assertion_fails(pytester: pytest.Pytester) -> None:
                 client.sendmail("a@example.test", ["b@example.test"], b"Subject: Hi\\r\\n\\r\\n")
             (msg,) = smtp_capture.wait_for(1)
             assert msg.message["Subject"] == "Bye"
-    """)
+    """,
+    )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError*", "*'Hi' == 'Bye'*"])
 
 
 def test_a_test_that_sends_nothing_fails_in_wait_for_clearly(pytester: pytest.Pytester) -> None:
-    result = run(pytester, """
+    result = run(
+        pytester,
+        """
         import pytest
 
         def test_forgot_to_send(smtp_capture):
@@ -114,17 +127,22 @@ def test_a_test_that_sends_nothing_fails_in_wait_for_clearly(pytester: pytest.Py
         @pytest.mark.trio
         async def test_forgot_to_send_trio(trio_mta_capture):
             await trio_mta_capture.wait_for(2, timeout=0.2)
-    """)
+    """,
+    )
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines([
-        "*MessagesNotReceived: expected 1 message at 127.0.0.1:*, none arrived within 0.2 s*",
-        "*MessagesNotReceived: expected 2 messages at 127.0.0.1:*, none arrived within 0.2 s*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*MessagesNotReceived: expected 1 message at 127.0.0.1:*, none arrived within 0.2 s*",
+            "*MessagesNotReceived: expected 2 messages at 127.0.0.1:*, none arrived within 0.2 s*",
+        ]
+    )
 
 
 def test_fixtures_leave_nothing_running(pytester: pytest.Pytester) -> None:
     """After each test the capture's thread and folders are gone and the port is closed."""
-    result = run(pytester, """
+    result = run(
+        pytester,
+        """
         import socket, threading, pytest
 
         seen = {}
@@ -156,33 +174,39 @@ def test_fixtures_leave_nothing_running(pytester: pytest.Pytester) -> None:
             assert not seen["trio_folder"].exists()
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(seen["trio_address"], timeout=5)
-    """)
+    """,
+    )
     result.assert_outcomes(passed=4)
 
 
 def test_a_suite_without_the_fixtures_does_not_import_trio(pytester: pytest.Pytester) -> None:
     """The plugin loads in every suite of a project with trio_mta installed: it must cost
     nothing there (no trio, dnspython, hypothesis or the server imported)."""
-    pytester.makepyfile(test_plain="""
+    pytester.makepyfile(
+        test_plain="""
         import sys
 
         def test_nothing_heavy_loaded():
             heavy = {"trio", "dns", "hypothesis", "trio_mta.mta", "trio_mta.testing.capture"}
             assert sorted(heavy & set(sys.modules)) == []
-    """)
-    result = pytester.runpytest_subprocess("-p", "trio_mta.testing.plugin",
-                                           "-p", "no:cacheprovider", timeout=120)
+    """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "trio_mta.testing.plugin", "-p", "no:cacheprovider", timeout=120
+    )
     result.assert_outcomes(passed=1)
 
 
-def test_trio_fixture_without_pytest_trio_says_what_is_missing(
-        pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_user="""
+def test_trio_fixture_without_pytest_trio_says_what_is_missing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_user="""
         async def test_needs_trio(trio_mta_capture):
             pass
-    """)
-    result = pytester.runpytest_subprocess("-p", "trio_mta.testing.plugin",
-                                           "-p", "no:cacheprovider", timeout=120)
+    """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "trio_mta.testing.plugin", "-p", "no:cacheprovider", timeout=120
+    )
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*pytest-trio*"])
 
@@ -192,16 +216,17 @@ def test_entry_point_names_the_plugin_module(pytester: pytest.Pytester) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (module,) = project["project"]["entry-points"]["pytest11"].values()
     assert project["project"]["entry-points"]["pytest11"] == {"trio_mta": module}
-    result = pytester.runpytest_subprocess("-p", module, "-p", "pytest_trio.plugin",
-                                           "--fixtures", timeout=120)
-    result.stdout.fnmatch_lines_random(
-        ["smtp_capture*", "trio_mta_capture*", "fake_dns*"])
+    result = pytester.runpytest_subprocess(
+        "-p", module, "-p", "pytest_trio.plugin", "--fixtures", timeout=120
+    )
+    result.stdout.fnmatch_lines_random(["smtp_capture*", "trio_mta_capture*", "fake_dns*"])
 
 
 def test_installed_metadata_registers_the_plugin() -> None:
     """Once trio_mta is (re)installed, pytest finds the plugin by entry point."""
-    found = [ep for ep in importlib.metadata.entry_points(group="pytest11")
-             if ep.name == "trio_mta"]
+    found = [
+        ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "trio_mta"
+    ]
     if not found:
         pytest.skip("the installed trio_mta predates the entry point: pip install -e . again")
     assert found[0].value == "trio_mta.testing.plugin"

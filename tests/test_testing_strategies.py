@@ -45,11 +45,14 @@ EXAMPLES = max(300, settings.default.max_examples)
 # seconds on a loaded CI machine; the fuzz profile runs them by the thousand.
 MESSAGE_EXAMPLES = max(100, settings.default.max_examples)
 # Live tests share one server per module; hypothesis would flag the module fixture.
-live = settings(max_examples=EXAMPLES, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
-offline = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[
-    HealthCheck.too_slow])
+live = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+offline = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 live_messages = settings(live, max_examples=MESSAGE_EXAMPLES)
 offline_messages = settings(offline, max_examples=MESSAGE_EXAMPLES)
 
@@ -64,8 +67,9 @@ RFC6532_DEFECTS = (email.errors.NonASCIILocalPartDefect, email.errors.Undecodabl
 ALL_VERBS = [*COMMAND_VERBS, "DATA", "QUIT", "STARTTLS"]
 
 
-def either(narrow: st.SearchStrategy[Any],
-           wide: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[bool, Any]]:
+def either(
+    narrow: st.SearchStrategy[Any], wide: st.SearchStrategy[Any]
+) -> st.SearchStrategy[tuple[bool, Any]]:
     """(False, ASCII example) or (True, SMTPUTF8 example); built once, not per example
     as a flatmap would (rebuilding the strategies cost 80 % of the run time)."""
     return st.tuples(st.just(False), narrow) | st.tuples(st.just(True), wide)
@@ -101,8 +105,14 @@ def _free_port() -> int:
 def aiosmtpd_peer() -> Iterator[tuple[int, _Keep]]:
     keep = _Keep()
     port = _free_port()
-    controller = Controller(keep, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True,
-                            data_size_limit=10**8, ready_timeout=10)
+    controller = Controller(
+        keep,
+        hostname="127.0.0.1",
+        port=port,
+        enable_SMTPUTF8=True,
+        data_size_limit=10**8,
+        ready_timeout=10,
+    )
     controller.start()
     try:
         yield port, keep
@@ -116,8 +126,9 @@ def capture() -> Iterator[SMTPCapture]:
         yield cap
 
 
-def send(port: int, sender: str, rcpts: list[str], data: bytes, *, utf8: bool,
-         eight_bit: bool) -> None:
+def send(
+    port: int, sender: str, rcpts: list[str], data: bytes, *, utf8: bool, eight_bit: bool
+) -> None:
     options = (["SMTPUTF8"] if utf8 else []) + (["BODY=8BITMIME"] if eight_bit else [])
     # local_hostname: smtplib would otherwise ask DNS for this machine's FQDN every time.
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as client:
@@ -152,8 +163,9 @@ def test_addresses_parse_in_email_and_our_parser(case: tuple[bool, str]) -> None
     if not address.isascii():
         with pytest.raises(CommandError):
             path_of(address, smtputf8=False)
-    header = email.message_from_bytes(f"To: {address}\r\n\r\n".encode(),
-                                      policy=email.policy.default)["To"]
+    header = email.message_from_bytes(
+        f"To: {address}\r\n\r\n".encode(), policy=email.policy.default
+    )["To"]
     defects = [d for d in header.defects if not (utf8 and isinstance(d, RFC6532_DEFECTS))]
     assert defects == []
     (parsed,) = header.addresses
@@ -163,8 +175,12 @@ def test_addresses_parse_in_email_and_our_parser(case: tuple[bool, str]) -> None
 @live
 @given(addresses(), addresses(smtputf8=True), st.lists(addresses(), min_size=1, max_size=3))
 def test_addresses_travel_through_smtplib_to_both_servers(
-        capture: SMTPCapture, aiosmtpd_peer: tuple[int, _Keep],
-        sender: str, utf8_rcpt: str, rcpts: list[str]) -> None:
+    capture: SMTPCapture,
+    aiosmtpd_peer: tuple[int, _Keep],
+    sender: str,
+    utf8_rcpt: str,
+    rcpts: list[str],
+) -> None:
     port, keep = aiosmtpd_peer
     everyone = [*rcpts, utf8_rcpt]
     utf8 = not utf8_rcpt.isascii()
@@ -174,7 +190,8 @@ def test_addresses_travel_through_smtplib_to_both_servers(
     # smtplib may re-quote (e.g. "\ " as " "): the same mailbox is what must arrive.
     assert path_of(got.sender, smtputf8=True) == path_of(sender, smtputf8=True)
     assert [path_of(r, smtputf8=True) for r in got.recipients] == [
-        path_of(r, smtputf8=True) for r in everyone]
+        path_of(r, smtputf8=True) for r in everyone
+    ]
     before = len(keep.got)
     send(port, sender, everyone, b"Subject: a\r\n\r\n", utf8=utf8, eight_bit=False)
     # aiosmtpd accepted every address (send() checks each reply). Its envelope is not
@@ -192,8 +209,11 @@ def check_message(data: bytes, *, utf8: bool) -> None:
     parsed = email.message_from_bytes(data, policy=email.policy.default)
     assert parsed.defects == []
     for name, value in parsed.items():
-        defects = [d for d in value.defects
-                   if not (utf8 and name in ("From", "To") and isinstance(d, RFC6532_DEFECTS))]
+        defects = [
+            d
+            for d in value.defects
+            if not (utf8 and name in ("From", "To") and isinstance(d, RFC6532_DEFECTS))
+        ]
         assert defects == [], (name, value)
     assert parsed["From"] is not None and parsed["Date"] is not None
     assert parsed["Date"].datetime is not None
@@ -218,8 +238,8 @@ def test_8bit_and_utf8_messages_parse_without_defects(data: bytes) -> None:
 @live_messages
 @given(either(messages(), messages(eight_bit=True, smtputf8=True)))
 def test_messages_arrive_byte_for_byte_at_both_servers(
-        capture: SMTPCapture, aiosmtpd_peer: tuple[int, _Keep],
-        case: tuple[bool, bytes]) -> None:
+    capture: SMTPCapture, aiosmtpd_peer: tuple[int, _Keep], case: tuple[bool, bytes]
+) -> None:
     wide, data = case
     port, keep = aiosmtpd_peer
     capture.clear()
@@ -265,14 +285,15 @@ def converse(port: int, lines: list[bytes]) -> list[tuple[bytes, int]]:
 
 
 @live
-@given(st.lists(commands(verbs=[v for v in COMMAND_VERBS if v != "HELO"]),
-                min_size=1, max_size=8))
+@given(st.lists(commands(verbs=[v for v in COMMAND_VERBS if v != "HELO"]), min_size=1, max_size=8))
 def test_command_sequences_are_understood_by_both_servers(
-        capture: SMTPCapture, aiosmtpd_peer: tuple[int, _Keep], lines: list[bytes]) -> None:
+    capture: SMTPCapture, aiosmtpd_peer: tuple[int, _Keep], lines: list[bytes]
+) -> None:
     """Any sequence of generated commands after EHLO: replies may refuse (503 bad
     sequence, 552 too big) but never say the syntax was wrong. HELO is left out: after
     it, MAIL parameters such as SIZE= are rightly refused (555, no ESMTP session)."""
     for port in (capture.port, aiosmtpd_peer[0]):
-        misunderstood = [(line, code) for line, code in converse(port, lines)
-                         if code in SYNTAX_ERRORS]
+        misunderstood = [
+            (line, code) for line, code in converse(port, lines) if code in SYNTAX_ERRORS
+        ]
         assert misunderstood == [], port

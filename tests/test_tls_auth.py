@@ -46,8 +46,7 @@ def _starttls_send(port: int, ctx: ssl.SSLContext, login: bool, rcpt: str) -> st
         assert "PLAIN" in client.esmtp_features["auth"].upper()
         if login:
             client.login(USER, PASSWORD)
-        refused = client.sendmail("alice@example.test", [rcpt],
-                                  b"Subject: tls\r\n\r\nover TLS\r\n")
+        refused = client.sendmail("alice@example.test", [rcpt], b"Subject: tls\r\n\r\nover TLS\r\n")
         assert refused == {}
         return "ok"
 
@@ -61,8 +60,9 @@ async def test_starttls_with_smtplib(server: MTA, client_context: ssl.SSLContext
     assert b"with ESMTPS id" in path.read_bytes()
 
 
-async def test_submission_requires_auth_then_relays(server: MTA,
-                                                    client_context: ssl.SSLContext) -> None:
+async def test_submission_requires_auth_then_relays(
+    server: MTA, client_context: ssl.SSLContext
+) -> None:
     _, port = server.address("submission")
     client_context.check_hostname = False
 
@@ -81,8 +81,9 @@ async def test_submission_requires_auth_then_relays(server: MTA,
     assert "Authenticated sender: alice" in shown.headers
 
 
-async def test_relay_denied_before_auth_on_smtp(server: MTA,
-                                                client_context: ssl.SSLContext) -> None:
+async def test_relay_denied_before_auth_on_smtp(
+    server: MTA, client_context: ssl.SSLContext
+) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -101,6 +102,7 @@ async def test_relay_denied_before_auth_on_smtp(server: MTA,
 
 def trio_b64(text: str) -> bytes:
     import base64
+
     return base64.b64encode(text.encode())
 
 
@@ -112,16 +114,16 @@ async def test_implicit_tls_smtps(server: MTA, client_context: ssl.SSLContext) -
             client.ehlo("c.test")
             assert not client.has_extn("starttls")
             client.login(USER, PASSWORD)
-            client.sendmail("alice@example.test", ["carol@example.test"],
-                            b"Subject: smtps\r\n\r\nimplicit\r\n")
+            client.sendmail(
+                "alice@example.test", ["carol@example.test"], b"Subject: smtps\r\n\r\nimplicit\r\n"
+            )
 
     client_context.check_hostname = False
     await trio.to_thread.run_sync(send)
     await wait_for_mail(server.config.local.maildir_root, "carol")
 
 
-async def test_starttls_injection_is_discarded(server: MTA,
-                                               client_context: ssl.SSLContext) -> None:
+async def test_starttls_injection_is_discarded(server: MTA, client_context: ssl.SSLContext) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -136,8 +138,7 @@ async def test_starttls_injection_is_discarded(server: MTA,
     assert (await client.command(b"STARTTLS")).startswith(b"503 5.5.1")
 
 
-async def test_auth_plain_and_login_failures(server: MTA,
-                                             client_context: ssl.SSLContext) -> None:
+async def test_auth_plain_and_login_failures(server: MTA, client_context: ssl.SSLContext) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -146,8 +147,9 @@ async def test_auth_plain_and_login_failures(server: MTA,
     client_context.check_hostname = False
     await client.starttls(client_context, HOSTNAME)
     await client.command(b"EHLO c.test")
-    assert (await client.command(b"AUTH PLAIN " + trio_b64(f"\0{USER}\0wrong"))
-            ).startswith(b"535 5.7.8")
+    assert (await client.command(b"AUTH PLAIN " + trio_b64(f"\0{USER}\0wrong"))).startswith(
+        b"535 5.7.8"
+    )
     assert (await client.command(b"AUTH LOGIN")).startswith(b"334 VXNlcm5hbWU6")
     assert (await client.command(trio_b64(USER))).startswith(b"334 UGFzc3dvcmQ6")
     assert (await client.command(b"*")).startswith(b"501")
@@ -156,8 +158,7 @@ async def test_auth_plain_and_login_failures(server: MTA,
     assert (await client.command(trio_b64(PASSWORD))).startswith(b"235 2.7.0")
 
 
-async def test_too_many_auth_failures_close(server: MTA,
-                                            client_context: ssl.SSLContext) -> None:
+async def test_too_many_auth_failures_close(server: MTA, client_context: ssl.SSLContext) -> None:
     client = await RawClient.connect(*server.address("smtp"))
     await client.reply()
     await client.command(b"EHLO c.test")
@@ -166,23 +167,25 @@ async def test_too_many_auth_failures_close(server: MTA,
     await client.starttls(client_context, HOSTNAME)
     await client.command(b"EHLO c.test")
     for _ in range(3):
-        assert (await client.command(b"AUTH PLAIN " + trio_b64(f"\0{USER}\0bad"))
-                ).startswith(b"535")
+        assert (await client.command(b"AUTH PLAIN " + trio_b64(f"\0{USER}\0bad"))).startswith(
+            b"535"
+        )
     assert (await client.reply()).startswith(b"421 4.7.0")
     assert await client.eof()
 
 
 async def test_stalled_handshake_times_out_without_harm(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        client_context: ssl.SSLContext) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], client_context: ssl.SSLContext
+) -> None:
     mta: MTA = await nursery.start(serve, make_config(limits={"command_timeout": 0.5}))
     staller = await trio.open_tcp_stream(*mta.address("smtps"))  # never sends a ClientHello
     # Others are served meanwhile.
     client_context.check_hostname = False
 
     def quick() -> int:
-        with smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=5,
-                              context=client_context) as client:
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", mta.address("smtps")[1], timeout=5, context=client_context
+        ) as client:
             return client.noop()[0]
 
     assert await trio.to_thread.run_sync(quick) == 250
@@ -190,8 +193,9 @@ async def test_stalled_handshake_times_out_without_harm(
         assert await staller.receive_some(100) == b""
 
 
-async def test_generated_certificate_is_reused(nursery: trio.Nursery,
-                                               make_config: Callable[..., Config]) -> None:
+async def test_generated_certificate_is_reused(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
     # No [tls] keys: a self-signed pair is generated into state_dir (SPEC §3).
     config = dataclasses.replace(make_config(), tls=TlsConfig())
     first: MTA = await nursery.start(serve, config)
@@ -205,8 +209,9 @@ async def test_generated_certificate_is_reused(nursery: trio.Nursery,
     ctx.check_hostname = False
 
     def handshake() -> str:
-        with smtplib.SMTP_SSL("127.0.0.1", second.address("smtps")[1], timeout=5,
-                              context=ctx) as client:
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", second.address("smtps")[1], timeout=5, context=ctx
+        ) as client:
             return str(client.sock.version())  # type: ignore[union-attr]
 
     assert (await trio.to_thread.run_sync(handshake)).startswith("TLSv1.")
@@ -225,7 +230,8 @@ async def _tls_client(server: MTA, client_context: ssl.SSLContext) -> RawClient:
 
 
 async def test_auth_plain_refuses_a_foreign_authorization_identity(
-        server: MTA, client_context: ssl.SSLContext) -> None:
+    server: MTA, client_context: ssl.SSLContext
+) -> None:
     # RFC 4616 §2: authzid "bob" with alice's credentials asks to act as bob;
     # without proxy authorization that must fail, not log in as alice.
     client = await _tls_client(server, client_context)
@@ -237,7 +243,8 @@ async def test_auth_plain_refuses_a_foreign_authorization_identity(
 
 
 async def test_received_names_utf8smtp_for_smtputf8_transactions(
-        server: MTA, client_context: ssl.SSLContext) -> None:
+    server: MTA, client_context: ssl.SSLContext
+) -> None:
     # RFC 6531 §3.7.3: a transaction that used SMTPUTF8 is "with UTF8SMTP[S][A]".
     client_context.check_hostname = False
 
@@ -251,8 +258,9 @@ async def test_received_names_utf8smtp_for_smtputf8_transactions(
             client.ehlo("c.test")
             if tls:
                 client.login(USER, PASSWORD)
-            client.sendmail("jörg@remote.test", [rcpt], b"Subject: eai\r\n\r\nhi\r\n",
-                            mail_options=["SMTPUTF8"])
+            client.sendmail(
+                "jörg@remote.test", [rcpt], b"Subject: eai\r\n\r\nhi\r\n", mail_options=["SMTPUTF8"]
+            )
 
     root = server.config.local.maildir_root
     await trio.to_thread.run_sync(send, server.address("smtps")[1], True, "dora@example.test")
@@ -265,8 +273,11 @@ async def test_received_names_utf8smtp_for_smtputf8_transactions(
 
 @pytest.mark.parametrize("limit", ["max_connections", "max_connections_per_ip"])
 async def test_smtps_over_limit_gets_421_inside_tls(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        client_context: ssl.SSLContext, limit: str) -> None:
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    client_context: ssl.SSLContext,
+    limit: str,
+) -> None:
     mta: MTA = await nursery.start(serve, make_config(limits={limit: 1}))
     holder = await RawClient.connect(*mta.address("smtp"))
     assert (await holder.reply()).startswith(b"220")
@@ -274,8 +285,9 @@ async def test_smtps_over_limit_gets_421_inside_tls(
 
     def refused() -> tuple[int, bytes]:
         try:
-            smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=10,
-                             context=client_context)
+            smtplib.SMTP_SSL(
+                "127.0.0.1", mta.address("smtps")[1], timeout=10, context=client_context
+            )
         except smtplib.SMTPConnectError as exc:
             return exc.smtp_code, exc.smtp_error
         raise AssertionError("connected despite the limit")
@@ -285,8 +297,8 @@ async def test_smtps_over_limit_gets_421_inside_tls(
 
 
 async def test_smtps_refusal_flood_closes_without_clear_text(
-        nursery: trio.Nursery, make_config: Callable[..., Config],
-        client_context: ssl.SSLContext) -> None:
+    nursery: trio.Nursery, make_config: Callable[..., Config], client_context: ssl.SSLContext
+) -> None:
     mta: MTA = await nursery.start(serve, make_config(limits={"max_connections_per_ip": 1}))
     holder = await RawClient.connect(*mta.address("smtp"))
     assert (await holder.reply()).startswith(b"220")
@@ -300,8 +312,9 @@ async def test_smtps_refusal_flood_closes_without_clear_text(
 
     def handshake() -> BaseException:
         try:
-            smtplib.SMTP_SSL("127.0.0.1", mta.address("smtps")[1], timeout=10,
-                             context=client_context)
+            smtplib.SMTP_SSL(
+                "127.0.0.1", mta.address("smtps")[1], timeout=10, context=client_context
+            )
         except (OSError, smtplib.SMTPException) as exc:
             return exc
         raise AssertionError("connected despite the limit")

@@ -25,11 +25,14 @@ from trio_mta.tlspolicy.sts import (
 # --- MTA-STS TXT record -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("v=STSv1; id=20160831085700Z;", "20160831085700Z"),
-    ("v=STSv1;id=abc", "abc"),
-    ("v=STSv1; id=abc; ext=whatever", "abc"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("v=STSv1; id=20160831085700Z;", "20160831085700Z"),
+        ("v=STSv1;id=abc", "abc"),
+        ("v=STSv1; id=abc; ext=whatever", "abc"),
+    ],
+)
 def test_txt_record_id(text: str, expected: str) -> None:
     assert parse_txt([text]).id == expected
 
@@ -38,14 +41,17 @@ def test_txt_record_strings_are_concatenated() -> None:
     assert parse_txt(["v=STSv1; i", "d=split"]).id == "split"
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("id=abc; v=STSv1", "does not start with v=STSv1"),
-    ("v=STSv1", "no id field"),
-    ("v=STSv1; id=has-dash", "1-32 letters and digits"),
-    ("v=STSv1; id=" + "a" * 33, "1-32 letters and digits"),
-    ("v=STSv1; id=a; id=b", "two id fields"),
-    ("v=STSv1; garbage", "not key=value"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("id=abc; v=STSv1", "does not start with v=STSv1"),
+        ("v=STSv1", "no id field"),
+        ("v=STSv1; id=has-dash", "1-32 letters and digits"),
+        ("v=STSv1; id=" + "a" * 33, "1-32 letters and digits"),
+        ("v=STSv1; id=a; id=b", "two id fields"),
+        ("v=STSv1; garbage", "not key=value"),
+    ],
+)
 def test_bad_txt_records_say_why(text: str, reason: str) -> None:
     with pytest.raises(StsError, match=reason):
         parse_txt([text])
@@ -62,49 +68,76 @@ def test_unrelated_txt_records_are_ignored_and_two_sts_records_are_an_error() ->
 
 
 def test_policy_with_crlf_lf_and_extensions() -> None:
-    text = ("version: STSv1\r\nmode: enforce\nmx: MX1.Example.org.\r\nmx: *.example.net\n"
-            "max_age: 604800\r\nfuture: thing\n")
-    assert parse_policy(text) == StsPolicy("enforce", 604800, ("mx1.example.org",
-                                                               "*.example.net"))
+    text = (
+        "version: STSv1\r\nmode: enforce\nmx: MX1.Example.org.\r\nmx: *.example.net\n"
+        "max_age: 604800\r\nfuture: thing\n"
+    )
+    assert parse_policy(text) == StsPolicy("enforce", 604800, ("mx1.example.org", "*.example.net"))
 
 
 def test_mode_none_needs_no_mx() -> None:
     assert parse_policy("version: STSv1\nmode: none\nmax_age: 0\n").mx == ()
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("mode: enforce\nmx: a.b\nmax_age: 1\n", "no 'version: STSv1'"),
-    ("version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n", "version must be STSv1"),
-    ("version: STSv1\nmode: strict\nmx: a.b\nmax_age: 1\n", "mode must be enforce, testing"),
-    ("version: STSv1\nmx: a.b\nmax_age: 1\n", "no mode"),
-    ("version: STSv1\nmode: enforce\nmx: a.b\n", "no max_age"),
-    ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 31557601\n", "max_age must be"),
-    ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: -1\n", "max_age must be"),
-    ("version: STSv1\nmode: testing\nmax_age: 1\n", "mode testing has no mx"),
-    ("version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n", "line 3: mx must be"),
-    ("version: STSv1\nmode: enforce\nmode: none\nmx: a.b\nmax_age: 1\n", "mode given twice"),
-    ("version: STSv1\nthis line has no colon\n", "line 2 is not 'key: value'"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("mode: enforce\nmx: a.b\nmax_age: 1\n", "no 'version: STSv1'"),
+        ("version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n", "version must be STSv1"),
+        ("version: STSv1\nmode: strict\nmx: a.b\nmax_age: 1\n", "mode must be enforce, testing"),
+        ("version: STSv1\nmx: a.b\nmax_age: 1\n", "no mode"),
+        ("version: STSv1\nmode: enforce\nmx: a.b\n", "no max_age"),
+        ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 31557601\n", "max_age must be"),
+        ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: -1\n", "max_age must be"),
+        ("version: STSv1\nmode: testing\nmax_age: 1\n", "mode testing has no mx"),
+        ("version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n", "line 3: mx must be"),
+        ("version: STSv1\nmode: enforce\nmode: none\nmx: a.b\nmax_age: 1\n", "mode given twice"),
+        ("version: STSv1\nthis line has no colon\n", "line 2 is not 'key: value'"),
+    ],
+)
 def test_bad_policies_say_why(text: str, reason: str) -> None:
     with pytest.raises(StsError, match=reason):
         parse_policy(text)
 
 
-@pytest.mark.parametrize("pattern, host, expected", [
-    ("mx1.example.org", "MX1.example.org.", True),
-    ("mx1.example.org", "mx2.example.org", False),
-    ("*.example.org", "mx1.example.org", True),
-    ("*.example.org", "a.mx1.example.org", False),  # one label only (RFC 8461 §4.1)
-    ("*.example.org", "example.org", False),
-    ("*.example.org", "mx1.example.org.evil.test", False),
-])
+@pytest.mark.parametrize(
+    "pattern, host, expected",
+    [
+        ("mx1.example.org", "MX1.example.org.", True),
+        ("mx1.example.org", "mx2.example.org", False),
+        ("*.example.org", "mx1.example.org", True),
+        ("*.example.org", "a.mx1.example.org", False),  # one label only (RFC 8461 §4.1)
+        ("*.example.org", "example.org", False),
+        ("*.example.org", "mx1.example.org.evil.test", False),
+    ],
+)
 def test_mx_patterns(pattern: str, host: str, expected: bool) -> None:
     assert mx_matches(pattern, host) is expected
 
 
-_POLICY_WORDS = st.sampled_from(["version", "mode", "mx", "max_age", "STSv1", "enforce",
-                                  "testing", "none", ":", " ", "\r\n", "\n", "*.", ".", "a",
-                                  "86400", "-1", "\x00", "é"])
+_POLICY_WORDS = st.sampled_from(
+    [
+        "version",
+        "mode",
+        "mx",
+        "max_age",
+        "STSv1",
+        "enforce",
+        "testing",
+        "none",
+        ":",
+        " ",
+        "\r\n",
+        "\n",
+        "*.",
+        ".",
+        "a",
+        "86400",
+        "-1",
+        "\x00",
+        "é",
+    ]
+)
 
 
 @given(st.lists(_POLICY_WORDS, max_size=40).map("".join) | st.text(max_size=200))
@@ -136,8 +169,10 @@ def record(text: str) -> TlsaRecord:
 def der_chain(cert: trustme.LeafCert) -> tuple[bytes, ...]:
     from cryptography import x509
 
-    return tuple(x509.load_pem_x509_certificate(pem.bytes()).public_bytes(
-        serialization.Encoding.DER) for pem in cert.cert_chain_pems)
+    return tuple(
+        x509.load_pem_x509_certificate(pem.bytes()).public_bytes(serialization.Encoding.DER)
+        for pem in cert.cert_chain_pems
+    )
 
 
 @pytest.mark.parametrize("selector, mtype", [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)])
@@ -199,15 +234,18 @@ def test_dane_ta_from_another_ca_does_not_match() -> None:
     assert match_chain(records, der_chain(cert), names=["mx1.remote.test"]) is not None
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("0 0 1 " + "00" * 32, "PKIX-TA is not used for SMTP"),
-    ("1 1 1 " + "00" * 32, "PKIX-EE is not used for SMTP"),
-    ("4 1 1 " + "00" * 32, "usage 4 is not used"),
-    ("3 2 1 " + "00" * 32, "unknown selector 2"),
-    ("3 1 3 " + "00" * 32, "unknown matching type 3"),
-    ("3 1 1 " + "00" * 20, "digest is 20 octets, not 32"),
-    ("3 1 2 " + "00" * 32, "digest is 32 octets, not 64"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("0 0 1 " + "00" * 32, "PKIX-TA is not used for SMTP"),
+        ("1 1 1 " + "00" * 32, "PKIX-EE is not used for SMTP"),
+        ("4 1 1 " + "00" * 32, "usage 4 is not used"),
+        ("3 2 1 " + "00" * 32, "unknown selector 2"),
+        ("3 1 3 " + "00" * 32, "unknown matching type 3"),
+        ("3 1 1 " + "00" * 20, "digest is 20 octets, not 32"),
+        ("3 1 2 " + "00" * 32, "digest is 32 octets, not 64"),
+    ],
+)
 def test_unusable_tlsa_records(text: str, reason: str) -> None:
     found = unusable_reason(record(text))
     assert found is not None and reason in found
@@ -216,5 +254,6 @@ def test_unusable_tlsa_records(text: str, reason: str) -> None:
 def test_pkix_usages_never_match_even_when_their_digest_does() -> None:
     cert = trustme.CA().issue_cert("mx1.remote.test")
     records = [record(tlsa(1, 1, 1, leaf_of(cert)))]
-    assert match_chain(records, der_chain(cert), names=["mx1.remote.test"]) \
-        == "no usable TLSA records"
+    assert (
+        match_chain(records, der_chain(cert), names=["mx1.remote.test"]) == "no usable TLSA records"
+    )

@@ -35,8 +35,9 @@ workers = {workers}
 """
 
 
-def write_config(tmp_path: Path, extra: str = "", *, workers: int = 2,
-                 listen: str = "127.0.0.1:0") -> Path:
+def write_config(
+    tmp_path: Path, extra: str = "", *, workers: int = 2, listen: str = "127.0.0.1:0"
+) -> Path:
     path = tmp_path / "mta.toml"
     path.write_text(BASE.format(workers=workers, listen=listen) + extra)
     return path
@@ -191,8 +192,9 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
                 client.ehlo("c.test")
                 client.mail("a@client.test")
                 assert client.rcpt("bob@workers.test")[0] == 550
-        config.write_text(BASE.format(workers=2, listen="127.0.0.1:0") + mapped
-                          + '"bob@workers.test" = "bob"\n')
+        config.write_text(
+            BASE.format(workers=2, listen="127.0.0.1:0") + mapped + '"bob@workers.test" = "bob"\n'
+        )
         server.proc.send_signal(signal.SIGHUP)
         assert server.wait_for_log("config.reloaded", count=2), server.log
         # Whichever worker takes the connection, bob is a mailbox now.
@@ -253,11 +255,14 @@ def test_second_instance_cannot_share_the_port(tmp_path: Path) -> None:
     try:
         second_dir = tmp_path / "second"
         second_dir.mkdir()
-        result = run_cli("serve", "--config",
-                         str(write_config(second_dir, listen=f"127.0.0.1:{port}")))
+        result = run_cli(
+            "serve", "--config", str(write_config(second_dir, listen=f"127.0.0.1:{port}"))
+        )
         assert result.returncode == 1
-        assert (f"trio-mta: cannot listen on 127.0.0.1:{port} (smtp): address already in use"
-                in result.stderr.splitlines())
+        assert (
+            f"trio-mta: cannot listen on 127.0.0.1:{port} (smtp): address already in use"
+            in result.stderr.splitlines()
+        )
         assert "Traceback" not in result.stderr
     finally:
         assert first.stop() == 0
@@ -271,8 +276,7 @@ def test_restart_delay_grows_and_is_capped(failures: int) -> None:
 
 
 @pytest.mark.parametrize(("workers", "shard"), [(1, "queue.sqlite3"), (2, "queue-1.sqlite3")])
-def test_broken_queue_shard_is_a_one_line_error(tmp_path: Path, workers: int,
-                                                shard: str) -> None:
+def test_broken_queue_shard_is_a_one_line_error(tmp_path: Path, workers: int, shard: str) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / shard).write_bytes(b"this is not an SQLite database, not even close " * 4)
@@ -282,5 +286,7 @@ def test_broken_queue_shard_is_a_one_line_error(tmp_path: Path, workers: int,
     errors = [line for line in result.stderr.splitlines() if line.startswith("trio-mta:")]
     # One line that names the file, what is wrong and what to do (docs/queue.md "Damage").
     assert len(errors) == 1, result.stderr
-    assert errors[0].startswith(f"trio-mta: queue database {state / shard} is not an SQLite"
-                                " database: restore it from a backup"), errors
+    assert errors[0].startswith(
+        f"trio-mta: queue database {state / shard} is not an SQLite"
+        " database: restore it from a backup"
+    ), errors

@@ -226,8 +226,14 @@ class Resolver:
                 # RFC 2181 §10.3: an MX exchange must not be an alias (CNAME).
                 problems.append(f"MX {_text(target)} is an alias (CNAME)")
             elif found.v6 or found.v4:
-                hosts.append(MailHost(_text(target), preference, self._interleave(found),
-                                      mx_secure and not found.insecure))
+                hosts.append(
+                    MailHost(
+                        _text(target),
+                        preference,
+                        self._interleave(found),
+                        mx_secure and not found.insecure,
+                    )
+                )
             elif found.error is not None:
                 temporary = True
                 problems.append(str(found.error))
@@ -311,7 +317,8 @@ class Resolver:
             return TlsaAnswer(_text(name), (), False)
         records = tuple(
             TlsaRecord(rd.usage, rd.selector, rd.mtype, bytes(rd.cert))
-            for rd in (answer.rrset or ()) if isinstance(rd, TLSA)
+            for rd in (answer.rrset or ())
+            if isinstance(rd, TLSA)
         )
         return TlsaAnswer(_text(name), records, self._secure(answer))
 
@@ -322,8 +329,11 @@ class Resolver:
             answer = await self._query(owner, dns.rdatatype.TXT)
         except dns.resolver.NXDOMAIN:
             return []
-        return [tuple(s.decode("utf-8", "replace") for s in rd.strings)
-                for rd in (answer.rrset or ()) if isinstance(rd, TXT)]
+        return [
+            tuple(s.decode("utf-8", "replace") for s in rd.strings)
+            for rd in (answer.rrset or ())
+            if isinstance(rd, TXT)
+        ]
 
     def _secure(self, answer: dns.resolver.Answer) -> bool:
         return self._trust_ad and bool(answer.response.flags & dns.flags.AD)
@@ -336,8 +346,9 @@ class Resolver:
         found = _HostLookup()
         await self._lookup_into(name, found)
         if found.v6 or found.v4:
-            return MailHost(_text(name), 0, self._interleave(found),
-                            mx_secure and not found.insecure)
+            return MailHost(
+                _text(name), 0, self._interleave(found), mx_secure and not found.insecure
+            )
         if found.error is not None:
             raise found.error
         raise DnsPermanentError(

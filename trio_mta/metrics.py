@@ -35,8 +35,26 @@ QueueStats = tuple[int, float | None]
 
 # Mail latency spans a local Maildir write (milliseconds) to a remote host that
 # defers for hours; the queue lifetime is days, so the top finite bucket is one.
-LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
+LATENCY_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    21600.0,
+    86400.0,
+)
 
 OUTCOMES = ("delivered", "deferred", "failed")
 DESTINATIONS = ("local", "remote")
@@ -46,8 +64,17 @@ AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "per
 # "refused" is a host the policy ruled out (no match, TLSA failure) before connecting.
 TLS_POLICIES = ("dane", "mta-sts", "verify", "required", "opportunistic", "none")
 TLS_POLICY_OUTCOMES = ("delivered", "deferred", "failed", "mixed", "unreachable", "refused")
-REJECT_REASONS = ("relay_denied", "unknown_user", "too_big", "bad_line_ending",
-                  "queue_error", "auth_required", "handler", "spf_fail", "dmarc_reject")
+REJECT_REASONS = (
+    "relay_denied",
+    "unknown_user",
+    "too_big",
+    "bad_line_ending",
+    "queue_error",
+    "auth_required",
+    "handler",
+    "spf_fail",
+    "dmarc_reject",
+)
 
 # ``generate_latest`` writes text format 0.0.4; recent prometheus-client releases
 # point CONTENT_TYPE_LATEST at 1.0.0, which is not what that function produces.
@@ -81,12 +108,15 @@ class _QueueCollector:
     def _families(size: int, oldest: float | None) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "trio_mta_queue_size",
-            "Recipients in the queue not yet delivered or failed.", value=size)
+            "Recipients in the queue not yet delivered or failed.",
+            value=size,
+        )
         # An empty queue reports age 0, so "oldest > 1h" alerts need no absent() guard.
         yield GaugeMetricFamily(
             "trio_mta_queue_oldest_age_seconds",
             "Age of the oldest queued message with pending recipients.",
-            value=0.0 if oldest is None else oldest)
+            value=0.0 if oldest is None else oldest,
+        )
 
 
 class _WithoutCreated:
@@ -121,41 +151,63 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         reg = self.registry
         self._connections = Counter(
-            "trio_mta_connections", "SMTP connections accepted.",
-            ["listener", "tls"], registry=reg)
+            "trio_mta_connections", "SMTP connections accepted.", ["listener", "tls"], registry=reg
+        )
         self._open = Gauge(
-            "trio_mta_connections_open", "SMTP connections open now.",
-            ["listener"], registry=reg)
+            "trio_mta_connections_open", "SMTP connections open now.", ["listener"], registry=reg
+        )
         self._accepted = Counter(
-            "trio_mta_messages_accepted", "Messages accepted (250 after DATA/BDAT).",
-            ["listener"], registry=reg)
+            "trio_mta_messages_accepted",
+            "Messages accepted (250 after DATA/BDAT).",
+            ["listener"],
+            registry=reg,
+        )
         self._accepted_bytes = Counter(
-            "trio_mta_messages_accepted_bytes", "Size of accepted messages.",
-            ["listener"], registry=reg)
+            "trio_mta_messages_accepted_bytes",
+            "Size of accepted messages.",
+            ["listener"],
+            registry=reg,
+        )
         self._rejected = Counter(
-            "trio_mta_messages_rejected", "Messages or recipients refused, by reason.",
-            ["reason"], registry=reg)
+            "trio_mta_messages_rejected",
+            "Messages or recipients refused, by reason.",
+            ["reason"],
+            registry=reg,
+        )
         self._recipients = Counter(
-            "trio_mta_recipients", "Recipient delivery attempts by outcome and destination.",
-            ["outcome", "destination"], registry=reg)
+            "trio_mta_recipients",
+            "Recipient delivery attempts by outcome and destination.",
+            ["outcome", "destination"],
+            registry=reg,
+        )
         self._latency = Histogram(
             "trio_mta_delivery_latency_seconds",
             "Time from acceptance to successful delivery.",
-            ["destination"], buckets=LATENCY_BUCKETS, registry=reg)
+            ["destination"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self._tls_failed = Counter(
-            "trio_mta_tls_handshake_failures", "TLS handshakes that failed, by listener.",
-            ["listener"], registry=reg)
+            "trio_mta_tls_handshake_failures",
+            "TLS handshakes that failed, by listener.",
+            ["listener"],
+            registry=reg,
+        )
         self._auth = Counter(
-            "trio_mta_auth_attempts", "SMTP AUTH attempts by result.",
-            ["result"], registry=reg)
+            "trio_mta_auth_attempts", "SMTP AUTH attempts by result.", ["result"], registry=reg
+        )
         self._mail_auth = Counter(
             "trio_mta_mail_auth_results",
             "SPF, DKIM (one per signature) and DMARC results on inbound mail (SPEC §9).",
-            ["method", "result"], registry=reg)
+            ["method", "result"],
+            registry=reg,
+        )
         self._tls_policy = Counter(
             "trio_mta_tls_policy_attempts",
             "Outbound delivery attempts (one per host and address) by TLS policy and outcome.",
-            ["policy", "outcome"], registry=reg)
+            ["policy", "outcome"],
+            registry=reg,
+        )
         self._queue = _QueueCollector()
         reg.register(self._queue)
         self._queue_source: Callable[[], QueueStats] | None = None
@@ -207,8 +259,10 @@ class Metrics:
     def recipient_outcome(self, kind: str, destination: str) -> None:
         """Count one recipient's attempt; a label outside the contract is a caller bug."""
         if kind not in OUTCOMES or destination not in DESTINATIONS:
-            raise ValueError(f"recipient_outcome({kind!r}, {destination!r}): "
-                             f"kind must be one of {OUTCOMES}, destination one of {DESTINATIONS}")
+            raise ValueError(
+                f"recipient_outcome({kind!r}, {destination!r}): "
+                f"kind must be one of {OUTCOMES}, destination one of {DESTINATIONS}"
+            )
         self._child(self._recipients, kind, destination).inc()
 
     def delivery_latency(self, destination: str, seconds: float) -> None:
@@ -220,8 +274,10 @@ class Metrics:
     def tls_policy_attempt(self, policy: str, outcome: str) -> None:
         """One delivery attempt's ``tls_policy=`` and outcome (SPEC §10)."""
         if policy not in TLS_POLICIES or outcome not in TLS_POLICY_OUTCOMES:
-            raise ValueError(f"tls_policy_attempt({policy!r}, {outcome!r}): policy must be one "
-                             f"of {TLS_POLICIES}, outcome one of {TLS_POLICY_OUTCOMES}")
+            raise ValueError(
+                f"tls_policy_attempt({policy!r}, {outcome!r}): policy must be one "
+                f"of {TLS_POLICIES}, outcome one of {TLS_POLICY_OUTCOMES}"
+            )
         self._tls_policy.labels(policy, outcome).inc()
 
     def set_queue_stats_source(self, fn: Callable[[], QueueStats]) -> None:
@@ -273,9 +329,15 @@ MAX_CONNECTIONS = 32
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 class _BadRequest(Exception):
@@ -322,7 +384,7 @@ async def _read_head(stream: trio.abc.Stream) -> bytes | None:
     while True:
         ends = [at for at in (buf.find(b"\r\n\r\n"), buf.find(b"\n\n")) if at >= 0]
         if ends:
-            return bytes(buf[:min(ends)])
+            return bytes(buf[: min(ends)])
         if len(buf) > MAX_HEAD:
             raise _BadRequest(431)
         chunk = await stream.receive_some(MAX_HEAD + 1 - len(buf))
@@ -333,13 +395,21 @@ async def _read_head(stream: trio.abc.Stream) -> bytes | None:
         buf += chunk
 
 
-def _response(status: int, body: bytes = b"", *, content_type: str = "text/plain; charset=utf-8",
-              extra: str = "", head_only: bool = False) -> bytes:
-    header = (f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-              f"Content-Type: {content_type}\r\n"
-              f"Content-Length: {len(body)}\r\n"
-              f"{extra}"
-              "Connection: close\r\n\r\n")
+def _response(
+    status: int,
+    body: bytes = b"",
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: str = "",
+    head_only: bool = False,
+) -> bytes:
+    header = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
+        "Connection: close\r\n\r\n"
+    )
     return header.encode("ascii") + (b"" if head_only else body)
 
 
@@ -430,8 +500,9 @@ class _Exporter:
 
 async def _bind(host: str, port: int) -> trio.SocketListener:
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                              flags=socket.AI_PASSIVE)
+        infos = await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         family, kind, proto, _, sockaddr = infos[0]
         sock = trio.socket.socket(family, kind, proto)
         try:
@@ -451,10 +522,14 @@ async def _bind(host: str, port: int) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def serve_metrics(metrics: Renderable, host: str, port: int, *,
-                        read_timeout: float = READ_TIMEOUT,
-                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-                        ) -> None:
+async def serve_metrics(
+    metrics: Renderable,
+    host: str,
+    port: int,
+    *,
+    read_timeout: float = READ_TIMEOUT,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve ``GET /metrics`` on host:port until cancelled; started((host, bound port)).
 
     Binding happens before ``started`` so a bad ``[metrics].listen`` is a one-line

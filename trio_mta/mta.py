@@ -137,8 +137,12 @@ def _reloaded_ssl_context(mta: MTA, new: Config) -> ssl.SSLContext | None:
         dropped = privileges.dropped_to()
         if dropped is None or not same_files or not isinstance(exc.__cause__, PermissionError):
             raise
-        log.warning("tls.reload_kept", error=str(exc), user=dropped.user,
-                    effect="the certificate in use stays until a restart")
+        log.warning(
+            "tls.reload_kept",
+            error=str(exc),
+            user=dropped.user,
+            effect="the certificate in use stays until a restart",
+        )
         return mta.state.ssl_context
 
 
@@ -152,12 +156,31 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "[local].lmtp": (old.local.lmtp, new.local.lmtp),
         "[local].maildir_group": (old.local.maildir_group, new.local.maildir_group),
         "[relay] (outbound)": (
-            (old.relay.tls, old.relay.ca_file, old.relay.port, old.relay.smarthost,
-             old.relay.smarthost_tls, old.relay.smarthost_auth, old.relay.prefer_ipv4,
-             old.relay.mta_sts, old.relay.dane, old.relay.mta_sts_port),
-            (new.relay.tls, new.relay.ca_file, new.relay.port, new.relay.smarthost,
-             new.relay.smarthost_tls, new.relay.smarthost_auth, new.relay.prefer_ipv4,
-             new.relay.mta_sts, new.relay.dane, new.relay.mta_sts_port)),
+            (
+                old.relay.tls,
+                old.relay.ca_file,
+                old.relay.port,
+                old.relay.smarthost,
+                old.relay.smarthost_tls,
+                old.relay.smarthost_auth,
+                old.relay.prefer_ipv4,
+                old.relay.mta_sts,
+                old.relay.dane,
+                old.relay.mta_sts_port,
+            ),
+            (
+                new.relay.tls,
+                new.relay.ca_file,
+                new.relay.port,
+                new.relay.smarthost,
+                new.relay.smarthost_tls,
+                new.relay.smarthost_auth,
+                new.relay.prefer_ipv4,
+                new.relay.mta_sts,
+                new.relay.dane,
+                new.relay.mta_sts_port,
+            ),
+        ),
         "[dns]": (old.dns, new.dns),
         "[queue].concurrency": (old.queue.concurrency, new.queue.concurrency),
         "[metrics]": (old.metrics, new.metrics),
@@ -179,8 +202,9 @@ def raise_nofile_limit() -> None:
 
 def certificate_paths(config: Config) -> tuple[Path, Path]:
     """The (cert, key) to serve: the configured pair, else the generated one (made if needed)."""
-    return ensure_certificate(config.tls.cert, config.tls.key,
-                              hostname=config.hostname, state_dir=config.state_dir)
+    return ensure_certificate(
+        config.tls.cert, config.tls.key, hostname=config.hostname, state_dir=config.state_dir
+    )
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext:
@@ -338,9 +362,16 @@ def _open_shard_store(path: Path) -> QueueStore:
     return store
 
 
-async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
-               ssl_context: ssl.SSLContext, passwords: PasswordFile, handler: Handler | None,
-               worker: WorkerSlot | None, task_status: trio.TaskStatus[MTA]) -> None:
+async def _run(
+    config: Config,
+    shards: list[_Shard],
+    bound: list[BoundListener],
+    ssl_context: ssl.SSLContext,
+    passwords: PasswordFile,
+    handler: Handler | None,
+    worker: WorkerSlot | None,
+    task_status: trio.TaskStatus[MTA],
+) -> None:
     tag = host_tag_for(config.hostname)
     if worker is not None:
         tag = worker_tag(tag, worker.index)
@@ -363,15 +394,24 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             await services.start(writer.run)
             remote = RemoteAgent(
                 config.relay,
-                Resolver(config.dns.nameservers, config.dns.timeout,
-                         prefer_ipv4=config.relay.prefer_ipv4),
-                hostname=config.hostname, state_dir=config.state_dir, metrics=metrics)
+                Resolver(
+                    config.dns.nameservers, config.dns.timeout, prefer_ipv4=config.relay.prefer_ipv4
+                ),
+                hostname=config.hostname,
+                state_dir=config.state_dir,
+                metrics=metrics,
+            )
             await services.start(remote.run)
             for shard in shards:
                 shard_scheduler = _scheduler(config, shard.store, remote)
-                shard_bouncer = Bouncer(shard.store, router, hostname=config.hostname,
-                                        host_tag=tag, on_queued=shard_scheduler.wake,
-                                        delay_warning=config.queue.delay_warning)
+                shard_bouncer = Bouncer(
+                    shard.store,
+                    router,
+                    hostname=config.hostname,
+                    host_tag=tag,
+                    on_queued=shard_scheduler.wake,
+                    delay_warning=config.queue.delay_warning,
+                )
                 shard_scheduler.on_failed = shard_bouncer.kick
                 shard_scheduler.on_outcome = _observe(metrics)
                 await services.start(shard_scheduler.run)
@@ -386,7 +426,9 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             if config.local.deliver_at_once and config.local.lmtp is None:
                 immediate = ImmediateLocalDelivery(
                     _maildir_agent(config, trio.CapacityLimiter(8)),
-                    queue_sink, on_outcome=_observe(metrics))
+                    queue_sink,
+                    on_outcome=_observe(metrics),
+                )
                 await services.start(immediate.run)
                 sink = immediate
         if handler is not None:
@@ -398,8 +440,9 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             config=config,
             router=router,
             sink=sink,
-            limits=ConnectionLimits(config.limits.max_connections,
-                                    config.limits.max_connections_per_ip),
+            limits=ConnectionLimits(
+                config.limits.max_connections, config.limits.max_connections_per_ip
+            ),
             ssl_context=ssl_context,
             passwords=passwords,
             host_tag=tag,
@@ -407,14 +450,23 @@ async def _run(config: Config, shards: list[_Shard], bound: list[BoundListener],
             metrics=metrics,
             # Sessions spool into their shard's folder: renaming into its bodies/ is then
             # always within one file system, and its startup sweep is its own.
-            spool_dir=(shards[0].store.files.spool if shards
-                       else BodyFiles(config.queue_path).spool),
+            spool_dir=(
+                shards[0].store.files.spool if shards else BodyFiles(config.queue_path).spool
+            ),
             mail_auth=MailAuth(config, metrics=metrics),
         )
-        mta = MTA(config=config, listeners=[b.info for b in bound], state=state, metrics=metrics,
-                  metrics_address=metrics_address,
-                  store=shards[0].store if shards else None, scheduler=scheduler,
-                  bouncer=bouncer, drains=drains, immediate=immediate)
+        mta = MTA(
+            config=config,
+            listeners=[b.info for b in bound],
+            state=state,
+            metrics=metrics,
+            metrics_address=metrics_address,
+            store=shards[0].store if shards else None,
+            scheduler=scheduler,
+            bouncer=bouncer,
+            drains=drains,
+            immediate=immediate,
+        )
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for b in bound:
@@ -449,8 +501,9 @@ def _stats_of(stores: list[QueueStore]) -> Callable[[], QueueStats]:
 
 
 def _maildir_agent(config: Config, disk: trio.CapacityLimiter) -> MaildirAgent:
-    return MaildirAgent(config.local.maildir_root, config.hostname, limiter=disk,
-                        group=config.local.maildir_group)
+    return MaildirAgent(
+        config.local.maildir_root, config.hostname, limiter=disk, group=config.local.maildir_group
+    )
 
 
 def _local_agent(config: Config) -> DeliveryAgent:
@@ -488,5 +541,3 @@ def _observe(metrics: Metrics) -> Callable[[DueRecipient, str, float], None]:
             metrics.delivery_latency(destination, max(0.0, now - rcpt.received_at))
 
     return observe
-
-

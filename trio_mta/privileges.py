@@ -50,12 +50,18 @@ def target_identity(config: Config) -> Identity | None:
     """
     if os.geteuid() != 0:
         if config.user is not None and pwd.getpwuid(os.geteuid()).pw_name != config.user:
-            log.warning("privileges.not_root", user=config.user, running_as=os.geteuid(),
-                        effect="user ignored: only root can switch users")
+            log.warning(
+                "privileges.not_root",
+                user=config.user,
+                running_as=os.geteuid(),
+                effect="user ignored: only root can switch users",
+            )
         return None
     if config.user is None:
-        log.warning("privileges.running_as_root",
-                    hint='set user = "trio-mta" (top level) to drop root after binding')
+        log.warning(
+            "privileges.running_as_root",
+            hint='set user = "trio-mta" (top level) to drop root after binding',
+        )
         return None
     # The loader checked both names; they can only have vanished since.
     try:
@@ -132,8 +138,9 @@ def prepare_directories(config: Config, identity: Identity) -> None:
         if name.startswith("queue") and entry.is_file():
             problem = _problem(entry, identity, 6)
             if problem is not None:
-                raise ConfigError(f"state_dir: {problem}; chown -R {identity.user} "
-                                  f"{config.state_dir}")
+                raise ConfigError(
+                    f"state_dir: {problem}; chown -R {identity.user} {config.state_dir}"
+                )
     _make_owned(config.local.maildir_root, identity, "[local].maildir_root")
     root = config.local.maildir_root
     for name in sorted(os.listdir(root)):
@@ -141,8 +148,9 @@ def prepare_directories(config: Config, identity: Identity) -> None:
         if entry.is_dir():
             problem = _problem(entry, identity, 7)
             if problem is not None:
-                raise ConfigError(f"[local].maildir_root: {problem}; chown -R "
-                                  f"{identity.user} {root}")
+                raise ConfigError(
+                    f"[local].maildir_root: {problem}; chown -R {identity.user} {root}"
+                )
 
 
 def hand_over_generated_certificate(config: Config, identity: Identity) -> None:
@@ -189,10 +197,12 @@ def drop(identity: Identity) -> None:
         os.setresuid(identity.uid, identity.uid, identity.uid)
     except OSError as exc:
         raise PrivilegeDropError(
-            f"user: cannot switch to {identity.user}: {exc.strerror or exc}") from None
+            f"user: cannot switch to {identity.user}: {exc.strerror or exc}"
+        ) from None
     if os.getresuid() != (identity.uid,) * 3 or os.getresgid() != (identity.gid,) * 3:
-        raise PrivilegeDropError(f"user: switching to {identity.user} left "
-                                 f"uids {os.getresuid()} gids {os.getresgid()}")
+        raise PrivilegeDropError(
+            f"user: switching to {identity.user} left uids {os.getresuid()} gids {os.getresgid()}"
+        )
     try:
         os.setuid(0)
     except PermissionError:
@@ -202,5 +212,10 @@ def drop(identity: Identity) -> None:
     if 0 in os.getgroups() and 0 not in identity.groups:
         raise PrivilegeDropError(f"user: {identity.user} still has group root")
     _dropped_to = identity
-    log.event("privileges.dropped", user=identity.user, uid=identity.uid, gid=identity.gid,
-              pid=os.getpid())
+    log.event(
+        "privileges.dropped",
+        user=identity.user,
+        uid=identity.uid,
+        gid=identity.gid,
+        pid=os.getpid(),
+    )

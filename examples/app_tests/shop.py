@@ -28,8 +28,15 @@ def receipt(order_id: int, customer: str, total: str) -> EmailMessage:
     return message
 
 
-def send_receipt(order_id: int, customer: str, total: str, *, host: str, port: int,
-                 tls: ssl.SSLContext | None = None) -> None:
+def send_receipt(
+    order_id: int,
+    customer: str,
+    total: str,
+    *,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """What a web handler does after checkout: one message over (STARTTLS) SMTP."""
     with smtplib.SMTP(host, port, local_hostname="shop.example", timeout=30) as client:
         if tls is not None:
@@ -44,8 +51,9 @@ async def send_alert(text: str, *, host: str, port: int) -> None:
     message["To"] = "ops@shop.example"
     message["Subject"] = "ALERT: " + text
     message.set_content(text + "\n")
-    await trio_mta.send_message(message, host=host, port=port, tls="opportunistic",
-                                helo_name="shop.example")
+    await trio_mta.send_message(
+        message, host=host, port=port, tls="opportunistic", helo_name="shop.example"
+    )
 
 
 def relay_config(state_dir: Path, *, nameserver: str, mx_port: int) -> dict[str, Any]:

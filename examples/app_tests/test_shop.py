@@ -23,8 +23,9 @@ from trio_mta.testing.strategies import addresses
 
 
 def test_receipt_is_sent_to_the_customer(smtp_capture: SMTPCapture) -> None:
-    send_receipt(42, "ann@customer.test", "9.99 EUR", host=smtp_capture.host,
-                 port=smtp_capture.port)
+    send_receipt(
+        42, "ann@customer.test", "9.99 EUR", host=smtp_capture.host, port=smtp_capture.port
+    )
     (msg,) = smtp_capture.wait_for(1)
     assert msg.sender == SHOP
     assert msg.recipients == ["ann@customer.test"]
@@ -33,8 +34,14 @@ def test_receipt_is_sent_to_the_customer(smtp_capture: SMTPCapture) -> None:
 
 
 def test_receipt_goes_over_verified_tls(smtp_capture: SMTPCapture) -> None:
-    send_receipt(7, "bob@customer.test", "1 EUR", host="localhost", port=smtp_capture.port,
-                 tls=smtp_capture.ssl_context)
+    send_receipt(
+        7,
+        "bob@customer.test",
+        "1 EUR",
+        host="localhost",
+        port=smtp_capture.port,
+        tls=smtp_capture.ssl_context,
+    )
     (msg,) = smtp_capture.wait_for(1)
     assert msg.tls is not None
 
@@ -46,19 +53,21 @@ async def test_alert_from_a_trio_service(trio_mta_capture: TrioSMTPCapture) -> N
     assert msg.message["Subject"] == "ALERT: disk full"
 
 
-async def test_relay_finds_the_customer_mx(fake_dns: FakeDNS,
-                                           trio_mta_capture: TrioSMTPCapture,
-                                           nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_relay_finds_the_customer_mx(
+    fake_dns: FakeDNS, trio_mta_capture: TrioSMTPCapture, nursery: trio.Nursery, tmp_path: Path
+) -> None:
     """The whole outbound path: shop -> relay MTA -> MX lookup -> the customer's server."""
     fake_dns.add("customer.test", "MX", "10 mx.customer.test.")
     fake_dns.add("mx.customer.test", "A", "127.0.0.1")
     config = trio_mta.Config.from_mapping(
         relay_config(tmp_path, nameserver=fake_dns.nameserver, mx_port=trio_mta_capture.port),
-        base_dir=tmp_path)
+        base_dir=tmp_path,
+    )
     relay = await nursery.start(trio_mta.serve, config)
     host, port = relay.address("smtp")
     await trio.to_thread.run_sync(
-        lambda: send_receipt(1, "cy@customer.test", "5 EUR", host=host, port=port))
+        lambda: send_receipt(1, "cy@customer.test", "5 EUR", host=host, port=port)
+    )
     (msg,) = await trio_mta_capture.wait_for(1, timeout=20)
     assert msg.recipients == ["cy@customer.test"]
     assert msg.helo == "relay.shop.example"

@@ -21,8 +21,16 @@ from functools import lru_cache
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-__all__ = ["DkimResult", "KeyAnswer", "Parsed", "SignatureInfo", "key_names", "parse",
-           "signatures", "verify"]
+__all__ = [
+    "DkimResult",
+    "KeyAnswer",
+    "Parsed",
+    "SignatureInfo",
+    "key_names",
+    "parse",
+    "signatures",
+    "verify",
+]
 
 MIN_KEY_BITS = 1024  # RFC 8301 §3.2
 
@@ -89,12 +97,15 @@ def signatures(message: bytes | Parsed | None) -> list[SignatureInfo | None]:
         try:
             tags = parse_tag_value(value)
             b = re.sub(rb"\s+", b"", tags.get(b"b", b""))
-            out.append(SignatureInfo(
-                domain=tags[b"d"].decode("ascii").strip().lower(),
-                selector=tags[b"s"].decode("ascii").strip(),
-                algorithm=tags.get(b"a", b"").decode("ascii").strip().lower(),
-                b_prefix=b[:8].decode("ascii"),
-                signed=frozenset(n.strip().lower() for n in tags.get(b"h", b"").split(b":"))))
+            out.append(
+                SignatureInfo(
+                    domain=tags[b"d"].decode("ascii").strip().lower(),
+                    selector=tags[b"s"].decode("ascii").strip(),
+                    algorithm=tags.get(b"a", b"").decode("ascii").strip().lower(),
+                    b_prefix=b[:8].decode("ascii"),
+                    signed=frozenset(n.strip().lower() for n in tags.get(b"h", b"").split(b":")),
+                )
+            )
         except (InvalidTagValueList, KeyError, UnicodeDecodeError):
             out.append(None)
     return out
@@ -105,8 +116,9 @@ def key_names(found: list[SignatureInfo | None]) -> list[str]:
     return list(dict.fromkeys(sig.key_name for sig in found if sig is not None))
 
 
-def verify(message: bytes | Parsed, found: list[SignatureInfo | None],
-           keys: Mapping[str, KeyAnswer]) -> list[DkimResult]:
+def verify(
+    message: bytes | Parsed, found: list[SignatureInfo | None], keys: Mapping[str, KeyAnswer]
+) -> list[DkimResult]:
     """Check every signature in *found* (from :func:`signatures` on the same *message*)."""
     if not found:
         return []
@@ -121,8 +133,9 @@ def verify(message: bytes | Parsed, found: list[SignatureInfo | None],
             continue
 
         def done(result: str, reason: str = "", sig: SignatureInfo = sig) -> None:
-            results.append(DkimResult(result, sig.domain, sig.selector, sig.algorithm,
-                                      sig.b_prefix, reason))
+            results.append(
+                DkimResult(result, sig.domain, sig.selector, sig.algorithm, sig.b_prefix, reason)
+            )
 
         if sig.algorithm not in ("rsa-sha256", "ed25519-sha256", "rsa-sha1"):
             done("neutral", f"unknown algorithm {sig.algorithm!r}")
@@ -154,8 +167,13 @@ def verify(message: bytes | Parsed, found: list[SignatureInfo | None],
             text = str(exc)
             done("fail" if "body hash" in text else "permerror", text)
             continue
-        except (dkim.MessageFormatError, dkim.KeyFormatError, dkim.ParameterError,
-                dkim.UnknownKeyTypeError, dkim.NaClNotFoundError) as exc:
+        except (
+            dkim.MessageFormatError,
+            dkim.KeyFormatError,
+            dkim.ParameterError,
+            dkim.UnknownKeyTypeError,
+            dkim.NaClNotFoundError,
+        ) as exc:
             done("permerror", str(exc))
             continue
         except Exception as exc:  # dkimpy on hostile input: never crash the session
@@ -190,7 +208,7 @@ def _key_record(records: tuple[bytes, ...]) -> bytes | None:
 def _head(message: bytes) -> bytes:
     """The header block only: enough for :func:`signatures`, and cheap on big messages."""
     end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[:end + 4]
+    return message if end < 0 else message[: end + 4]
 
 
 class _Quiet:

@@ -23,8 +23,7 @@ from trio_mta.auth.dkim_verify import DkimResult
 from trio_mta.auth.spf import SpfResult
 from trio_mta.dns import DnsTemporaryError, Resolver
 
-__all__ = ["DmarcPolicy", "DmarcResult", "evaluate", "fetch_policy", "org_domain",
-           "parse_record"]
+__all__ = ["DmarcPolicy", "DmarcResult", "evaluate", "fetch_policy", "org_domain", "parse_record"]
 
 _POLICIES = ("none", "quarantine", "reject")
 
@@ -94,8 +93,11 @@ def parse_record(text: str, domain: str) -> DmarcPolicy | None:
 
 
 async def _lookup(resolver: Resolver, domain: str) -> DmarcPolicy | None:
-    records = [b"".join(rd.strings).decode("utf-8", "replace")
-               for rd in await resolver.records(f"_dmarc.{domain}", "TXT") if isinstance(rd, TXT)]
+    records = [
+        b"".join(rd.strings).decode("utf-8", "replace")
+        for rd in await resolver.records(f"_dmarc.{domain}", "TXT")
+        if isinstance(rd, TXT)
+    ]
     policies = [p for p in (parse_record(r, domain) for r in records) if p is not None]
     # §6.6.3 step 5: more than one record is as none.
     return policies[0] if len(policies) == 1 else None
@@ -122,15 +124,24 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
     return org_domain(identifier) == org_domain(from_domain)
 
 
-def evaluate(from_domain: str, policy: DmarcPolicy | None, spf: SpfResult | None,
-             dkim: Sequence[DkimResult], *, sample: float | None = None) -> DmarcResult:
+def evaluate(
+    from_domain: str,
+    policy: DmarcPolicy | None,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    *,
+    sample: float | None = None,
+) -> DmarcResult:
     """The verdict for one message; *sample* in [0, 1) picks the pct bucket (random if None)."""
     if policy is None:
         return DmarcResult("none", from_domain, reason="no DMARC record")
-    spf_ok = (spf is not None and spf.result == "pass" and spf.identity == "mailfrom"
-              and aligned(spf.domain, from_domain, policy.aspf))
-    dkim_ok = any(r.result == "pass" and aligned(r.domain, from_domain, policy.adkim)
-                  for r in dkim)
+    spf_ok = (
+        spf is not None
+        and spf.result == "pass"
+        and spf.identity == "mailfrom"
+        and aligned(spf.domain, from_domain, policy.aspf)
+    )
+    dkim_ok = any(r.result == "pass" and aligned(r.domain, from_domain, policy.adkim) for r in dkim)
     applies = policy.p if policy.domain == from_domain else policy.sp
     if spf_ok or dkim_ok:
         why = "spf aligned" if spf_ok else "dkim aligned"
@@ -144,8 +155,9 @@ def evaluate(from_domain: str, policy: DmarcPolicy | None, spf: SpfResult | None
     return DmarcResult("fail", from_domain, applies, disposition, "no aligned spf or dkim pass")
 
 
-async def check_dmarc(resolver: Resolver, from_domain: str, spf: SpfResult | None,
-                      dkim: Sequence[DkimResult]) -> DmarcResult:
+async def check_dmarc(
+    resolver: Resolver, from_domain: str, spf: SpfResult | None, dkim: Sequence[DkimResult]
+) -> DmarcResult:
     """Look the policy up and evaluate; DNS failure is ``temperror`` (§6.6.3 step 1)."""
     try:
         policy = await fetch_policy(resolver, from_domain)

@@ -62,8 +62,15 @@ class Outcome:
 
 
 class Verifier:
-    def __init__(self, settings: VerifyConfig, resolver: Resolver, *, hostname: str,
-                 dns_timeout: float, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: VerifyConfig,
+        resolver: Resolver,
+        *,
+        hostname: str,
+        dns_timeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.hostname = hostname
@@ -91,8 +98,14 @@ class Check:
         """Evaluated once per transaction, however often asked."""
         if self._spf is None:
             v = self.verifier
-            self._spf = await check_spf(v.resolver, self.client_ip, self.sender, self.helo,
-                                        timeout=v.spf_timeout, memo=v.spf_memo)
+            self._spf = await check_spf(
+                v.resolver,
+                self.client_ip,
+                self.sender,
+                self.helo,
+                timeout=v.spf_timeout,
+                memo=v.spf_memo,
+            )
         return self._spf
 
     @property
@@ -107,9 +120,11 @@ class Check:
         result = await self.spf()
         if result.result != "fail":
             return None
-        return Reply(550, "5.7.23",
-                     f"SPF fail: {result.domain} does not allow {self.client_ip} to send "
-                     "its mail")
+        return Reply(
+            550,
+            "5.7.23",
+            f"SPF fail: {result.domain} does not allow {self.client_ip} to send its mail",
+        )
 
     async def at_end_of_data(self, message: bytes) -> Outcome:
         v = self.verifier
@@ -123,14 +138,18 @@ class Check:
         dkim_results: list[DkimResult] | None = None
         async with trio.open_nursery() as nursery:
             if settings.spf or settings.dmarc:
+
                 async def run_spf() -> None:
                     nonlocal spf
                     spf = await self.spf()
+
                 nursery.start_soon(run_spf)
             if settings.dkim or settings.dmarc:
+
                 async def run_dkim() -> None:
                     nonlocal dkim_results
                     dkim_results = await self._dkim(message, parsed)
+
                 nursery.start_soon(run_dkim)
         dmarc: DmarcResult | None = None
         if settings.dmarc:
@@ -145,18 +164,34 @@ class Check:
             v.count("dkim", "none")
         if dmarc is not None:
             v.count("dmarc", dmarc.result)
-        header = authentication_results(v.hostname, spf=shown_spf, dkim=shown_dkim,
-                                        dmarc=dmarc, sender=self.sender, helo=self.helo or "")
+        header = authentication_results(
+            v.hostname,
+            spf=shown_spf,
+            dkim=shown_dkim,
+            dmarc=dmarc,
+            sender=self.sender,
+            helo=self.helo or "",
+        )
         refusal = None
-        if (settings.dmarc_enforce and dmarc is not None and dmarc.result == "fail"
-                and dmarc.disposition == "reject"):
-            refusal = Reply(550, "5.7.1",
-                            f"Email rejected per DMARC policy for {dmarc.from_domain}")
-        return Outcome(header, message, refusal, shown_spf,
-                       None if shown_dkim is None else tuple(shown_dkim), dmarc)
+        if (
+            settings.dmarc_enforce
+            and dmarc is not None
+            and dmarc.result == "fail"
+            and dmarc.disposition == "reject"
+        ):
+            refusal = Reply(
+                550, "5.7.1", f"Email rejected per DMARC policy for {dmarc.from_domain}"
+            )
+        return Outcome(
+            header,
+            message,
+            refusal,
+            shown_spf,
+            None if shown_dkim is None else tuple(shown_dkim),
+            dmarc,
+        )
 
-    async def _dkim(self, message: bytes, parsed: dkim_verify.Parsed | None
-                    ) -> list[DkimResult]:
+    async def _dkim(self, message: bytes, parsed: dkim_verify.Parsed | None) -> list[DkimResult]:
         found = dkim_verify.signatures(parsed)
         if not found:
             return []
@@ -168,8 +203,9 @@ class Check:
             except DnsTemporaryError as exc:
                 keys[name] = KeyAnswer(temporary_error=str(exc))
                 return
-            keys[name] = KeyAnswer(tuple(b"".join(rd.strings) for rd in rdatas
-                                         if isinstance(rd, TXT)))
+            keys[name] = KeyAnswer(
+                tuple(b"".join(rd.strings) for rd in rdatas if isinstance(rd, TXT))
+            )
 
         names = dkim_verify.key_names(found)
         if len(names) == 1:
@@ -183,8 +219,12 @@ class Check:
             return await trio.to_thread.run_sync(dkim_verify.verify, parsed, found, keys)
         return dkim_verify.verify(parsed, found, keys)
 
-    async def _dmarc(self, parsed: dkim_verify.Parsed | None, spf: SpfResult | None,
-                     dkim_results: list[DkimResult]) -> DmarcResult:
+    async def _dmarc(
+        self,
+        parsed: dkim_verify.Parsed | None,
+        spf: SpfResult | None,
+        dkim_results: list[DkimResult],
+    ) -> DmarcResult:
         domains = set(from_domains(parsed[0] if parsed is not None else []))
         if len(domains) != 1:
             # RFC 7489 §6.6.1: no usable From: domain, or several, cannot be evaluated.

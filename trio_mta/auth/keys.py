@@ -18,8 +18,16 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-__all__ = ["Algorithm", "DkimKey", "DkimKeyError", "generate_pem", "load_key", "public_value",
-           "txt_record", "write_private"]
+__all__ = [
+    "Algorithm",
+    "DkimKey",
+    "DkimKeyError",
+    "generate_pem",
+    "load_key",
+    "public_value",
+    "txt_record",
+    "write_private",
+]
 
 Algorithm = Literal["rsa", "ed25519"]
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2: verifiers MUST NOT consider shorter keys valid
@@ -69,13 +77,16 @@ def load_key(path: Path, domain: str, selector: str) -> DkimKey:
         raise DkimKeyError(f"{path} is not a PEM private key ({exc})") from None
     if isinstance(private, rsa.RSAPrivateKey):
         if private.key_size < MIN_RSA_BITS:
-            raise DkimKeyError(f"{path}: RSA key of {private.key_size} bits; "
-                            f"at least {MIN_RSA_BITS} (RFC 8301), 2048 recommended")
+            raise DkimKeyError(
+                f"{path}: RSA key of {private.key_size} bits; "
+                f"at least {MIN_RSA_BITS} (RFC 8301), 2048 recommended"
+            )
         return DkimKey(domain, selector, path, "rsa", private)
     if isinstance(private, ed25519.Ed25519PrivateKey):
         return DkimKey(domain, selector, path, "ed25519", private)
     raise DkimKeyError(
-        f"{path}: {type(private).__name__} keys cannot sign DKIM; use RSA or Ed25519")
+        f"{path}: {type(private).__name__} keys cannot sign DKIM; use RSA or Ed25519"
+    )
 
 
 def generate_pem(algorithm: Algorithm) -> bytes:
@@ -85,8 +96,9 @@ def generate_pem(algorithm: Algorithm) -> bytes:
         private = rsa.generate_private_key(public_exponent=65537, key_size=GENERATED_RSA_BITS)
     else:
         private = ed25519.Ed25519PrivateKey.generate()
-    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def write_private(path: Path, pem: bytes) -> None:
@@ -105,8 +117,9 @@ def public_value(key: DkimKey) -> str:
     if isinstance(public, ed25519.Ed25519PublicKey):
         raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     else:
-        raw = public.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        raw = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     return base64.b64encode(raw).decode("ascii")
 
 
@@ -117,6 +130,6 @@ def txt_record(key: DkimKey) -> str:
     several quoted strings, which DNS joins (RFC 6376 §3.6.2.2).
     """
     value = f"v=DKIM1; k={key.algorithm}; p={public_value(key)}"
-    chunks = [value[i:i + 250] for i in range(0, len(value), 250)]
+    chunks = [value[i : i + 250] for i in range(0, len(value), 250)]
     quoted = " ".join(f'"{chunk}"' for chunk in chunks)
     return f"{key.selector}._domainkey.{key.domain}. IN TXT {quoted}"

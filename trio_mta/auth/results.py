@@ -32,13 +32,18 @@ def _reason(text: str) -> str | None:
     text = _UNSAFE.sub("", text).strip()
     if not text:
         return None
-    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON - 3] + "..."
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
-def authentication_results(authserv: str, *, spf: SpfResult | None,
-                           dkim: Sequence[DkimResult] | None,
-                           dmarc: DmarcResult | None, sender: str = "",
-                           helo: str = "") -> bytes:
+def authentication_results(
+    authserv: str,
+    *,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult] | None,
+    dmarc: DmarcResult | None,
+    sender: str = "",
+    helo: str = "",
+) -> bytes:
     """One folded header field, CRLF-terminated; ``none`` when no method ran (§2.2).
 
     Rendering is remembered: mail from one sender mostly gets the same verdicts.
@@ -47,20 +52,29 @@ def authentication_results(authserv: str, *, spf: SpfResult | None,
 
 
 @lru_cache(maxsize=1024)
-def _render(authserv: str, spf: SpfResult | None, dkim: tuple[DkimResult, ...] | None,
-            dmarc: DmarcResult | None, sender: str, helo: str) -> bytes:
+def _render(
+    authserv: str,
+    spf: SpfResult | None,
+    dkim: tuple[DkimResult, ...] | None,
+    dmarc: DmarcResult | None,
+    sender: str,
+    helo: str,
+) -> bytes:
     results: list[authres.core.AuthenticationResult] = []
     if spf is not None:
         if spf.identity == "mailfrom":
-            results.append(authres.SPFAuthenticationResult(
-                result=spf.result, smtp_mailfrom=sender or spf.domain))
+            results.append(
+                authres.SPFAuthenticationResult(
+                    result=spf.result, smtp_mailfrom=sender or spf.domain
+                )
+            )
         else:
-            results.append(authres.SPFAuthenticationResult(
-                result=spf.result, smtp_helo=helo or spf.domain))
+            results.append(
+                authres.SPFAuthenticationResult(result=spf.result, smtp_helo=helo or spf.domain)
+            )
     if dkim is not None:
         if not dkim:
-            results.append(authres.DKIMAuthenticationResult(
-                result="none", reason="no signature"))
+            results.append(authres.DKIMAuthenticationResult(result="none", reason="no signature"))
         for item in dkim:
             kwargs: dict[str, str] = {}
             if item.domain:
@@ -70,14 +84,20 @@ def _render(authserv: str, spf: SpfResult | None, dkim: tuple[DkimResult, ...] |
             if item.algorithm:
                 kwargs["header_a"] = item.algorithm
             reason = _reason(item.reason) if item.result != "pass" else None
-            results.append(authres.DKIMAuthenticationResult(
-                result=item.result, reason=reason, **kwargs))
+            results.append(
+                authres.DKIMAuthenticationResult(result=item.result, reason=reason, **kwargs)
+            )
     if dmarc is not None:
-        comment = (f"p={dmarc.policy} dis={dmarc.disposition}"
-                   if dmarc.result in ("pass", "fail") else None)
-        results.append(authres.dmarc.DMARCAuthenticationResult(
-            result=dmarc.result, result_comment=comment,
-            header_from=dmarc.from_domain or None))
+        comment = (
+            f"p={dmarc.policy} dis={dmarc.disposition}"
+            if dmarc.result in ("pass", "fail")
+            else None
+        )
+        results.append(
+            authres.dmarc.DMARCAuthenticationResult(
+                result=dmarc.result, result_comment=comment, header_from=dmarc.from_domain or None
+            )
+        )
     if not results:
         return f"Authentication-Results: {authserv}; none\r\n".encode()
     text = str(authres.AuthenticationResultsHeader(authserv_id=authserv, results=results))
@@ -114,7 +134,7 @@ def authserv_id(value: bytes) -> str | None:
         return None
     if text[i] == '"':
         end = text.find('"', i + 1)
-        return text[i + 1:end if end > 0 else n].strip().lower() or None
+        return text[i + 1 : end if end > 0 else n].strip().lower() or None
     match = re.match(r"[^\s;()\"]+", text[i:])
     return match.group(0).lower() if match else None
 
@@ -126,7 +146,7 @@ def strip_ours(message: bytes, authserv: str) -> bytes:
     (DKIM signatures over the remaining fields still verify).
     """
     end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[:end + 2]
+    head = message if end < 0 else message[: end + 2]
     if HEADER not in head.lower():
         return message
     ours = authserv.lower()
@@ -138,4 +158,4 @@ def strip_ours(message: bytes, authserv: str) -> bytes:
             continue
         kept.append(field)
     rebuilt = b"".join(f + b"\r\n" for f in kept)
-    return rebuilt + (b"" if end < 0 else message[end + 2:])
+    return rebuilt + (b"" if end < 0 else message[end + 2 :])

@@ -39,17 +39,31 @@ class Done:
 
 
 class MailAuth:
-    def __init__(self, config: Config, *, resolver: Resolver | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, *, resolver: Resolver | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.signer = Signer(config.dkim.sign)
         self.verifier: Verifier | None = None
         if config.verify.any:
             resolver = resolver or Resolver(config.dns.nameservers, config.dns.timeout)
-            self.verifier = Verifier(config.verify, resolver, hostname=config.hostname,
-                                     dns_timeout=config.dns.timeout, metrics=metrics)
+            self.verifier = Verifier(
+                config.verify,
+                resolver,
+                hostname=config.hostname,
+                dns_timeout=config.dns.timeout,
+                metrics=metrics,
+            )
 
-    def check(self, *, mode: str, trusted: bool, authenticated: bool, client_ip: str,
-              sender: str, helo: str | None) -> Check | None:
+    def check(
+        self,
+        *,
+        mode: str,
+        trusted: bool,
+        authenticated: bool,
+        client_ip: str,
+        sender: str,
+        helo: str | None,
+    ) -> Check | None:
         """A per-transaction check when [verify] applies to this client (SPEC §9), else None."""
         if self.verifier is None or mode != "smtp" or trusted or authenticated:
             return None
@@ -71,8 +85,9 @@ class MailAuth:
             log.error("dkim.sign_failed", id=queue_id, error=f"{type(exc).__name__}: {exc}")
             return b""
 
-    async def end_of_data(self, check: Check | None, *, sign: bool, body: Body, trace: bytes,
-                          queue_id: str) -> Done:
+    async def end_of_data(
+        self, check: Check | None, *, sign: bool, body: Body, trace: bytes, queue_id: str
+    ) -> Done:
         """Check *body* when *check* is given, else sign it when *sign* (our user's mail).
 
         A body spooled to a file (large messages) is read in a worker thread; if a
@@ -103,7 +118,7 @@ def _rewrite(body: SpooledBody, data: bytes) -> SpooledBody:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

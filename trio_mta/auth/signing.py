@@ -32,10 +32,22 @@ __all__ = ["SIGNED_HEADERS", "Signer", "from_domains"]
 
 # SPEC §9: the usual headers, signed when present; From once more (over-signed) so
 # that nobody can add a second From: without breaking the signature (RFC 6376 §8.15).
-SIGNED_HEADERS = frozenset({
-    b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"in-reply-to",
-    b"references", b"mime-version", b"content-type", b"content-transfer-encoding",
-})
+SIGNED_HEADERS = frozenset(
+    {
+        b"from",
+        b"to",
+        b"cc",
+        b"subject",
+        b"date",
+        b"message-id",
+        b"reply-to",
+        b"in-reply-to",
+        b"references",
+        b"mime-version",
+        b"content-type",
+        b"content-transfer-encoding",
+    }
+)
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _NAME = b"DKIM-Signature"
 
@@ -44,7 +56,8 @@ _NAME = b"DKIM-Signature"
 # the email package's full address parser (which handles everything else).
 _SIMPLE_FROM = re.compile(
     rb'\s*(?:(?:"[^"\\\r\n]*"|[^"<>@,;:()\\\r\n]*)\s*<[^<>@\s"(),;:\\]+@([A-Za-z0-9.-]+)>'
-    rb'|[^<>@\s"(),;:\\]+@([A-Za-z0-9.-]+))\s*')
+    rb'|[^<>@\s"(),;:\\]+@([A-Za-z0-9.-]+))\s*'
+)
 
 
 def from_domains(headers: Sequence[Sequence[bytes]]) -> list[str]:
@@ -105,13 +118,15 @@ class Signer:
         body_hash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(body)).digest())
         # Only fields named in h= enter the hash; canonicalising the rest is wasted work.
         canonical = _RELAXED.canonicalize_headers(
-            [h for h in headers if h[0].lower() in SIGNED_HEADERS])
+            [h for h in headers if h[0].lower() in SIGNED_HEADERS]
+        )
         stamp = str(int(time.time() if now is None else now)).encode("ascii")
         return b"".join(_signature(key, canonical, include, body_hash, stamp) for key in keys)
 
 
-def _signature(key: DkimKey, canonical: list[list[bytes]], include: list[bytes],
-               body_hash: bytes, stamp: bytes) -> bytes:
+def _signature(
+    key: DkimKey, canonical: list[list[bytes]], include: list[bytes], body_hash: bytes, stamp: bytes
+) -> bytes:
     """One DKIM-Signature field, built the way dkimpy's ``DomainSigner.gen_header`` does."""
     fields = [
         (b"v", b"1"),

@@ -71,8 +71,15 @@ MEMO_ENTRIES = 10_000
 Memo = dict[tuple[str, str, str], tuple[float, "SpfResult"]]
 
 
-async def check_spf(resolver: Resolver, client_ip: str, sender: str, helo: str | None, *,
-                    timeout: float, memo: Memo | None = None) -> SpfResult:
+async def check_spf(
+    resolver: Resolver,
+    client_ip: str,
+    sender: str,
+    helo: str | None,
+    *,
+    timeout: float,
+    memo: Memo | None = None,
+) -> SpfResult:
     """Evaluate SPF for the MAIL FROM *sender* (the HELO name for ``<>``), RFC 7208 §2.3-2.4.
 
     Never raises and never takes longer than *timeout*: a DNS failure or a check
@@ -136,8 +143,13 @@ async def check_spf(resolver: Resolver, client_ip: str, sender: str, helo: str |
     return SpfResult("temperror", identity, domain, f"SPF check exceeded {timeout:g}s")
 
 
-def _remember(memo: Memo, key: tuple[str, str, str], verdict: SpfResult, resolver: Resolver,
-              answers: dict[tuple[str, str], Answers | str]) -> None:
+def _remember(
+    memo: Memo,
+    key: tuple[str, str, str],
+    verdict: SpfResult,
+    resolver: Resolver,
+    answers: dict[tuple[str, str], Answers | str],
+) -> None:
     expiries = [resolver.expiry(name, qtype) for name, qtype in answers]
     if not expiries or None in expiries:
         return  # an empty, missing or failed lookup: not known how long it holds
@@ -146,8 +158,9 @@ def _remember(memo: Memo, key: tuple[str, str, str], verdict: SpfResult, resolve
     memo[key] = (min(e for e in expiries if e is not None), verdict)
 
 
-def _one_pass(lookup: Callable[[str, str], Answers], client_ip: str, sender: str, helo: str,
-              timeout: float) -> tuple[str, str]:
+def _one_pass(
+    lookup: Callable[[str, str], Answers], client_ip: str, sender: str, helo: str, timeout: float
+) -> tuple[str, str]:
     """One synchronous pyspf evaluation against the answers fetched so far."""
     _local.lookup = lookup
     try:

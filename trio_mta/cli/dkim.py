@@ -19,19 +19,28 @@ from trio_mta.config import schema
 __all__ = ["add_parser", "run_dkim_command"]
 
 
-def add_parser(sub: argparse._SubParsersAction[Any],
-               parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_parser(
+    sub: argparse._SubParsersAction[Any], parser_class: type[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
     """``dkim keygen`` under *sub*; *parser_class* is the caller's (errors exit 2)."""
     dkim: argparse.ArgumentParser = sub.add_parser("dkim", help="DKIM signing keys")
     dsub = dkim.add_subparsers(dest="dkim_command", parser_class=parser_class, required=True)
     keygen = dsub.add_parser("keygen", help="write a new private key, print its TXT record")
     keygen.add_argument("domain")
     keygen.add_argument("selector")
-    keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa",
-                        help="rsa (2048 bits, understood everywhere; the default) or ed25519 "
-                             "(RFC 8463, small and fast; sign with both to use it)")
-    keygen.add_argument("--out", metavar="FILE", type=Path,
-                        help="where to write the key (default: DOMAIN.SELECTOR.key)")
+    keygen.add_argument(
+        "--algorithm",
+        choices=["rsa", "ed25519"],
+        default="rsa",
+        help="rsa (2048 bits, understood everywhere; the default) or ed25519 "
+        "(RFC 8463, small and fast; sign with both to use it)",
+    )
+    keygen.add_argument(
+        "--out",
+        metavar="FILE",
+        type=Path,
+        help="where to write the key (default: DOMAIN.SELECTOR.key)",
+    )
     return dkim
 
 
@@ -41,16 +50,17 @@ def run_dkim_command(args: argparse.Namespace) -> int:
         print(f"trio-mta dkim keygen: {args.domain!r} is not a domain name", file=sys.stderr)
         return EXIT_USAGE
     if not schema.is_hostname(selector):
-        print(f"trio-mta dkim keygen: selector {selector!r} must be a DNS label like s2026",
-              file=sys.stderr)
+        print(
+            f"trio-mta dkim keygen: selector {selector!r} must be a DNS label like s2026",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     out: Path = args.out or Path(f"{domain}.{selector}.key")
     try:
         write_private(out, generate_pem(args.algorithm))
         key = load_key(out, domain, selector)
     except FileExistsError:
-        print(f"trio-mta dkim keygen: {out} already exists; not overwriting a key",
-              file=sys.stderr)
+        print(f"trio-mta dkim keygen: {out} already exists; not overwriting a key", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
         print(f"trio-mta dkim keygen: {out}: {exc.strerror or exc}", file=sys.stderr)
@@ -59,7 +69,9 @@ def run_dkim_command(args: argparse.Namespace) -> int:
         print(f"trio-mta dkim keygen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(txt_record(key))
-    print(f"wrote {key.algorithm} key to {out} (mode 0600); add to the config:\n"
-          f'[[dkim.sign]]\ndomain = "{domain}"\nselector = "{selector}"\nkey = "{out}"',
-          file=sys.stderr)
+    print(
+        f"wrote {key.algorithm} key to {out} (mode 0600); add to the config:\n"
+        f'[[dkim.sign]]\ndomain = "{domain}"\nselector = "{selector}"\nkey = "{out}"',
+        file=sys.stderr,
+    )
     return EXIT_OK

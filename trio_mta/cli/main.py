@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 WORKER_COMMAND = "_worker"  # internal: a supervised worker, see trio_mta.workers
 
 
-
 class UsageError(Exception):
     """Bad command-line usage; exit 2."""
 
@@ -41,15 +40,18 @@ def _add_config(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # --config may stand before or after the subcommand (SPEC §2); the
     # subparser copy must not clobber a value given before it.
     parser.add_argument(
-        "--config", metavar="FILE",
+        "--config",
+        metavar="FILE",
         default=None if top else argparse.SUPPRESS,
-        help="configuration file (default: $TRIO_MTA_CONFIG, else built-in defaults)")
+        help="configuration file (default: $TRIO_MTA_CONFIG, else built-in defaults)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trio-mta", description="A mail transfer agent on trio.")
-    parser.add_argument("--version", action="store_true",
-                        help=f"print trio-mta {__version__} and exit")
+    parser.add_argument(
+        "--version", action="store_true", help=f"print trio-mta {__version__} and exit"
+    )
     _add_config(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -81,23 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(passwd, top=False)
 
     from trio_mta.cli import dkim
+
     _add_config(dkim.add_parser(sub, _Parser), top=False)
     tlspolicy = sub.add_parser(
-        "tls-policy", help="show the outbound TLS policy (MTA-STS, DANE) of a destination")
+        "tls-policy", help="show the outbound TLS policy (MTA-STS, DANE) of a destination"
+    )
     tlspolicy.add_argument("domain")
     _add_config(tlspolicy, top=False)
 
     # sendmail's flags (-oi, -fSENDER, -ti) are getopt-style, not argparse's: a
     # prefix no argument can start with hands every one of them to trio_mta.cli.sendmail.
-    sendmail = sub.add_parser("sendmail", prefix_chars="\0", add_help=False,
-                              help="submit one message from stdin (sendmail-compatible)")
+    sendmail = sub.add_parser(
+        "sendmail",
+        prefix_chars="\0",
+        add_help=False,
+        help="submit one message from stdin (sendmail-compatible)",
+    )
     sendmail.add_argument("sendmail_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", action="append", metavar="ADDR:PORT[/MODE]",
-                        help="listen here instead of [[listen]] (repeatable)")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR:PORT[/MODE]",
+        help="listen here instead of [[listen]] (repeatable)",
+    )
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-file", type=Path)
@@ -137,15 +149,18 @@ def _main(argv: list[str]) -> int:
         return _serve(args)
     if command == "sendmail":  # sysexits.h codes, config errors included
         from trio_mta.cli.sendmail import run_sendmail
+
         return run_sendmail(args.sendmail_args, config_path=args.config)
     if command == "dkim":  # needs no configuration: it makes a key for one
         from trio_mta.cli.dkim import run_dkim_command
+
         return run_dkim_command(args)
     config = load_config(args.config)
     if command == "check-config":
         return _check_config(config)
     if command == "queue":
         from trio_mta.cli.queue import run_queue_command
+
         return run_queue_command(config, args)
     if command == "passwd":
         from trio_mta.cli.passwd import run_passwd
@@ -210,8 +225,11 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
     from trio_mta.tls import TLSConfigError
 
     config = load_config(args.config).with_overrides(
-        listen=args.listen, state_dir=args.state_dir,
-        log_level=args.log_level, log_file=args.log_file)
+        listen=args.listen,
+        state_dir=args.state_dir,
+        log_level=args.log_level,
+        log_file=args.log_file,
+    )
     spec: WorkerSpec | None = None
     if worker is not None:
         from trio_mta.workers.worker import WorkerSpec
@@ -278,8 +296,9 @@ def _sole_exception(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _serve_until_signal(config: Config, args: argparse.Namespace,
-                              spec: WorkerSpec | None = None) -> None:
+async def _serve_until_signal(
+    config: Config, args: argparse.Namespace, spec: WorkerSpec | None = None
+) -> None:
     from trio_mta.mta import serve
 
     wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -294,8 +313,14 @@ async def _serve_until_signal(config: Config, args: argparse.Namespace,
             mta: MTA = await nursery.start(run_serve)
             # A supervised worker may get a stop signal twice at once: forwarded by
             # its parent and sent by a service manager to the whole group.
-            nursery.start_soon(_watch_signals, signals, mta, args, nursery.cancel_scope,
-                               0.0 if spec is None else DUPLICATE_WINDOW)
+            nursery.start_soon(
+                _watch_signals,
+                signals,
+                mta,
+                args,
+                nursery.cancel_scope,
+                0.0 if spec is None else DUPLICATE_WINDOW,
+            )
             if spec is not None:
                 from trio_mta.workers.worker import notify_ready, watch_parent
 
@@ -307,8 +332,13 @@ async def _serve_until_signal(config: Config, args: argparse.Namespace,
 DUPLICATE_WINDOW = 1.0
 
 
-async def _watch_signals(signals: AsyncIterator[int], mta: MTA, args: argparse.Namespace,
-                         scope: trio.CancelScope, duplicate_window: float = 0.0) -> None:
+async def _watch_signals(
+    signals: AsyncIterator[int],
+    mta: MTA,
+    args: argparse.Namespace,
+    scope: trio.CancelScope,
+    duplicate_window: float = 0.0,
+) -> None:
     """SIGHUP: reload. First SIGTERM/SIGINT: graceful stop; a second one: stop now.
 
     A second stop signal within ``duplicate_window`` seconds of the first is the
@@ -335,8 +365,11 @@ async def _reload(mta: MTA, args: argparse.Namespace) -> None:
 
     try:
         new = load_config(args.config).with_overrides(
-            listen=args.listen, state_dir=args.state_dir,
-            log_level=args.log_level, log_file=args.log_file)
+            listen=args.listen,
+            state_dir=args.state_dir,
+            log_level=args.log_level,
+            log_file=args.log_file,
+        )
         await mta.reload(new)
     except ConfigError as exc:
         log.error("config.reload_failed", errors="; ".join(exc.errors))

@@ -30,8 +30,7 @@ def run_passwd(config: Config, user: str) -> int:
         print(f"trio-mta passwd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
-        print(f"trio-mta passwd: {config.auth.users_file}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"trio-mta passwd: {config.auth.users_file}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"password set for {user} in {config.auth.users_file}")
     return EXIT_OK

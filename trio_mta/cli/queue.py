@@ -33,8 +33,11 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     action: str = args.queue_command
     paths = [path for _, path in existing_shards(config.state_dir)]
     if not paths:
-        print(f"trio-mta queue: no queue at {config.queue_path} "
-              "(has the server run with this state_dir?)", file=sys.stderr)
+        print(
+            f"trio-mta queue: no queue at {config.queue_path} "
+            "(has the server run with this state_dir?)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     try:
         with _open_all(paths, readonly=action in ("list", "show")) as stores:
@@ -43,8 +46,9 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
         print(f"trio-mta queue: {exc}", file=sys.stderr)
         return 1
     except QueueError as exc:  # a damaged database: one line, never a traceback
-        print(f"trio-mta queue: {exc} (a server start recovers a damaged database)",
-              file=sys.stderr)
+        print(
+            f"trio-mta queue: {exc} (a server start recovers a damaged database)", file=sys.stderr
+        )
         return 1
 
 

@@ -93,8 +93,13 @@ class Options:
     recipients: list[str] = field(default_factory=list)
 
 
-def run_sendmail(argv: Sequence[str], *, config_path: str | None = None,
-                 stdin: BinaryIO | None = None, stderr: TextIO | None = None) -> int:
+def run_sendmail(
+    argv: Sequence[str],
+    *,
+    config_path: str | None = None,
+    stdin: BinaryIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
     """The whole command: parse ``argv``, read the message, submit; returns the exit status.
 
     ``config_path`` is a ``--config`` given before the subcommand; one among
@@ -110,17 +115,22 @@ def run_sendmail(argv: Sequence[str], *, config_path: str | None = None,
         config = _load_config(options.config_path or config_path)
         host, port = submission_target(config)
         sender = envelope_sender(options.sender, config.hostname)
-        recipients = _recipients((("argument", text) for text in options.recipients),
-                                 config, EX_USAGE)
+        recipients = _recipients(
+            (("argument", text) for text in options.recipients), config, EX_USAGE
+        )
         if not recipients and not options.extract:
             raise SendmailError(EX_USAGE, "no recipients given (name them or use -t)")
         if stdin is None and sys.stdin is None:
             raise SendmailError(EX_IOERR, "no standard input to read the message from")
         raw = read_message(stdin or sys.stdin.buffer, ignore_dots=options.ignore_dots)
-        data, found = prepare_message(raw, sender=sender, hostname=config.hostname,
-                                      full_name=options.full_name, extract=options.extract)
-        recipients = list(dict.fromkeys(
-            [*recipients, *_recipients(found, config, EX_DATAERR)]))
+        data, found = prepare_message(
+            raw,
+            sender=sender,
+            hostname=config.hostname,
+            full_name=options.full_name,
+            extract=options.extract,
+        )
+        recipients = list(dict.fromkeys([*recipients, *_recipients(found, config, EX_DATAERR)]))
         if not recipients:
             raise SendmailError(EX_USAGE, "no recipients: none given and none in To:, Cc: or Bcc:")
         return trio.run(submit, host, port, config.hostname, sender, recipients, data)
@@ -216,16 +226,25 @@ def submission_target(config: Config) -> tuple[str, int]:
     source = config.source or "the built-in defaults"
     listener = next((item for item in config.listen if item.mode == "smtp"), None)
     if listener is None:
-        raise SendmailError(EX_CONFIG, f"{source} has no [[listen]] of mode \"smtp\"; sendmail "
-                                       "submits there (submission and smtps need a password)")
+        raise SendmailError(
+            EX_CONFIG,
+            f'{source} has no [[listen]] of mode "smtp"; sendmail '
+            "submits there (submission and smtps need a password)",
+        )
     if listener.port == 0:
-        raise SendmailError(EX_CONFIG, f"listener {listener.address} has port 0, chosen anew by "
-                                       "each server start; sendmail cannot know it")
+        raise SendmailError(
+            EX_CONFIG,
+            f"listener {listener.address} has port 0, chosen anew by "
+            "each server start; sendmail cannot know it",
+        )
     host = _connect_address(listener.host, listener.port)
     address = ipaddress.ip_address(host)
     if not any(address in network for network in config.relay.trusted_networks):
-        raise SendmailError(EX_CONFIG, f"{host} is not in [relay].trusted_networks, so the smtp "
-                                       f"listener {listener.address} would not relay for sendmail")
+        raise SendmailError(
+            EX_CONFIG,
+            f"{host} is not in [relay].trusted_networks, so the smtp "
+            f"listener {listener.address} would not relay for sendmail",
+        )
     return host, listener.port
 
 
@@ -242,8 +261,9 @@ def _connect_address(host: str, port: int) -> str:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             code = EX_TEMPFAIL if exc.errno == socket.EAI_AGAIN else EX_CONFIG
-            raise SendmailError(code, f"cannot resolve listener host {host}: {exc.strerror}") \
-                from None
+            raise SendmailError(
+                code, f"cannot resolve listener host {host}: {exc.strerror}"
+            ) from None
         return str(infos[0][4][0])
     if address.is_unspecified:
         return "::1" if address.version == 6 else "127.0.0.1"
@@ -292,8 +312,9 @@ def _recipients(sources: Iterable[tuple[str, str]], config: Config, code: int) -
             try:
                 out.append(str(parse_path(f"<{address}>", smtputf8=True, allow_null=False)))
             except CommandError:
-                raise SendmailError(code, f"{where} {text!r}: {address} is not a valid "
-                                          "recipient") from None
+                raise SendmailError(
+                    code, f"{where} {text!r}: {address} is not a valid recipient"
+                ) from None
     return out
 
 
@@ -319,8 +340,9 @@ def read_message(stream: BinaryIO, *, ignore_dots: bool) -> bytes:
         raise SendmailError(EX_IOERR, f"reading the message: {exc.strerror or exc}") from None
 
 
-def prepare_message(raw: bytes, *, sender: str, hostname: str, full_name: str | None,
-                    extract: bool) -> tuple[bytes, list[tuple[str, str]]]:
+def prepare_message(
+    raw: bytes, *, sender: str, hostname: str, full_name: str | None, extract: bool
+) -> tuple[bytes, list[tuple[str, str]]]:
     """(bytes to send, ``(where, text)`` of To/Cc/Bcc when ``extract``) for ``raw``.
 
     Header fields are edited as bytes, never re-serialised, so the rest of
@@ -329,8 +351,10 @@ def prepare_message(raw: bytes, *, sender: str, hostname: str, full_name: str | 
     5322 §3.6.3). A missing From: gets the sender (RFC 5322 §3.6.2).
     """
     if b"\0" in raw:
-        raise SendmailError(EX_DATAERR, "the message contains NUL bytes, which no mail may "
-                                        "carry (RFC 5322 §3.5, RFC 6152)")
+        raise SendmailError(
+            EX_DATAERR,
+            "the message contains NUL bytes, which no mail may carry (RFC 5322 §3.5, RFC 6152)",
+        )
     if raw.startswith(b"From "):
         raw = raw.partition(b"\n")[2]  # an mbox separator line, not a header field
     fields, body = split_header(raw)
@@ -380,8 +404,9 @@ def split_header(raw: bytes) -> tuple[list[bytes], bytes]:
 # --- submission -------------------------------------------------------------------------
 
 
-async def submit(host: str, port: int, helo: str, sender: str, recipients: Sequence[str],
-                 data: bytes) -> int:
+async def submit(
+    host: str, port: int, helo: str, sender: str, recipients: Sequence[str], data: bytes
+) -> int:
     """Send over loopback: EX_OK when every recipient was accepted, else a
     :class:`SendmailError` naming each refused one with the server's reply.
 
@@ -392,8 +417,9 @@ async def submit(host: str, port: int, helo: str, sender: str, recipients: Seque
         client = await SMTPClient.connect(host, port, helo_name=helo, tls="none")
     except SMTPConnectError as exc:
         where = format_host_port(host, port)
-        raise SendmailError(EX_TEMPFAIL, f"cannot reach the trio-mta server at "
-                                         f"{where}; is it running? ({exc})") from None
+        raise SendmailError(
+            EX_TEMPFAIL, f"cannot reach the trio-mta server at {where}; is it running? ({exc})"
+        ) from None
     except SMTPClientError as exc:
         raise _session_failure(exc) from None
     refused: dict[str, str] = {}

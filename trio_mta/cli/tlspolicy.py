@@ -37,16 +37,18 @@ def run_tls_policy(config: Config, domain: str) -> int:
 
 async def _report(config: Config, domain: str, out: list[str]) -> int:
     relay = config.relay
-    resolver = Resolver(config.dns.nameservers, config.dns.timeout,
-                        prefer_ipv4=relay.prefer_ipv4)
+    resolver = Resolver(config.dns.nameservers, config.dns.timeout, prefer_ipv4=relay.prefer_ipv4)
     servers = ", ".join(f"{h}:{p}" for h, p in config.dns.nameservers) or "system resolver"
     out.append(f"destination: {domain}")
     out.append(f"DNS: {servers}; AD bit trusted: {_yes(resolver.trusts_ad)}")
-    out.append(f"[relay] tls = {relay.tls}, mta_sts = {_on(relay.mta_sts)}, "
-               f"dane = {_on(relay.dane)}, port {relay.port}")
+    out.append(
+        f"[relay] tls = {relay.tls}, mta_sts = {_on(relay.mta_sts)}, "
+        f"dane = {_on(relay.dane)}, port {relay.port}"
+    )
     if relay.smarthost:
-        out.append(f"all mail goes to the smarthost {relay.smarthost}: MTA-STS and DANE do "
-                   "not apply")
+        out.append(
+            f"all mail goes to the smarthost {relay.smarthost}: MTA-STS and DANE do not apply"
+        )
         return EXIT_OK
     try:
         hosts = await resolver.mail_hosts(domain)
@@ -80,17 +82,22 @@ def _sts_lines(sts: StsState | None, enabled: bool) -> list[str]:
 
 def _host_lines(host: MailHost, plan: HostPlan) -> list[str]:
     addresses = ", ".join(host.addresses)
-    lines = [f"MX {host.preference} {host.name} ({addresses}) "
-             f"authenticated: {_yes(host.authenticated)}"]
+    lines = [
+        f"MX {host.preference} {host.name} ({addresses}) authenticated: {_yes(host.authenticated)}"
+    ]
     tlsa = plan.tlsa
     if tlsa is None:
-        lines.append("  TLSA: not looked up" + ("" if host.authenticated
-                                                 else " (MX or address not authenticated)"))
+        lines.append(
+            "  TLSA: not looked up"
+            + ("" if host.authenticated else " (MX or address not authenticated)")
+        )
     elif not tlsa.records:
         lines.append(f"  TLSA {tlsa.name}: none")
     else:
-        lines.append(f"  TLSA {tlsa.name}: {len(tlsa.records)} record(s), "
-                     f"authenticated: {_yes(tlsa.authenticated)}")
+        lines.append(
+            f"  TLSA {tlsa.name}: {len(tlsa.records)} record(s), "
+            f"authenticated: {_yes(tlsa.authenticated)}"
+        )
         for record in tlsa.records:
             why = unusable_reason(record)
             lines.append(f"    {record}  {'usable' if why is None else 'unusable: ' + why}")

@@ -663,8 +663,9 @@ def _peer_chain(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[bytes, ...]:
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     if getter is not None:
         chain = getter() or []
-        return tuple(cert if isinstance(cert, bytes) else cert.public_bytes(_ENCODING_DER)
-                     for cert in chain)
+        return tuple(
+            cert if isinstance(cert, bytes) else cert.public_bytes(_ENCODING_DER) for cert in chain
+        )
     leaf = getpeercert(binary_form=True)
     return (leaf,) if leaf else ()
 

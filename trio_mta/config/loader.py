@@ -468,8 +468,9 @@ class _Loader:
             proxy_protocol, proxy_from = _proxy_settings(table)
             table.close()
             if address is not None:
-                listeners.append(ListenConfig(address[0], address[1], mode,
-                                              proxy_protocol, proxy_from))
+                listeners.append(
+                    ListenConfig(address[0], address[1], mode, proxy_protocol, proxy_from)
+                )
                 labels.append(table.name("address"))
         for index in _duplicates(listeners):
             self.errors.append(
@@ -692,8 +693,10 @@ def _proxy_settings(table: Table) -> tuple[bool, tuple[IPv4Network | IPv6Network
     enabled = table.get("proxy_protocol", schema.boolean, False)
     networks = tuple(table.get_list("proxy_from", schema.ip_network, []))
     if enabled and not networks and table.raw("proxy_from") in (None, []):
-        table.error("proxy_from", "required when proxy_protocol = true (the proxies' "
-                    'addresses, e.g. ["127.0.0.1/32"])')
+        table.error(
+            "proxy_from",
+            'required when proxy_protocol = true (the proxies\' addresses, e.g. ["127.0.0.1/32"])',
+        )
     if not enabled and table.raw("proxy_from") is not None:
         table.error("proxy_from", "only applies with proxy_protocol = true")
     return enabled, networks

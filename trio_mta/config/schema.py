@@ -360,4 +360,3 @@ class Table:
             hint = difflib.get_close_matches(key, sorted(expected), n=1)
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             self.errors.append(f"unknown key {self.name(key)}{suffix}")
-

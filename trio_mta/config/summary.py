@@ -48,8 +48,7 @@ def describe(config: Config) -> list[str]:
         group = config.group or "its own group"
         lines.append(f"user: {config.user} ({group}), taken after binding when started as root")
     lines.append(f"metrics: {config.metrics.listen or 'off'}")
-    lines.append(f"log: {config.log.level}, {config.log.format}, "
-                 f"to {config.log.file or 'stderr'}")
+    lines.append(f"log: {config.log.level}, {config.log.format}, to {config.log.file or 'stderr'}")
     return lines
 
 

@@ -54,7 +54,8 @@ class LMTPAgent:
             return [o for o in outcomes if o is not None]
         try:
             client = await SMTPClient.connect_lmtp(
-                self.target, helo_name=self.hostname, timeouts=self._timeouts)
+                self.target, helo_name=self.hostname, timeouts=self._timeouts
+            )
         except SMTPClientError as exc:
             failure = self._session_failure(exc)
             return [o if o is not None else failure for o in outcomes]
@@ -74,18 +75,23 @@ class LMTPAgent:
                 except SMTPClientError as exc:
                     log.event("lmtp.session_lost", target=self.target, error=str(exc))
                     break
-                for i, reply, stage in zip(indexes, result.outcomes, _stages(result),
-                                           strict=True):
+                for i, reply, stage in zip(indexes, result.outcomes, _stages(result), strict=True):
                     outcomes[i] = self._outcome(reply, client.address, stage)
         finally:
             await client.quit()
-        lost = Outcome("deferred", "4.4.2", "LMTP session ended before delivery",
-                       remote_host=self.target, stage="data")
+        lost = Outcome(
+            "deferred",
+            "4.4.2",
+            "LMTP session ended before delivery",
+            remote_host=self.target,
+            stage="data",
+        )
         return [o if o is not None else lost for o in outcomes]
 
     def _outcome(self, reply: Reply, address: str, stage: Stage) -> Outcome:
         kind: Kind = (
-            "delivered" if reply.is_success else "failed" if reply.code >= 500 else "deferred")
+            "delivered" if reply.is_success else "failed" if reply.code >= 500 else "deferred"
+        )
         default = {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}[kind]
         status = reply.status if reply.status and reply.status[0] == default[0] else default
         return Outcome(kind, status, reply.text, reply.code, "lmtp", address, stage)
@@ -93,13 +99,21 @@ class LMTPAgent:
     def _session_failure(self, exc: SMTPClientError) -> Outcome:
         """No session: every recipient waits for the next attempt, whatever was said."""
         status = exc.status if exc.status[:1] == "4" else "4.0.0"
-        stage: Stage = "connect" if exc.stage is None else (
-            "greeting" if exc.stage == "greeting" else "ehlo")
+        stage: Stage = (
+            "connect" if exc.stage is None else ("greeting" if exc.stage == "greeting" else "ehlo")
+        )
         if exc.reply is not None:
-            return Outcome("deferred", status, exc.reply.text, exc.reply.code, "lmtp",
-                           self.target, stage)
-        return Outcome("deferred", status, str(exc), remote_host="lmtp",
-                       remote_address=self.target, stage=stage)
+            return Outcome(
+                "deferred", status, exc.reply.text, exc.reply.code, "lmtp", self.target, stage
+            )
+        return Outcome(
+            "deferred",
+            status,
+            str(exc),
+            remote_host="lmtp",
+            remote_address=self.target,
+            stage=stage,
+        )
 
 
 def _lmtp_recipient(item: DeliveryItem) -> str:

@@ -132,8 +132,9 @@ def _local(kind: Kind, status: str, text: str) -> Outcome:
 class MaildirAgent:
     """DeliveryAgent for local mailboxes under `root`."""
 
-    def __init__(self, root: Path, hostname: str, *, limiter: trio.CapacityLimiter,
-                 group: int | None = None) -> None:
+    def __init__(
+        self, root: Path, hostname: str, *, limiter: trio.CapacityLimiter, group: int | None = None
+    ) -> None:
         self.root = Path(root)
         self.hostname = hostname
         self.group = group
@@ -183,7 +184,9 @@ class MaildirAgent:
         return outcomes
 
     def _write(
-        self, item: DeliveryItem, lf_bodies: dict[str, bytes],
+        self,
+        item: DeliveryItem,
+        lf_bodies: dict[str, bytes],
         maildirs: dict[str, Path | UnsafeMailbox],
     ) -> tuple[Outcome, Path | None]:
         """Worker thread: deliver one file; returns its outcome and new/ folder."""
@@ -228,8 +231,11 @@ class MaildirAgent:
             name = self._unique_name()
             try:
                 write_file_durably(
-                    maildir / "tmp" / name, maildir / "new" / name, _prepend(head, body),
-                    mode=0o600 if self.group is None else 0o660, fsync_dir=False,
+                    maildir / "tmp" / name,
+                    maildir / "new" / name,
+                    _prepend(head, body),
+                    mode=0o600 if self.group is None else 0o660,
+                    fsync_dir=False,
                     owner=None if self.group is None else (-1, self.group),
                     # tmp/ existed but new/ did not (made by hand, or half-made by a
                     # concurrent delivery): complete the Maildir and rename once more.

@@ -20,12 +20,34 @@ Kind = Literal["delivered", "deferred", "failed"]
 # (greeting, EHLO, STARTTLS, AUTH), a transaction step, DNS, our own routing
 # checks, local delivery, or the queue itself (expiry, an agent's crash).
 Stage = Literal[
-    "connect", "greeting", "ehlo", "tls", "auth", "mail", "rcpt", "data", "dns", "route",
-    "local", "queue",
+    "connect",
+    "greeting",
+    "ehlo",
+    "tls",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "dns",
+    "route",
+    "local",
+    "queue",
 ]
 STAGES: Final = frozenset(
-    {"connect", "greeting", "ehlo", "tls", "auth", "mail", "rcpt", "data", "dns", "route",
-     "local", "queue"}
+    {
+        "connect",
+        "greeting",
+        "ehlo",
+        "tls",
+        "auth",
+        "mail",
+        "rcpt",
+        "data",
+        "dns",
+        "route",
+        "local",
+        "queue",
+    }
 )
 _STATUS: Final = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")  # RFC 3463 §2
 

@@ -161,8 +161,9 @@ class RemoteAgent:
         self._idle_timeout = idle_timeout
         self._pool = _Pool()
         self._metrics = metrics
-        self._planner = TlsPlanner(relay, resolver, state_dir=state_dir,
-                                   fetch_timeout=policy_fetch_timeout)
+        self._planner = TlsPlanner(
+            relay, resolver, state_dir=state_dir, fetch_timeout=policy_fetch_timeout
+        )
         # Contexts are built once: loading a CA bundle per connection is costly.
         self._mx_context = (
             None if relay.tls == "none" else client_context(relay.tls, ca_file=relay.ca_file)
@@ -259,8 +260,13 @@ class RemoteAgent:
                 # domain: even NXDOMAIN is a reason to wait, never to bounce.
                 text = f"smarthost {host}: {exc}"
                 raise _Undeliverable(_ours("deferred", "4.4.3", text, "dns")) from None
-            shown: PolicyName = ("none" if self._smarthost_mode == "none"
-                                 else "verify" if relay.tls == "verify" else "required")
+            shown: PolicyName = (
+                "none"
+                if self._smarthost_mode == "none"
+                else "verify"
+                if relay.tls == "verify"
+                else "required"
+            )
             return _Route(
                 (found,),
                 port,
@@ -279,8 +285,16 @@ class RemoteAgent:
             kind: Kind = "failed" if exc.permanent else "deferred"
             raise _Undeliverable(_ours(kind, exc.status, str(exc), "dns")) from None
         sts = await self._planner.destination(domain)
-        return _Route(hosts, relay.port, relay.tls, self._mx_context, None, domain=domain,
-                      policies=True, sts=sts)
+        return _Route(
+            hosts,
+            relay.port,
+            relay.tls,
+            self._mx_context,
+            None,
+            domain=domain,
+            policies=True,
+            sts=sts,
+        )
 
     async def _plan(self, route: _Route, host: MailHost) -> HostPlan:
         if route.policies:
@@ -316,15 +330,17 @@ class RemoteAgent:
             plan = await self._plan(route, host)
             if plan.refusal is not None:
                 # The policy rules this host out: no connection, nothing sent (SPEC §10).
-                failure = Outcome("deferred", STATUS, plan.explain(plan.refusal), None,
-                                  host.name, None, "tls")
+                failure = Outcome(
+                    "deferred", STATUS, plan.explain(plan.refusal), None, host.name, None, "tls"
+                )
                 failures.append(failure)
                 self._attempt_failed(queue_id, plan, None, failure.detail, "refused")
                 continue
             for address in host.addresses:
                 try:
-                    client, result = await self._send(route, plan, address, sender,
-                                                      recipients, data, _dsn_request(items))
+                    client, result = await self._send(
+                        route, plan, address, sender, recipients, data, _dsn_request(items)
+                    )
                 except SMTPClientError as exc:
                     failure = _failure(exc, host.name, address, route.port)
                     if failure.stage == "tls":
@@ -336,9 +352,10 @@ class RemoteAgent:
                     continue
                 if plan.sts_testing and client.tls is None:
                     testing_failure(route.domain, host.name, "the session was not encrypted")
-                outcomes = [_outcome(reply, host.name, client.address, stage, client.dsn)
-                            for reply, stage in zip(result.outcomes, _stages(result),
-                                                    strict=True)]
+                outcomes = [
+                    _outcome(reply, host.name, client.address, stage, client.dsn)
+                    for reply, stage in zip(result.outcomes, _stages(result), strict=True)
+                ]
                 summary = _summary(outcomes)
                 log.event(
                     "delivery.attempt",
@@ -356,8 +373,9 @@ class RemoteAgent:
                 return outcomes
         return [_unreachable(failures, route.port)] * len(items)
 
-    def _attempt_failed(self, queue_id: str, plan: HostPlan, address: str | None, detail: str,
-                        outcome: str) -> None:
+    def _attempt_failed(
+        self, queue_id: str, plan: HostPlan, address: str | None, detail: str, outcome: str
+    ) -> None:
         """Log a host or address that did not get as far as a transaction."""
         log.event(
             "delivery.attempt",
@@ -379,11 +397,11 @@ class RemoteAgent:
         # A connection is reused only under the same policy; one authenticated for
         # one MX name (verify, MTA-STS, DANE) never serves another name.
         named = plan.mode == "verify" or plan.policy == "dane" or plan.check is not None
-        return (address, route.port, f"{plan.policy}/{plan.mode}",
-                plan.host.name if named else "")
+        return (address, route.port, f"{plan.policy}/{plan.mode}", plan.host.name if named else "")
 
-    async def _checkout(self, route: _Route, plan: HostPlan,
-                        address: str) -> tuple[SMTPClient, bool]:
+    async def _checkout(
+        self, route: _Route, plan: HostPlan, address: str
+    ) -> tuple[SMTPClient, bool]:
         """A pooled connection (True: reused) or a new one (False).
 
         A pooled connection is used without an RSET probe: a completed
@@ -420,9 +438,16 @@ class RemoteAgent:
                 raise
         return client
 
-    async def _send(self, route: _Route, plan: HostPlan, address: str, sender: str,
-                    recipients: list[str], data: bytes,
-                    dsn: DsnRequest | None = None) -> tuple[SMTPClient, TransactionResult]:
+    async def _send(
+        self,
+        route: _Route,
+        plan: HostPlan,
+        address: str,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        dsn: DsnRequest | None = None,
+    ) -> tuple[SMTPClient, TransactionResult]:
         """One transaction at ``address``; a reused connection found dead is replaced once.
 
         Only a failure with no reply at all is retried: the server then never
@@ -517,14 +542,23 @@ def _kind(code: int) -> Kind:
     return "failed" if code >= 500 else "deferred"  # 4xx, and 3xx where a final reply belonged
 
 
-def _outcome(reply: Reply, host: str, address: str, stage: Stage | None,
-             dsn_passed: bool = False) -> Outcome:
+def _outcome(
+    reply: Reply, host: str, address: str, stage: Stage | None, dsn_passed: bool = False
+) -> Outcome:
     kind = _kind(reply.code)
     default = {"delivered": "2.0.0", "deferred": "4.0.0", "failed": "5.0.0"}[kind]
     # A 3xx where a final reply belonged carries no usable status of its own.
     status = reply.status if reply.status and reply.status[0] == default[0] else default
-    return Outcome(kind, status, reply.text, reply.code, host, address, stage,
-                   dsn_passed=dsn_passed and kind == "delivered")
+    return Outcome(
+        kind,
+        status,
+        reply.text,
+        reply.code,
+        host,
+        address,
+        stage,
+        dsn_passed=dsn_passed and kind == "delivered",
+    )
 
 
 def _stages(result: TransactionResult) -> list[Stage]:
@@ -540,8 +574,11 @@ def _stages(result: TransactionResult) -> list[Stage]:
     return out
 
 
-_SESSION_STAGES: Final[dict[str, Stage]] = {"greeting": "greeting", "EHLO": "ehlo",
-                                            "STARTTLS": "tls"}
+_SESSION_STAGES: Final[dict[str, Stage]] = {
+    "greeting": "greeting",
+    "EHLO": "ehlo",
+    "STARTTLS": "tls",
+}
 
 
 def _failure(exc: SMTPClientError, host: str, address: str, port: int) -> Outcome:
@@ -577,8 +614,9 @@ def _unreachable(failures: list[Outcome], port: int) -> Outcome:
         return _ours("deferred", "4.4.1", "no address to connect to", "connect")
     if len(failures) == 1:
         return failures[0]
-    causes = [_clip(f"{_where(f, port)}: {f.reply if f.code else f.text}", _CAUSE_MAX)
-              for f in failures]
+    causes = [
+        _clip(f"{_where(f, port)}: {f.reply if f.code else f.text}", _CAUSE_MAX) for f in failures
+    ]
     text = "; ".join(causes)
     if len(text) > _CAUSES_MAX:
         kept: list[str] = []

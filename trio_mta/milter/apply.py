@@ -33,9 +33,15 @@ class Accepted:
     spool: Spool | None = None
 
 
-async def run_milters(chain: MilterChain, envelope: Envelope, content: MessageContent,
-                      first: bytes, queue_id: str, router: Router,
-                      new_spool: Callable[[], Spool]) -> Reply | Accepted:
+async def run_milters(
+    chain: MilterChain,
+    envelope: Envelope,
+    content: MessageContent,
+    first: bytes,
+    queue_id: str,
+    router: Router,
+    new_spool: Callable[[], Spool],
+) -> Reply | Accepted:
     """``first``: the first bytes of a spooled body; ``new_spool`` makes the
     spool a rewritten message is written to."""
     body = content.body
@@ -48,8 +54,12 @@ async def run_milters(chain: MilterChain, envelope: Envelope, content: MessageCo
     if outcome.reply is not None:
         return outcome.reply
     if outcome.discard:
-        log.event("milter.discard", id=queue_id, sender=envelope.sender_address,
-                  nrcpt=len(envelope.recipients))
+        log.event(
+            "milter.discard",
+            id=queue_id,
+            sender=envelope.sender_address,
+            nrcpt=len(envelope.recipients),
+        )
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
     envelope = _envelope(envelope, outcome, router, queue_id)
     if not envelope.recipients:
@@ -61,8 +71,11 @@ async def run_milters(chain: MilterChain, envelope: Envelope, content: MessageCo
     try:
         chunks = outcome.message.chunks()
         while True:
-            chunk = (next(chunks, None) if outcome.message.path is None
-                     else await trio.to_thread.run_sync(next, chunks, None))
+            chunk = (
+                next(chunks, None)
+                if outcome.message.path is None
+                else await trio.to_thread.run_sync(next, chunks, None)
+            )
             if chunk is None:
                 break
             await spool.write(chunk)
@@ -74,8 +87,7 @@ async def run_milters(chain: MilterChain, envelope: Envelope, content: MessageCo
     return Accepted(envelope, MessageContent(b"", rewritten), spool)
 
 
-def _envelope(envelope: Envelope, outcome: EndOfMessage, router: Router,
-              queue_id: str) -> Envelope:
+def _envelope(envelope: Envelope, outcome: EndOfMessage, router: Router, queue_id: str) -> Envelope:
     sender = envelope.sender
     if outcome.sender is not None:
         try:

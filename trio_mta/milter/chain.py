@@ -28,8 +28,9 @@ REJECT = Reply(550, "5.7.1", "Command rejected")
 def smtp_reply(verdict: p.Verdict) -> Reply | None:
     if verdict.reply is not None:
         r = verdict.reply
-        return Reply(r.code, r.status, r.text or ("Command rejected" if r.code >= 500
-                                                  else "Try again later"))
+        return Reply(
+            r.code, r.status, r.text or ("Command rejected" if r.code >= 500 else "Try again later")
+        )
     if verdict.action == "reject":
         return REJECT
     if verdict.action == "tempfail":
@@ -70,16 +71,23 @@ class MilterChain:
 
     def _failed(self, entry: _Entry, stage: str, exc: Exception) -> Reply | None:
         spec = entry.client.spec
-        log.warning("milter.error", milter=spec.address, stage=stage, error=str(exc),
-                    on_error=spec.on_error)
+        log.warning(
+            "milter.error", milter=spec.address, stage=stage, error=str(exc), on_error=spec.on_error
+        )
         self.entries.remove(entry)
         if spec.on_error == "accept":
             return None
         self.session_reply = TEMPFAIL
         return TEMPFAIL
 
-    async def _stage(self, stage: str, data: bytes = b"", macros: dict[str, str] | None = None,
-                     *, encoded: bytes | None = None) -> p.Verdict | Reply | None:
+    async def _stage(
+        self,
+        stage: str,
+        data: bytes = b"",
+        macros: dict[str, str] | None = None,
+        *,
+        encoded: bytes | None = None,
+    ) -> p.Verdict | Reply | None:
         """Run one stage on every active milter; the first refusal wins."""
         for entry in list(self._active()):
             try:
@@ -96,9 +104,13 @@ class MilterChain:
                 elif stage not in ("rcpt",):
                     entry.txn_done = True
             elif verdict.action in ("reject", "tempfail", "discard"):
-                log.event("milter.verdict", milter=entry.client.spec.address, stage=stage,
-                          action=verdict.action,
-                          reply=str(smtp_reply(verdict) or "") or None)
+                log.event(
+                    "milter.verdict",
+                    milter=entry.client.spec.address,
+                    stage=stage,
+                    action=verdict.action,
+                    reply=str(smtp_reply(verdict) or "") or None,
+                )
                 return verdict
         return None
 
@@ -108,8 +120,11 @@ class MilterChain:
                 await entry.client.open()
             except MilterUnavailable as exc:
                 self._failed(entry, "connect", exc)
-        result = await self._stage("connect", macros=self.macros,
-                                   encoded=p.encode_connect(hostname, client_ip, client_port))
+        result = await self._stage(
+            "connect",
+            macros=self.macros,
+            encoded=p.encode_connect(hostname, client_ip, client_port),
+        )
         self._session_verdict(result)
 
     def _session_verdict(self, result: p.Verdict | Reply | None) -> None:
@@ -155,18 +170,17 @@ class MilterChain:
         self.needs_abort = True  # until the end of the message
         if self.session_reply is not None:
             return self.session_reply
-        return self._refusal(await self._stage("mail", p.cstrings(f"<{sender}>", *args),
-                                               macros))
+        return self._refusal(await self._stage("mail", p.cstrings(f"<{sender}>", *args), macros))
 
     async def rcpt(self, address: str, args: list[str]) -> Reply | None:
         if self.session_reply is not None:
             return self.session_reply
-        result = await self._stage("rcpt", p.cstrings(f"<{address}>", *args),
-                                   {"{rcpt_addr}": address})
+        result = await self._stage(
+            "rcpt", p.cstrings(f"<{address}>", *args), {"{rcpt_addr}": address}
+        )
         return self._refusal(result)
 
-    async def end_of_message(self, message: MilterMessage, macros: dict[str, str]
-                             ) -> EndOfMessage:
+    async def end_of_message(self, message: MilterMessage, macros: dict[str, str]) -> EndOfMessage:
         self.needs_abort = False
         outcome = EndOfMessage()
         if self.session_reply is not None:
@@ -184,8 +198,13 @@ class MilterChain:
                 outcome.discard = True
                 return outcome
             if verdict.action in ("reject", "tempfail"):
-                log.event("milter.verdict", milter=entry.client.spec.address, stage="eom",
-                          action=verdict.action, reply=str(smtp_reply(verdict)))
+                log.event(
+                    "milter.verdict",
+                    milter=entry.client.spec.address,
+                    stage="eom",
+                    action=verdict.action,
+                    reply=str(smtp_reply(verdict)),
+                )
                 outcome.reply = smtp_reply(verdict)
                 return outcome
             message.apply(verdict.modifications)
@@ -204,8 +223,9 @@ class MilterChain:
             outcome.message = message
         return outcome
 
-    async def _one_message(self, entry: _Entry, message: MilterMessage,
-                           macros: dict[str, str]) -> p.Verdict:
+    async def _one_message(
+        self, entry: _Entry, message: MilterMessage, macros: dict[str, str]
+    ) -> p.Verdict:
         """DATA, the headers, EOH, the body in chunks, EOM: the verdict of the first refusal."""
         client = entry.client
         proto = client.proto
@@ -223,13 +243,16 @@ class MilterChain:
             chunks = message.body_chunks()
             while True:
                 # A body in memory needs no thread; a spool file is read in one.
-                chunk = (next(chunks, None) if message.path is None
-                         else await trio.to_thread.run_sync(next, chunks, None))
+                chunk = (
+                    next(chunks, None)
+                    if message.path is None
+                    else await trio.to_thread.run_sync(next, chunks, None)
+                )
                 if chunk is None:
                     break
                 skipped = False
                 for start in range(0, len(chunk), p.BODY_CHUNK):
-                    piece = chunk[start:start + p.BODY_CHUNK]
+                    piece = chunk[start : start + p.BODY_CHUNK]
                     verdict = await client.exchange(proto.stage("body", piece))
                     if verdict.action == "skip":
                         skipped = True

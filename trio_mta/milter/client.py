@@ -99,7 +99,6 @@ class MilterClient:
             return
         # Shielded: a session cancelled at shutdown still says QUIT and closes the socket.
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
-            with contextlib.suppress(OSError, trio.BrokenResourceError,
-                                     trio.ClosedResourceError):
+            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(b"".join(self._pending) + self.proto.quit())
             await stream.aclose()

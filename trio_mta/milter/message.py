@@ -57,9 +57,13 @@ def parse_headers(data: bytes) -> tuple[list[Header], int]:
             name, colon, value = line.partition(b":")
             if not colon or not name or b" " in name.strip() or nl < 0:
                 return headers, pos
-            headers.append(Header(name.decode("utf-8", "surrogateescape").strip(),
-                                  value.rstrip(b"\r\n").decode("utf-8", "surrogateescape"),
-                                  line))
+            headers.append(
+                Header(
+                    name.decode("utf-8", "surrogateescape").strip(),
+                    value.rstrip(b"\r\n").decode("utf-8", "surrogateescape"),
+                    line,
+                )
+            )
         pos = line_end
     return headers, pos
 
@@ -76,8 +80,9 @@ class MilterMessage:
     _replaced: list[bytes] = field(default_factory=list)
 
     @classmethod
-    def from_parts(cls, head: bytes, body: bytes | None, path: Path | None,
-                   first: bytes = b"") -> MilterMessage:
+    def from_parts(
+        cls, head: bytes, body: bytes | None, path: Path | None, first: bytes = b""
+    ) -> MilterMessage:
         """``head`` + ``body`` in memory, or ``head`` + the file at ``path``
         (whose first bytes are ``first``)."""
         if path is None:
@@ -111,8 +116,7 @@ class MilterMessage:
             if mod.kind == "add_header":
                 self.headers.append(Header(mod.name, mod.value))
             elif mod.kind == "insert_header":
-                self.headers.insert(min(mod.index, len(self.headers)),
-                                    Header(mod.name, mod.value))
+                self.headers.insert(min(mod.index, len(self.headers)), Header(mod.name, mod.value))
             elif mod.kind == "change_header":
                 self._change(mod)
             elif mod.kind == "replace_body":

@@ -22,14 +22,16 @@ BODY_CHUNK = 65535  # MILTER_CHUNK_SIZE: the largest body packet a milter accept
 
 # Actions the milter may ask for (SMFIF_*).
 ADDHDRS, CHGBODY, ADDRCPT, DELRCPT, CHGHDRS, QUARANTINE, CHGFROM, ADDRCPT_PAR, SETSYMLIST = (
-    1 << i for i in range(9))
+    1 << i for i in range(9)
+)
 OUR_ACTIONS = ADDHDRS | CHGBODY | ADDRCPT | DELRCPT | CHGHDRS | QUARANTINE | CHGFROM | ADDRCPT_PAR
 
 # Protocol steps (SMFIP_*): NO_* a stage is not sent, NR_* it gets no reply.
 NOCONNECT, NOHELO, NOMAIL, NORCPT, NOBODY, NOHDRS, NOEOH, NR_HDR = (1 << i for i in range(8))
 NOUNKNOWN, NODATA, SKIP, RCPT_REJ = 0x100, 0x200, 0x400, 0x800
 NR_CONN, NR_HELO, NR_MAIL, NR_RCPT, NR_DATA, NR_UNKN, NR_EOH, NR_BODY = (
-    0x1000 << i for i in range(8))
+    0x1000 << i for i in range(8)
+)
 HDR_LEADSPC = 0x100000
 # Everything up to HDR_LEADSPC; we never send UNKNOWN and never send refused
 # recipients, so a milter asking to skip the one or to see the other loses nothing.
@@ -48,9 +50,17 @@ STAGES: dict[str, tuple[bytes, int, int]] = {
     "eom": (b"E", 0, 0),
 }
 
-VERDICTS = {b"a": "accept", b"c": "continue", b"r": "reject", b"t": "tempfail",
-            b"d": "discard", b"y": "replycode", b"s": "skip", b"4": "tempfail",
-            b"f": "tempfail"}
+VERDICTS = {
+    b"a": "accept",
+    b"c": "continue",
+    b"r": "reject",
+    b"t": "tempfail",
+    b"d": "discard",
+    b"y": "replycode",
+    b"s": "skip",
+    b"4": "tempfail",
+    b"f": "tempfail",
+}
 MODIFICATIONS = frozenset(b"+-2behimq")
 
 
@@ -63,12 +73,14 @@ def packet(command: bytes, data: bytes = b"") -> bytes:
 
 
 def cstrings(*values: str | bytes) -> bytes:
-    return b"".join((v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v)
-                    + b"\0" for v in values)
+    return b"".join(
+        (v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v) + b"\0" for v in values
+    )
 
 
-def encode_optneg(version: int = VERSION, actions: int = OUR_ACTIONS,
-                  protocol: int = OUR_PROTOCOL) -> bytes:
+def encode_optneg(
+    version: int = VERSION, actions: int = OUR_ACTIONS, protocol: int = OUR_PROTOCOL
+) -> bytes:
     return packet(b"O", struct.pack(">III", version, actions, protocol))
 
 
@@ -81,8 +93,7 @@ def encode_connect(hostname: str, address: str, port: int) -> bytes:
     if address.startswith("unix:") or not address:
         return packet(b"C", cstrings(hostname) + b"U")
     family = b"6" if ":" in address else b"4"
-    return packet(b"C", cstrings(hostname) + family + struct.pack(">H", port)
-                  + cstrings(address))
+    return packet(b"C", cstrings(hostname) + family + struct.pack(">H", port) + cstrings(address))
 
 
 @dataclass(frozen=True)
@@ -112,8 +123,8 @@ class Decoder:
             raise MilterProtocolError(f"packet of {length} bytes exceeds {self.max_packet}")
         if len(buf) < 4 + length:
             return None
-        command, data = bytes(buf[4:5]), bytes(buf[5:4 + length])
-        del buf[:4 + length]
+        command, data = bytes(buf[4:5]), bytes(buf[5 : 4 + length])
+        del buf[: 4 + length]
         return Packet(command, data)
 
 
@@ -151,8 +162,9 @@ def decode_modification(p: Packet) -> Modification:
         name, value = _fields(d[4:], 2)
         if not name:
             raise MilterProtocolError("empty header name")
-        return Modification("insert_header" if c == b"i" else "change_header",
-                            name=name, value=value, index=index)
+        return Modification(
+            "insert_header" if c == b"i" else "change_header", name=name, value=value, index=index
+        )
     if c == b"h":
         name, value = _fields(d, 2)
         if not name:
@@ -184,8 +196,12 @@ class Reply:
 
 def decode_replycode(data: bytes) -> Reply:
     text = _fields(data, 1)[0]
-    if len(text) < 3 or not text[:3].isdigit() or text[0] not in "45" or (
-            len(text) > 3 and text[3] not in " -"):
+    if (
+        len(text) < 3
+        or not text[:3].isdigit()
+        or text[0] not in "45"
+        or (len(text) > 3 and text[3] not in " -")
+    ):
         raise MilterProtocolError(f"bad reply code {text[:40]!r}")
     code = int(text[:3])
     rest = text[4:].replace("\r\n", " ").replace("\n", " ").replace("\r", " ").strip()
@@ -246,8 +262,14 @@ class Milter:
     def wants(self, stage: str) -> bool:
         return not self.protocol & STAGES[stage][1]
 
-    def stage(self, stage: str, data: bytes = b"", macros: dict[str, str] | None = None,
-              *, encoded: bytes | None = None) -> bytes:
+    def stage(
+        self,
+        stage: str,
+        data: bytes = b"",
+        macros: dict[str, str] | None = None,
+        *,
+        encoded: bytes | None = None,
+    ) -> bytes:
         """The packets for ``stage`` (b"" when the milter asked not to get it)."""
         if not self.negotiated:
             raise MilterProtocolError("stage before negotiation")
@@ -316,8 +338,9 @@ class Milter:
         if version < 2 or version > VERSION:
             raise MilterProtocolError(f"milter protocol version {version} not supported")
         if protocol & ~OUR_PROTOCOL:
-            raise MilterProtocolError(f"milter asks for protocol steps {protocol:#x} "
-                                      f"beyond {OUR_PROTOCOL:#x}")
+            raise MilterProtocolError(
+                f"milter asks for protocol steps {protocol:#x} beyond {OUR_PROTOCOL:#x}"
+            )
         self.actions = actions & OUR_ACTIONS
         self.protocol = protocol
         self.negotiated = True
@@ -325,10 +348,16 @@ class Milter:
         return CONTINUE
 
     def _allowed(self, mod: Modification) -> bool:
-        need = {"add_header": ADDHDRS, "insert_header": ADDHDRS, "change_header": CHGHDRS,
-                "change_from": CHGFROM, "add_rcpt": ADDRCPT | ADDRCPT_PAR,
-                "delete_rcpt": DELRCPT, "replace_body": CHGBODY,
-                "quarantine": QUARANTINE}[mod.kind]
+        need = {
+            "add_header": ADDHDRS,
+            "insert_header": ADDHDRS,
+            "change_header": CHGHDRS,
+            "change_from": CHGFROM,
+            "add_rcpt": ADDRCPT | ADDRCPT_PAR,
+            "delete_rcpt": DELRCPT,
+            "replace_body": CHGBODY,
+            "quarantine": QUARANTINE,
+        }[mod.kind]
         return bool(self.actions & need)
 
 
@@ -336,4 +365,4 @@ def body_packets(chunks: Iterable[bytes]) -> Iterable[bytes]:
     """Body data cut into SMFIC_BODY packets of at most ``BODY_CHUNK`` bytes."""
     for chunk in chunks:
         for start in range(0, len(chunk), BODY_CHUNK):
-            yield packet(b"B", chunk[start:start + BODY_CHUNK])
+            yield packet(b"B", chunk[start : start + BODY_CHUNK])

@@ -42,7 +42,8 @@ _V2_STREAM_FAMILIES: Final[dict[int, tuple[Family, int]]] = {
 }
 _V2_DATAGRAM_FAMILIES: Final = frozenset({0x12, 0x22, 0x32})
 _V2_FAMILY_BYTES: Final[dict[Family, int]] = {
-    family: byte for byte, (family, _) in _V2_STREAM_FAMILIES.items()}
+    family: byte for byte, (family, _) in _V2_STREAM_FAMILIES.items()
+}
 
 
 class _Sentinel(enum.Enum):
@@ -83,11 +84,11 @@ class ProxyHeader:
 def parse_header(data: bytes) -> tuple[ProxyHeader, int] | NeedData:
     """The header at the start of ``data`` and its length, or NEED_DATA; raises
     :class:`ProxyHeaderError` as soon as ``data`` cannot begin a valid header."""
-    if data[:len(V2_SIGNATURE)] == V2_SIGNATURE[:len(data)]:
+    if data[: len(V2_SIGNATURE)] == V2_SIGNATURE[: len(data)]:
         if len(data) < len(V2_SIGNATURE):
             return NEED_DATA
         return _parse_v2(data)
-    if data[:len(V1_PREFIX)] == V1_PREFIX[:len(data)]:
+    if data[: len(V1_PREFIX)] == V1_PREFIX[: len(data)]:
         return _parse_v1(data) if len(data) >= len(V1_PREFIX) else NEED_DATA
     raise ProxyHeaderError("not a PROXY protocol header")
 
@@ -138,12 +139,15 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | NeedData:
     if parts[1] == "UNKNOWN":  # the receiver ignores whatever follows (the spec says so)
         return ProxyHeader(1, "PROXY", "UNKNOWN"), end + 2
     if parts[1] not in ("TCP4", "TCP6"):
-        raise ProxyHeaderError(f"version 1 protocol must be TCP4, TCP6 or UNKNOWN, got "
-                               f"{parts[1][:16]!r}")
+        raise ProxyHeaderError(
+            f"version 1 protocol must be TCP4, TCP6 or UNKNOWN, got {parts[1][:16]!r}"
+        )
     family: Family = "TCP4" if parts[1] == "TCP4" else "TCP6"
     if len(parts) != 6:
-        raise ProxyHeaderError(f"version 1 {family} header needs 4 fields after the protocol, "
-                               f"each separated by one space")
+        raise ProxyHeaderError(
+            f"version 1 {family} header needs 4 fields after the protocol, "
+            f"each separated by one space"
+        )
     source = _v1_ip(parts[2], family), _v1_port(parts[4])
     destination = _v1_ip(parts[3], family), _v1_port(parts[5])
     return ProxyHeader(1, "PROXY", family, source, destination), end + 2
@@ -200,8 +204,10 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | NeedData:
         raise ProxyHeaderError(f"version 2 family/transport 0x{family_byte:02x} is not defined")
     family, address_length = _V2_STREAM_FAMILIES[family_byte]
     if length < address_length:
-        raise ProxyHeaderError(f"version 2 {family} header of {length} bytes cannot hold "
-                               f"its {address_length} address bytes")
+        raise ProxyHeaderError(
+            f"version 2 {family} header of {length} bytes cannot hold "
+            f"its {address_length} address bytes"
+        )
     if len(data) < total:
         return NEED_DATA
     block = data[V2_FIXED:total]
@@ -213,8 +219,10 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | NeedData:
         destination = str(ipaddress.IPv4Address(block[4:8])), int.from_bytes(block[10:12], "big")
     elif family == "TCP6":
         source = str(ipaddress.IPv6Address(block[0:16])), int.from_bytes(block[32:34], "big")
-        destination = (str(ipaddress.IPv6Address(block[16:32])),
-                       int.from_bytes(block[34:36], "big"))
+        destination = (
+            str(ipaddress.IPv6Address(block[16:32])),
+            int.from_bytes(block[34:36], "big"),
+        )
     tlvs = _parse_tlvs(block[address_length:])
     return ProxyHeader(2, "PROXY", family, source, destination, tlvs), total
 
@@ -225,15 +233,19 @@ def _parse_tlvs(data: bytes) -> tuple[tuple[int, bytes], ...]:
     offset = 0
     while offset < len(data):
         if len(data) - offset < 3:
-            raise ProxyHeaderError(f"version 2 header ends inside a TLV's type and length "
-                                   f"({len(data) - offset} bytes left)")
+            raise ProxyHeaderError(
+                f"version 2 header ends inside a TLV's type and length "
+                f"({len(data) - offset} bytes left)"
+            )
         kind = data[offset]
-        size = int.from_bytes(data[offset + 1:offset + 3], "big")
+        size = int.from_bytes(data[offset + 1 : offset + 3], "big")
         start = offset + 3
         if start + size > len(data):
-            raise ProxyHeaderError(f"version 2 TLV 0x{kind:02x} of {size} bytes overruns the "
-                                   f"header ({len(data) - start} left)")
-        tlvs.append((kind, data[start:start + size]))
+            raise ProxyHeaderError(
+                f"version 2 TLV 0x{kind:02x} of {size} bytes overruns the "
+                f"header ({len(data) - start} left)"
+            )
+        tlvs.append((kind, data[start : start + size]))
         offset = start + size
     return tuple(tlvs)
 
@@ -256,8 +268,12 @@ def format_v2(header: ProxyHeader) -> bytes:
     block = b""
     if header.family in ("TCP4", "TCP6") and header.source and header.destination:
         (src, sport), (dst, dport) = header.source, header.destination
-        block = (ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
-                 + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
+        block = (
+            ipaddress.ip_address(src).packed
+            + ipaddress.ip_address(dst).packed
+            + sport.to_bytes(2, "big")
+            + dport.to_bytes(2, "big")
+        )
     elif header.family == "UNIX":
         block = bytes(216)
     if header.family != "UNKNOWN":

@@ -32,7 +32,6 @@ class BodyDamaged(Exception):
     """A body that cannot be read back as it was stored (missing, short, altered)."""
 
 
-
 def crc_of(data: bytes, crc: int = 0) -> int:
     return zlib.crc32(data, crc)
 
@@ -105,7 +104,7 @@ class BodyFiles:
         # bodies/ and spool/, queue-2.sqlite3 has bodies-2/ and spool-2/.
         database = Path(database)
         stem = database.name.split(".", 1)[0]
-        suffix = stem[len("queue"):] if stem.startswith("queue") else f"-{stem}"
+        suffix = stem[len("queue") :] if stem.startswith("queue") else f"-{stem}"
         self.root = database.parent / f"bodies{suffix}"
         self.spool = database.parent / f"spool{suffix}"
 

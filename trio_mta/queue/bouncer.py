@@ -66,17 +66,29 @@ def notice_recipient(record: NoticeRecord) -> FailedRecipient:
     return FailedRecipient(
         address=record.address,
         original=record.original if record.original.lower() != record.address.lower() else None,
-        status="2.0.0", diagnostic=None, remote_mta=None, last_attempt=record.delivered_at,
-        action=record.action, orcpt=record.orcpt,
+        status="2.0.0",
+        diagnostic=None,
+        remote_mta=None,
+        last_attempt=record.delivered_at,
+        action=record.action,
+        orcpt=record.orcpt,
     )
 
 
 class Bouncer:
     """Background task: finished messages with failures become DSNs."""
 
-    def __init__(self, store: QueueStore, router: Router, *, hostname: str, host_tag: str,
-                 on_queued: Callable[[], None] | None = None,
-                 poll_interval: float = 1.0, delay_warning: float | None = None) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        router: Router,
+        *,
+        hostname: str,
+        host_tag: str,
+        on_queued: Callable[[], None] | None = None,
+        poll_interval: float = 1.0,
+        delay_warning: float | None = None,
+    ) -> None:
         self.store = store
         self.router = router
         self.hostname = hostname
@@ -100,8 +112,7 @@ class Bouncer:
                     await self._settle(message)
                 if self.delay_warning is not None:
                     older_than = time.time() - self.delay_warning
-                    delayed = await trio.to_thread.run_sync(self.store.delay_candidates,
-                                                            older_than)
+                    delayed = await trio.to_thread.run_sync(self.store.delay_candidates, older_than)
                     for late in delayed:
                         await self._warn(late)
             except QueueError as exc:
@@ -116,9 +127,13 @@ class Bouncer:
             # An unroutable bounce goes to the postmaster (a "double bounce").
             targets = self.router.expand(f"postmaster@{self.router.domains[0]}")
         return tuple(
-            NewRecipient(address=t.address, original=sender,
-                         mailbox=t.mailbox if isinstance(t, LocalTarget) else None)
-            for t in targets)
+            NewRecipient(
+                address=t.address,
+                original=sender,
+                mailbox=t.mailbox if isinstance(t, LocalTarget) else None,
+            )
+            for t in targets
+        )
 
     async def _settle(self, message: FinishedMessage) -> None:
         now = time.time()
@@ -131,26 +146,45 @@ class Bouncer:
             reason = "NOTIFY"  # RFC 3461 §4.1: NEVER, or a NOTIFY without FAILURE
         if reason is not None:
             await trio.to_thread.run_sync(
-                lambda: self.store.settle(message.message_id, None, now=now))
-            log.event("bounce.suppressed", id=message.message_id, reason=reason,
-                      failed=len(message.failed))
+                lambda: self.store.settle(message.message_id, None, now=now)
+            )
+            log.event(
+                "bounce.suppressed",
+                id=message.message_id,
+                reason=reason,
+                failed=len(message.failed),
+            )
             return
-        dsn = build_bounce(reporting_mta=self.hostname, sender=message.sender,
-                           queue_id=message.message_id, arrival=message.received_at,
-                           recipients=[*failed, *notices], original=message.data, now=now,
-                           return_full_message=message.ret == "FULL", envid=message.envid)
+        dsn = build_bounce(
+            reporting_mta=self.hostname,
+            sender=message.sender,
+            queue_id=message.message_id,
+            arrival=message.received_at,
+            recipients=[*failed, *notices],
+            original=message.data,
+            now=now,
+            return_full_message=message.ret == "FULL",
+            envid=message.envid,
+        )
         recipients = self._recipients(message.sender)
         bounce_id = new_queue_id(self.host_tag)
-        bounce = NewMessage(sender="", recipients=recipients, data=dsn,
-                            meta={"bounce_of": message.message_id})
+        bounce = NewMessage(
+            sender="", recipients=recipients, data=dsn, meta={"bounce_of": message.message_id}
+        )
         await trio.to_thread.run_sync(
-            lambda: self.store.settle(message.message_id,
-                                      (bounce_id, bounce) if recipients else None, now=now))
+            lambda: self.store.settle(
+                message.message_id, (bounce_id, bounce) if recipients else None, now=now
+            )
+        )
         self.sent += 1
-        log.event("bounce.queued" if recipients else "bounce.undeliverable",
-                  id=message.message_id, bounce_id=bounce_id, to=message.sender,
-                  failed=",".join(r.address for r in failed),
-                  notified=",".join(r.address for r in notices))
+        log.event(
+            "bounce.queued" if recipients else "bounce.undeliverable",
+            id=message.message_id,
+            bounce_id=bounce_id,
+            to=message.sender,
+            failed=",".join(r.address for r in failed),
+            notified=",".join(r.address for r in notices),
+        )
         if self.on_queued is not None:
             self.on_queued()
 
@@ -165,29 +199,50 @@ class Bouncer:
                 FailedRecipient(
                     address=r.address,
                     original=r.original if r.original.lower() != r.address.lower() else None,
-                    status=r.last.status if r.last is not None and r.last.status[0] == "4"
+                    status=r.last.status
+                    if r.last is not None and r.last.status[0] == "4"
                     else "4.0.0",
                     diagnostic=(r.last.reply if r.last.code is not None else r.last.text)
-                    if r.last is not None else None,
+                    if r.last is not None
+                    else None,
                     remote_mta=r.last.remote_host
-                    if r.last is not None and r.last.code is not None else None,
+                    if r.last is not None and r.last.code is not None
+                    else None,
                     last_attempt=r.updated_at if r.last is not None else None,
-                    action="delayed", smtp_reply=r.last is not None and r.last.code is not None,
-                    orcpt=r.orcpt)
+                    action="delayed",
+                    smtp_reply=r.last is not None and r.last.code is not None,
+                    orcpt=r.orcpt,
+                )
                 for r in message.delayed
             ]
-            dsn = build_bounce(reporting_mta=self.hostname, sender=message.sender,
-                               queue_id=message.message_id, arrival=message.received_at,
-                               recipients=delayed, original=message.data, now=now,
-                               envid=message.envid)
+            dsn = build_bounce(
+                reporting_mta=self.hostname,
+                sender=message.sender,
+                queue_id=message.message_id,
+                arrival=message.received_at,
+                recipients=delayed,
+                original=message.data,
+                now=now,
+                envid=message.envid,
+            )
             recipients = self._recipients(message.sender)
             if recipients:
-                notice = (new_queue_id(self.host_tag),
-                          NewMessage(sender="", recipients=recipients, data=dsn,
-                                     meta={"delay_of": message.message_id}))
+                notice = (
+                    new_queue_id(self.host_tag),
+                    NewMessage(
+                        sender="",
+                        recipients=recipients,
+                        data=dsn,
+                        meta={"delay_of": message.message_id},
+                    ),
+                )
         await trio.to_thread.run_sync(lambda: self.store.warned(rcpt_ids, notice, now=now))
-        log.event("bounce.delay_warning", id=message.message_id, to=message.sender,
-                  delayed=",".join(r.address for r in message.delayed),
-                  bounce_id=notice[0] if notice else "")
+        log.event(
+            "bounce.delay_warning",
+            id=message.message_id,
+            to=message.sender,
+            delayed=",".join(r.address for r in message.delayed),
+            bounce_id=notice[0] if notice else "",
+        )
         if notice is not None and self.on_queued is not None:
             self.on_queued()

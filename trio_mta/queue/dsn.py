@@ -92,11 +92,20 @@ def needs_bounce(sender: str) -> bool:
     return sender != ""
 
 
-def build_bounce(*, reporting_mta: str, sender: str, queue_id: str, arrival: float,
-                 recipients: Sequence[FailedRecipient], original: bytes,
-                 now: float | None = None, return_full_message: bool = False,
-                 max_original: int = 256 * 1024, max_headers: int = MAX_HEADERS,
-                 envid: str | None = None) -> bytes:
+def build_bounce(
+    *,
+    reporting_mta: str,
+    sender: str,
+    queue_id: str,
+    arrival: float,
+    recipients: Sequence[FailedRecipient],
+    original: bytes,
+    now: float | None = None,
+    return_full_message: bool = False,
+    max_original: int = 256 * 1024,
+    max_headers: int = MAX_HEADERS,
+    envid: str | None = None,
+) -> bytes:
     """The DSN telling ``sender`` that ``recipients`` of message ``queue_id`` failed.
 
     ``original`` is the message as queued. Only its header section is returned
@@ -151,22 +160,29 @@ def build_bounce(*, reporting_mta: str, sender: str, queue_id: str, arrival: flo
 # --- the three parts -------------------------------------------------------
 
 
-def _text_part(host: str, recipients: Sequence[FailedRecipient], full: bool,
-               truncated: bool, max_original: int) -> bytes:
+def _text_part(
+    host: str, recipients: Sequence[FailedRecipient], full: bool, truncated: bool, max_original: int
+) -> bytes:
     """Part 1: what happened, for a person (RFC 6522 §3 requires it first)."""
     returned = "It's attached below." if full else "Its headers are attached below."
     if all(r.action in _SUCCESS for r in recipients):
-        news = ("Your message was successfully delivered to the destination(s) listed "
-                "below. If the message was delivered to a mailbox you will receive no "
-                "further notifications. Otherwise you may still receive notifications "
-                "of mail delivery errors from other systems. " + returned)
+        news = (
+            "Your message was successfully delivered to the destination(s) listed "
+            "below. If the message was delivered to a mailbox you will receive no "
+            "further notifications. Otherwise you may still receive notifications "
+            "of mail delivery errors from other systems. " + returned
+        )
     elif all(r.action == "delayed" for r in recipients):
-        news = ("This is a warning only; you do not need to resend your message. "
-                "It could not be delivered yet to one or more recipients, and the "
-                "mail system will keep trying. " + returned)
+        news = (
+            "This is a warning only; you do not need to resend your message. "
+            "It could not be delivered yet to one or more recipients, and the "
+            "mail system will keep trying. " + returned
+        )
     else:
-        news = ("I'm sorry to have to inform you that your message could not be "
-                "delivered to one or more recipients. " + returned)
+        news = (
+            "I'm sorry to have to inform you that your message could not be "
+            "delivered to one or more recipients. " + returned
+        )
     paragraphs = [
         f"This is the mail system at host {host}.",
         news,
@@ -177,23 +193,32 @@ def _text_part(host: str, recipients: Sequence[FailedRecipient], full: bool,
     if truncated and full:
         paragraphs.append(f"The returned message was cut to its first {max_original} octets.")
     elif truncated:
-        paragraphs.append(f"The returned headers were cut to their first {max_original} "
-                          "octets, after a complete header field.")
+        paragraphs.append(
+            f"The returned headers were cut to their first {max_original} "
+            "octets, after a complete header field."
+        )
     lines: list[str] = []
     for paragraph in paragraphs:
         lines += [*textwrap.wrap(paragraph, _TEXT_WIDTH), ""]
     lines += ["                   The mail system", ""]
     for rcpt in recipients:
-        lines += textwrap.wrap(_reason(rcpt), _TEXT_WIDTH, subsequent_indent="    ",
-                               break_long_words=True, break_on_hyphens=False)
+        lines += textwrap.wrap(
+            _reason(rcpt),
+            _TEXT_WIDTH,
+            subsequent_indent="    ",
+            break_long_words=True,
+            break_on_hyphens=False,
+        )
         lines.append("")
     body = "\r\n".join(lines).encode("utf-8")
     eight_bit = _EIGHT_BIT.search(body) is not None
-    head = _header_lines([
-        ("Content-Description", "Notification"),
-        ("Content-Type", f"text/plain; charset={'utf-8' if eight_bit else 'us-ascii'}"),
-        ("Content-Transfer-Encoding", "8bit" if eight_bit else "7bit"),
-    ])
+    head = _header_lines(
+        [
+            ("Content-Description", "Notification"),
+            ("Content-Type", f"text/plain; charset={'utf-8' if eight_bit else 'us-ascii'}"),
+            ("Content-Transfer-Encoding", "8bit" if eight_bit else "7bit"),
+        ]
+    )
     return head + b"\r\n" + body + b"\r\n"
 
 
@@ -224,8 +249,13 @@ def _describe(status: str) -> str:
     return f"{meaning} (status {status})"
 
 
-def _status_part(host: str, queue_id: str, arrival: float,
-                 recipients: Sequence[FailedRecipient], envid: str | None = None) -> bytes:
+def _status_part(
+    host: str,
+    queue_id: str,
+    arrival: float,
+    recipients: Sequence[FailedRecipient],
+    envid: str | None = None,
+) -> bytes:
     """Part 2: the machine-readable report (RFC 3464 §2.1), all 7-bit."""
     message_fields = []
     if envid is not None:
@@ -253,13 +283,16 @@ def _status_part(host: str, queue_id: str, arrival: float,
             kind = "smtp" if rcpt.smtp_reply else "X-trio-mta"
             fields.append(("Diagnostic-Code", f"{kind}; {diagnostic}"))
         if rcpt.last_attempt is not None:
-            fields.append(("Last-Attempt-Date",
-                           email.utils.formatdate(rcpt.last_attempt, localtime=True)))
+            fields.append(
+                ("Last-Attempt-Date", email.utils.formatdate(rcpt.last_attempt, localtime=True))
+            )
         blocks.append(_header_lines(fields))
-    head = _header_lines([
-        ("Content-Description", "Delivery report"),
-        ("Content-Type", "message/delivery-status"),
-    ])
+    head = _header_lines(
+        [
+            ("Content-Description", "Delivery report"),
+            ("Content-Type", "message/delivery-status"),
+        ]
+    )
     return head + b"\r\n" + b"\r\n".join(blocks)
 
 
@@ -283,14 +316,19 @@ def _returned(original: bytes, full: bool, limit: int) -> tuple[bytes, bool]:
             kept = _cut(lines, limit)
             lines, truncated = kept, len(kept) < len(lines)
     data = b"".join(line + b"\r\n" for line in lines)
-    content_type, description = (("message/rfc822", "Undelivered Message") if full
-                                 else ("text/rfc822-headers", "Undelivered Message Headers"))
+    content_type, description = (
+        ("message/rfc822", "Undelivered Message")
+        if full
+        else ("text/rfc822-headers", "Undelivered Message Headers")
+    )
     encoding = "8bit" if _EIGHT_BIT.search(data) else "7bit"
-    head = _header_lines([
-        ("Content-Description", description),
-        ("Content-Type", content_type),
-        ("Content-Transfer-Encoding", encoding),
-    ])
+    head = _header_lines(
+        [
+            ("Content-Description", description),
+            ("Content-Type", content_type),
+            ("Content-Transfer-Encoding", encoding),
+        ]
+    )
     return head + b"\r\n" + data, truncated
 
 
@@ -308,7 +346,7 @@ def _split_original(original: bytes) -> tuple[list[bytes], list[bytes]]:
     header: list[bytes] = []
     for index, line in enumerate(lines):
         if line == b"":
-            return header, lines[index + 1:]
+            return header, lines[index + 1 :]
         continuation = line[:1] in (b" ", b"\t") and bool(header)
         if not continuation and not _HEADER_FIELD.match(line):
             return header, lines[index:]

@@ -50,8 +50,8 @@ WORKER_CHARS = 2
 
 def worker_tag(host_tag: str, worker: int) -> str:
     """``host_tag`` plus the worker number: IDs of two workers can never collide."""
-    if not 0 <= worker < 32 ** WORKER_CHARS:
-        raise ValueError(f"worker number must be 0..{32 ** WORKER_CHARS - 1}, got {worker}")
+    if not 0 <= worker < 32**WORKER_CHARS:
+        raise ValueError(f"worker number must be 0..{32**WORKER_CHARS - 1}, got {worker}")
     return host_tag + _encode(worker, WORKER_CHARS)
 
 

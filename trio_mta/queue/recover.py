@@ -37,8 +37,10 @@ class Problem:
         if self.recoverable and not recover:
             todo = "start the server (`trio-mta serve`) to recover it"
         else:
-            todo = ("restore it from a backup, or move it aside (the mail in it is then lost)"
-                    " and start again with an empty queue")
+            todo = (
+                "restore it from a backup, or move it aside (the mail in it is then lost)"
+                " and start again with an empty queue"
+            )
         return f"queue database {self.path} {self.text}: {todo}"
 
 
@@ -122,12 +124,21 @@ def recover_database(path: Path) -> Path:
 def _recover_with_shell(shell: str, path: Path, fresh: Path) -> bool:
     """The sqlite3 shell's page-level `.recover`, piped into a new database."""
     try:
-        dump = subprocess.run([shell, "-readonly", str(path), ".recover"], capture_output=True,
-                              timeout=_RECOVER_TIMEOUT, check=False)
+        dump = subprocess.run(
+            [shell, "-readonly", str(path), ".recover"],
+            capture_output=True,
+            timeout=_RECOVER_TIMEOUT,
+            check=False,
+        )
         if dump.returncode != 0 or not dump.stdout:
             return False
-        load = subprocess.run([shell, str(fresh)], input=dump.stdout, capture_output=True,
-                              timeout=_RECOVER_TIMEOUT, check=False)
+        load = subprocess.run(
+            [shell, str(fresh)],
+            input=dump.stdout,
+            capture_output=True,
+            timeout=_RECOVER_TIMEOUT,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     if load.returncode != 0 or b"error" in dump.stderr.lower() or _quick_check(fresh) is not None:
@@ -174,7 +185,8 @@ def _recover_tables(path: Path, fresh: Path) -> None:
         try:
             schema = src.execute(
                 "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL"
-                " AND name NOT LIKE 'sqlite_%' ORDER BY type = 'table' DESC").fetchall()
+                " AND name NOT LIKE 'sqlite_%' ORDER BY type = 'table' DESC"
+            ).fetchall()
         except sqlite3.DatabaseError:
             schema = []
         dst.execute("BEGIN")
@@ -198,7 +210,8 @@ def _copy_rows(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> 
     while True:
         try:
             cursor = src.execute(
-                f'SELECT rowid, * FROM "{table}" WHERE rowid > ? ORDER BY rowid', (after,))
+                f'SELECT rowid, * FROM "{table}" WHERE rowid > ? ORDER BY rowid', (after,)
+            )
             for row in cursor:  # one at a time: a bad row must not cost its neighbours
                 marks = ",".join("?" * (len(row) - 1))
                 dst.execute(f'INSERT OR IGNORE INTO "{table}" VALUES ({marks})', row[1:])

@@ -214,8 +214,11 @@ class Scheduler:
         now = self.clock()
         if next_local is not None and self._local_active < self.local_batches:
             delays.append(next_local - now)
-        if next_remote is not None and self._remote_active < self.concurrency \
-                and not remote_waiting:
+        if (
+            next_remote is not None
+            and self._remote_active < self.concurrency
+            and not remote_waiting
+        ):
             delays.append(next_remote - now)
         return min(delays)
 

@@ -43,8 +43,11 @@ def existing_shards(state_dir: Path) -> list[tuple[int, Path]]:
 
 def drained_by(state_dir: Path, worker: int, workers: int) -> list[int]:
     """Shards other than its own that worker ``worker`` of ``workers`` delivers."""
-    return [index for index, _ in existing_shards(state_dir)
-            if index > worker and index % workers == worker]
+    return [
+        index
+        for index, _ in existing_shards(state_dir)
+        if index > worker and index % workers == worker
+    ]
 
 
 class ShardLock:

@@ -28,8 +28,13 @@ _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 class Spool:
     """One body being received; see the module doc."""
 
-    def __init__(self, directory: os.PathLike[str] | str, *, threshold: int = DEFAULT_THRESHOLD,
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+    def __init__(
+        self,
+        directory: os.PathLike[str] | str,
+        *,
+        threshold: int = DEFAULT_THRESHOLD,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
         self.directory = os.fspath(directory)
         self.threshold = threshold
         self.size = 0
@@ -110,7 +115,7 @@ class Spool:
             self._path = path
         view = memoryview(chunk)
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         self._crc = crc_of(chunk, self._crc)
 
     def _sync_and_close(self) -> None:

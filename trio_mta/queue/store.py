@@ -139,14 +139,24 @@ END;
 _ADDED_COLUMNS: Final = {
     "messages": (("ret", "TEXT"), ("envid", "TEXT")),
     "recipients": (
-        ("last_code", "INTEGER"), ("last_status", "TEXT"), ("last_text", "TEXT"),
-        ("last_host", "TEXT"), ("last_address", "TEXT"), ("last_stage", "TEXT"),
-        ("notify", "TEXT"), ("orcpt", "TEXT"), ("notice", "TEXT"),
+        ("last_code", "INTEGER"),
+        ("last_status", "TEXT"),
+        ("last_text", "TEXT"),
+        ("last_host", "TEXT"),
+        ("last_address", "TEXT"),
+        ("last_stage", "TEXT"),
+        ("notify", "TEXT"),
+        ("orcpt", "TEXT"),
+        ("notice", "TEXT"),
         ("warned", "INTEGER NOT NULL DEFAULT 0"),
     ),
     "attempts": (
-        ("code", "INTEGER"), ("status", "TEXT"), ("text", "TEXT"), ("host", "TEXT"),
-        ("address", "TEXT"), ("stage", "TEXT"),
+        ("code", "INTEGER"),
+        ("status", "TEXT"),
+        ("text", "TEXT"),
+        ("host", "TEXT"),
+        ("address", "TEXT"),
+        ("stage", "TEXT"),
     ),
 }
 # The status a pre-version-3 row gets when its text carries none.
@@ -391,9 +401,7 @@ def _recipient_row(update: RecipientUpdate, now: float) -> tuple[Any, ...]:
     )
 
 
-def _recipient_state(
-    row: Sequence[Any], history: tuple[Attempt, ...] = ()
-) -> RecipientState:
+def _recipient_state(row: Sequence[Any], history: tuple[Attempt, ...] = ()) -> RecipientState:
     """From (address, original, mailbox, status, attempts, next_attempt, updated_at,
     last_error, *last columns)."""
     address, original, mailbox, status, attempts, next_attempt, updated_at, error = row[:8]
@@ -474,9 +482,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone() is not None
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        is not None
+    )
 
 
 @contextmanager
@@ -490,8 +501,14 @@ def _errors(what: str) -> Iterator[None]:
 class QueueStore:
     """One process's handle on the queue database (thread-safe)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False, busy_timeout: float = 10.0,
-                 recover: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        readonly: bool = False,
+        busy_timeout: float = 10.0,
+        recover: bool = False,
+    ) -> None:
         """Open (creating if need be) the queue at `path`; QueueError in one line if unusable.
 
         A damaged database is salvaged into a fresh file when `recover` is set (the
@@ -515,8 +532,12 @@ class QueueStore:
             if not recover or not problem.recoverable:
                 raise QueueError(problem.message(recover=recover))
             kept = recover_database(self.path)
-            log.warning("queue.database_recovered", path=str(self.path), problem=problem.text,
-                        kept=str(kept))
+            log.warning(
+                "queue.database_recovered",
+                path=str(self.path),
+                problem=problem.text,
+                kept=str(kept),
+            )
         with _errors("open"):
             if readonly:
                 if not self.path.exists():
@@ -605,20 +626,31 @@ class QueueStore:
                 self._insert_rows(conn, items, now)
                 doomed = [row[0] for row in conn.execute("SELECT message_id FROM doomed_bodies")]
                 if doomed:
-                    conn.executemany("DELETE FROM doomed_bodies WHERE message_id = ?",
-                                     [(d,) for d in doomed])
+                    conn.executemany(
+                        "DELETE FROM doomed_bodies WHERE message_id = ?", [(d,) for d in doomed]
+                    )
         self.files.unlink(doomed)
 
     @staticmethod
-    def _insert_rows(conn: sqlite3.Connection, items: Sequence[tuple[str, NewMessage]],
-                     now: float) -> None:
+    def _insert_rows(
+        conn: sqlite3.Connection, items: Sequence[tuple[str, NewMessage]], now: float
+    ) -> None:
         messages = []
         bodies = []
         index = []
         rcpts = []
         for message_id, msg in items:
-            messages.append((message_id, msg.sender, now, msg.size, json.dumps(dict(msg.meta)),
-                             msg.ret, msg.envid))
+            messages.append(
+                (
+                    message_id,
+                    msg.sender,
+                    now,
+                    msg.size,
+                    json.dumps(dict(msg.meta)),
+                    msg.ret,
+                    msg.envid,
+                )
+            )
             if msg.spooled is None:
                 bodies.append((message_id, msg.data))
                 index.append((message_id, b"", 0, len(msg.data), crc_of(msg.data)))
@@ -626,8 +658,17 @@ class QueueStore:
                 index.append((message_id, msg.data, 1, msg.spooled.size, msg.spooled.crc))
             for r in msg.recipients:
                 rcpts.append(
-                    (message_id, r.address, r.original, r.mailbox, r.mailbox is not None, now, now,
-                     _notify_text(r.notify), r.orcpt)
+                    (
+                        message_id,
+                        r.address,
+                        r.original,
+                        r.mailbox,
+                        r.mailbox is not None,
+                        now,
+                        now,
+                        _notify_text(r.notify),
+                        r.orcpt,
+                    )
                 )
         conn.executemany(
             "INSERT INTO messages (id, sender, received_at, size, meta, ret, envid)"
@@ -673,11 +714,37 @@ class QueueStore:
             for row in rows:
                 if row[2] in self._leased:
                     continue
-                (_, message_id, rcpt_id, address, original, mailbox, sender, attempts,
-                 received_at, notify, orcpt, ret, envid) = row
-                out.append(DueRecipient(message_id, rcpt_id, address, original, mailbox, sender,
-                                        attempts, received_at, _notify_of(notify), orcpt, ret,
-                                        envid))
+                (
+                    _,
+                    message_id,
+                    rcpt_id,
+                    address,
+                    original,
+                    mailbox,
+                    sender,
+                    attempts,
+                    received_at,
+                    notify,
+                    orcpt,
+                    ret,
+                    envid,
+                ) = row
+                out.append(
+                    DueRecipient(
+                        message_id,
+                        rcpt_id,
+                        address,
+                        original,
+                        mailbox,
+                        sender,
+                        attempts,
+                        received_at,
+                        _notify_of(notify),
+                        orcpt,
+                        ret,
+                        envid,
+                    )
+                )
                 if len(out) == limit:
                     break
             self._leased.update(r.rcpt_id for r in out)
@@ -728,12 +795,16 @@ class QueueStore:
         ids = list(dict.fromkeys(message_ids))
         rows: dict[str, tuple[Any, ...]] = {}
         damaged: dict[str, str] = {}
-        sql = ("SELECT m.id, i.head, i.in_file, i.size, i.crc, b.data FROM messages m"
-               " LEFT JOIN body_index i ON i.message_id = m.id"
-               " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})")
+        sql = (
+            "SELECT m.id, i.head, i.in_file, i.size, i.crc, b.data FROM messages m"
+            " LEFT JOIN body_index i ON i.message_id = m.id"
+            " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})"
+        )
         if not self._indexed:
-            sql = ("SELECT m.id, NULL, NULL, NULL, NULL, b.data FROM messages m"
-                   " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})")
+            sql = (
+                "SELECT m.id, NULL, NULL, NULL, NULL, b.data FROM messages m"
+                " LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id IN ({})"
+            )
         with _errors("read"), self._read() as conn:
             for part in _chunks(ids):
                 try:
@@ -756,8 +827,15 @@ class QueueStore:
             self._set_aside(damaged)
         return out
 
-    def _body(self, message_id: str, head: bytes | None, in_file: int | None, size: int | None,
-              crc: int | None, blob: bytes | None) -> StoredBody:
+    def _body(
+        self,
+        message_id: str,
+        head: bytes | None,
+        in_file: int | None,
+        size: int | None,
+        crc: int | None,
+        blob: bytes | None,
+    ) -> StoredBody:
         if head is None or in_file is None or size is None or crc is None:
             if blob is None:
                 raise BodyDamaged("no body stored")
@@ -806,8 +884,10 @@ class QueueStore:
         with _errors("sweep"):
             self.files.ensure_spool()
             with self._read() as conn:
-                known = {row[0] for row in conn.execute(
-                    "SELECT message_id FROM body_index WHERE in_file")}
+                known = {
+                    row[0]
+                    for row in conn.execute("SELECT message_id FROM body_index WHERE in_file")
+                }
             removed = self.files.sweep(known)
             if self._writer is not None:
                 with self._transaction("NORMAL") as conn:
@@ -927,10 +1007,15 @@ class QueueStore:
                 found = []
                 for message_id, sender, received_at, ret, envid in rows:
                     failed = tuple(
-                        FailedRecord(address, original, _outcome("failed", fields), updated_at,
-                                     _notify_of(notify), orcpt)
-                        for address, original, updated_at, notify, orcpt, *fields
-                        in conn.execute(
+                        FailedRecord(
+                            address,
+                            original,
+                            _outcome("failed", fields),
+                            updated_at,
+                            _notify_of(notify),
+                            orcpt,
+                        )
+                        for address, original, updated_at, notify, orcpt, *fields in conn.execute(
                             "SELECT address, original, updated_at, notify, orcpt, "
                             + _LAST_COLUMNS
                             + " FROM recipients WHERE message_id = ? AND status = 'failed'"
@@ -939,7 +1024,8 @@ class QueueStore:
                         )
                     )
                     notices = tuple(
-                        NoticeRecord(*row) for row in conn.execute(
+                        NoticeRecord(*row)
+                        for row in conn.execute(
                             "SELECT address, original, notice, updated_at, orcpt FROM recipients"
                             " WHERE message_id = ? AND status = 'delivered'"
                             " AND notice IS NOT NULL ORDER BY id",
@@ -950,10 +1036,13 @@ class QueueStore:
             finally:
                 conn.execute("COMMIT")
         bodies = self.bodies([row[0] for row in found])  # outside the read lock: it takes it
-        return [FinishedMessage(mid, sender, received_at, bodies[mid].read(), failed, notices,
-                                ret, envid)
-                for mid, sender, received_at, failed, notices, ret, envid in found
-                if mid in bodies]
+        return [
+            FinishedMessage(
+                mid, sender, received_at, bodies[mid].read(), failed, notices, ret, envid
+            )
+            for mid, sender, received_at, failed, notices, ret, envid in found
+            if mid in bodies
+        ]
 
     def delay_candidates(self, older_than: float, limit: int = 20) -> list[DelayedMessage]:
         """Messages with recipients that asked for NOTIFY=DELAY, still unfinished, received
@@ -963,7 +1052,8 @@ class QueueStore:
             try:
                 rows = conn.execute(
                     "SELECT r.message_id, m.sender, m.received_at, m.envid, r.id, r.address,"
-                    " r.original, r.updated_at, r.orcpt, r.attempts, " + _LAST_COLUMNS
+                    " r.original, r.updated_at, r.orcpt, r.attempts, "
+                    + _LAST_COLUMNS
                     + " FROM recipients r JOIN messages m ON m.id = r.message_id"
                     " WHERE r.status IN ('pending', 'deferred') AND NOT r.warned"
                     " AND (',' || r.notify || ',') LIKE '%,DELAY,%' AND m.received_at <= ?"
@@ -973,32 +1063,46 @@ class QueueStore:
             finally:
                 conn.execute("COMMIT")
         grouped: dict[str, tuple[str, float, str | None, list[DelayedRecord]]] = {}
-        for (mid, sender, received_at, envid, rcpt_id, address, original, updated_at, orcpt,
-             attempts, *fields) in rows:
+        for (
+            mid,
+            sender,
+            received_at,
+            envid,
+            rcpt_id,
+            address,
+            original,
+            updated_at,
+            orcpt,
+            attempts,
+            *fields,
+        ) in rows:
             if mid not in grouped:
                 if len(grouped) == limit:
                     continue
                 grouped[mid] = (sender, received_at, envid, [])
             last = _outcome("deferred", fields) if attempts and fields[1] else None
             grouped[mid][3].append(
-                DelayedRecord(rcpt_id, address, original, last, updated_at, orcpt))
+                DelayedRecord(rcpt_id, address, original, last, updated_at, orcpt)
+            )
         bodies = self.bodies(list(grouped))
-        return [DelayedMessage(mid, sender, received_at, bodies[mid].read(), tuple(records),
-                               envid)
-                for mid, (sender, received_at, envid, records) in grouped.items()
-                if mid in bodies]
+        return [
+            DelayedMessage(mid, sender, received_at, bodies[mid].read(), tuple(records), envid)
+            for mid, (sender, received_at, envid, records) in grouped.items()
+            if mid in bodies
+        ]
 
-    def warned(self, rcpt_ids: Sequence[int], notice: tuple[str, NewMessage] | None, *,
-               now: float) -> None:
+    def warned(
+        self, rcpt_ids: Sequence[int], notice: tuple[str, NewMessage] | None, *, now: float
+    ) -> None:
         """Queue the delay DSN and mark its recipients warned, in ONE fsynced step."""
         with _errors("warn"), self._transaction("FULL") as conn:
             if notice is not None:
                 self._insert_rows(conn, [notice], now)
-            conn.executemany("UPDATE recipients SET warned = 1 WHERE id = ?",
-                             [(i,) for i in rcpt_ids])
+            conn.executemany(
+                "UPDATE recipients SET warned = 1 WHERE id = ?", [(i,) for i in rcpt_ids]
+            )
 
-    def settle(self, message_id: str, bounce: tuple[str, NewMessage] | None, *,
-               now: float) -> None:
+    def settle(self, message_id: str, bounce: tuple[str, NewMessage] | None, *, now: float) -> None:
         """Queue the bounce (if any) and drop the finished message, in ONE fsynced step.
 
         A crash can therefore neither lose the bounce nor send it twice.
@@ -1080,9 +1184,14 @@ class QueueStore:
             by_message.setdefault(message_id, []).append(_recipient_state(row))
         damaged = self.damaged()
         return [
-            QueuedMessage(message_id, sender, received_at, size,
-                          tuple(by_message.get(message_id, ())),
-                          damaged=damaged.get(message_id))
+            QueuedMessage(
+                message_id,
+                sender,
+                received_at,
+                size,
+                tuple(by_message.get(message_id, ())),
+                damaged=damaged.get(message_id),
+            )
             for message_id, sender, received_at, size in msgs
         ]
 
@@ -1144,9 +1253,14 @@ class QueueStore:
         if not self._indexed:
             return set()
         with _errors("read"), self._read() as conn:
-            return {row[0] for row in conn.execute(
-                f"SELECT message_id FROM body_index WHERE in_file"
-                f" AND message_id IN ({_marks(len(message_ids))})", tuple(message_ids))}
+            return {
+                row[0]
+                for row in conn.execute(
+                    f"SELECT message_id FROM body_index WHERE in_file"
+                    f" AND message_id IN ({_marks(len(message_ids))})",
+                    tuple(message_ids),
+                )
+            }
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

@@ -88,8 +88,7 @@ def unsafe_recipient(address: str) -> Reply | None:
     char = control_character(address)
     if char is None:
         return None
-    return Reply(553, "5.1.3",
-                 (f"Bad recipient address syntax: {char} not allowed in an address",))
+    return Reply(553, "5.1.3", (f"Bad recipient address syntax: {char} not allowed in an address",))
 
 
 class Router:
@@ -177,9 +176,7 @@ class Router:
                 # RFC 3463 X.1.3: the address cannot be a mailbox name here.
                 return _refuse(550, "5.1.3", f"<{shown}>: Recipient address rejected: bad mailbox")
             if mailbox is None:
-                return _refuse(
-                    550, "5.1.1", f"<{shown}>: Recipient address rejected: User unknown"
-                )
+                return _refuse(550, "5.1.1", f"<{shown}>: Recipient address rejected: User unknown")
         try:
             targets = self._expand(normalized)
         except AliasExpansionError:

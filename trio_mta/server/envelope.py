@@ -58,5 +58,6 @@ class MessageSink(Protocol):
     may take over by renaming it; the session removes it otherwise.
     """
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
-                     queue_id: str) -> Reply: ...
+    async def accept(
+        self, envelope: Envelope, session: SessionInfo, content: MessageContent, queue_id: str
+    ) -> Reply: ...

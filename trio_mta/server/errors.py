@@ -20,8 +20,9 @@ class ListenError(Exception):
     """A listener could not be bound, or accept(2) failed for good; the message names it."""
 
 
-def listening_socket(listen: ListenConfig, port: int, *, reuseport: bool = False,
-                     listening: bool = True) -> socket.socket:
+def listening_socket(
+    listen: ListenConfig, port: int, *, reuseport: bool = False, listening: bool = True
+) -> socket.socket:
     """A bound (and listening) socket for one ``[[listen]]`` address; ``ListenError`` names it.
 
     "[::]:25" accepts IPv4 too, as operators expect from Postfix; any other IPv6

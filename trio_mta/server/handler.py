@@ -31,13 +31,15 @@ HookResult = Reply | str | None
 class Handler:
     """Subclass and override what you need; the defaults keep the server's behaviour."""
 
-    async def handle_rcpt(self, session: SessionInfo, envelope: Envelope,
-                          address: str) -> HookResult:
+    async def handle_rcpt(
+        self, session: SessionInfo, envelope: Envelope, address: str
+    ) -> HookResult:
         """Decide one recipient. ``None``: the configured routing decides."""
         return None
 
-    async def handle_message(self, session: SessionInfo, envelope: Envelope,
-                             data: bytes) -> HookResult:
+    async def handle_message(
+        self, session: SessionInfo, envelope: Envelope, data: bytes
+    ) -> HookResult:
         """Take a complete message (CRLF line ends, trace headers already added).
 
         ``None``: deliver it as usual (queue it). A 2xx reply means the
@@ -79,12 +81,14 @@ class HandlerSink:
         self.handler = handler
         self.fallback = fallback
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
-                     queue_id: str) -> Reply:
+    async def accept(
+        self, envelope: Envelope, session: SessionInfo, content: MessageContent, queue_id: str
+    ) -> Reply:
         # The hook takes bytes: a spooled body is read back (in a thread) for it.
         data = await trio.to_thread.run_sync(content.read)
-        result = await guarded_hook(self.handler.handle_message(session, envelope, data),
-                                    "handle_message")
+        result = await guarded_hook(
+            self.handler.handle_message(session, envelope, data), "handle_message"
+        )
         del data
         if result is not None:
             return as_reply(result)

@@ -99,8 +99,9 @@ def header_names(message: bytes) -> set[str]:
     return {m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(head)}
 
 
-def submission_headers(message: bytes, *, queue_id: str, hostname: str,
-                       now: float | None = None) -> bytes:
+def submission_headers(
+    message: bytes, *, queue_id: str, hostname: str, now: float | None = None
+) -> bytes:
     """``Message-ID:``/``Date:`` lines the message lacks (RFC 6409 §8.2, §8.3)."""
     present = header_names(message)
     extra = b""

@@ -108,8 +108,9 @@ class ImmediateLocalDelivery:
             start += len(request.items)
             request.done.set()
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
-                     queue_id: str) -> Reply:
+    async def accept(
+        self, envelope: Envelope, session: SessionInfo, content: MessageContent, queue_id: str
+    ) -> Reply:
         if any(not rcpt.targets for rcpt in envelope.recipients):
             return await self.queue.accept(envelope, session, content, queue_id)
         recipients = queue_recipients(envelope)
@@ -126,9 +127,16 @@ class ImmediateLocalDelivery:
             body = StoredBody(content.head, content.body.path, content.body.size)
         items = [
             DeliveryItem(
-                DueRecipient(message_id=queue_id, rcpt_id=index, address=r.address,
-                             original=r.original, mailbox=r.mailbox,
-                             sender=envelope.sender_address, attempts=0, received_at=now),
+                DueRecipient(
+                    message_id=queue_id,
+                    rcpt_id=index,
+                    address=r.address,
+                    original=r.original,
+                    mailbox=r.mailbox,
+                    sender=envelope.sender_address,
+                    attempts=0,
+                    received_at=now,
+                ),
                 body,
             )
             for index, r in enumerate(local)
@@ -143,11 +151,13 @@ class ImmediateLocalDelivery:
         remaining = [r for r in recipients if r not in local] + left
         if not remaining:
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-        return await self.queue.accept(envelope, session, content, queue_id,
-                                       recipients=tuple(remaining))
+        return await self.queue.accept(
+            envelope, session, content, queue_id, recipients=tuple(remaining)
+        )
 
-    def _record(self, items: list[DeliveryItem], outcomes: Sequence[Outcome],
-                origin: Sequence[NewRecipient]) -> list[NewRecipient]:
+    def _record(
+        self, items: list[DeliveryItem], outcomes: Sequence[Outcome], origin: Sequence[NewRecipient]
+    ) -> list[NewRecipient]:
         """Log what was delivered (as the scheduler does) and return what the queue must take."""
         left: list[NewRecipient] = []
         now = time.time()
@@ -156,14 +166,26 @@ class ImmediateLocalDelivery:
             outcome = outcomes[index] if index < len(outcomes) else None
             if outcome is not None and outcome.kind == "delivered":
                 self.delivered += 1
-                log.event("queue.delivered", id=rcpt.message_id, to=rcpt.address,
-                          mailbox=rcpt.mailbox, attempts=1, detail=outcome.detail)
+                log.event(
+                    "queue.delivered",
+                    id=rcpt.message_id,
+                    to=rcpt.address,
+                    mailbox=rcpt.mailbox,
+                    attempts=1,
+                    detail=outcome.detail,
+                )
                 if self.on_outcome is not None:
                     self.on_outcome(rcpt, "delivered", now)
                 continue
             if outcome is not None:
-                log.warning("queue.deferred", id=rcpt.message_id, to=rcpt.address,
-                            mailbox=rcpt.mailbox, attempts=1, detail=outcome.detail,
-                            next_attempt="queued")
+                log.warning(
+                    "queue.deferred",
+                    id=rcpt.message_id,
+                    to=rcpt.address,
+                    mailbox=rcpt.mailbox,
+                    attempts=1,
+                    detail=outcome.detail,
+                    next_attempt="queued",
+                )
             left.append(origin[index])
         return left

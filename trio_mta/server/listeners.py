@@ -43,8 +43,9 @@ async def bind(listen: ListenConfig) -> BoundListener:
     """Bind one ``[[listen]]`` entry (no wildcard expansion surprises: exactly that address)."""
     sock = trio.socket.from_stdlib_socket(listening_socket(listen, listen.port))
     port = sock.getsockname()[1]
-    return BoundListener(listen, trio.SocketListener(sock),
-                         Listener(listen.mode, listen.host, port))
+    return BoundListener(
+        listen, trio.SocketListener(sock), Listener(listen.mode, listen.host, port)
+    )
 
 
 def adopt(listen: ListenConfig, sock: socket.socket) -> BoundListener:
@@ -64,8 +65,7 @@ ACCEPT_IGNORED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM
 ACCEPT_LOG_INTERVAL = 60.0
 
 
-async def accept_loop(bound: BoundListener, state: ServerState,
-                      sessions: trio.Nursery) -> None:
+async def accept_loop(bound: BoundListener, state: ServerState, sessions: trio.Nursery) -> None:
     """Accept until cancelled; each connection runs as a task in ``sessions``.
 
     Running out of file descriptors or memory pauses accepting (logged once when
@@ -88,14 +88,19 @@ async def accept_loop(bound: BoundListener, state: ServerState,
                     continue
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise ListenError(
-                        f"accepting on {where} failed: {exc.strerror or exc}") from exc
+                        f"accepting on {where} failed: {exc.strerror or exc}"
+                    ) from exc
                 failures += 1
                 now = trio.current_time()
                 if now - logged_at >= ACCEPT_LOG_INTERVAL:
                     logged_at = now
-                    log.error("smtpd.accept_paused", listener=where,
-                              error=errno.errorcode.get(exc.errno or 0, str(exc)),
-                              failures=failures, retry=ACCEPT_PAUSE)
+                    log.error(
+                        "smtpd.accept_paused",
+                        listener=where,
+                        error=errno.errorcode.get(exc.errno or 0, str(exc)),
+                        failures=failures,
+                        retry=ACCEPT_PAUSE,
+                    )
                 await trio.sleep(ACCEPT_PAUSE)
                 continue
             if failures:

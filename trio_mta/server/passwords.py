@@ -194,8 +194,11 @@ class PasswordFile:
             return None
         if not self._warned:
             self._warned = True
-            log.warning("cannot read %s (%s): using the users read at start until a restart",
-                        self.path, exc.strerror or exc)
+            log.warning(
+                "cannot read %s (%s): using the users read at start until a restart",
+                self.path,
+                exc.strerror or exc,
+            )
         return self._users
 
     def _current(self) -> dict[str, str]:

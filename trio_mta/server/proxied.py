@@ -92,13 +92,15 @@ async def read_header(stream: trio.abc.Stream, timeout: float) -> tuple[ProxyHea
     raise ProxyHeaderError(f"no complete PROXY header within {timeout:g}s")
 
 
-async def accept_proxied(stream: trio.abc.Stream, listen: ListenConfig, peer_ip: str,
-                         peer_port: int, timeout: float) -> Proxied | None:
+async def accept_proxied(
+    stream: trio.abc.Stream, listen: ListenConfig, peer_ip: str, peer_port: int, timeout: float
+) -> Proxied | None:
     """The client behind the proxy, or None (logged) when the connection must be closed."""
     where = f"{listen.address} ({listen.mode})"
     if not allowed_proxy(listen, peer_ip):
-        log.warning("smtpd.proxy_refused", peer=peer_ip, listener=where,
-                    reason="peer not in proxy_from")
+        log.warning(
+            "smtpd.proxy_refused", peer=peer_ip, listener=where, reason="peer not in proxy_from"
+        )
         return None
     try:
         header, rest = await read_header(stream, timeout)
@@ -106,15 +108,22 @@ async def accept_proxied(stream: trio.abc.Stream, listen: ListenConfig, peer_ip:
         log.warning("smtpd.proxy_refused", peer=peer_ip, listener=where, reason=str(exc))
         return None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.warning("smtpd.proxy_refused", peer=peer_ip, listener=where,
-                    reason=f"connection lost: {exc or type(exc).__name__}")
+        log.warning(
+            "smtpd.proxy_refused",
+            peer=peer_ip,
+            listener=where,
+            reason=f"connection lost: {exc or type(exc).__name__}",
+        )
         return None
     if header.command == "LOCAL":
         client_ip, client_port = _unmapped(peer_ip), peer_port
     elif header.client is None:
-        log.warning("smtpd.proxy_refused", peer=peer_ip, listener=where,
-                    reason=f"version {header.version} header names no client IP "
-                           f"({header.family})")
+        log.warning(
+            "smtpd.proxy_refused",
+            peer=peer_ip,
+            listener=where,
+            reason=f"version {header.version} header names no client IP ({header.family})",
+        )
         return None
     else:
         client_ip, client_port = _unmapped(header.client[0]), header.client[1]

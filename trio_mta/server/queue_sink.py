@@ -27,9 +27,15 @@ def queue_recipients(envelope: Envelope) -> tuple[NewRecipient, ...]:
             if key in seen:
                 continue
             seen.add(key)
-            out.append(NewRecipient(address=target.address, original=rcpt.address,
-                                    mailbox=mailbox, notify=rcpt.params.notify,
-                                    orcpt=rcpt.params.orcpt))
+            out.append(
+                NewRecipient(
+                    address=target.address,
+                    original=rcpt.address,
+                    mailbox=mailbox,
+                    notify=rcpt.params.notify,
+                    orcpt=rcpt.params.orcpt,
+                )
+            )
     return tuple(out)
 
 
@@ -37,9 +43,15 @@ class QueueSink:
     def __init__(self, writer: QueueWriter) -> None:
         self.writer = writer
 
-    async def accept(self, envelope: Envelope, session: SessionInfo, content: MessageContent,
-                     queue_id: str, *,
-                     recipients: tuple[NewRecipient, ...] | None = None) -> Reply:
+    async def accept(
+        self,
+        envelope: Envelope,
+        session: SessionInfo,
+        content: MessageContent,
+        queue_id: str,
+        *,
+        recipients: tuple[NewRecipient, ...] | None = None,
+    ) -> Reply:
         """Queue the message for ``recipients`` (default: every target of the envelope)."""
         unroutable = [r.address for r in envelope.recipients if not r.targets]
         if unroutable:
@@ -47,8 +59,7 @@ class QueueSink:
             # routing cannot deliver and handle_message then declined the message:
             # queueing it would acknowledge mail that can never arrive.
             log.error("queue.unroutable", id=queue_id, rcpt=",".join(unroutable))
-            return Reply(550, "5.1.1",
-                         f"<{unroutable[0]}>: Recipient address has no mailbox here")
+            return Reply(550, "5.1.1", f"<{unroutable[0]}>: Recipient address has no mailbox here")
         meta = {
             "client_ip": session.client_ip,
             "helo": session.helo or "",
@@ -63,11 +74,15 @@ class QueueSink:
             data, spooled = content.head + body, None
         else:
             data, spooled = content.head, body
-        message = NewMessage(sender=envelope.sender_address,
-                             recipients=recipients or queue_recipients(envelope),
-                             data=data, meta=meta,
-                             spooled=spooled, ret=envelope.params.ret,
-                             envid=envelope.params.envid)
+        message = NewMessage(
+            sender=envelope.sender_address,
+            recipients=recipients or queue_recipients(envelope),
+            data=data,
+            meta=meta,
+            spooled=spooled,
+            ret=envelope.params.ret,
+            envid=envelope.params.envid,
+        )
         try:
             await self.writer.submit(message, queue_id=queue_id)
         except QueueError as exc:

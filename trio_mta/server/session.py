@@ -79,7 +79,8 @@ class ServerState:
     metrics: Metrics | None = None
     auth_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(2))
     refusal_handshakes: trio.CapacityLimiter = field(
-        default_factory=lambda: trio.CapacityLimiter(MAX_REFUSAL_HANDSHAKES))
+        default_factory=lambda: trio.CapacityLimiter(MAX_REFUSAL_HANDSHAKES)
+    )
     auth_failure_delay: float = 1.0
     proxy_header_timeout: float = PROXY_HEADER_TIMEOUT
     shutdown_grace: float = 30.0
@@ -90,8 +91,7 @@ class ServerState:
     # written by at most 8 worker threads at a time.
     spool_dir: Path = Path("spool")
     spool_threshold: int = DEFAULT_THRESHOLD
-    spool_limiter: trio.CapacityLimiter = field(
-        default_factory=lambda: trio.CapacityLimiter(8))
+    spool_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
 
     def begin_shutdown(self) -> None:
         """Idle sessions leave at once (421 4.3.2); busy ones finish their transaction."""
@@ -111,8 +111,16 @@ class _ShutdownWhileIdle(Exception):
 class Session:
     """Runs one connection from banner to close."""
 
-    def __init__(self, state: ServerState, stream: trio.abc.Stream, mode: str,
-                 client_ip: str, client_port: int, *, proxy: str | None = None) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        stream: trio.abc.Stream,
+        mode: str,
+        client_ip: str,
+        client_port: int,
+        *,
+        proxy: str | None = None,
+    ) -> None:
         self.state = state
         self.stream = stream
         self.mode = mode
@@ -253,8 +261,13 @@ class Session:
 
     async def _converse(self) -> None:
         cfg = self.state.config
-        log.event("smtpd.connect", client=self.client_ip, port=self.client_port, mode=self.mode,
-                  proxy=self.proxy)
+        log.event(
+            "smtpd.connect",
+            client=self.client_ip,
+            port=self.client_port,
+            mode=self.mode,
+            proxy=self.proxy,
+        )
         try:
             if self.mode == "smtps" and not await self._handshake():
                 return
@@ -266,8 +279,11 @@ class Session:
             if self._io.cancelled_caught:
                 raise _ShutdownWhileIdle if self._interrupted else _Timeout("idle")
         except _Timeout:
-            log.event("smtpd.timeout", client=self.client_ip,
-                      in_data=bool(self.conn and self.conn.in_data))
+            log.event(
+                "smtpd.timeout",
+                client=self.client_ip,
+                in_data=bool(self.conn and self.conn.in_data),
+            )
             await self._send_now(Reply(421, "4.4.2", f"{cfg.hostname} Error: timeout exceeded"))
         except _ShutdownWhileIdle:
             await self._send_now(Reply(421, "4.3.2", f"{cfg.hostname} Service shutting down"))
@@ -296,8 +312,11 @@ class Session:
         if ctx is None:
             return False
         tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
-        limit = self.limits.command_timeout if timeout is None else min(
-            timeout, self.limits.command_timeout)
+        limit = (
+            self.limits.command_timeout
+            if timeout is None
+            else min(timeout, self.limits.command_timeout)
+        )
         with trio.move_on_after(limit) as scope:
             try:
                 await tls_stream.do_handshake()
@@ -324,9 +343,14 @@ class Session:
         if metrics is None:
             return
         if reason is None:
-            reason = {"5.7.1": "relay_denied", "5.1.1": "unknown_user", "5.3.4": "too_big",
-                      "5.5.2": "bad_line_ending", "4.3.0": "queue_error",
-                      "5.7.0": "auth_required"}.get(reply.status or "", "other")
+            reason = {
+                "5.7.1": "relay_denied",
+                "5.1.1": "unknown_user",
+                "5.3.4": "too_big",
+                "5.5.2": "bad_line_ending",
+                "4.3.0": "queue_error",
+                "5.7.0": "auth_required",
+            }.get(reply.status or "", "other")
         metrics.message_rejected(reason)
 
     async def _loop(self) -> None:
@@ -353,8 +377,12 @@ class Session:
             elif isinstance(event, EndOfMessage):
                 conn.send_reply(await self._end_of_message())
             elif isinstance(event, MessageRefused):
-                log.event("smtpd.reject", client=self.client_ip, code=event.reply.code,
-                          reply=str(event.reply))
+                log.event(
+                    "smtpd.reject",
+                    client=self.client_ip,
+                    code=event.reply.code,
+                    reply=str(event.reply),
+                )
                 self._rejected(event.reply)
                 self._reset()
             elif isinstance(event, TransactionReset):
@@ -386,8 +414,7 @@ class Session:
 
     def _new_spool(self) -> Spool:
         state = self.state
-        return Spool(state.spool_dir, threshold=state.spool_threshold,
-                     limiter=state.spool_limiter)
+        return Spool(state.spool_dir, threshold=state.spool_threshold, limiter=state.spool_limiter)
 
     def _discard_body(self) -> None:
         if self.spool is not None:
@@ -408,24 +435,40 @@ class Session:
             return reply
         refusal = unsafe_sender(str(event.path))
         if refusal is not None:
-            log.event("smtpd.reject", client=self.client_ip, sender=str(event.path),
-                      code=refusal.code, reply=str(refusal))
+            log.event(
+                "smtpd.reject",
+                client=self.client_ip,
+                sender=str(event.path),
+                code=refusal.code,
+                reply=str(refusal),
+            )
             self._rejected(refusal)
             return refusal
         if self.milters is not None:
             self._no_deadline()
             refusal = await self.milters.mail(str(event.path), [], self._milter_macros())
             if refusal is not None:
-                log.event("smtpd.reject", client=self.client_ip, sender=str(event.path),
-                          code=refusal.code, reply=str(refusal), milter=True)
+                log.event(
+                    "smtpd.reject",
+                    client=self.client_ip,
+                    sender=str(event.path),
+                    code=refusal.code,
+                    reply=str(refusal),
+                    milter=True,
+                )
                 self._rejected(refusal, "milter")
                 return refusal
         self.envelope = Envelope(sender=event.path, params=event.params)
         if self.state.mail_auth is not None:
             assert self.conn is not None
             self.auth_check = self.state.mail_auth.check(
-                mode=self.mode, trusted=self.trusted, authenticated=self.authenticated,
-                client_ip=self.client_ip, sender=str(event.path), helo=self.conn.helo_name)
+                mode=self.mode,
+                trusted=self.trusted,
+                authenticated=self.authenticated,
+                client_ip=self.client_ip,
+                sender=str(event.path),
+                helo=self.conn.helo_name,
+            )
         return Reply(250, "2.1.0", "Ok")
 
     async def _rcpt(self, event: RcptTo) -> Reply:
@@ -435,8 +478,14 @@ class Session:
             self._no_deadline()  # SPF has its own time limit
             refusal = await self.auth_check.at_rcpt()
             if refusal is not None:  # [verify] spf_enforce
-                log.event("smtpd.reject", client=self.client_ip, rcpt=address,
-                          code=refusal.code, reply=str(refusal), spf="fail")
+                log.event(
+                    "smtpd.reject",
+                    client=self.client_ip,
+                    rcpt=address,
+                    code=refusal.code,
+                    reply=str(refusal),
+                    spf="fail",
+                )
                 self._rejected(refusal, "spf_fail")
                 return refusal
         router = self.state.router
@@ -445,38 +494,53 @@ class Session:
         # An address with control characters is refused by the router (553 5.1.3)
         # before any handler could vouch for it and let it reach the headers.
         if handler is not None and control_character(address) is None:
-            decided = await guarded_hook(handler.handle_rcpt(self._info(), self.envelope,
-                                                             address), "handle_rcpt")
+            decided = await guarded_hook(
+                handler.handle_rcpt(self._info(), self.envelope, address), "handle_rcpt"
+            )
         if decided is not None:
             reply = as_reply(decided)
             if reply.code < 400:
                 # The application vouches for this recipient; if the message later
                 # falls through to the queue it goes where routing would send it.
                 self.envelope.recipients.append(
-                    Recipient(address, router.expand(address), event.params))
+                    Recipient(address, router.expand(address), event.params)
+                )
         else:
             verdict = router.check_recipient(
-                address, client_ip=self.client_ip, authenticated=self.authenticated)
+                address, client_ip=self.client_ip, authenticated=self.authenticated
+            )
             reply = verdict.reply
             if verdict.accepted:
                 refusal = await self._milter_rcpt(address)
                 if refusal is None:
                     self.envelope.recipients.append(
-                        Recipient(address, verdict.targets, event.params))
+                        Recipient(address, verdict.targets, event.params)
+                    )
                 else:
                     reply = refusal
         if reply.code >= 400:
-            log.event("smtpd.reject", client=self.client_ip, rcpt=address,
-                      code=reply.code, reply=str(reply))
+            log.event(
+                "smtpd.reject",
+                client=self.client_ip,
+                rcpt=address,
+                code=reply.code,
+                reply=str(reply),
+            )
             self._rejected(reply, "handler" if decided is not None else None)
         return reply
 
     def _info(self) -> SessionInfo:
         assert self.conn is not None
         return SessionInfo(
-            listener_mode=self.mode, client_ip=self.client_ip, client_port=self.client_port,
-            helo=self.conn.helo_name, esmtp=self.conn.esmtp, tls=self.tls,
-            auth_user=self.conn.authenticated_user, trusted=self.trusted)
+            listener_mode=self.mode,
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            helo=self.conn.helo_name,
+            esmtp=self.conn.esmtp,
+            tls=self.tls,
+            auth_user=self.conn.authenticated_user,
+            trusted=self.trusted,
+        )
 
     async def _end_of_message(self) -> Reply:
         assert self.conn is not None and self.envelope is not None
@@ -502,11 +566,19 @@ class Session:
         size = spool.size
         queue_id = new_queue_id(self.state.host_tag)
         info = self._info()
-        trace = received_header(TraceInfo(
-            helo=info.helo, client_ip=self.client_ip, hostname=cfg.hostname, queue_id=queue_id,
-            esmtp=info.esmtp, tls=self.tls, auth_user=info.auth_user,
-            recipients=tuple(r.address for r in envelope.recipients),
-            smtputf8=envelope.params.smtputf8))
+        trace = received_header(
+            TraceInfo(
+                helo=info.helo,
+                client_ip=self.client_ip,
+                hostname=cfg.hostname,
+                queue_id=queue_id,
+                esmtp=info.esmtp,
+                tls=self.tls,
+                auth_user=info.auth_user,
+                recipients=tuple(r.address for r in envelope.recipients),
+                smtputf8=envelope.params.smtputf8,
+            )
+        )
         if self.trusted or self.authenticated:
             head = body if isinstance(body, bytes) else spool.first
             trace += submission_headers(head, queue_id=queue_id, hostname=cfg.hostname)
@@ -517,23 +589,32 @@ class Session:
         # SPEC §9: theirs is checked as it arrived, before any milter changes it; ours is
         # signed last, so the signature covers what milters added.
         if mail_auth is not None and not sign:
-            done = await mail_auth.end_of_data(check, sign=False, body=body, trace=trace,
-                                               queue_id=queue_id)
+            done = await mail_auth.end_of_data(
+                check, sign=False, body=body, trace=trace, queue_id=queue_id
+            )
             body, trace, auth_fields = done.body, done.trace, done.log_fields
             if done.refusal is not None:
                 return self._mail_auth_refused(done.refusal, envelope, auth_fields)
         content = MessageContent(trace, body)
         rewritten: Spool | None = None
         if self.milters is not None:
-            checked = await run_milters(self.milters, envelope, content, spool.first, queue_id,
-                                        self.state.router, self._new_spool)
+            checked = await run_milters(
+                self.milters,
+                envelope,
+                content,
+                spool.first,
+                queue_id,
+                self.state.router,
+                self._new_spool,
+            )
             if not isinstance(checked, Accepted):
                 return self._milter_refused(checked, envelope, queue_id)
             envelope, content, rewritten = checked.envelope, checked.content, checked.spool
         try:
             if mail_auth is not None and sign:
-                done = await mail_auth.end_of_data(None, sign=True, body=content.body,
-                                                   trace=content.head, queue_id=queue_id)
+                done = await mail_auth.end_of_data(
+                    None, sign=True, body=content.body, trace=content.head, queue_id=queue_id
+                )
                 auth_fields = done.log_fields
                 if done.refusal is not None:
                     return self._mail_auth_refused(done.refusal, envelope, auth_fields)
@@ -548,11 +629,18 @@ class Session:
                 metrics.message_accepted(self.mode, size)
             else:
                 self._rejected(reply, None if reply.status == "4.3.0" else "handler")
-        log.event("smtpd.accepted" if reply.code < 400 else "smtpd.reject",
-                  id=queue_id if reply.code < 400 else None, client=self.client_ip,
-                  sender=envelope.sender_address, nrcpt=len(envelope.recipients),
-                  size=size, tls=self.tls, auth=info.auth_user, code=reply.code,
-                  **auth_fields)
+        log.event(
+            "smtpd.accepted" if reply.code < 400 else "smtpd.reject",
+            id=queue_id if reply.code < 400 else None,
+            client=self.client_ip,
+            sender=envelope.sender_address,
+            nrcpt=len(envelope.recipients),
+            size=size,
+            tls=self.tls,
+            auth=info.auth_user,
+            code=reply.code,
+            **auth_fields,
+        )
         return reply
 
     # -- milters (SPEC §11; trio_mta/milter/) ----------------------------------------
@@ -561,10 +649,17 @@ class Session:
         specs = self.state.config.milters
         if specs:
             cfg = self.state.config
-            self.milters = MilterChain(specs, {
-                "j": cfg.hostname, "{daemon_name}": cfg.hostname, "v": "trio_mta",
-                "{client_addr}": self.client_ip, "{client_name}": "unknown",
-                "{client_port}": str(self.client_port)})
+            self.milters = MilterChain(
+                specs,
+                {
+                    "j": cfg.hostname,
+                    "{daemon_name}": cfg.hostname,
+                    "v": "trio_mta",
+                    "{client_addr}": self.client_ip,
+                    "{client_name}": "unknown",
+                    "{client_port}": str(self.client_port),
+                },
+            )
             await self.milters.connect("unknown", self.client_ip, self.client_port)
 
     def _milter_macros(self) -> dict[str, str]:
@@ -583,15 +678,28 @@ class Session:
     def _milter_refused(self, reply: Reply, envelope: Envelope, queue_id: str) -> Reply:
         if reply.code < 400:  # discarded: acknowledged, never delivered
             return reply
-        log.event("smtpd.reject", client=self.client_ip, sender=envelope.sender_address,
-                  code=reply.code, reply=str(reply), milter=True)
+        log.event(
+            "smtpd.reject",
+            client=self.client_ip,
+            sender=envelope.sender_address,
+            code=reply.code,
+            reply=str(reply),
+            milter=True,
+        )
         self._rejected(reply, "milter")
         return reply
 
-    def _mail_auth_refused(self, refusal: Reply, envelope: Envelope,
-                           fields: dict[str, Any]) -> Reply:
-        log.event("smtpd.reject", client=self.client_ip, sender=envelope.sender_address,
-                  code=refusal.code, reply=str(refusal), **fields)
+    def _mail_auth_refused(
+        self, refusal: Reply, envelope: Envelope, fields: dict[str, Any]
+    ) -> Reply:
+        log.event(
+            "smtpd.reject",
+            client=self.client_ip,
+            sender=envelope.sender_address,
+            code=refusal.code,
+            reply=str(refusal),
+            **fields,
+        )
         self._rejected(refusal, "dmarc_reject")
         return refusal
 
@@ -618,19 +726,35 @@ class Session:
         # No stored user name holds a control character (validate_username), so
         # such a name fails without a password check, with a reply that says why.
         control = control_character(event.username) or control_character(event.authzid)
-        ok = (not foreign and control is None and passwords is not None
-              and await passwords.verify_async(event.username, event.password,
-                                               limiter=self.state.auth_limiter))
+        ok = (
+            not foreign
+            and control is None
+            and passwords is not None
+            and await passwords.verify_async(
+                event.username, event.password, limiter=self.state.auth_limiter
+            )
+        )
         if self.state.metrics is not None:
             self.state.metrics.auth_result(ok)
         if ok:
-            log.event("smtpd.auth", client=self.client_ip, user=event.username,
-                      mechanism=event.mechanism, result="ok")
+            log.event(
+                "smtpd.auth",
+                client=self.client_ip,
+                user=event.username,
+                mechanism=event.mechanism,
+                result="ok",
+            )
             return Reply(235, "2.7.0", "Authentication successful")
         self.auth_failures += 1
-        log.warning("smtpd.auth", client=self.client_ip, user=event.username,
-                    authzid=event.authzid if foreign else None, mechanism=event.mechanism,
-                    result="failed", failures=self.auth_failures)
+        log.warning(
+            "smtpd.auth",
+            client=self.client_ip,
+            user=event.username,
+            authzid=event.authzid if foreign else None,
+            mechanism=event.mechanism,
+            result="failed",
+            failures=self.auth_failures,
+        )
         # A growing pause per failure slows password guessing on one connection.
         await trio.sleep(self.state.auth_failure_delay * self.auth_failures)
         if control is not None:

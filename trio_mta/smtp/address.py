@@ -113,7 +113,8 @@ def match_path(
         raise _bad(text[pos:])
     end = match.end()
     dot, quoted, domain, null, postmaster = match.group(
-        "dot", "quoted", "domain", "null", "postmaster")
+        "dot", "quoted", "domain", "null", "postmaster"
+    )
     if domain is None:
         if null is not None and allow_null:
             return NULL_PATH, end
@@ -164,8 +165,9 @@ def parse_path(text: str, *, smtputf8: bool, allow_null: bool) -> Path:
     RFC 5321 §4.1.1.3: ``<Postmaster>`` is a forward-path (RCPT); ``<>`` a
     reverse-path (MAIL). Raises :class:`CommandError` (501 5.1.3 or 553 5.6.7).
     """
-    path, end = match_path(text, smtputf8=smtputf8, allow_null=allow_null,
-                           allow_postmaster=not allow_null)
+    path, end = match_path(
+        text, smtputf8=smtputf8, allow_null=allow_null, allow_postmaster=not allow_null
+    )
     if end != len(text):
         raise _bad(text)
     return path

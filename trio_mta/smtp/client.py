@@ -310,16 +310,22 @@ class ClientConnection:
         self.discarded_plaintext = self._parser.clear()
         self._start(self._ehlo_step())
 
-    def authenticate(self, mechanism: str, username: str, password: str,
-                     authzid: str = "") -> None:
+    def authenticate(self, mechanism: str, username: str, password: str, authzid: str = "") -> None:
         """RFC 4954 AUTH with PLAIN (RFC 4616) or LOGIN."""
         mechanism = mechanism.upper()
         if mechanism not in ("PLAIN", "LOGIN"):
             raise LocalProtocolError(f"unsupported SASL mechanism {mechanism!r}")
         self._start(self._auth_step(mechanism, username, password, authzid))
 
-    def send_mail(self, sender: str | Path, recipients: Sequence[str | Path], body: bytes,
-                  *, smtputf8: bool | None = None, dsn: DsnRequest | None = None) -> None:
+    def send_mail(
+        self,
+        sender: str | Path,
+        recipients: Sequence[str | Path],
+        body: bytes,
+        *,
+        smtputf8: bool | None = None,
+        dsn: DsnRequest | None = None,
+    ) -> None:
         """One transaction; ``body`` is the RFC 5322 message (any line ends).
 
         ``smtputf8``: request SMTPUTF8; by default when an address is not ASCII.
@@ -334,8 +340,7 @@ class ClientConnection:
             raise LocalProtocolError("send_mail() needs at least one recipient")
         if smtputf8 is None:
             smtputf8 = not all(str(p).isascii() for p in (mail_from, *rcpt_to))
-        self._start(self._mail_step(mail_from, rcpt_to, body, smtputf8,
-                                    dsn if self.dsn else None))
+        self._start(self._mail_step(mail_from, rcpt_to, body, smtputf8, dsn if self.dsn else None))
 
     def rset(self) -> None:
         self._start(self._simple_step(Rset()))
@@ -393,8 +398,7 @@ class ClientConnection:
             self._tls_pending = True
         return StartTlsResult(reply)
 
-    def _auth_step(self, mechanism: str, username: str, password: str,
-                   authzid: str) -> _Step:
+    def _auth_step(self, mechanism: str, username: str, password: str, authzid: str) -> _Step:
         if mechanism == "PLAIN":
             token = _b64(f"{authzid}\0{username}\0{password}")
             if len(token) + len("AUTH PLAIN \r\n") <= MAX_LINE:
@@ -432,8 +436,14 @@ class ClientConnection:
             self._closed = True
         return CommandResult(reply)
 
-    def _mail_step(self, sender: Path, recipients: list[Path], body: bytes,
-                   smtputf8: bool, dsn: DsnRequest | None) -> _Step:
+    def _mail_step(
+        self,
+        sender: Path,
+        recipients: list[Path],
+        body: bytes,
+        smtputf8: bool,
+        dsn: DsnRequest | None,
+    ) -> _Step:
         count = len(recipients)
         if smtputf8 and not self.smtputf8:
             refusal = Reply(553, "5.6.7", "Server does not support SMTPUTF8 addresses")
@@ -466,7 +476,7 @@ class ClientConnection:
                 self._send(Rcpt(rcpt, rcpt_param))
             self._send(Data())
             replies = yield int(rset) + count + 2
-            replies = replies[int(rset):]
+            replies = replies[int(rset) :]
             mail_reply, data_cmd_reply = replies[0], replies[-1]
             rcpt_replies: list[Reply | None] = list(replies[1:-1])
         else:
@@ -488,8 +498,7 @@ class ClientConnection:
             (data_cmd_reply,) = yield 1
         if data_cmd_reply.code != 354:
             return TransactionResult(mail_reply, tuple(rcpt_replies), data_cmd_reply)
-        usable = mail_reply.is_success and any(
-            r is not None and r.is_success for r in rcpt_replies)
+        usable = mail_reply.is_success and any(r is not None and r.is_success for r in rcpt_replies)
         # RFC 2920 §3.1: DATA accepted without valid recipients: send an empty message.
         self._out.append(wire if usable else b".\r\n")
         accepted = [i for i, r in enumerate(rcpt_replies) if r is not None and r.is_success]

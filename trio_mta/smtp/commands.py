@@ -28,8 +28,11 @@ MAX_MAIL_LINE = MAX_LINE + 26 + 500 + 100
 MAX_RCPT_LINE = MAX_LINE + 500
 
 BodyType: TypeAlias = Literal["7BIT", "8BITMIME", "BINARYMIME"]
-_BODY_TYPES: dict[str, BodyType] = {"7BIT": "7BIT", "8BITMIME": "8BITMIME",
-                                    "BINARYMIME": "BINARYMIME"}
+_BODY_TYPES: dict[str, BodyType] = {
+    "7BIT": "7BIT",
+    "8BITMIME": "8BITMIME",
+    "BINARYMIME": "BINARYMIME",
+}
 Ret: TypeAlias = Literal["FULL", "HDRS"]
 #: RFC 3461 §4.1 NOTIFY keywords, in the order :func:`format_command` writes them.
 NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
@@ -191,8 +194,9 @@ def _parse_mail(rest: str, utf8_ok: bool) -> Command:
     prefix = _FROM.match(rest)
     if prefix is None:
         raise _err(501, "5.5.2", "Syntax: MAIL FROM:<address>")
-    path, end = match_path(rest, prefix.end(), smtputf8=True, allow_null=True,
-                           allow_postmaster=False)
+    path, end = match_path(
+        rest, prefix.end(), smtputf8=True, allow_null=True, allow_postmaster=False
+    )
     params = _NO_MAIL_PARAMS
     if end != len(rest):
         params = _mail_params(_params_text(rest, end, "Syntax: MAIL FROM:<address>"))
@@ -205,8 +209,9 @@ def _parse_rcpt(rest: str, utf8_ok: bool) -> Command:
     prefix = _TO.match(rest)
     if prefix is None:
         raise _err(501, "5.5.2", "Syntax: RCPT TO:<address>")
-    path, end = match_path(rest, prefix.end(), smtputf8=True, allow_null=False,
-                           allow_postmaster=True)
+    path, end = match_path(
+        rest, prefix.end(), smtputf8=True, allow_null=False, allow_postmaster=True
+    )
     params = _NO_RCPT_PARAMS
     if end != len(rest):
         params = _rcpt_params(_params_text(rest, end, "Syntax: RCPT TO:<address>"))

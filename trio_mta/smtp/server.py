@@ -450,8 +450,16 @@ class ServerConnection:
             auth = _AuthOffer.DONE if self._user is not None else _AuthOffer.OFFERED
         self._table = _table(tls, auth)
         self._row = self._table[self._state]
-        lines = [self._hostname, "PIPELINING", f"SIZE {self._max_size}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN"]
+        lines = [
+            self._hostname,
+            "PIPELINING",
+            f"SIZE {self._max_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "DSN",
+        ]
         if tls is _TlsOffer.OFFERED:
             lines.append("STARTTLS")
         if self._mechanisms and (self._tls or not self._auth_requires_tls):
@@ -776,19 +784,22 @@ _TRANSITIONS: dict[_State, dict[type[Any], _Action]] = {
     _State.GREETING: {**_ANY_STATE, **_NO_TRANSACTION, Mail: _refuse(_NEED_HELO)},
     _State.IDLE: {**_ANY_STATE, **_NO_TRANSACTION, Mail: ServerConnection._on_mail},
     _State.MAIL: {
-        **_ANY_STATE, **_TRANSACTION,
+        **_ANY_STATE,
+        **_TRANSACTION,
         Rcpt: ServerConnection._on_rcpt,
         Data: _answer(_NO_RCPT),  # RFC 2920 §3.1: a policy outcome, not a mistake
         Bdat: _skip_chunk(_NO_RCPT, mistake=False),
     },
     _State.RCPT: {
-        **_ANY_STATE, **_TRANSACTION,
+        **_ANY_STATE,
+        **_TRANSACTION,
         Rcpt: ServerConnection._on_rcpt,
         Data: ServerConnection._on_data,
         Bdat: ServerConnection._on_bdat,
     },
     _State.BDAT: {
-        **_ANY_STATE, **_TRANSACTION,
+        **_ANY_STATE,
+        **_TRANSACTION,
         Rcpt: _refuse(_BDAT_OPEN),
         Data: _refuse(_BDAT_OPEN),  # RFC 3030 §2: no DATA inside a BDAT transaction
         Bdat: ServerConnection._on_bdat,
@@ -811,8 +822,10 @@ def _table(tls: _TlsOffer, auth: _AuthOffer) -> Mapping[_State, _Row]:
         overrides[StartTls] = _refuse(_TLS_REFUSALS[tls])
     if auth in _AUTH_REFUSALS:
         overrides[Auth] = _refuse(_AUTH_REFUSALS[auth])
-    return {state: row if state is _State.REJECTING else {**row, **overrides}
-            for state, row in _TRANSITIONS.items()}
+    return {
+        state: row if state is _State.REJECTING else {**row, **overrides}
+        for state, row in _TRANSITIONS.items()
+    }
 
 
 # ---------------------------------------------------- replies to decisions

@@ -87,15 +87,18 @@ class CapturedMessage:
         server refuses bare CR and LF, so this loses nothing; ``data`` keeps the CRLFs.
         """
         if "m" not in self._parsed:
-            parsed = email.message_from_bytes(self.data.replace(b"\r\n", b"\n"),
-                                              policy=email.policy.default)
+            parsed = email.message_from_bytes(
+                self.data.replace(b"\r\n", b"\n"), policy=email.policy.default
+            )
             assert isinstance(parsed, email.message.EmailMessage)
             self._parsed["m"] = parsed
         return self._parsed["m"]
 
     def __repr__(self) -> str:
-        return (f"CapturedMessage(sender={self.sender!r}, recipients={self.recipients!r}, "
-                f"subject={self.message.get('Subject')!r}, {len(self.data)} bytes)")
+        return (
+            f"CapturedMessage(sender={self.sender!r}, recipients={self.recipients!r}, "
+            f"subject={self.message.get('Subject')!r}, {len(self.data)} bytes)"
+        )
 
 
 class MessagesNotReceived(AssertionError, TimeoutError):
@@ -110,21 +113,25 @@ def _summary(messages: list[CapturedMessage]) -> str:
     lines = []
     for number, msg in enumerate(messages, 1):
         to = ", ".join(f"<{r}>" for r in msg.recipients)
-        lines.append(f"  #{number} from <{msg.sender}> to {to}, "
-                     f"Subject: {msg.message.get('Subject')!r}")
+        lines.append(
+            f"  #{number} from <{msg.sender}> to {to}, Subject: {msg.message.get('Subject')!r}"
+        )
     return "\n".join(lines)
 
 
-def _not_received(wanted: int, timeout: float, where: str,
-                  messages: list[CapturedMessage]) -> MessagesNotReceived:
+def _not_received(
+    wanted: int, timeout: float, where: str, messages: list[CapturedMessage]
+) -> MessagesNotReceived:
     noun = "message" if wanted == 1 else "messages"
     if not messages:
         return MessagesNotReceived(
             f"expected {wanted} {noun} at {where}, none arrived within {timeout} s "
-            "(did the code under test send mail to this host and port?)")
+            "(did the code under test send mail to this host and port?)"
+        )
     return MessagesNotReceived(
         f"expected {wanted} {noun} at {where}, only {len(messages)} arrived within "
-        f"{timeout} s:\n{_summary(messages)}")
+        f"{timeout} s:\n{_summary(messages)}"
+    )
 
 
 def _without_trace(data: bytes, hostname: str) -> bytes:
@@ -160,12 +167,10 @@ class _Recorder(Handler):
     def __init__(self, capture: _CaptureBase) -> None:
         self.capture = capture
 
-    async def handle_rcpt(self, session: SessionInfo, envelope: Envelope,
-                          address: str) -> Reply:
+    async def handle_rcpt(self, session: SessionInfo, envelope: Envelope, address: str) -> Reply:
         return Reply(250, "2.1.5", "Ok")
 
-    async def handle_message(self, session: SessionInfo, envelope: Envelope,
-                             data: bytes) -> Reply:
+    async def handle_message(self, session: SessionInfo, envelope: Envelope, data: bytes) -> Reply:
         captured = CapturedMessage(
             sender=envelope.sender_address,
             recipients=[r.address for r in envelope.recipients],
@@ -184,9 +189,16 @@ class _Recorder(Handler):
 class _CaptureBase:
     """Configuration, certificates and the message list both flavours share."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
-                 hostname: str = DEFAULT_HOSTNAME, users: Mapping[str, str] | None = None,
-                 max_message_size: int = 36700160, max_recipients: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        hostname: str = DEFAULT_HOSTNAME,
+        users: Mapping[str, str] | None = None,
+        max_message_size: int = 36700160,
+        max_recipients: int = 1000,
+    ) -> None:
         self.host = host
         self.port = port
         self.hostname = hostname
@@ -253,8 +265,14 @@ class _CaptureBase:
         data: dict[str, Any] = {
             "hostname": self.hostname,
             "state_dir": str(tmp),
-            "listen": [{"address": f"[{self.host}]:{self.port}" if ":" in self.host
-                        else f"{self.host}:{self.port}", "mode": "smtp"}],
+            "listen": [
+                {
+                    "address": f"[{self.host}]:{self.port}"
+                    if ":" in self.host
+                    else f"{self.host}:{self.port}",
+                    "mode": "smtp",
+                }
+            ],
             "tls": {"cert": str(tmp / "cert.pem"), "key": str(tmp / "key.pem")},
             # Nobody is trusted, so the server adds no Message-ID or Date (RFC 6409 §8):
             # the test sees what its application wrote.
@@ -263,10 +281,12 @@ class _CaptureBase:
             # the machine's resolver about every sender): .data stays what was sent.
             "verify": {"spf": False, "dkim": False, "dmarc": False},
             "auth": {"users_file": str(tmp / "passwd")},
-            "limits": {"max_message_size": self._max_message_size,
-                       "max_recipients": self._max_recipients,
-                       "max_connections": _CONNECTIONS,
-                       "max_connections_per_ip": _CONNECTIONS},
+            "limits": {
+                "max_message_size": self._max_message_size,
+                "max_recipients": self._max_recipients,
+                "max_connections": _CONNECTIONS,
+                "max_connections_per_ip": _CONNECTIONS,
+            },
         }
         return Config.from_mapping(data, base_dir=tmp)
 
@@ -275,15 +295,15 @@ class _CaptureBase:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    async def _serve(self, config: Config, *,
-                     task_status: trio.TaskStatus[None]) -> None:
+    async def _serve(self, config: Config, *, task_status: trio.TaskStatus[None]) -> None:
         """Run the server; started() once it listens, with host and port resolved."""
         from trio_mta.mta import serve
 
         try:
             async with trio.open_nursery() as nursery:
                 mta = await nursery.start(
-                    functools.partial(serve, config, handler=_Recorder(self), queue=False))
+                    functools.partial(serve, config, handler=_Recorder(self), queue=False)
+                )
                 self.host, self.port = mta.address("smtp")
                 task_status.started()
         except BaseExceptionGroup as group:
@@ -297,9 +317,9 @@ class _CaptureBase:
 class SMTPCapture(_CaptureBase):
     """A capture server in a background thread, for synchronous code::
 
-        with SMTPCapture() as cap:
-            smtplib.SMTP(cap.host, cap.port).sendmail(...)
-            (msg,) = cap.wait_for(1)
+    with SMTPCapture() as cap:
+        smtplib.SMTP(cap.host, cap.port).sendmail(...)
+        (msg,) = cap.wait_for(1)
     """
 
     def __init__(self, **options: Any) -> None:
@@ -317,8 +337,9 @@ class SMTPCapture(_CaptureBase):
         self._failure = None
         config = self._prepare()
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(config, ready),
-                                        name=f"SMTPCapture-{id(self):x}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(config, ready), name=f"SMTPCapture-{id(self):x}", daemon=True
+        )
         self._thread.start()
         ready.wait()
         if self._failure is not None:
@@ -343,8 +364,12 @@ class SMTPCapture(_CaptureBase):
     def __enter__(self) -> SMTPCapture:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def _run(self, config: Config, ready: threading.Event) -> None:
@@ -380,7 +405,8 @@ class SMTPCapture(_CaptureBase):
             while len(self._messages) < n:
                 if self._failure is not None:
                     raise RuntimeError(
-                        f"the capture server stopped: {self._failure}") from self._failure
+                        f"the capture server stopped: {self._failure}"
+                    ) from self._failure
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _not_received(n, timeout, self._where(), list(self._messages))
@@ -391,9 +417,9 @@ class SMTPCapture(_CaptureBase):
 class TrioSMTPCapture(_CaptureBase):
     """A capture server that runs in the caller's nursery, for trio code::
 
-        capture = await nursery.start(TrioSMTPCapture().serve)
-        await trio_mta.send_message(msg, host=capture.host, port=capture.port)
-        (captured,) = await capture.wait_for(1)
+    capture = await nursery.start(TrioSMTPCapture().serve)
+    await trio_mta.send_message(msg, host=capture.host, port=capture.port)
+    (captured,) = await capture.wait_for(1)
     """
 
     def __init__(self, **options: Any) -> None:

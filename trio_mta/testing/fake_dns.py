@@ -63,8 +63,12 @@ class FakeDNS:
     added with ``add(..., authenticated=True)``.
     """
 
-    def __init__(self, records: dict[str, list[tuple[str, str]]] | None = None, *,
-                 authenticated: bool = False) -> None:
+    def __init__(
+        self,
+        records: dict[str, list[tuple[str, str]]] | None = None,
+        *,
+        authenticated: bool = False,
+    ) -> None:
         self._lock = threading.Lock()
         self._records: dict[dns.name.Name, list[_Record]] = {}
         self.authenticated = authenticated
@@ -82,8 +86,9 @@ class FakeDNS:
 
     # --- the table -------------------------------------------------------------
 
-    def add(self, name: str, rdtype: str, rdata: str, *, ttl: int = TTL,
-            authenticated: bool = False) -> None:
+    def add(
+        self, name: str, rdtype: str, rdata: str, *, ttl: int = TTL, authenticated: bool = False
+    ) -> None:
         """Add one record (MX, A, AAAA, TXT, TLSA, CNAME, any type dnspython knows).
 
         ``rdata`` is presentation format: ``"10 mx.example.test."``, ``'"v=spf1 -all"'``,
@@ -247,8 +252,9 @@ class FakeDNS:
         name: dns.name.Name, rdtype: dns.rdatatype.RdataType, records: list[_Record]
     ) -> dns.rrset.RRset:
         ttl = min(r.ttl for r in records)
-        return dns.rrset.from_text(name, ttl, dns.rdataclass.IN, rdtype,
-                                   *[r.rdata for r in records])
+        return dns.rrset.from_text(
+            name, ttl, dns.rdataclass.IN, rdtype, *[r.rdata for r in records]
+        )
 
     # --- the server thread -------------------------------------------------------
 

@@ -65,8 +65,12 @@ _LDH = _LETDIG + "-"
 
 def _label(first: str, max_size: int) -> st.SearchStrategy[str]:
     """Let-dig [*(Let-dig / "-") Let-dig], up to ``max_size`` characters."""
-    longer = st.builds(lambda a, mid, b: a + mid + b, st.sampled_from(first),
-                       st.text(_LDH, max_size=max_size - 2), st.sampled_from(_LETDIG))
+    longer = st.builds(
+        lambda a, mid, b: a + mid + b,
+        st.sampled_from(first),
+        st.text(_LDH, max_size=max_size - 2),
+        st.sampled_from(_LETDIG),
+    )
     return st.sampled_from(first) | longer
 
 
@@ -78,7 +82,8 @@ def domains(*, max_length: int = MAX_DOMAIN) -> st.SearchStrategy[str]:
     """Domain names: one to five LDH labels, the last starting with a letter."""
     body = st.lists(_labels, min_size=0, max_size=4)
     return st.builds(lambda labels, top: ".".join([*labels, top]), body, _top_labels).filter(
-        lambda name: len(name) <= max_length)
+        lambda name: len(name) <= max_length
+    )
 
 
 def _address_literals() -> st.SearchStrategy[str]:
@@ -95,8 +100,7 @@ def _atoms(smtputf8: bool) -> st.SearchStrategy[str]:
     ascii_atoms = st.text(_ATEXT, min_size=1, max_size=12)
     if not smtputf8:
         return ascii_atoms
-    mixed = st.lists(st.sampled_from(_LETDIG) | _NON_ASCII, min_size=1, max_size=8).map(
-        "".join)
+    mixed = st.lists(st.sampled_from(_LETDIG) | _NON_ASCII, min_size=1, max_size=8).map("".join)
     return ascii_atoms | mixed
 
 
@@ -108,12 +112,11 @@ def local_parts(*, smtputf8: bool = False) -> st.SearchStrategy[str]:
         qchar = qchar | _NON_ASCII
     quoted = st.lists(qchar, min_size=1, max_size=20).map(lambda cs: '"' + "".join(cs) + '"')
     return st.one_of(dot_string, dot_string, quoted).filter(
-        lambda lp: _octets(lp) <= MAX_LOCAL_PART
-        and unicodedata.normalize("NFC", lp) == lp)
+        lambda lp: _octets(lp) <= MAX_LOCAL_PART and unicodedata.normalize("NFC", lp) == lp
+    )
 
 
-def addresses(*, smtputf8: bool = False,
-              literals: bool = True) -> st.SearchStrategy[str]:
+def addresses(*, smtputf8: bool = False, literals: bool = True) -> st.SearchStrategy[str]:
     """Mailboxes as text (``local@domain``), fitting in an RFC 5321 path (256 octets).
 
     ``smtputf8=True``: local parts may be non-ASCII, so send them with SMTPUTF8.
@@ -123,7 +126,8 @@ def addresses(*, smtputf8: bool = False,
     if literals:
         domain = st.one_of(domain, domain, domain, _address_literals())
     return st.builds(lambda lp, d: f"{lp}@{d}", local_parts(smtputf8=smtputf8), domain).filter(
-        lambda addr: _octets(addr) + 2 <= MAX_PATH)
+        lambda addr: _octets(addr) + 2 <= MAX_PATH
+    )
 
 
 # ------------------------------------------------------------------ messages
@@ -131,10 +135,45 @@ def addresses(*, smtputf8: bool = False,
 
 # Whole tokens keep examples cheap to draw (a few draws per line, not one per
 # character) while covering what parsers trip over; short random text adds the rest.
-_HEADER_TOKENS = ("Re:", "Fwd:", "hello", "World", "a", "(comment)", "<angle>", "\"q\"",
-                  "x@y", "50%", "a.b", "--", "#1", "[tag]", "it's", "~", "!", "semi;", "c:")
-_BODY_TOKENS = (*_HEADER_TOKENS, " ", "  ", "\t", "=", "=20", "=?x?q?y?=", "From ", ">", ".",
-                "..", "\\", "{}", "0123456789", "Subject: not a header", "-- ")
+_HEADER_TOKENS = (
+    "Re:",
+    "Fwd:",
+    "hello",
+    "World",
+    "a",
+    "(comment)",
+    "<angle>",
+    '"q"',
+    "x@y",
+    "50%",
+    "a.b",
+    "--",
+    "#1",
+    "[tag]",
+    "it's",
+    "~",
+    "!",
+    "semi;",
+    "c:",
+)
+_BODY_TOKENS = (
+    *_HEADER_TOKENS,
+    " ",
+    "  ",
+    "\t",
+    "=",
+    "=20",
+    "=?x?q?y?=",
+    "From ",
+    ">",
+    ".",
+    "..",
+    "\\",
+    "{}",
+    "0123456789",
+    "Subject: not a header",
+    "-- ",
+)
 
 
 def _words(alphabet: str, smtputf8: bool) -> st.SearchStrategy[str]:
@@ -166,10 +205,11 @@ def _unstructured(smtputf8: bool) -> st.SearchStrategy[str]:
 
 _dates = st.builds(
     lambda when, minutes: when.replace(
-        tzinfo=datetime.timezone(datetime.timedelta(minutes=minutes))),
-    st.datetimes(min_value=datetime.datetime(1990, 1, 1),
-                 max_value=datetime.datetime(2099, 12, 31)).map(
-        lambda d: d.replace(microsecond=0)),
+        tzinfo=datetime.timezone(datetime.timedelta(minutes=minutes))
+    ),
+    st.datetimes(
+        min_value=datetime.datetime(1990, 1, 1), max_value=datetime.datetime(2099, 12, 31)
+    ).map(lambda d: d.replace(microsecond=0)),
     st.integers(-12 * 60, 14 * 60),
 ).map(email.utils.format_datetime)
 
@@ -183,8 +223,11 @@ _message_ids = st.builds(
 
 def _long_line(alphabet: str) -> st.SearchStrategy[str]:
     """A line of 900 to 998 octets, built from a short random seed (cheap to draw)."""
-    return st.builds(lambda seed, n: (seed * (n // len(seed) + 1))[:n],
-                     st.text(alphabet, min_size=1, max_size=20), st.integers(900, MAX_LINE))
+    return st.builds(
+        lambda seed, n: (seed * (n // len(seed) + 1))[:n],
+        st.text(alphabet, min_size=1, max_size=20),
+        st.integers(900, MAX_LINE),
+    )
 
 
 def _body_lines(eight_bit: bool) -> st.SearchStrategy[list[str]]:
@@ -201,7 +244,8 @@ def _body_lines(eight_bit: bool) -> st.SearchStrategy[list[str]]:
         utf8 = st.lists(st.sampled_from(_BODY_TOKENS) | _NON_ASCII, max_size=12).map("".join)
         line = line | utf8 | utf8.map(lambda t: "." + t)
     return st.lists(line, max_size=20).map(
-        lambda lines: [ln for ln in lines if _octets(ln) <= MAX_LINE])
+        lambda lines: [ln for ln in lines if _octets(ln) <= MAX_LINE]
+    )
 
 
 @st.composite
@@ -219,8 +263,11 @@ def _message(draw: st.DrawFn, eight_bit: bool, smtputf8: bool) -> bytes:
     for name in draw(st.lists(_field_names, max_size=2, unique_by=str.lower)):
         fields.append(f"{name}: {draw(_unstructured(smtputf8))}")
     if eight_bit:
-        fields += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
-                   "Content-Transfer-Encoding: 8bit"]
+        fields += [
+            "MIME-Version: 1.0",
+            "Content-Type: text/plain; charset=utf-8",
+            "Content-Transfer-Encoding: 8bit",
+        ]
     fields = draw(st.permutations(fields))
     body = draw(_body_lines(eight_bit))
     text = "".join(f + "\r\n" for f in fields) + "\r\n" + "".join(ln + "\r\n" for ln in body)
@@ -244,7 +291,8 @@ session (QUIT), so a test can send any sequence on one connection."""
 OTHER_VERBS = ("DATA", "QUIT", "STARTTLS")
 
 _strings = st.text(_ATEXT, min_size=1, max_size=20) | st.lists(
-    st.sampled_from(_QTEXT), min_size=1, max_size=20).map(lambda cs: '"' + "".join(cs) + '"')
+    st.sampled_from(_QTEXT), min_size=1, max_size=20
+).map(lambda cs: '"' + "".join(cs) + '"')
 
 
 def _mail(smtputf8: bool) -> st.SearchStrategy[str]:
@@ -254,7 +302,8 @@ def _mail(smtputf8: bool) -> st.SearchStrategy[str]:
             st.sampled_from(["BODY=7BIT", "BODY=8BITMIME"]),
             *([st.just("SMTPUTF8")] if smtputf8 else []),
         ),
-        max_size=3, unique_by=lambda p: p.split("=")[0],
+        max_size=3,
+        unique_by=lambda p: p.split("=")[0],
     )
     path = st.just("") | addresses(smtputf8=smtputf8)
 
@@ -266,8 +315,9 @@ def _mail(smtputf8: bool) -> st.SearchStrategy[str]:
     return st.builds(line, path, params)
 
 
-def commands(*, verbs: Sequence[str] = COMMAND_VERBS,
-             smtputf8: bool = False) -> st.SearchStrategy[bytes]:
+def commands(
+    *, verbs: Sequence[str] = COMMAND_VERBS, smtputf8: bool = False
+) -> st.SearchStrategy[bytes]:
     """One SMTP command line (RFC 5321 §4.1.1 syntax), UTF-8 bytes ending in CRLF.
 
     ``verbs``: any of EHLO HELO MAIL RCPT RSET NOOP VRFY HELP DATA QUIT STARTTLS.
@@ -281,7 +331,8 @@ def commands(*, verbs: Sequence[str] = COMMAND_VERBS,
         "HELO": domains().map(lambda d: f"HELO {d}"),
         "MAIL": _mail(smtputf8),
         "RCPT": (addresses(smtputf8=smtputf8) | st.just("Postmaster")).map(
-            lambda a: f"RCPT TO:<{a}>"),
+            lambda a: f"RCPT TO:<{a}>"
+        ),
         "RSET": st.just("RSET"),
         "NOOP": st.just("NOOP") | _strings.map(lambda s: f"NOOP {s}"),
         "VRFY": _strings.map(lambda s: f"VRFY {s}"),
@@ -294,5 +345,8 @@ def commands(*, verbs: Sequence[str] = COMMAND_VERBS,
     unknown = [v for v in verbs if v.upper() not in builders]
     if unknown or not verbs:
         raise ValueError(f"commands(): unknown verbs {unknown}; known: {sorted(builders)}")
-    return st.one_of([builders[v.upper()] for v in verbs]).map(
-        lambda line: line.encode("utf-8") + b"\r\n").filter(lambda b: len(b) <= MAX_COMMAND)
+    return (
+        st.one_of([builders[v.upper()] for v in verbs])
+        .map(lambda line: line.encode("utf-8") + b"\r\n")
+        .filter(lambda b: len(b) <= MAX_COMMAND)
+    )

@@ -109,15 +109,24 @@ class PolicyCache:
         path = self._path(entry.domain)
         if path is None:
             return
-        record = {"format": _FORMAT, "domain": entry.domain, "id": entry.id,
-                  "fetched_at": entry.fetched_at, "policy": entry.text}
+        record = {
+            "format": _FORMAT,
+            "domain": entry.domain,
+            "id": entry.id,
+            "fetched_at": entry.fetched_at,
+            "policy": entry.text,
+        }
         data = json.dumps(record, indent=1).encode()
         try:
             await trio.to_thread.run_sync(_store, path, data)
         except OSError as exc:
             # The policy still applies from memory; only a restart would lose it.
-            log.warning("mta_sts.cache_write_failed", domain=entry.domain, path=str(path),
-                        error=exc.strerror or str(exc))
+            log.warning(
+                "mta_sts.cache_write_failed",
+                domain=entry.domain,
+                path=str(path),
+                error=exc.strerror or str(exc),
+            )
 
 
 def _store(path: Path, data: bytes) -> None:
@@ -132,8 +141,11 @@ def _load(path: Path, domain: str) -> CachedPolicy | None:
         if record.get("format") != _FORMAT or record.get("domain") != domain:
             raise ValueError("not a policy cache entry for this domain")
         text, fetched_at, txt_id = record["policy"], record["fetched_at"], record["id"]
-        if not (isinstance(text, str) and isinstance(txt_id, str)
-                and isinstance(fetched_at, int | float)):
+        if not (
+            isinstance(text, str)
+            and isinstance(txt_id, str)
+            and isinstance(fetched_at, int | float)
+        ):
             raise ValueError("fields of the wrong type")
         return CachedPolicy(domain, txt_id, parse_policy(text), text, float(fetched_at))
     except FileNotFoundError:
@@ -198,13 +210,23 @@ class StsSource:
                 return StsState(cached, "cached (a recent refetch failed)", record.id)
             return StsState(None, "a recent policy fetch failed", record.id)
         try:
-            text = await fetch_policy(domain, resolver=self._resolver, context=self._context(),
-                                      port=self._port, timeout=self._fetch_timeout)
+            text = await fetch_policy(
+                domain,
+                resolver=self._resolver,
+                context=self._context(),
+                port=self._port,
+                timeout=self._fetch_timeout,
+            )
             policy = parse_policy(text)
         except (FetchError, StsError) as exc:
             self._retry_after[domain] = now + _RETRY_FAILED
-            log.warning("mta_sts.fetch_failed", domain=domain, id=record.id, error=str(exc),
-                        kept=cached.id if cached is not None else "none")
+            log.warning(
+                "mta_sts.fetch_failed",
+                domain=domain,
+                id=record.id,
+                error=str(exc),
+                kept=cached.id if cached is not None else "none",
+            )
             if cached is not None:
                 return StsState(cached, f"cached (refetch failed: {exc})", record.id)
             return StsState(None, f"policy fetch failed: {exc}", record.id)
@@ -212,6 +234,11 @@ class StsSource:
         entry = CachedPolicy(domain, record.id, policy, text, now)
         if store:
             await self._cache.put(entry)
-        log.event("mta_sts.policy_fetched", domain=domain, id=record.id, mode=policy.mode,
-                  max_age=policy.max_age)
+        log.event(
+            "mta_sts.policy_fetched",
+            domain=domain,
+            id=record.id,
+            mode=policy.mode,
+            max_age=policy.max_age,
+        )
         return StsState(entry, "fetched", record.id)

@@ -120,8 +120,9 @@ def match_chain(
     leaf = certs[0]
     if any(r.usage == DANE_EE and _matches(r, leaf) for r in usable):
         return None
-    anchors = [cert for cert in certs if any(r.usage == DANE_TA and _matches(r, cert)
-                                             for r in usable)]
+    anchors = [
+        cert for cert in certs if any(r.usage == DANE_TA and _matches(r, cert) for r in usable)
+    ]
     for r in usable:
         if r.usage == DANE_TA and r.selector == 0 and r.mtype == 0:
             try:
@@ -157,8 +158,12 @@ def verify_with_anchors(
     )
     last = "no reference name"
     for name in names:
-        builder = PolicyBuilder().store(store).extension_policies(
-            ee_policy=leaf_policy, ca_policy=ExtensionPolicy.webpki_defaults_ca()
+        builder = (
+            PolicyBuilder()
+            .store(store)
+            .extension_policies(
+                ee_policy=leaf_policy, ca_policy=ExtensionPolicy.webpki_defaults_ca()
+            )
         )
         if now is not None:
             builder = builder.time(now)

@@ -51,12 +51,14 @@ async def fetch_policy(
         with trio.fail_after(timeout):
             return await _fetch(host, resolver, context, port, max_size)
     except trio.TooSlowError:
-        raise FetchError(f"fetching https://{host}{POLICY_PATH} timed out after "
-                         f"{timeout:g}s") from None
+        raise FetchError(
+            f"fetching https://{host}{POLICY_PATH} timed out after {timeout:g}s"
+        ) from None
 
 
-async def _fetch(host: str, resolver: Resolver, context: ssl.SSLContext, port: int,
-                 max_size: int) -> str:
+async def _fetch(
+    host: str, resolver: Resolver, context: ssl.SSLContext, port: int, max_size: int
+) -> str:
     try:
         addresses = await resolver.addresses(host)
     except DnsError as exc:
@@ -86,10 +88,16 @@ async def _connect(host: str, addresses: tuple[str, ...], port: int) -> trio.Soc
 
 async def _get(stream: trio.SSLStream[trio.SocketStream], host: str, max_size: int) -> str:
     conn = h11.Connection(our_role=h11.CLIENT)
-    request = h11.Request(method="GET", target=POLICY_PATH, headers=[
-        ("Host", host), ("User-Agent", f"trio-mta/{__version__}"),
-        ("Accept", "text/plain"), ("Connection", "close"),
-    ])
+    request = h11.Request(
+        method="GET",
+        target=POLICY_PATH,
+        headers=[
+            ("Host", host),
+            ("User-Agent", f"trio-mta/{__version__}"),
+            ("Accept", "text/plain"),
+            ("Connection", "close"),
+        ],
+    )
     try:
         await stream.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
         body = bytearray()
@@ -122,8 +130,9 @@ def _check_response(response: h11.Response, host: str, max_size: int) -> None:
     status = response.status_code
     if 300 <= status < 400:
         # RFC 8461 §3.3: "HTTP 3xx redirects MUST NOT be followed".
-        raise FetchError(f"{host} answered HTTP {status} (a redirect; RFC 8461 §3.3 forbids "
-                         "following it)")
+        raise FetchError(
+            f"{host} answered HTTP {status} (a redirect; RFC 8461 §3.3 forbids following it)"
+        )
     if status != 200:
         raise FetchError(f"{host} answered HTTP {status}, not 200")
     for name, value in response.headers:

@@ -40,7 +40,13 @@ __all__ = ["HostPlan", "PolicyName", "TlsPlanner"]
 
 PolicyName = Literal["dane", "mta-sts", "verify", "required", "opportunistic", "none"]
 POLICY_NAMES: Final[tuple[PolicyName, ...]] = (
-    "dane", "mta-sts", "verify", "required", "opportunistic", "none")
+    "dane",
+    "mta-sts",
+    "verify",
+    "required",
+    "opportunistic",
+    "none",
+)
 STATUS: Final = "4.7.5"  # X.7.5 cryptographic failure: every policy refusal defers with it
 
 
@@ -78,13 +84,19 @@ class TlsPlanner:
         self._relay = relay
         self._resolver = resolver
         self._base_context = (
-            None if relay.tls == "none" else client_context(relay.tls, ca_file=relay.ca_file))
+            None if relay.tls == "none" else client_context(relay.tls, ca_file=relay.ca_file)
+        )
         self._verify_context: ssl.SSLContext | None = None
         self._unverified_context = client_context("required", ca_file=None)
         self._anchors: list[x509.Certificate] | None = None
         cache = PolicyCache(state_dir / "mta-sts" if state_dir is not None else None)
-        self.sts = StsSource(resolver, cache, self.verify_context, port=relay.mta_sts_port,
-                             fetch_timeout=fetch_timeout)
+        self.sts = StsSource(
+            resolver,
+            cache,
+            self.verify_context,
+            port=relay.mta_sts_port,
+            fetch_timeout=fetch_timeout,
+        )
 
     def verify_context(self) -> ssl.SSLContext:
         """``[relay] ca_file`` or the system store, host names checked; built on first use."""
@@ -117,16 +129,26 @@ class TlsPlanner:
         if policy is not None and policy.mode == "enforce":
             label = "mta-sts enforce"
             if not policy.allows(host.name):
-                refusal = (f"MX {host.name} does not match the policy of {domain} "
-                           f"(mx: {', '.join(policy.mx)})")
-                return HostPlan(host, "mta-sts", "verify", None, refusal=refusal, label=label,
-                                tlsa=tlsa)
-            return HostPlan(host, "mta-sts", "verify", self.verify_context(), label=label,
-                            tlsa=tlsa)
+                refusal = (
+                    f"MX {host.name} does not match the policy of {domain} "
+                    f"(mx: {', '.join(policy.mx)})"
+                )
+                return HostPlan(
+                    host, "mta-sts", "verify", None, refusal=refusal, label=label, tlsa=tlsa
+                )
+            return HostPlan(
+                host, "mta-sts", "verify", self.verify_context(), label=label, tlsa=tlsa
+            )
         if tlsa is not None and tlsa.authenticated and tlsa.records:
             # RFC 7672 §2.2: secure but unusable TLSA records: encrypt, do not authenticate.
-            return HostPlan(host, "dane", "required", self._unverified_context, tlsa=tlsa,
-                            label="dane (no usable TLSA records)")
+            return HostPlan(
+                host,
+                "dane",
+                "required",
+                self._unverified_context,
+                tlsa=tlsa,
+                label="dane (no usable TLSA records)",
+            )
         plan = self.base(host)
         if policy is not None and policy.mode == "testing":
             return self._testing(domain, host, plan, policy.mx)
@@ -139,15 +161,20 @@ class TlsPlanner:
             problem = match_chain(tlsa.records, chain, names=names)
             return None if problem is None else f"{problem} at {tlsa.name}"
 
-        return HostPlan(host, "dane", "required", self._unverified_context, check=check,
-                        tlsa=tlsa, label="dane")
+        return HostPlan(
+            host, "dane", "required", self._unverified_context, check=check, tlsa=tlsa, label="dane"
+        )
 
-    def _testing(self, domain: str, host: MailHost, plan: HostPlan,
-                 patterns: tuple[str, ...]) -> HostPlan:
+    def _testing(
+        self, domain: str, host: MailHost, plan: HostPlan, patterns: tuple[str, ...]
+    ) -> HostPlan:
         """The base plan, with what enforce would have refused logged instead (RFC 8461 §5)."""
         if not any(mx_matches(p, host.name) for p in patterns):
-            testing_failure(domain, host.name,
-                            f"MX {host.name} does not match the policy (mx: {', '.join(patterns)})")
+            testing_failure(
+                domain,
+                host.name,
+                f"MX {host.name} does not match the policy (mx: {', '.join(patterns)})",
+            )
         check: TLSCheck | None = None
         if plan.mode != "none":
             anchors = self._trust_anchors()
@@ -158,8 +185,9 @@ class TlsPlanner:
                     testing_failure(domain, host.name, f"certificate: {problem}")
                 return None
 
-        return HostPlan(plan.host, plan.policy, plan.mode, plan.context, check=check,
-                        sts_testing=True)
+        return HostPlan(
+            plan.host, plan.policy, plan.mode, plan.context, check=check, sts_testing=True
+        )
 
     def _trust_anchors(self) -> list[x509.Certificate]:
         """The certificates the verify context trusts, for checking a chain after the fact."""
@@ -173,8 +201,9 @@ def testing_failure(domain: str, host: str, reason: str) -> None:
     log.warning("mta_sts.testing", domain=domain, host=host, would_defer=reason)
 
 
-def _verify_chain(chain: tuple[bytes, ...], anchors: list[x509.Certificate],
-                  name: str) -> str | None:
+def _verify_chain(
+    chain: tuple[bytes, ...], anchors: list[x509.Certificate], name: str
+) -> str | None:
     if not anchors:
         return "no CA bundle file to check it against ([relay] ca_file)"
     if not chain:
@@ -189,8 +218,9 @@ def _verify_chain(chain: tuple[bytes, ...], anchors: list[x509.Certificate],
 def _load_anchors(ca_file: Path | None) -> list[x509.Certificate]:
     """``ca_file``, else the system bundle file OpenSSL uses; [] when there is none."""
     paths = ssl.get_default_verify_paths()
-    candidates: list[str | Path | None] = [ca_file] if ca_file is not None else [
-        paths.cafile, paths.openssl_cafile]
+    candidates: list[str | Path | None] = (
+        [ca_file] if ca_file is not None else [paths.cafile, paths.openssl_cafile]
+    )
     for candidate in candidates:
         if candidate is None:
             continue

@@ -135,14 +135,20 @@ def parse_policy(text: str) -> StsPolicy:
             seen[key] = value
     version = seen.get("version")
     if version != "STSv1":
-        raise StsError("policy has no 'version: STSv1'" if version is None
-                       else f"policy version must be STSv1, got {version[:40]!r}")
+        raise StsError(
+            "policy has no 'version: STSv1'"
+            if version is None
+            else f"policy version must be STSv1, got {version[:40]!r}"
+        )
     mode_text = seen.get("mode")
     modes: dict[str, StsMode] = {"enforce": "enforce", "testing": "testing", "none": "none"}
     mode = modes.get(mode_text or "")
     if mode is None:
-        raise StsError("policy has no mode" if mode_text is None else
-                       f"policy mode must be enforce, testing or none, got {mode_text[:40]!r}")
+        raise StsError(
+            "policy has no mode"
+            if mode_text is None
+            else f"policy mode must be enforce, testing or none, got {mode_text[:40]!r}"
+        )
     age_text = seen.get("max_age")
     if age_text is None:
         raise StsError("policy has no max_age")
@@ -159,8 +165,9 @@ def _pattern(value: str, number: int) -> str:
     labels = pattern.split(".")
     rest = labels[1:] if labels[0] == "*" else labels
     if len(labels) < 2 or not all(_LABEL.match(label) for label in rest):
-        raise StsError(f"policy line {number}: mx must be a host name or *.domain, got "
-                       f"{value[:80]!r}")
+        raise StsError(
+            f"policy line {number}: mx must be a host name or *.domain, got {value[:80]!r}"
+        )
     return pattern
 
 

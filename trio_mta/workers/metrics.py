@@ -55,7 +55,7 @@ async def answer_metrics_requests(metrics: Metrics, channel: socket.socket) -> N
                     body = b""
                 data = memoryview(_LENGTH.pack(len(body)) + body)
                 while data:
-                    data = data[await sock.send(data):]
+                    data = data[await sock.send(data) :]
         except OSError:
             return
 
@@ -80,7 +80,8 @@ class _Merged:
     def add(self, text: str) -> None:
         for family in text_string_to_metric_families(text):
             known = self.families.setdefault(
-                family.name, Metric(family.name, family.documentation, family.type))
+                family.name, Metric(family.name, family.documentation, family.type)
+            )
             values = self.values.setdefault(known.name, {})
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
@@ -105,13 +106,18 @@ class WorkerMetrics:
         self._lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=True)
         self._restarts = Counter(
-            "trio_mta_worker_restarts", "Worker processes restarted after they died.",
-            registry=self.registry)
+            "trio_mta_worker_restarts",
+            "Worker processes restarted after they died.",
+            registry=self.registry,
+        )
         self._workers = Gauge(
-            "trio_mta_workers", "Worker processes serving now.", registry=self.registry)
+            "trio_mta_workers", "Worker processes serving now.", registry=self.registry
+        )
         self._expected = Gauge(
-            "trio_mta_workers_configured", "Worker processes [server] workers asks for.",
-            registry=self.registry)
+            "trio_mta_workers_configured",
+            "Worker processes [server] workers asks for.",
+            registry=self.registry,
+        )
         self._expected.set(workers)
 
     def attach(self, index: int, channel: socket.socket) -> None:
@@ -150,7 +156,8 @@ class WorkerMetrics:
             except (OSError, ValueError) as exc:
                 # A half-read answer would desynchronise the channel: drop it; the
                 # worker shows up again once restarted.
-                log.warning("metrics.worker_unanswered", worker=index,
-                            error=f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "metrics.worker_unanswered", worker=index, error=f"{type(exc).__name__}: {exc}"
+                )
                 self.detach(index)
         return generate_latest(merged) + generate_latest(_WithoutCreated(self.registry))

@@ -34,7 +34,7 @@ def _memfd(name: str, data: bytes) -> int:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 @dataclass
@@ -81,8 +81,9 @@ class KeyMaterial:
     users: tuple[str, tuple[int, int, int, int, int]] | None = None
 
     @classmethod
-    def inherited(cls, cert_fd: int, key_fd: int, users_fd: int | None,
-                  users_signature: list[int] | None) -> KeyMaterial:
+    def inherited(
+        cls, cert_fd: int, key_fd: int, users_fd: int | None, users_signature: list[int] | None
+    ) -> KeyMaterial:
         users = None
         if users_fd is not None and users_signature is not None:
             size = os.fstat(users_fd).st_size

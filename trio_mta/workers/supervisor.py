@@ -157,8 +157,9 @@ class Supervisor:
                 return
             failures = failures + 1 if trio.current_time() - started < STABLE_AFTER else 1
             delay = restart_delay(failures)
-            log.error("worker.died", worker=child.index, status=_status(code),
-                      restart_in=f"{delay:.2f}s")
+            log.error(
+                "worker.died", worker=child.index, status=_status(code), restart_in=f"{delay:.2f}s"
+            )
             if self.metrics is not None:
                 self.metrics.restarted()
             with trio.move_on_after(delay):
@@ -170,19 +171,31 @@ class Supervisor:
         if self.metrics is not None:
             parent_end, child_end = socket.socketpair()
         spec = WorkerSpec(
-            index=child.index, count=self.count, alive_fd=self._alive_r, ready_fd=ready_w,
+            index=child.index,
+            count=self.count,
+            alive_fd=self._alive_r,
+            ready_fd=ready_w,
             metrics_fd=None if child_end is None else child_end.fileno(),
-            listeners=[ListenerFd.of(group[child.index].fileno(), listen)
-                       for listen, group in self.groups])
+            listeners=[
+                ListenerFd.of(group[child.index].fileno(), listen) for listen, group in self.groups
+            ],
+        )
         if self.secrets is not None:
             spec.cert_fd, spec.key_fd = self.secrets.cert_fd, self.secrets.key_fd
-            spec.users_fd, spec.users_signature = (self.secrets.users_fd,
-                                                   self.secrets.users_signature)
-        command = [sys.executable, "-m", "trio_mta", WORKER_COMMAND, spec.to_json(),
-                   *self.worker_args]
+            spec.users_fd, spec.users_signature = (
+                self.secrets.users_fd,
+                self.secrets.users_signature,
+            )
+        command = [
+            sys.executable,
+            "-m",
+            "trio_mta",
+            WORKER_COMMAND,
+            spec.to_json(),
+            *self.worker_args,
+        ]
         try:
-            proc = await trio.lowlevel.open_process(command, pass_fds=spec.fds,
-                                                    process_group=0)
+            proc = await trio.lowlevel.open_process(command, pass_fds=spec.fds, process_group=0)
         except BaseException:
             os.close(ready_r)
             if parent_end is not None:
@@ -209,8 +222,9 @@ class Supervisor:
                 parent_end.close()
         return code
 
-    async def _await_ready(self, child: _Child, ready_r: int,
-                           parent_end: socket.socket | None) -> None:
+    async def _await_ready(
+        self, child: _Child, ready_r: int, parent_end: socket.socket | None
+    ) -> None:
         async with trio.lowlevel.FdStream(ready_r) as stream:
             data = b""
             while len(data) < len(READY):
@@ -230,8 +244,9 @@ class Supervisor:
             self.announced = True
             for listen, group in self.groups:
                 bound = ListenConfig(listen.host, group[0].getsockname()[1], listen.mode)
-                log.event("smtpd.listening", mode=listen.mode, address=bound.address,
-                          workers=self.count)
+                log.event(
+                    "smtpd.listening", mode=listen.mode, address=bound.address, workers=self.count
+                )
 
     # -- signals -----------------------------------------------------------------------
 

@@ -42,13 +42,23 @@ class ListenerFd:
 
     @classmethod
     def of(cls, fd: int, listen: ListenConfig) -> ListenerFd:
-        return cls(fd, listen.host, listen.port, listen.mode, listen.proxy_protocol,
-                   [str(network) for network in listen.proxy_from])
+        return cls(
+            fd,
+            listen.host,
+            listen.port,
+            listen.mode,
+            listen.proxy_protocol,
+            [str(network) for network in listen.proxy_from],
+        )
 
     def config(self) -> ListenConfig:
-        return ListenConfig(self.host, self.port, self.mode,  # type: ignore[arg-type]
-                            self.proxy_protocol,
-                            tuple(ipaddress.ip_network(n) for n in self.proxy_from))
+        return ListenConfig(
+            self.host,
+            self.port,
+            self.mode,  # type: ignore[arg-type]
+            self.proxy_protocol,
+            tuple(ipaddress.ip_network(n) for n in self.proxy_from),
+        )
 
 
 @dataclass
@@ -91,8 +101,9 @@ class WorkerSpec:
         metrics = None if self.metrics_fd is None else socket.socket(fileno=self.metrics_fd)
         keys = None
         if self.cert_fd is not None and self.key_fd is not None:
-            keys = KeyMaterial.inherited(self.cert_fd, self.key_fd, self.users_fd,
-                                         self.users_signature)
+            keys = KeyMaterial.inherited(
+                self.cert_fd, self.key_fd, self.users_fd, self.users_signature
+            )
         return WorkerSlot(self.index, self.count, listeners, metrics, keys)
 
 
