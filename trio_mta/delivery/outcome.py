@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 __all__ = ["STAGES", "Kind", "Outcome", "Stage", "status_in"]
 
@@ -33,22 +33,7 @@ Stage = Literal[
     "local",
     "queue",
 ]
-STAGES: Final = frozenset(
-    {
-        "connect",
-        "greeting",
-        "ehlo",
-        "tls",
-        "auth",
-        "mail",
-        "rcpt",
-        "data",
-        "dns",
-        "route",
-        "local",
-        "queue",
-    }
-)
+STAGES: Final = frozenset(get_args(Stage))
 _STATUS: Final = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")  # RFC 3463 §2
 
 
