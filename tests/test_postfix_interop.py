@@ -241,13 +241,16 @@ async def test_postfix_relays_to_trio_mta_over_starttls(
     assert content.endswith(b"\n\nHello trio_mta.\n"), content[-80:]
 
     # Postfix's side of the story: TLS to our port, and the message handed over.
-    log = postfix.log_text()
-    assert f"TLS connection established to 127.0.0.1[127.0.0.1]:{trio_port}: TLSv1.3" in log
-    sent = re.search(
+    # Postfix logs "status=sent" only after our 250, and trio_mta may have put
+    # the message in the Maildir before then, so the log is polled for it.
+    sent_line = re.compile(
         rf"{postfix_id}: to=<user@trio\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{trio_port},"
-        r".* status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)",
-        log,
+        r".* status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)"
     )
+    with trio.move_on_after(DELIVERY_TIMEOUT):
+        while (sent := sent_line.search(log := postfix.log_text())) is None:
+            await trio.sleep(0.05)
+    assert f"TLS connection established to 127.0.0.1[127.0.0.1]:{trio_port}: TLSv1.3" in log
     assert sent is not None, log
     # ... and the queue id trio_mta answered with is the one in its Received header.
     assert f"(trio_mta) with ESMTPS id {sent[1]}".encode() in content
