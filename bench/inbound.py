@@ -1221,6 +1221,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="only the mail authentication column: without and with SPF, DKIM "
         "and DMARC verification of DKIM-signed inbound mail",
     )
+    ap.add_argument(
+        "--rspamd",
+        action="store_true",
+        help="only the milter column: without and with a private rspamd as "
+        "[[milter]] (production-like: hyperscan, one proxy per core; bench/mailauth.py)",
+    )
     a = ap.parse_args(argv)
     q = a.quick
     a.messages = a.messages or (300 if q else 2000)
@@ -1271,7 +1277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-"))
     server = TrioServer(workdir, a.port, a.log_level, a.workers, a.milter)
-    if a.dkim or a.verify:
+    if a.dkim or a.verify or a.rspamd:
         import mailauth  # bench/, the script's own folder, is on sys.path
 
         try:

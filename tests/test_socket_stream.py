@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -10,7 +11,12 @@ import trio
 import trio.testing
 import trustme
 
-from trio_mta.server.socket_stream import CHECKPOINT_EVERY, DirectSocketStream
+from trio_mta.server.socket_stream import (
+    CHECKPOINT_EVERY,
+    DirectSocketStream,
+    connect_ip,
+    is_ip_literal,
+)
 
 
 def _pair() -> tuple[DirectSocketStream, DirectSocketStream]:
@@ -126,3 +132,33 @@ async def test_tls_runs_over_it() -> None:
     await client.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await client.send_all(b"late")
+
+
+async def test_connect_ip_reaches_a_listener_over_ipv4_and_ipv6() -> None:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.bind((host, 0))
+            listener.listen()
+            stream = await connect_ip(host, listener.getsockname()[1])
+            peer, _ = listener.accept()
+            with peer:
+                await stream.send_all(b"ping")
+                assert peer.recv(4) == b"ping"
+                peer.sendall(b"pong")
+                assert await stream.receive_some(4) == b"pong"
+            await stream.aclose()
+
+
+async def test_connect_ip_to_a_closed_port_raises_and_leaves_no_socket() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, never listening: refused
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ConnectionRefusedError):
+            await connect_ip("127.0.0.1", port)
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_ip_literals_are_told_from_names() -> None:
+    assert is_ip_literal("127.0.0.1") and is_ip_literal("::1")
+    assert not is_ip_literal("localhost") and not is_ip_literal("milter.example")

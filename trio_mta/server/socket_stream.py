@@ -15,18 +15,24 @@ ready can neither starve the other tasks nor outrun a cancel scope's deadline,
 every :data:`CHECKPOINT_EVERY`-th call that did not block is a real checkpoint.
 One task per stream (the session) is assumed, as in the server; concurrent
 calls are not detected.
+
+:func:`connect_ip` opens such a stream to an IP literal, for peers a session
+connects to once per connection (a milter): ``trio.open_tcp_stream`` would
+call the resolver and run a happy-eyeballs nursery for the one address there is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
+import os
 import socket
 from typing import Final
 
 import trio
 
-__all__ = ["CHECKPOINT_EVERY", "DirectSocketStream"]
+__all__ = ["CHECKPOINT_EVERY", "DirectSocketStream", "connect_ip", "is_ip_literal"]
 
 CHECKPOINT_EVERY: Final = 8
 
@@ -127,3 +133,35 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         except trio.ClosedResourceError:
             raise trio.ClosedResourceError("the stream was closed while sending") from None
         self._check_open()
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def connect_ip(host: str, port: int) -> DirectSocketStream:
+    """A connected :class:`DirectSocketStream` to ``host`` (an IPv4/IPv6 literal).
+
+    Raises ``OSError`` as ``connect`` does; a cancelled wait closes the socket.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error)) from None
+        else:
+            await trio.lowlevel.checkpoint()
+    except BaseException:
+        sock.close()
+        raise
+    return DirectSocketStream(sock)
