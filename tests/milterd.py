@@ -78,15 +78,23 @@ MILTER_HEADERS = (
 
 @contextlib.contextmanager
 def rspamd(
-    directory: Path, dns: tuple[str, int], *, workers: int = 1, hyperscan: bool = False
+    directory: Path,
+    dns: tuple[str, int],
+    *,
+    workers: int = 1,
+    hyperscan: bool = False,
+    db_dir: Path | None = None,
 ) -> Iterator[str]:
     """A private rspamd proxy in milter mode; yields its ``host:port``.
 
     The tests' defaults start fast: one proxy process, and no hyperscan (compiling
     its databases takes minutes on this machine). The benchmark asks for what a
-    production rspamd runs: one scanning process per core, regexes in hyperscan.
+    production rspamd runs: one scanning process per core, regexes in hyperscan,
+    and a ``db_dir`` that keeps the compiled databases from one run to the next.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    if db_dir is not None:
+        db_dir.mkdir(parents=True, exist_ok=True)
     (directory / "local.d").mkdir(exist_ok=True)
     (directory / "local.d" / "milter_headers.conf").write_text(MILTER_HEADERS)
     # No redis: modules that need it turn themselves off; say so to keep the log short.
@@ -118,7 +126,7 @@ def rspamd(
                 "--var",
                 f"LOCAL_CONFDIR={directory}",
                 "--var",
-                f"DBDIR={directory}",
+                f"DBDIR={db_dir or directory}",
                 "--var",
                 f"RUNDIR={directory}",
                 "--var",

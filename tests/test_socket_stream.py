@@ -11,7 +11,7 @@ import trio
 import trio.testing
 import trustme
 
-from trio_mta.server.socket_stream import (
+from trio_mta.socket_stream import (
     CHECKPOINT_EVERY,
     DirectSocketStream,
     connect_ip,

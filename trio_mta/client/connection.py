@@ -61,6 +61,7 @@ from trio_mta.smtp.client import (
 from trio_mta.smtp.errors import LocalProtocolError, SMTPProtocolError
 from trio_mta.smtp.events import NEED_DATA
 from trio_mta.smtp.replies import Reply
+from trio_mta.socket_stream import DirectSocketStream, connect_ip, is_ip_literal
 from trio_mta.tls import client_context, describe
 
 if TYPE_CHECKING:
@@ -673,11 +674,19 @@ def _peer_chain(stream: trio.SSLStream[trio.abc.Stream]) -> tuple[bytes, ...]:
 _ENCODING_DER: Final = 2  # _ssl.ENCODING_DER, what _ssl.Certificate.public_bytes takes
 
 
-async def _open_tcp(host: str, port: int, timeout: float) -> tuple[trio.SocketStream, str]:
+async def _open_tcp(
+    host: str, port: int, timeout: float
+) -> tuple[trio.SocketStream | DirectSocketStream, str]:
+    """Connected to ``host``: an IP literal (what delivery resolved MX hosts to)
+    directly, a name through trio's resolver and happy eyeballs."""
     target = _unbracket(host)
+    stream: trio.SocketStream | DirectSocketStream
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(target, port)
+            if is_ip_literal(target):
+                stream = await connect_ip(target, port)
+            else:
+                stream = await trio.open_tcp_stream(target, port)
     except trio.TooSlowError:
         raise SMTPTimeout(f"connect to {target} port {port} timed out after {timeout:g}s") from None
     except OSError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from trio_mta.milter.protocol import CONTINUE, Milter, MilterProtocolError, Progress, Verdict
-from trio_mta.server.socket_stream import connect_ip, is_ip_literal
+from trio_mta.socket_stream import connect_ip, is_ip_literal
 
 RECEIVE_SIZE = 65536
 

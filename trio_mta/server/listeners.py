@@ -20,7 +20,7 @@ from trio_mta.config.schema import format_host_port
 from trio_mta.server.errors import ListenError, listening_socket
 from trio_mta.server.proxied import accept_proxied
 from trio_mta.server.session import ServerState, Session
-from trio_mta.server.socket_stream import DirectSocketStream
+from trio_mta.socket_stream import DirectSocketStream
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ async def accept_loop(bound: BoundListener, state: ServerState, sessions: trio.N
                 log.warning("smtpd.accept_resumed", listener=where, failures=failures)
                 failures, logged_at = 0, -math.inf
             # The session's hot path runs on a stream that tries each send/recv first
-            # (server/socket_stream.py): the socket leaves trio's wrapper here.
+            # (socket_stream.py): the socket leaves trio's wrapper here.
             raw = socket.socket(family, socket.SOCK_STREAM, 0, accepted.detach())
             sessions.start_soon(_handle, DirectSocketStream(raw), state, bound.config)
 
