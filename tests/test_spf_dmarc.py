@@ -189,6 +189,35 @@ def test_dmarc_record_parsing() -> None:
     assert parse_record("v=DMARC1; p=quarantine", "example.org").sp == "quarantine"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # Found by fuzz_dmarc against RFC 7489. §6.6.3 step 6: an invalid sp= is as bad as
+        # an invalid p= (no DMARC, or p=none with a valid rua), not "sp defaults to p".
+        ("v=DMARC1; p=reject; sp=bogus", None),
+        ("v=DMARC1; p=reject; sp=bogus; rua=mailto:d@example.org", ("none", "none", 100)),
+        ("v=DMARC1; p=bogus; sp=reject; rua=mailto:d@example.org!10m", ("none", "none", 100)),
+        # ... and the rua must be a URI, as the docstring always said.
+        ("v=DMARC1; p=bogus; rua=", None),
+        ("v=DMARC1; p=bogus; rua=not a uri, either", None),
+        # §6.3: a pct that is not 0..100 in digits is the default, not clamped: pct=-5
+        # meant "apply the policy to no failing mail".
+        ("v=DMARC1; p=reject; pct=-5", ("reject", "reject", 100)),
+        ("v=DMARC1; p=reject; pct=+5", ("reject", "reject", 100)),
+        ("v=DMARC1; p=reject; pct=\u0665", ("reject", "reject", 100)),
+        ("v=DMARC1; p=reject; pct=050", ("reject", "reject", 50)),
+        # §6.3: v=DMARC1 must match precisely; spaces inside the value are not that.
+        ("v=DM ARC1; p=reject", None),
+        ("v = DMARC1 ; p = reject", ("reject", "reject", 100)),
+    ],
+)
+def test_dmarc_record_errors_follow_rfc_7489(
+    text: str, expected: tuple[str, str, int] | None
+) -> None:
+    parsed = parse_record(text, "example.org")
+    assert (None if parsed is None else (parsed.p, parsed.sp, parsed.pct)) == expected
+
+
 def test_organizational_domain_comes_from_the_public_suffix_list() -> None:
     assert org_domain("a.b.example.co.uk") == "example.co.uk"
     assert org_domain("mail.example.org") == "example.org"

@@ -64,6 +64,14 @@ def test_unrelated_txt_records_are_ignored_and_two_sts_records_are_an_error() ->
         choose_txt([("v=STSv1; id=1",), ("v=STSv1; id=2",)])
 
 
+def test_records_that_do_not_begin_with_sts_v1_and_a_semicolon_are_discarded() -> None:
+    """RFC 8461 §3.1 (found with fuzz_mtasts): v=STSv10 is not a second STSv1 record."""
+    record = parse_txt(["v=STSv1; id=1"])
+    assert choose_txt([("v=STSv10; id=2",), ("v=STSv1; id=1",)]) == record
+    assert choose_txt([("v=STSv1x",), ("v=STSv1",), ("v=STSv1 ; id=1",)]) == record
+    assert choose_txt([("v=STSv1",)]) is None
+
+
 # --- the policy file ----------------------------------------------------------------------
 
 
@@ -93,6 +101,8 @@ def test_mode_none_needs_no_mx() -> None:
         ("version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n", "line 3: mx must be"),
         ("version: STSv1\nmode: enforce\nmode: none\nmx: a.b\nmax_age: 1\n", "mode given twice"),
         ("version: STSv1\nthis line has no colon\n", "line 2 is not 'key: value'"),
+        ("version: STSv1\nmode: enforce\nmx: a.b..\nmax_age: 1\n", "line 3: mx must be"),
+        ("version: STSv1\nmode: enforce\nmx: \u212a.b\nmax_age: 1\n", "line 3: mx must be"),
     ],
 )
 def test_bad_policies_say_why(text: str, reason: str) -> None:
@@ -109,6 +119,12 @@ def test_bad_policies_say_why(text: str, reason: str) -> None:
         ("*.example.org", "a.mx1.example.org", False),  # one label only (RFC 8461 §4.1)
         ("*.example.org", "example.org", False),
         ("*.example.org", "mx1.example.org.evil.test", False),
+        # Found against fuzz_mtasts's reference: one final dot is the root, two are an
+        # empty label; and only ASCII letters fold (RFC 4343), not U+212A KELVIN SIGN.
+        ("mx1.example.org", "mx1.example.org..", False),
+        ("*.example.org", "mx1.example.org..", False),
+        ("k.example.org", "\u212a.example.org", False),
+        ("*.example.org", "MX1.EXAMPLE.ORG.", True),
     ],
 )
 def test_mx_patterns(pattern: str, host: str, expected: bool) -> None:

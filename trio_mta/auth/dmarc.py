@@ -12,6 +12,7 @@ Record parsing (:func:`parse_record`) and the verdict (:func:`evaluate`) are pur
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -26,6 +27,10 @@ from trio_mta.dns import DnsTemporaryError, Resolver
 __all__ = ["DmarcPolicy", "DmarcResult", "evaluate", "fetch_policy", "org_domain", "parse_record"]
 
 _POLICIES = ("none", "quarantine", "reject")
+_VERSION = re.compile(r"v\s*=\s*DMARC1\Z")  # §6.3: "MUST match precisely"
+_PCT = re.compile(r"[0-9]{1,3}\Z")
+# §6.4 dmarc-uri: an RFC 3986 URI (its "!" and "," percent-encoded), then an optional size.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[\x22-\x2b\x2d-\x7e]+(?:![0-9]+[kmgtKMGT]?)?\Z")
 
 
 @cache
@@ -64,11 +69,13 @@ class DmarcResult:
 def parse_record(text: str, domain: str) -> DmarcPolicy | None:
     """RFC 7489 §6.3-6.4; None if *text* is not a DMARC record (``v=DMARC1`` first).
 
-    A record with a missing or unknown ``p=`` is ignored unless it has a valid ``rua``
-    (§6.6.3 step 6: then ``p=none``); unknown tags are ignored (§6.3).
+    A record with a missing or unknown ``p=``, or an unknown ``sp=``, is ignored unless
+    its ``rua`` holds a syntactically valid URI (§6.6.3 step 6: then it counts as
+    ``p=none``, for subdomains too); unknown tags are ignored (§6.3), and a ``pct``
+    that is not 0..100 in digits is the default 100 (§6.3: errors fall back to defaults).
     """
     parts = [part.strip() for part in text.split(";")]
-    if not parts or parts[0].replace(" ", "") != "v=DMARC1":
+    if not _VERSION.match(parts[0]):
         return None
     tags: dict[str, str] = {}
     for part in parts[1:]:
@@ -76,17 +83,13 @@ def parse_record(text: str, domain: str) -> DmarcPolicy | None:
         if eq:
             tags.setdefault(key.strip().lower(), value.strip())
     p = tags.get("p", "").lower()
-    if p not in _POLICIES:
-        if "rua" not in tags:
+    sp = tags.get("sp", p).lower()
+    if p not in _POLICIES or sp not in _POLICIES:
+        if not any(_URI.match(uri.strip()) for uri in tags.get("rua", "").split(",")):
             return None
-        p = "none"
-    sp = tags.get("sp", "").lower()
-    if sp not in _POLICIES:
-        sp = p
-    try:
-        pct = min(100, max(0, int(tags.get("pct", "100"))))
-    except ValueError:
-        pct = 100
+        p = sp = "none"
+    pct_text = tags.get("pct", "100")
+    pct = int(pct_text) if _PCT.match(pct_text) and int(pct_text) <= 100 else 100
     adkim = "s" if tags.get("adkim", "r").lower() == "s" else "r"
     aspf = "s" if tags.get("aspf", "r").lower() == "s" else "r"
     return DmarcPolicy(domain, p, sp, pct, adkim, aspf)

@@ -32,6 +32,11 @@ _ID: Final = re.compile(r"[A-Za-z0-9]{1,32}\Z")  # RFC 8461 §3.1 sts-id
 _MAX_AGE: Final = re.compile(r"[0-9]{1,10}\Z")
 _LABEL: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _KEY: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}\Z")  # RFC 8461 §3.2 field-name
+# §3.1: "records that do not begin with v=STSv1; are discarded" (the ABNF allows WSP before ;).
+_STS_START: Final = re.compile(r"v=STSv1[ \t]*;")
+# Host names compare case-insensitively in ASCII only (RFC 4343): str.lower() would turn
+# U+212A KELVIN SIGN into "k" and so let a name that is not k.example match k.example.
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 class StsError(ValueError):
@@ -96,12 +101,13 @@ def parse_txt(strings: Iterable[str]) -> StsRecord:
 
 
 def choose_txt(records: Iterable[Iterable[str]]) -> StsRecord | None:
-    """The record among a name's TXT records: None when none starts with ``v=STSv1``.
+    """The record among a name's TXT records: None when none starts with ``v=STSv1;``.
 
-    RFC 8461 §3.1: more than one STSv1 record means no policy (an error).
+    RFC 8461 §3.1: other records (``v=STSv10``, ``v=STSv1x``) are discarded; more than
+    one STSv1 record means no policy (an error).
     """
     candidates = ["".join(strings) for strings in records]
-    ours = [text for text in candidates if text.startswith("v=STSv1")]
+    ours = [text for text in candidates if _STS_START.match(text)]
     if not ours:
         return None
     if len(ours) > 1:
@@ -160,8 +166,11 @@ def parse_policy(text: str) -> StsPolicy:
 
 
 def _pattern(value: str, number: int) -> str:
-    """``mx1.example.org`` or ``*.example.org`` (a wildcard only as the whole first label)."""
-    pattern = value.lower().rstrip(".")
+    """``mx1.example.org`` or ``*.example.org`` (a wildcard only as the whole first label).
+
+    One final dot is allowed and dropped; ASCII letters are lower-cased, nothing else.
+    """
+    pattern = value.translate(_ASCII_LOWER).removesuffix(".")
     labels = pattern.split(".")
     rest = labels[1:] if labels[0] == "*" else labels
     if len(labels) < 2 or not all(_LABEL.match(label) for label in rest):
@@ -172,8 +181,12 @@ def _pattern(value: str, number: int) -> str:
 
 
 def mx_matches(pattern: str, host: str) -> bool:
-    """RFC 8461 §4.1: exact match, or ``*.`` standing for exactly one leftmost label."""
-    name = host.lower().rstrip(".")
+    """RFC 8461 §4.1: exact match, or ``*.`` standing for exactly one leftmost label.
+
+    *pattern* is one of :attr:`StsPolicy.mx`; *host* compares ASCII case-insensitively,
+    with one final dot (the root) ignored.
+    """
+    name = host.translate(_ASCII_LOWER).removesuffix(".")
     if pattern.startswith("*."):
         label, dot, parent = name.partition(".")
         return bool(dot) and bool(label) and parent == pattern[2:]
