@@ -39,7 +39,6 @@ from collections.abc import Iterator
 import atheris
 
 with atheris.instrument_imports():
-    from trio_mta.delivery.lmtp import LMTPAgent, _stages
     from trio_mta.smtp import (
         NEED_DATA,
         AuthResult,
@@ -57,6 +56,10 @@ with atheris.instrument_imports():
         TransactionResult,
     )
     from trio_mta.smtp.client import _parse_extensions
+
+# Not instrumented: it pulls in trio and the client on sockets, whose coverage
+# would only dilute the feedback; the two pure helpers used are small.
+from trio_mta.delivery.lmtp import LMTPAgent, _stages
 
 _DIGITS = frozenset("0123456789")
 #: Replies the client makes up itself instead of sending (client.py `_mail_step`).
