@@ -276,6 +276,36 @@ def test_strip_removes_only_our_authentication_results() -> None:
     assert strip_ours(clean, "mx.example.test") is clean
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # Found by fuzz/fuzz_authres.py: a quoted-pair is the character it quotes.
+        (b' "mx.exa\\mple.test"; dkim=pass', "mx.example.test"),
+        (b' "mx.example.test\\"; x', None),  # never closed: not our id
+        (b'\r\n "mx.example\r\n .test"; x', "mx.example .test"),  # unfolded, not ours
+    ],
+)
+def test_authserv_id_quoted_pairs_and_folding(value: bytes, expected: str | None) -> None:
+    got = authserv_id(value)
+    assert got == expected if expected is not None else got != "mx.example.test"
+
+
+def test_strip_leaves_a_message_without_header_fields_alone() -> None:
+    # Found by fuzz/fuzz_authres.py: a message that starts with the empty line is all
+    # body (RFC 5322 §2.1), and a line in it that looks like our field stays.
+    message = b"\r\nAuthentication-Results: mx.example.test; none\r\n\r\nbody\r\n"
+    assert strip_ours(message, "mx.example.test") == message
+
+
+def test_strip_keeps_the_bytes_of_a_message_without_body() -> None:
+    # Found by fuzz/fuzz_authres.py: the last field, without CRLF (BDAT can end so),
+    # used to get a CRLF added.
+    message = b"Authentication-Results: mx.example.test; none\r\nSubject: no end"
+    assert strip_ours(message, "mx.example.test") == b"Subject: no end"
+    other = b"Authentication-Results: other.example; none\r\nSubject: no end"
+    assert strip_ours(other, "mx.example.test") == other
+
+
 async def test_spf_lookups_never_stall_the_event_loop(
     resolver: Resolver, dns_server: DnsServer
 ) -> None:

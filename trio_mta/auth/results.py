@@ -25,6 +25,10 @@ __all__ = ["authentication_results", "authserv_id", "strip_ours"]
 HEADER = b"authentication-results"
 _MAX_REASON = 80
 _UNSAFE = re.compile(r"[^\x20-\x7e]|[\"\\;]")
+# RFC 5322 §2.2.3: unfolding removes a CRLF immediately followed by WSP.
+_UNFOLD = re.compile(r"\r\n(?=[ \t])")
+# A field ends at a CRLF not followed by WSP (the next line is not a continuation).
+_FIELD_END = re.compile(rb"\r\n(?![ \t])")
 
 
 def _reason(text: str) -> str | None:
@@ -108,9 +112,11 @@ def _render(
 def authserv_id(value: bytes) -> str | None:
     """The authserv-id of one header value (RFC 8601 §2.2), lower-cased, or None.
 
-    Leading comments are skipped; a quoted-string id is unquoted.
+    Folding is undone and leading comments are skipped; a quoted-string id is
+    unquoted, quoted-pairs included (``"mx.ex\\ample"`` is ``mx.example``, as
+    any RFC 5322 reader downstream sees it).
     """
-    text = value.decode("utf-8", "replace")
+    text = _UNFOLD.sub("", value.decode("utf-8", "replace"))
     i, n = 0, len(text)
     while i < n:
         if text[i] in " \t\r\n":
@@ -133,8 +139,14 @@ def authserv_id(value: bytes) -> str | None:
     if i >= n:
         return None
     if text[i] == '"':
-        end = text.find('"', i + 1)
-        return text[i + 1 : end if end > 0 else n].strip().lower() or None
+        chars = []
+        i += 1
+        while i < n and text[i] != '"':
+            if text[i] == "\\" and i + 1 < n:
+                i += 1  # quoted-pair: the next character stands for itself
+            chars.append(text[i])
+            i += 1
+        return "".join(chars).strip().lower() or None
     match = re.match(r"[^\s;()\"]+", text[i:])
     return match.group(0).lower() if match else None
 
@@ -143,19 +155,25 @@ def strip_ours(message: bytes, authserv: str) -> bytes:
     """*message* without the Authentication-Results fields that carry *authserv* (§5).
 
     Works on the raw header block so that everything else stays byte-identical
-    (DKIM signatures over the remaining fields still verify).
+    (DKIM signatures over the remaining fields still verify): each field is cut
+    out with its own CRLFs, nothing is re-joined. A message that starts with an
+    empty line has no header fields (RFC 5322 §2.1): all of it is body.
     """
+    if message.startswith(b"\r\n"):
+        return message
     end = message.find(b"\r\n\r\n")
     head = message if end < 0 else message[: end + 2]
     if HEADER not in head.lower():
         return message
     ours = authserv.lower()
-    fields = re.split(rb"\r\n(?![ \t])", head[:-2] if head.endswith(b"\r\n") else head)
     kept: list[bytes] = []
-    for field in fields:
+    ends = [m.end() for m in _FIELD_END.finditer(head)]
+    if not ends or ends[-1] != len(head):
+        ends.append(len(head))  # the last field, when the message ends without a CRLF
+    for start, field_end in zip([0, *ends[:-1]], ends, strict=True):
+        field = head[start:field_end]
         name, colon, value = field.partition(b":")
         if colon and name.strip().lower() == HEADER and authserv_id(value) == ours:
             continue
         kept.append(field)
-    rebuilt = b"".join(f + b"\r\n" for f in kept)
-    return rebuilt + (b"" if end < 0 else message[end + 2 :])
+    return b"".join(kept) + message[len(head) :]
