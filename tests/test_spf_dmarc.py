@@ -306,6 +306,55 @@ def test_strip_keeps_the_bytes_of_a_message_without_body() -> None:
     assert strip_ours(other, "mx.example.test") == other
 
 
+@pytest.mark.parametrize(
+    ("helo", "sender", "dkim_selector", "from_domain"),
+    [
+        ("a@b(", "", "k", "example.org"),  # found by fuzz/fuzz_authres.py
+        ("client.example", "", "x@y header.d=paypal.example", "example.org"),
+        ("client.example", "", "k", "ex\x04ample\x00.org"),
+    ],
+)
+def test_peer_values_cannot_hide_or_add_results(
+    helo: str, sender: str, dkim_selector: str, from_domain: str
+) -> None:
+    """HELO, d=/s= and the From: domain come from the peer: they stay one pvalue each."""
+    import authres
+    import authres.dmarc
+
+    header = authentication_results(
+        "mx.example.test",
+        spf=SpfResult("none", "helo", helo),
+        dkim=[DkimResult("fail", "evil.example", dkim_selector, "rsa-sha256", "", "bad")],
+        dmarc=dmarc.DmarcResult("fail", from_domain, "reject", "reject"),
+        sender=sender,
+        helo=helo,
+    )
+    value = header.decode().partition(":")[2].replace("\r\n", "")
+    parsed = authres.FeatureContext(authres.dmarc).parse_value(value)
+    assert parsed.authserv_id == "mx.example.test"
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("spf", "none"),
+        ("dkim", "fail"),
+        ("dmarc", "fail"),
+    ]
+    assert not any(ord(c) < 0x20 and c != "\t" for c in value)
+    spf_result, dkim_result, dmarc_result = parsed.results
+    assert spf_result.smtp_helo == helo
+    assert (dkim_result.header_d, dkim_result.header_s) == ("evil.example", dkim_selector)
+    assert dmarc_result.header_from == from_domain.replace("\x04", "").replace("\x00", "")
+
+
+def test_addresses_are_still_rendered_bare() -> None:
+    header = authentication_results(
+        "mx.example.test",
+        spf=SpfResult("pass", "mailfrom", "example.org"),
+        dkim=None,
+        dmarc=None,
+        sender='"a b"@example.org',
+    )
+    assert b'smtp.mailfrom="a b"@example.org' in header
+
+
 async def test_spf_lookups_never_stall_the_event_loop(
     resolver: Resolver, dns_server: DnsServer
 ) -> None:

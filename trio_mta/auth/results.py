@@ -31,6 +31,31 @@ _UNFOLD = re.compile(r"\r\n(?=[ \t])")
 _FIELD_END = re.compile(rb"\r\n(?![ \t])")
 
 
+# RFC 8601 §2.2 pvalue = [ [ local-part ] "@" ] domain-name / value; atext and
+# qtext take UTF-8 too (RFC 6532 §3.2).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f\s]"
+_DOT_ATOM = rf"(?:{_ATEXT})+(?:\.(?:{_ATEXT})+)*"
+_QUOTED = r'"(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e])*"'
+_ADDRESS = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})?@{_DOT_ATOM}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _pvalue(text: str) -> str | None:
+    """A property value from a peer (HELO, MAIL FROM, d=, s=, From:) safe to render.
+
+    authres quotes a value that is not a token, except one holding an "@",
+    which it writes as it is: right for an address, but ``a@b(`` from a HELO
+    would open a comment that hides every later result from the reader. Such
+    a value is quoted here; control characters, never valid, are dropped.
+    """
+    text = _CONTROL.sub("", text)
+    if not text:
+        return None
+    if "@" in text and not _ADDRESS.match(text):
+        return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+    return text
+
+
 def _reason(text: str) -> str | None:
     """A reason safe inside a quoted-string and short enough to read."""
     text = _UNSAFE.sub("", text).strip()
@@ -69,24 +94,27 @@ def _render(
         if spf.identity == "mailfrom":
             results.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_mailfrom=sender or spf.domain
+                    result=spf.result, smtp_mailfrom=_pvalue(sender or spf.domain)
                 )
             )
         else:
             results.append(
-                authres.SPFAuthenticationResult(result=spf.result, smtp_helo=helo or spf.domain)
+                authres.SPFAuthenticationResult(
+                    result=spf.result, smtp_helo=_pvalue(helo or spf.domain)
+                )
             )
     if dkim is not None:
         if not dkim:
             results.append(authres.DKIMAuthenticationResult(result="none", reason="no signature"))
         for item in dkim:
             kwargs: dict[str, str] = {}
-            if item.domain:
-                kwargs["header_d"] = item.domain
-            if item.selector:
-                kwargs["header_s"] = item.selector
-            if item.algorithm:
-                kwargs["header_a"] = item.algorithm
+            for key, tag in (
+                ("header_d", item.domain),
+                ("header_s", item.selector),
+                ("header_a", item.algorithm),
+            ):
+                if (value := _pvalue(tag)) is not None:
+                    kwargs[key] = value
             reason = _reason(item.reason) if item.result != "pass" else None
             results.append(
                 authres.DKIMAuthenticationResult(result=item.result, reason=reason, **kwargs)
@@ -99,7 +127,7 @@ def _render(
         )
         results.append(
             authres.dmarc.DMARCAuthenticationResult(
-                result=dmarc.result, result_comment=comment, header_from=dmarc.from_domain or None
+                result=dmarc.result, result_comment=comment, header_from=_pvalue(dmarc.from_domain)
             )
         )
     if not results:
