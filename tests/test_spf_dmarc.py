@@ -344,6 +344,27 @@ def test_peer_values_cannot_hide_or_add_results(
     assert dmarc_result.header_from == from_domain.replace("\x04", "").replace("\x00", "")
 
 
+def test_a_reason_naming_the_signers_selector_stays_one_value() -> None:
+    # Found by fuzz/fuzz_authres.py: "no key at <s=>._domainkey.<d=>" with an "@"
+    # in s= went out bare, and its "(" swallowed the DMARC result after it.
+    import authres
+    import authres.dmarc
+
+    header = authentication_results(
+        "mx.example.test",
+        spf=None,
+        dkim=[DkimResult("permerror", "evil.example", "k", "", "", "no key at x@y (._domainkey")],
+        dmarc=dmarc.DmarcResult("fail", "example.org", "reject", "reject"),
+    )
+    value = header.decode().partition(":")[2].replace("\r\n", "")
+    parsed = authres.FeatureContext(authres.dmarc).parse_value(value)
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("dkim", "permerror"),
+        ("dmarc", "fail"),
+    ]
+    assert parsed.results[0].reason == "no key at x@y (._domainkey"
+
+
 def test_addresses_are_still_rendered_bare() -> None:
     header = authentication_results(
         "mx.example.test",

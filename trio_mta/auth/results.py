@@ -57,11 +57,16 @@ def _pvalue(text: str) -> str | None:
 
 
 def _reason(text: str) -> str | None:
-    """A reason safe inside a quoted-string and short enough to read."""
+    """A reason safe inside a quoted-string and short enough to read.
+
+    One with an "@" comes quoted already: authres would write it bare, and a
+    ``no key at x@y (._domainkey...`` (s= is the signer's) would hide the rest.
+    """
     text = _UNSAFE.sub("", text).strip()
     if not text:
         return None
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+    text = text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+    return f'"{text}"' if "@" in text else text
 
 
 def authentication_results(
