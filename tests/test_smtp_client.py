@@ -132,6 +132,19 @@ def test_extension_parsing() -> None:
     assert client.eightbitmime and not client.pipelining
 
 
+def test_extension_keyword_ends_at_any_white_space() -> None:
+    # Found by fuzz/fuzz_replies.py: "X\tY" used to be one keyword with a tab in it.
+    client = scripted(b"220 x\r\n")
+    run(client)
+    client.ehlo()
+    client.receive_data(b"250-x\r\n250-SIZE\t1000\r\n250-AUTH\tPLAIN  LOGIN\r\n250 X\tY  Z\r\n")
+    run(client)
+    assert client.max_size == 1000
+    assert client.auth_mechanisms == {"PLAIN", "LOGIN"}
+    assert client.extensions["X"] == "Y  Z"
+    assert all(key.split() == [key] for key in client.extensions)
+
+
 # --------------------------------------------------------------- transactions
 @pytest.mark.parametrize("pipelining", [True, False])
 @pytest.mark.parametrize("chunk", [1 << 20, 7])

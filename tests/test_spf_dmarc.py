@@ -305,6 +305,106 @@ def test_strip_removes_only_our_authentication_results() -> None:
     assert strip_ours(clean, "mx.example.test") is clean
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # Found by fuzz/fuzz_authres.py: a quoted-pair is the character it quotes.
+        (b' "mx.exa\\mple.test"; dkim=pass', "mx.example.test"),
+        (b' "mx.example.test\\"; x', None),  # never closed: not our id
+        (b'\r\n "mx.example\r\n .test"; x', "mx.example .test"),  # unfolded, not ours
+    ],
+)
+def test_authserv_id_quoted_pairs_and_folding(value: bytes, expected: str | None) -> None:
+    got = authserv_id(value)
+    assert got == expected if expected is not None else got != "mx.example.test"
+
+
+def test_strip_leaves_a_message_without_header_fields_alone() -> None:
+    # Found by fuzz/fuzz_authres.py: a message that starts with the empty line is all
+    # body (RFC 5322 §2.1), and a line in it that looks like our field stays.
+    message = b"\r\nAuthentication-Results: mx.example.test; none\r\n\r\nbody\r\n"
+    assert strip_ours(message, "mx.example.test") == message
+
+
+def test_strip_keeps_the_bytes_of_a_message_without_body() -> None:
+    # Found by fuzz/fuzz_authres.py: the last field, without CRLF (BDAT can end so),
+    # used to get a CRLF added.
+    message = b"Authentication-Results: mx.example.test; none\r\nSubject: no end"
+    assert strip_ours(message, "mx.example.test") == b"Subject: no end"
+    other = b"Authentication-Results: other.example; none\r\nSubject: no end"
+    assert strip_ours(other, "mx.example.test") == other
+
+
+@pytest.mark.parametrize(
+    ("helo", "sender", "dkim_selector", "from_domain"),
+    [
+        ("a@b(", "", "k", "example.org"),  # found by fuzz/fuzz_authres.py
+        ("client.example", "", "x@y header.d=paypal.example", "example.org"),
+        ("client.example", "", "k", "ex\x04ample\x00.org"),
+    ],
+)
+def test_peer_values_cannot_hide_or_add_results(
+    helo: str, sender: str, dkim_selector: str, from_domain: str
+) -> None:
+    """HELO, d=/s= and the From: domain come from the peer: they stay one pvalue each."""
+    import authres
+    import authres.dmarc
+
+    header = authentication_results(
+        "mx.example.test",
+        spf=SpfResult("none", "helo", helo),
+        dkim=[DkimResult("fail", "evil.example", dkim_selector, "rsa-sha256", "", "bad")],
+        dmarc=dmarc.DmarcResult("fail", from_domain, "reject", "reject"),
+        sender=sender,
+        helo=helo,
+    )
+    value = header.decode().partition(":")[2].replace("\r\n", "")
+    parsed = authres.FeatureContext(authres.dmarc).parse_value(value)
+    assert parsed.authserv_id == "mx.example.test"
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("spf", "none"),
+        ("dkim", "fail"),
+        ("dmarc", "fail"),
+    ]
+    assert not any(ord(c) < 0x20 and c != "\t" for c in value)
+    spf_result, dkim_result, dmarc_result = parsed.results
+    assert spf_result.smtp_helo == helo
+    assert (dkim_result.header_d, dkim_result.header_s) == ("evil.example", dkim_selector)
+    assert dmarc_result.header_from == from_domain.replace("\x04", "").replace("\x00", "")
+
+
+def test_a_reason_naming_the_signers_selector_stays_one_value() -> None:
+    # Found by fuzz/fuzz_authres.py: "no key at <s=>._domainkey.<d=>" with an "@"
+    # in s= went out bare, and its "(" swallowed the DMARC result after it.
+    import authres
+    import authres.dmarc
+
+    header = authentication_results(
+        "mx.example.test",
+        spf=None,
+        dkim=[DkimResult("permerror", "evil.example", "k", "", "", "no key at x@y (._domainkey")],
+        dmarc=dmarc.DmarcResult("fail", "example.org", "reject", "reject"),
+    )
+    value = header.decode().partition(":")[2].replace("\r\n", "")
+    parsed = authres.FeatureContext(authres.dmarc).parse_value(value)
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("dkim", "permerror"),
+        ("dmarc", "fail"),
+    ]
+    assert parsed.results[0].reason == "no key at x@y (._domainkey"
+
+
+def test_addresses_are_still_rendered_bare() -> None:
+    header = authentication_results(
+        "mx.example.test",
+        spf=SpfResult("pass", "mailfrom", "example.org"),
+        dkim=None,
+        dmarc=None,
+        sender='"a b"@example.org',
+    )
+    assert b'smtp.mailfrom="a b"@example.org' in header
+
+
 async def test_spf_lookups_never_stall_the_event_loop(
     resolver: Resolver, dns_server: DnsServer
 ) -> None:

@@ -25,14 +25,48 @@ __all__ = ["authentication_results", "authserv_id", "strip_ours"]
 HEADER = b"authentication-results"
 _MAX_REASON = 80
 _UNSAFE = re.compile(r"[^\x20-\x7e]|[\"\\;]")
+# RFC 5322 §2.2.3: unfolding removes a CRLF immediately followed by WSP.
+_UNFOLD = re.compile(r"\r\n(?=[ \t])")
+# A field ends at a CRLF not followed by WSP (the next line is not a continuation).
+_FIELD_END = re.compile(rb"\r\n(?![ \t])")
+
+
+# RFC 8601 §2.2 pvalue = [ [ local-part ] "@" ] domain-name / value; atext and
+# qtext take UTF-8 too (RFC 6532 §3.2).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f\s]"
+_DOT_ATOM = rf"(?:{_ATEXT})+(?:\.(?:{_ATEXT})+)*"
+_QUOTED = r'"(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e])*"'
+_ADDRESS = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})?@{_DOT_ATOM}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _pvalue(text: str) -> str | None:
+    """A property value from a peer (HELO, MAIL FROM, d=, s=, From:) safe to render.
+
+    authres quotes a value that is not a token, except one holding an "@",
+    which it writes as it is: right for an address, but ``a@b(`` from a HELO
+    would open a comment that hides every later result from the reader. Such
+    a value is quoted here; control characters, never valid, are dropped.
+    """
+    text = _CONTROL.sub("", text)
+    if not text:
+        return None
+    if "@" in text and not _ADDRESS.match(text):
+        return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+    return text
 
 
 def _reason(text: str) -> str | None:
-    """A reason safe inside a quoted-string and short enough to read."""
+    """A reason safe inside a quoted-string and short enough to read.
+
+    One with an "@" comes quoted already: authres would write it bare, and a
+    ``no key at x@y (._domainkey...`` (s= is the signer's) would hide the rest.
+    """
     text = _UNSAFE.sub("", text).strip()
     if not text:
         return None
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+    text = text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+    return f'"{text}"' if "@" in text else text
 
 
 def authentication_results(
@@ -65,24 +99,27 @@ def _render(
         if spf.identity == "mailfrom":
             results.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_mailfrom=sender or spf.domain
+                    result=spf.result, smtp_mailfrom=_pvalue(sender or spf.domain)
                 )
             )
         else:
             results.append(
-                authres.SPFAuthenticationResult(result=spf.result, smtp_helo=helo or spf.domain)
+                authres.SPFAuthenticationResult(
+                    result=spf.result, smtp_helo=_pvalue(helo or spf.domain)
+                )
             )
     if dkim is not None:
         if not dkim:
             results.append(authres.DKIMAuthenticationResult(result="none", reason="no signature"))
         for item in dkim:
             kwargs: dict[str, str] = {}
-            if item.domain:
-                kwargs["header_d"] = item.domain
-            if item.selector:
-                kwargs["header_s"] = item.selector
-            if item.algorithm:
-                kwargs["header_a"] = item.algorithm
+            for key, tag in (
+                ("header_d", item.domain),
+                ("header_s", item.selector),
+                ("header_a", item.algorithm),
+            ):
+                if (value := _pvalue(tag)) is not None:
+                    kwargs[key] = value
             reason = _reason(item.reason) if item.result != "pass" else None
             results.append(
                 authres.DKIMAuthenticationResult(result=item.result, reason=reason, **kwargs)
@@ -95,7 +132,7 @@ def _render(
         )
         results.append(
             authres.dmarc.DMARCAuthenticationResult(
-                result=dmarc.result, result_comment=comment, header_from=dmarc.from_domain or None
+                result=dmarc.result, result_comment=comment, header_from=_pvalue(dmarc.from_domain)
             )
         )
     if not results:
@@ -108,9 +145,11 @@ def _render(
 def authserv_id(value: bytes) -> str | None:
     """The authserv-id of one header value (RFC 8601 §2.2), lower-cased, or None.
 
-    Leading comments are skipped; a quoted-string id is unquoted.
+    Folding is undone and leading comments are skipped; a quoted-string id is
+    unquoted, quoted-pairs included (``"mx.ex\\ample"`` is ``mx.example``, as
+    any RFC 5322 reader downstream sees it).
     """
-    text = value.decode("utf-8", "replace")
+    text = _UNFOLD.sub("", value.decode("utf-8", "replace"))
     i, n = 0, len(text)
     while i < n:
         if text[i] in " \t\r\n":
@@ -133,8 +172,14 @@ def authserv_id(value: bytes) -> str | None:
     if i >= n:
         return None
     if text[i] == '"':
-        end = text.find('"', i + 1)
-        return text[i + 1 : end if end > 0 else n].strip().lower() or None
+        chars = []
+        i += 1
+        while i < n and text[i] != '"':
+            if text[i] == "\\" and i + 1 < n:
+                i += 1  # quoted-pair: the next character stands for itself
+            chars.append(text[i])
+            i += 1
+        return "".join(chars).strip().lower() or None
     match = re.match(r"[^\s;()\"]+", text[i:])
     return match.group(0).lower() if match else None
 
@@ -143,19 +188,25 @@ def strip_ours(message: bytes, authserv: str) -> bytes:
     """*message* without the Authentication-Results fields that carry *authserv* (§5).
 
     Works on the raw header block so that everything else stays byte-identical
-    (DKIM signatures over the remaining fields still verify).
+    (DKIM signatures over the remaining fields still verify): each field is cut
+    out with its own CRLFs, nothing is re-joined. A message that starts with an
+    empty line has no header fields (RFC 5322 §2.1): all of it is body.
     """
+    if message.startswith(b"\r\n"):
+        return message
     end = message.find(b"\r\n\r\n")
     head = message if end < 0 else message[: end + 2]
     if HEADER not in head.lower():
         return message
     ours = authserv.lower()
-    fields = re.split(rb"\r\n(?![ \t])", head[:-2] if head.endswith(b"\r\n") else head)
     kept: list[bytes] = []
-    for field in fields:
+    ends = [m.end() for m in _FIELD_END.finditer(head)]
+    if not ends or ends[-1] != len(head):
+        ends.append(len(head))  # the last field, when the message ends without a CRLF
+    for start, field_end in zip([0, *ends[:-1]], ends, strict=True):
+        field = head[start:field_end]
         name, colon, value = field.partition(b":")
         if colon and name.strip().lower() == HEADER and authserv_id(value) == ours:
             continue
         kept.append(field)
-    rebuilt = b"".join(f + b"\r\n" for f in kept)
-    return rebuilt + (b"" if end < 0 else message[end + 2 :])
+    return b"".join(kept) + message[len(head) :]

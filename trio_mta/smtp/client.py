@@ -529,10 +529,15 @@ def _b64(text: str) -> str:
 
 
 def _parse_extensions(reply: Reply) -> dict[str, str]:
-    """EHLO lines after the first: ``KEYWORD [params]`` (RFC 5321 §4.1.1.1)."""
+    """EHLO lines after the first: ``KEYWORD [params]`` (RFC 5321 §4.1.1.1).
+
+    The keyword ends at the first white space of any kind, as the stripping of
+    the line's ends already assumes: a ``SIZE<TAB>1000`` is SIZE, not a keyword
+    with a tab in it.
+    """
     extensions: dict[str, str] = {}
     for line in reply.lines[1:]:
-        keyword, _, params = line.strip().partition(" ")
+        keyword, params = [*line.split(None, 1), "", ""][:2]
         keyword = keyword.upper()
         if keyword.startswith("AUTH="):
             # Pre-RFC 4954 servers advertise "AUTH=LOGIN PLAIN" as well.
