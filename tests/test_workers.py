@@ -127,6 +127,20 @@ def test_two_workers_share_connections_and_deliver(tmp_path: Path) -> None:
     assert accepted and all(" worker=0" in x or " worker=1" in x for x in accepted)
 
 
+def test_supervisor_stays_small(tmp_path: Path) -> None:
+    """The parent binds, prepares and supervises; the queue and DKIM live in the
+    workers only, so the parent maps neither SQLite nor libsodium (PyNaCl)."""
+    server = ServerProcess.start(write_config(tmp_path))
+    try:
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+        loaded = {lib for lib in ("_sqlite3", "_sodium") if lib in maps}
+        assert loaded == set()
+        for pid in server.worker_pids().values():
+            assert "_sqlite3" in Path(f"/proc/{pid}/maps").read_text()
+    finally:
+        assert server.stop() == 0
+
+
 def test_killed_worker_is_restarted_and_its_shard_delivered(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     blocker = block_mailbox(tmp_path, "held")

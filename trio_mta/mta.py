@@ -11,8 +11,6 @@ cancellation is at worst delivered without its ``250``, never lost.
 
 from __future__ import annotations
 
-import contextlib
-import resource
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +45,12 @@ from trio_mta.server.listeners import BoundListener, Listener, accept_loop, adop
 from trio_mta.server.passwords import PasswordFile
 from trio_mta.server.queue_sink import QueueSink
 from trio_mta.server.session import ServerState
-from trio_mta.tls import TLSConfigError, ensure_certificate, server_context
+from trio_mta.server.startup import (
+    build_ssl_context,
+    prepare_state_dirs,
+    raise_nofile_limit,
+)
+from trio_mta.tls import TLSConfigError, server_context
 from trio_mta.workers.metrics import answer_metrics_requests
 from trio_mta.workers.slot import WorkerSlot
 
@@ -189,35 +192,6 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "[server].workers": (old.server, new.server),
     }
     return [name for name, (before, after) in checks.items() if before != after]
-
-
-def raise_nofile_limit() -> None:
-    """Lift the soft RLIMIT_NOFILE to the hard limit: every idle client holds a descriptor."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def certificate_paths(config: Config) -> tuple[Path, Path]:
-    """The (cert, key) to serve: the configured pair, else the generated one (made if needed)."""
-    return ensure_certificate(
-        config.tls.cert, config.tls.key, hostname=config.hostname, state_dir=config.state_dir
-    )
-
-
-def build_ssl_context(config: Config) -> ssl.SSLContext:
-    return server_context(*certificate_paths(config))
-
-
-def prepare_state_dirs(config: Config, identity: privileges.Identity | None) -> None:
-    """``state_dir`` exists before anything is written there; owned by ``user`` when
-    root is dropped (``maildir_root`` too: otherwise the Maildir agent makes it)."""
-    if identity is not None:
-        privileges.prepare_directories(config, identity)
-    else:
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 async def serve(

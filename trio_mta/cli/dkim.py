@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trio_mta.auth.keys import DkimKeyError, generate_pem, load_key, txt_record, write_private
 from trio_mta.cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from trio_mta.config import schema
 
@@ -45,6 +44,9 @@ def add_parser(
 
 
 def run_dkim_command(args: argparse.Namespace) -> int:
+    # cryptography is loaded for this command only, not for every trio-mta start.
+    from trio_mta.auth.keys import DkimKeyError, generate_pem, load_key, txt_record, write_private
+
     domain, selector = args.domain.lower().rstrip("."), args.selector
     if not schema.is_hostname(domain):
         print(f"trio-mta dkim keygen: {args.domain!r} is not a domain name", file=sys.stderr)

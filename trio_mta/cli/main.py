@@ -176,7 +176,7 @@ def _main(argv: list[str]) -> int:
 def _check_config(config: Config) -> int:
     from trio_mta.config.checks import open_relay_warning
     from trio_mta.config.summary import describe
-    from trio_mta.mta import build_ssl_context
+    from trio_mta.server.startup import build_ssl_context
     from trio_mta.tls import TLSConfigError
 
     errors = []
@@ -219,11 +219,6 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
 
     ``worker`` is the spec a supervisor hands a worker it starts.
     """
-    from trio_mta.mta import ListenError
-    from trio_mta.privileges import PrivilegeDropError
-    from trio_mta.queue.store import QueueError
-    from trio_mta.tls import TLSConfigError
-
     config = load_config(args.config).with_overrides(
         listen=args.listen,
         state_dir=args.state_dir,
@@ -254,6 +249,13 @@ def _serve(args: argparse.Namespace, *, worker: str | None = None) -> int:
             return trio.run(supervise, config, _serve_flags(args))
         trio.run(_serve_until_signal, config, args, spec)
     except Exception as raw:
+        # Imported here, not above: the supervisor of [server] workers would otherwise
+        # load the whole MTA (cryptography, sqlite3, dnspython) only to name these.
+        from trio_mta.privileges import PrivilegeDropError
+        from trio_mta.queue.store import QueueError
+        from trio_mta.server.errors import ListenError
+        from trio_mta.tls import TLSConfigError
+
         exc = _sole_exception(raw)
         if isinstance(exc, ListenError | QueueError | PrivilegeDropError):
             print(f"trio-mta: {exc}", file=sys.stderr)

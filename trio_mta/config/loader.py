@@ -18,14 +18,16 @@ from functools import cache
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from trio_mta.auth.keys import DkimKey, DkimKeyError, load_key
 from trio_mta.config import schema
 from trio_mta.config.durations import format_duration
 from trio_mta.config.maps import MailMaps
 from trio_mta.config.schema import Table, show
 from trio_mta.milter.client import MilterSpec
+
+if TYPE_CHECKING:
+    from trio_mta.auth.keys import DkimKey
 
 __all__ = [
     "AuthConfig",
@@ -643,6 +645,10 @@ class _Loader:
         if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
             table.error("sign", f"must be an array of [[dkim.sign]] tables, got {show(raw)}")
             return DkimConfig()
+        # Loaded here, not at import: cryptography is only needed when keys are
+        # configured, and the [server] workers supervisor loads the config too.
+        from trio_mta.auth.keys import DkimKeyError, load_key
+
         keys: list[DkimKey] = []
         seen: set[tuple[str, str]] = set()
         for index, item in enumerate(raw, 1):

@@ -85,7 +85,7 @@ class Supervisor:
         self.secrets: SecretFds | None = None
 
     async def run(self) -> int:
-        from trio_mta.mta import (
+        from trio_mta.server.startup import (
             build_ssl_context,
             certificate_paths,
             prepare_state_dirs,
