@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# bench/ is this script's folder: the process-tree helpers are inbound.py's.
+from inbound import process_tree, tree_schedstat
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 DEFAULT_PEERS = HERE.parents[2] / "shared" / "peers"
@@ -645,7 +648,7 @@ class TrioMta(Mta):
         self.state = root / "trio-state"
         self.log = root / "trio.log"
         self.command = [sys.executable, "-m", "trio_mta", "serve", "--config", str(self.config)]
-        self._store: Any = None
+        self._stores: list[Any] = []
 
     def write_config(self, sink: str, sink_port: int, connections: int) -> None:
         if self.route == "smarthost":
@@ -653,6 +656,10 @@ class TrioMta(Mta):
             relay = f'smarthost = "{HOST}:{sink_port}"\nsmarthost_tls = "{tls}"\n'
         else:
             relay = f'port = {sink_port}\ntls = "opportunistic"\n'
+        # [queue] concurrency is per worker (docs/scaling.md): the product's default of one
+        # worker per core, each with its share, so that trio_mta opens as many connections
+        # in all as Postfix may.
+        workers = max(1, min(os.cpu_count() or 1, connections))
         self.config.write_text(
             f'hostname = "bench-trio.localdomain"\n'
             f'state_dir = "{self.state}"\n'
@@ -660,7 +667,9 @@ class TrioMta(Mta):
             f'[local]\ndomains = ["bench.test"]\n'
             f"[relay]\n{relay}"
             f'[dns]\nnameservers = ["{self.dns[0]}:{self.dns[1]}"]\n'
-            f'[queue]\nconcurrency = {connections}\nretry_initial = "1h"\nretry_max = "1h"\n'
+            f"[server]\nworkers = {workers}\n"
+            f"[queue]\nconcurrency = {connections // workers}\n"
+            'retry_initial = "1h"\nretry_max = "1h"\n'
             f"[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n"
             f'[log]\nlevel = "{self.log_level}"\nfile = "{self.log}"\n'
         )
@@ -668,6 +677,9 @@ class TrioMta(Mta):
     def start(self, sink: str, sink_port: int, connections: int) -> None:
         if listening(self.port):
             raise SetupError(f"{HOST}:{self.port} is taken; pick --port-base")
+        for store in self._stores:
+            store.close()
+        self._stores = []
         shutil.rmtree(self.state, ignore_errors=True)
         self.log.unlink(missing_ok=True)
         self.write_config(sink, sink_port, connections)
@@ -694,24 +706,25 @@ class TrioMta(Mta):
                 text += path.read_text(errors="replace")[-600:]
         return text
 
-    def _queue(self) -> Any:
-        if self._store is None:
-            from trio_mta.queue.store import QueueStore
+    def _queues(self) -> list[Any]:
+        """Read-only stores of every queue shard (``[server] workers``: one per worker)."""
+        from trio_mta.queue.shards import existing_shards
+        from trio_mta.queue.store import QueueStore
 
-            self._store = (
-                QueueStore(self.state / "queue.sqlite3", readonly=True)
-                if (self.state / "queue.sqlite3").exists()
-                else None
-            )
-        return self._store
+        shards = existing_shards(self.state)
+        if len(self._stores) != len(shards):
+            for store in self._stores:
+                store.close()
+            self._stores = [QueueStore(path, readonly=True) for _index, path in shards]
+        return self._stores
 
     def queued(self) -> tuple[int, int]:
-        store = self._queue()
-        if store is None:
-            return 0, 0
-        rows = store.list_messages()
-        deferred = sum(1 for m in rows if all(r.status == "deferred" for r in m.recipients))
-        return len(rows), deferred
+        total = deferred = 0
+        for store in self._queues():
+            rows = store.list_messages()
+            total += len(rows)
+            deferred += sum(1 for m in rows if all(r.status == "deferred" for r in m.recipients))
+        return total, deferred
 
     def flush(self) -> str | None:
         done = subprocess.run(
@@ -725,15 +738,28 @@ class TrioMta(Mta):
         return None if done.returncode == 0 else (done.stderr or done.stdout)[-300:]
 
     def cpu_split(self) -> tuple[float, float] | None:
-        return cpu_split(self.proc.pid) if self.proc else None
+        """User and system CPU of the process and, under ``[server] workers``, every worker."""
+        if self.proc is None:
+            return None
+        splits = [cpu_split(pid) for pid in process_tree(self.proc.pid)]
+        if any(split is None for split in splits):
+            return None
+        return (
+            sum(split[0] for split in splits if split is not None),
+            sum(split[1] for split in splits if split is not None),
+        )
 
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def loop_schedstat(self) -> tuple[float, float] | None:
+        """The event-loop threads' schedstat: each worker's, else the one process's."""
+        return tree_schedstat(process_tree(self.proc.pid)) if self.proc else None
+
     def stop(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        for store in self._stores:
+            store.close()
+        self._stores = []
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -963,10 +989,9 @@ def measure(
         run.load_s = time.monotonic() - t0
         sink.start()
         spy = Spy(spy_dir, tag, mta.pid()) if spy_dir and isinstance(mta, TrioMta) else None
-        pid = mta.pid()
         with PeakSampler(sink.port) as sampler:
             cpu0, sink0, dns0 = mta.cpu_split(), sink.cpu(), dns.cpu()
-            loop0 = schedstat(pid, pid) if pid else None
+            loop0 = mta.loop_schedstat() if isinstance(mta, TrioMta) else None
             t_flush = time.monotonic()
             error = mta.flush()
             if error:
@@ -985,7 +1010,7 @@ def measure(
                     break
                 time.sleep(POLL)
             cpu1, sink1, dns1 = mta.cpu_split(), sink.cpu(), dns.cpu()
-            loop1 = schedstat(pid, pid) if pid else None
+            loop1 = mta.loop_schedstat() if isinstance(mta, TrioMta) else None
         if spy is not None:
             run.profile = spy.stop()
         run.peak_connections = sampler.peak
@@ -1524,7 +1549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             res.runs.append(run)
                             say(
                                 f"[{n}/{total} {MTA_LABEL[name]} {SINK_LABEL[sink]} conns={c} "
-                                f"rep {rep}] {sinks[sink].command[0]} on "
+                                f"rep {rep}] {(sinks[sink].command or [sink + ' sink'])[0]} on "
                                 f"{HOST}:{sinks[sink].port}\n    -> {describe(run)}"
                             )
                             if run.error and run.error.startswith("setup:"):
