@@ -136,6 +136,20 @@ async def test_spf_checks_the_helo_name_for_the_null_sender(
     assert (result.result, result.identity, result.domain) == ("pass", "helo", helo)
 
 
+async def test_spf_checks_the_domain_after_the_last_at_of_a_quoted_local_part(
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
+    # Found by fuzz/fuzz_spf.py: pyspf split at the first "@", so a forger's
+    # "x@y"@victim was checked at y"@victim (none) instead of victim (fail).
+    domain = unique_domain("quoted")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')
+    with trio.fail_after(15):
+        forged = await check_spf(resolver, CLIENT, f'"x@y"@{domain}', "helo.test", timeout=8)
+        allowed = await check_spf(resolver, "198.51.100.7", f'"x@y"@{domain}', "h.test", timeout=8)
+    assert (forged.result, forged.domain) == ("fail", domain)
+    assert allowed.result == "pass"
+
+
 # -- DMARC ---------------------------------------------------------------------------------
 
 

@@ -165,6 +165,14 @@ def _one_pass(
     _local.lookup = lookup
     try:
         query = pyspf.query(i=client_ip, s=sender, h=helo, timeout=timeout)
+        if sender:
+            # pyspf splits the sender at its first "@", but a quoted local part may
+            # hold one too (RFC 5321 §4.1.2: ``"a@b"@example.org``); the domain is what
+            # follows the last (RFC 7208 §4.1), the one check_spf reports. Split at the
+            # first, a forger's ``"x@y"@victim.example`` checked ``y"@victim.example``:
+            # none instead of the victim's fail.
+            local, _, domain = sender.rpartition("@")
+            query.l, query.o, query.d = local or "postmaster", domain, domain
         result, _code, explanation = query.check()
         return str(result), str(explanation)
     except _NotFetched:
