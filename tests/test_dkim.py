@@ -269,6 +269,17 @@ def test_no_key_bad_key_and_malformed_signature_are_permerror(rsa_key: KeyPair) 
     assert check(broken) == ["permerror"]
 
 
+def test_a_message_that_begins_with_a_continuation_line_is_unparsable_not_a_crash(
+    ed_key: KeyPair,
+) -> None:
+    # Found by fuzz/fuzz_dkim.py: dkimpy's rfc822_parse raises IndexError on a first
+    # line that starts with white space, and parse() let it out of end of DATA.
+    for message in (b" folded\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\t\r\n" + MESSAGE):
+        assert dkim_verify.parse(message) is None
+        assert dkim_verify.signatures(message) == []
+        assert Signer([ed_key.key]).sign(message) == b""
+
+
 # -- through the trio resolver --------------------------------------------------------------
 
 
@@ -307,6 +318,22 @@ async def test_verifier_fetches_keys_through_the_loopback_dns(
     [passed] = [c for c in header.split(";") if "dkim=pass" in c]
     assert f"header.d={domain}" in passed and "header.s=s1" in passed, header
     assert "spf=" not in header and "dmarc=" not in header
+
+
+async def test_verifier_reports_no_signature_for_a_message_it_cannot_parse(
+    dns_server: DnsServer,
+) -> None:
+    resolver = Resolver([dns_server.address], timeout=2.0)
+    verifier = Verifier(
+        VerifyConfig(spf=False, dmarc=True), resolver, hostname="mx.example.test", dns_timeout=2.0
+    )
+    with trio.fail_after(10):
+        outcome = await verifier.begin(
+            client_ip="192.0.2.1", sender="", helo="x.test"
+        ).at_end_of_data(b" starts folded\r\n" + MESSAGE)
+    assert outcome.dkim == ()
+    assert outcome.dmarc is not None and outcome.dmarc.result == "permerror"
+    assert b"dkim=none" in outcome.header
 
 
 async def test_big_messages_are_signed_and_verified_off_the_event_loop(

@@ -78,7 +78,7 @@ def parse(message: bytes) -> Parsed | None:
     """The message split once for every check (dkimpy's parser); None if it cannot be."""
     try:
         headers, body = dkim.rfc822_parse(message)
-    except dkim.MessageFormatError:
+    except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
         return None
     return headers, body
 

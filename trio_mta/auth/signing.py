@@ -104,7 +104,7 @@ class Signer:
             return b""
         try:
             headers, body = dkim.rfc822_parse(message)
-        except dkim.MessageFormatError:
+        except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
             return b""
         keys: list[DkimKey] = []
         for domain in from_domains(headers):
