@@ -269,6 +269,24 @@ def test_no_key_bad_key_and_malformed_signature_are_permerror(rsa_key: KeyPair) 
     assert check(broken) == ["permerror"]
 
 
+def test_a_key_whose_h_tag_leaves_out_the_hash_is_not_used(ed_key: KeyPair) -> None:
+    # Found by fuzz/fuzz_dkim.py: dkimpy ignores the key's h=; RFC 6376 §6.1.2 says a
+    # key whose h= does not list the signature's hash algorithm must not verify it.
+    signed = Signer([ed_key.key]).sign(MESSAGE) + MESSAGE
+    found = dkim_verify.signatures(signed)
+    key = ed_key.record.replace("; p=", "; h={}; p=")
+
+    def result(h: str) -> str:
+        answer = {ed_key.name: KeyAnswer((key.format(h).encode(),))}
+        [got] = dkim_verify.verify(signed, found, answer)
+        return got.result
+
+    assert result("sha1") == "permerror"
+    assert result("sha256") == "pass"
+    assert result("sha1 :\r\n\tsha256") == "pass"
+    assert result("sha512:future") == "permerror"
+
+
 def test_a_message_that_begins_with_a_continuation_line_is_unparsable_not_a_crash(
     ed_key: KeyPair,
 ) -> None:
