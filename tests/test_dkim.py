@@ -22,7 +22,7 @@ from nacl.encoding import Base64Encoder
 from trio_mta.auth import dkim_verify
 from trio_mta.auth.dkim_verify import KeyAnswer
 from trio_mta.auth.inbound import Verifier
-from trio_mta.auth.signing import Signer
+from trio_mta.auth.signing import SIGNED_HEADERS, Signer
 from trio_mta.config.loader import VerifyConfig
 from trio_mta.dns import Resolver
 
@@ -151,6 +151,38 @@ def test_signature_covers_the_spec_headers_and_oversigns_from(ed_key: KeyPair) -
     assert check(signed, ed_key) == ["pass"]
     forged = signed.replace(b"To: bob", b"From: mallory@evil.test\r\nTo: bob", 1)
     assert check(forged, ed_key) == ["fail"]
+
+
+# Every header SIGNED_HEADERS names: h= is longer than a line.
+REPLY = (
+    b"From: Alice Example <alice@example.org>\r\nTo: bob@example.net\r\n"
+    b"Cc: carol@example.net\r\nSubject: Re: a subject\r\n"
+    b"Date: Wed, 02 Dec 2026 03:00:00 +0000\r\nMessage-ID: <m2@example.org>\r\n"
+    b"Reply-To: alice@example.org\r\nIn-Reply-To: <m1@example.net>\r\n"
+    b"References: <m0@example.net> <m1@example.net>\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+    b"\r\nHello again\r\n"
+)
+
+
+@pytest.mark.parametrize("which", ["rsa", "ed25519"])
+def test_a_long_h_list_is_folded_between_names_never_inside_one(
+    which: str, rsa_key: KeyPair, ed_key: KeyPair, tmp_path: Path
+) -> None:
+    # Found by fuzz/fuzz_dkim.py: dkimpy's fold() cut h= at column 72 inside a name
+    # ("mi\r\n me-version"), so a reply carrying the usual headers failed everywhere.
+    pair = rsa_key if which == "rsa" else ed_key
+    [field] = signature_fields(Signer([pair.key]).sign(REPLY))
+    assert all(len(line) <= 78 for line in field.split(b"\r\n"))
+    h = re.search(rb"h=([^;]*);", field)
+    assert h is not None
+    names = re.split(rb"\s*:\s*", h.group(1).strip())
+    assert sorted(set(names)) == sorted(SIGNED_HEADERS)
+    signed = field + REPLY
+    assert check(signed, pair) == ["pass"]
+    if OPENDKIM is not None:
+        [verdict] = opendkim_verify(signed, [pair], tmp_path)
+        assert "succeeded" in verdict, verdict
 
 
 def test_subdomain_from_is_signed_by_the_parent_entry_other_domains_not(ed_key: KeyPair) -> None:
