@@ -150,6 +150,19 @@ async def test_spf_checks_the_domain_after_the_last_at_of_a_quoted_local_part(
     assert allowed.result == "pass"
 
 
+async def test_spf_of_a_link_local_client_ignores_its_zone_index(
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
+    # Found by fuzz/fuzz_spf.py: "fe80::1%eth0", as getpeername gives a link-local
+    # peer, made pyspf raise, which check_spf turned into temperror.
+    domain = unique_domain("scoped")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 ip6:fe80::/64 -all"')
+    with trio.fail_after(15):
+        near = await check_spf(resolver, "fe80::1%eth0", f"a@{domain}", "h.test", timeout=8)
+        far = await check_spf(resolver, "2001:db8::1%2", f"a@{domain}", "h.test", timeout=8)
+    assert (near.result, far.result) == ("pass", "fail")
+
+
 # -- DMARC ---------------------------------------------------------------------------------
 
 

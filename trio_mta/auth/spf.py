@@ -91,6 +91,9 @@ async def check_spf(
     Only evaluations whose every lookup found records are kept.
     """
     helo = helo or ""
+    # A link-local IPv6 peer comes as "fe80::1%eth0": the zone index (RFC 4007 §11) says
+    # which interface, it is not part of the address, and pyspf's parsing chokes on it.
+    client_ip = client_ip.partition("%")[0]
     identity = "mailfrom" if sender else "helo"
     domain = sender.rpartition("@")[2] if sender else helo
     if not domain:
