@@ -20,7 +20,9 @@ Oracle ("only the documented results, never an exception", plus RFC 7208 limits)
 - ``temperror`` only when a lookup failed temporarily: a hostile record is the
   publisher's error (``permerror``, §2.6.7), not a reason to defer the mail;
 - the domain pyspf evaluated is the domain ``check_spf`` reports (RFC 7208 §4.1,
-  the sender's domain: the text after its last ``@``);
+  the sender's domain: the text after its last ``@``); one that is not a
+  multi-label domain name (an address literal, a single label, an empty or
+  over-long label) is ``none`` without any lookup (§4.3);
 - §4.6.4: pyspf's count of DNS-querying terms is at most 10 and of void lookups
   at most 2 unless the result is ``permerror`` (and never more than 11 / 3:
   evaluation stops there); the distinct (name, type) queries made to the resolver
@@ -213,6 +215,12 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     raise AssertionError("check_spf waited for something with every answer at hand")
 
 
+def _domain_name(domain: str) -> bool:
+    """RFC 7208 §4.3: a multi-label domain name; an address literal is not one."""
+    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
+    return not domain.startswith("[") and len(labels) > 1 and all(0 < len(x) < 64 for x in labels)
+
+
 def _client(token: str) -> str:
     try:
         return str(ipaddress.ip_address(token))
@@ -271,6 +279,9 @@ def test_one_input(data: bytes) -> None:
         raise AssertionError(f"{where}: identity {cold!r}")
     if result == "temperror" and not any(name in zone.temporary for name, _ in queries):
         raise AssertionError(f"{where}: temperror without a failed lookup: {cold!r}")
+    checked = sender.rpartition("@")[2] if sender else helo or ""
+    if not _domain_name(checked) and (result != "none" or queries):
+        raise AssertionError(f"{where}: {checked!r} is no domain name, yet {cold} ({queries})")
     if made:
         evaluated = made[-1].o.lower()
         if evaluated != cold.domain:

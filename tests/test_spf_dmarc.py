@@ -163,6 +163,22 @@ async def test_spf_of_a_link_local_client_ignores_its_zone_index(
     assert (near.result, far.result) == ("pass", "fail")
 
 
+async def test_spf_of_what_is_no_domain_name_is_none_without_a_lookup() -> None:
+    # Found by fuzz/fuzz_spf.py: an address-literal or one-label HELO (null sender)
+    # was looked up in DNS as a name; RFC 7208 §4.3 says "none", immediately.
+    with DnsServer() as server:
+        resolver = Resolver([server.address], timeout=1.0)
+        with trio.fail_after(15):
+            for helo in ("[192.0.2.10]", "[IPv6:2001:db8::1]", "localhost", "a..example"):
+                result = await check_spf(resolver, CLIENT, "", helo, timeout=8)
+                assert (result.result, result.identity) == ("none", "helo"), helo
+            result = await check_spf(resolver, CLIENT, "postmaster@localhost", "h.test", timeout=8)
+            assert result.result == "none"
+            assert server.queries == []
+            await check_spf(resolver, CLIENT, "", "helo.test", timeout=8)  # the control
+        assert server.queries
+
+
 # -- DMARC ---------------------------------------------------------------------------------
 
 

@@ -98,6 +98,11 @@ async def check_spf(
     domain = sender.rpartition("@")[2] if sender else helo
     if not domain:
         return SpfResult("none", identity, domain, "no domain to check")
+    labels = domain.removesuffix(".").split(".")
+    if domain.startswith("[") or len(labels) < 2 or not all(0 < len(x) < 64 for x in labels):
+        # RFC 7208 §4.3: "none" at once, no lookup (pyspf would ask DNS for a HELO of
+        # "[192.0.2.1]" or "localhost" as if they were names).
+        return SpfResult("none", identity, domain.lower(), "not a multi-label domain name")
     memo_key = (client_ip, sender.lower(), helo.lower())
     if memo is not None:
         kept = memo.get(memo_key)
