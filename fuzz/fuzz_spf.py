@@ -11,7 +11,8 @@ Lines that make no valid record are ignored. ``check_spf`` runs on a fake
 the real one would after fetching them: ``[]`` for a name it has nothing for or
 cannot parse, ``DnsTemporaryError`` for TEMP. Since no answer ever waits, the
 coroutine is driven directly, with trio's nursery and deadline replaced by their
-sequential equivalents (``trio.run`` per input would halve the speed).
+sequential equivalents (``trio.run`` per input cost more than the check: about 100
+executions a second instead of 900).
 
 Oracle ("only the documented results, never an exception", plus RFC 7208 limits):
 
@@ -237,13 +238,13 @@ def _check_limits(where: str, result: str, queries: list[tuple[str, str]]) -> No
         if n > LIMITS.get(kind, 0):
             raise AssertionError(f"{where}: {n} distinct {kind} queries ({result})")
     for q in _Recording.made:
-        if q.lookups > spf_limit(result, pyspf.MAX_LOOKUP):
+        if q.lookups > _limit(result, pyspf.MAX_LOOKUP):
             raise AssertionError(f"{where}: {q.lookups} DNS-querying terms, result {result}")
-        if q.void_lookups > spf_limit(result, pyspf.MAX_VOID_LOOKUPS):
+        if q.void_lookups > _limit(result, pyspf.MAX_VOID_LOOKUPS):
             raise AssertionError(f"{where}: {q.void_lookups} void lookups, result {result}")
 
 
-def spf_limit(result: str, limit: int) -> int:
+def _limit(result: str, limit: int) -> int:
     """The most a finished evaluation may count: the limit, one more when that is what
     made it a permerror (pyspf counts the term, then stops)."""
     return limit + 1 if result in ("permerror", "temperror") else limit
