@@ -22,7 +22,7 @@ from nacl.encoding import Base64Encoder
 from trio_mta.auth import dkim_verify
 from trio_mta.auth.dkim_verify import KeyAnswer
 from trio_mta.auth.inbound import Verifier
-from trio_mta.auth.signing import Signer
+from trio_mta.auth.signing import SIGNED_HEADERS, Signer
 from trio_mta.config.loader import VerifyConfig
 from trio_mta.dns import Resolver
 
@@ -153,6 +153,38 @@ def test_signature_covers_the_spec_headers_and_oversigns_from(ed_key: KeyPair) -
     assert check(forged, ed_key) == ["fail"]
 
 
+# Every header SIGNED_HEADERS names: h= is longer than a line.
+REPLY = (
+    b"From: Alice Example <alice@example.org>\r\nTo: bob@example.net\r\n"
+    b"Cc: carol@example.net\r\nSubject: Re: a subject\r\n"
+    b"Date: Wed, 02 Dec 2026 03:00:00 +0000\r\nMessage-ID: <m2@example.org>\r\n"
+    b"Reply-To: alice@example.org\r\nIn-Reply-To: <m1@example.net>\r\n"
+    b"References: <m0@example.net> <m1@example.net>\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+    b"\r\nHello again\r\n"
+)
+
+
+@pytest.mark.parametrize("which", ["rsa", "ed25519"])
+def test_a_long_h_list_is_folded_between_names_never_inside_one(
+    which: str, rsa_key: KeyPair, ed_key: KeyPair, tmp_path: Path
+) -> None:
+    # Found by fuzz/fuzz_dkim.py: dkimpy's fold() cut h= at column 72 inside a name
+    # ("mi\r\n me-version"), so a reply carrying the usual headers failed everywhere.
+    pair = rsa_key if which == "rsa" else ed_key
+    [field] = signature_fields(Signer([pair.key]).sign(REPLY))
+    assert all(len(line) <= 78 for line in field.split(b"\r\n"))
+    h = re.search(rb"h=([^;]*);", field)
+    assert h is not None
+    names = re.split(rb"\s*:\s*", h.group(1).strip())
+    assert sorted(set(names)) == sorted(SIGNED_HEADERS)
+    signed = field + REPLY
+    assert check(signed, pair) == ["pass"]
+    if OPENDKIM is not None:
+        [verdict] = opendkim_verify(signed, [pair], tmp_path)
+        assert "succeeded" in verdict, verdict
+
+
 def test_subdomain_from_is_signed_by_the_parent_entry_other_domains_not(ed_key: KeyPair) -> None:
     signer = Signer([ed_key.key])
     sub = MESSAGE.replace(b"alice@example.org", b"alice@news.example.org")
@@ -269,6 +301,35 @@ def test_no_key_bad_key_and_malformed_signature_are_permerror(rsa_key: KeyPair) 
     assert check(broken) == ["permerror"]
 
 
+def test_a_key_whose_h_tag_leaves_out_the_hash_is_not_used(ed_key: KeyPair) -> None:
+    # Found by fuzz/fuzz_dkim.py: dkimpy ignores the key's h=; RFC 6376 §6.1.2 says a
+    # key whose h= does not list the signature's hash algorithm must not verify it.
+    signed = Signer([ed_key.key]).sign(MESSAGE) + MESSAGE
+    found = dkim_verify.signatures(signed)
+    key = ed_key.record.replace("; p=", "; h={}; p=")
+
+    def result(h: str) -> str:
+        answer = {ed_key.name: KeyAnswer((key.format(h).encode(),))}
+        [got] = dkim_verify.verify(signed, found, answer)
+        return got.result
+
+    assert result("sha1") == "permerror"
+    assert result("sha256") == "pass"
+    assert result("sha1 :\r\n\tsha256") == "pass"
+    assert result("sha512:future") == "permerror"
+
+
+def test_a_message_that_begins_with_a_continuation_line_is_unparsable_not_a_crash(
+    ed_key: KeyPair,
+) -> None:
+    # Found by fuzz/fuzz_dkim.py: dkimpy's rfc822_parse raises IndexError on a first
+    # line that starts with white space, and parse() let it out of end of DATA.
+    for message in (b" folded\r\nFrom: a@example.org\r\n\r\nbody\r\n", b"\t\r\n" + MESSAGE):
+        assert dkim_verify.parse(message) is None
+        assert dkim_verify.signatures(message) == []
+        assert Signer([ed_key.key]).sign(message) == b""
+
+
 # -- through the trio resolver --------------------------------------------------------------
 
 
@@ -307,6 +368,22 @@ async def test_verifier_fetches_keys_through_the_loopback_dns(
     [passed] = [c for c in header.split(";") if "dkim=pass" in c]
     assert f"header.d={domain}" in passed and "header.s=s1" in passed, header
     assert "spf=" not in header and "dmarc=" not in header
+
+
+async def test_verifier_reports_no_signature_for_a_message_it_cannot_parse(
+    dns_server: DnsServer,
+) -> None:
+    resolver = Resolver([dns_server.address], timeout=2.0)
+    verifier = Verifier(
+        VerifyConfig(spf=False, dmarc=True), resolver, hostname="mx.example.test", dns_timeout=2.0
+    )
+    with trio.fail_after(10):
+        outcome = await verifier.begin(
+            client_ip="192.0.2.1", sender="", helo="x.test"
+        ).at_end_of_data(b" starts folded\r\n" + MESSAGE)
+    assert outcome.dkim == ()
+    assert outcome.dmarc is not None and outcome.dmarc.result == "permerror"
+    assert b"dkim=none" in outcome.header
 
 
 async def test_big_messages_are_signed_and_verified_off_the_event_loop(

@@ -136,6 +136,49 @@ async def test_spf_checks_the_helo_name_for_the_null_sender(
     assert (result.result, result.identity, result.domain) == ("pass", "helo", helo)
 
 
+async def test_spf_checks_the_domain_after_the_last_at_of_a_quoted_local_part(
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
+    # Found by fuzz/fuzz_spf.py: pyspf split at the first "@", so a forger's
+    # "x@y"@victim was checked at y"@victim (none) instead of victim (fail).
+    domain = unique_domain("quoted")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')
+    with trio.fail_after(15):
+        forged = await check_spf(resolver, CLIENT, f'"x@y"@{domain}', "helo.test", timeout=8)
+        allowed = await check_spf(resolver, "198.51.100.7", f'"x@y"@{domain}', "h.test", timeout=8)
+    assert (forged.result, forged.domain) == ("fail", domain)
+    assert allowed.result == "pass"
+
+
+async def test_spf_of_a_link_local_client_ignores_its_zone_index(
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
+    # Found by fuzz/fuzz_spf.py: "fe80::1%eth0", as getpeername gives a link-local
+    # peer, made pyspf raise, which check_spf turned into temperror.
+    domain = unique_domain("scoped")
+    dns_server.add(domain + ".", "TXT", '"v=spf1 ip6:fe80::/64 -all"')
+    with trio.fail_after(15):
+        near = await check_spf(resolver, "fe80::1%eth0", f"a@{domain}", "h.test", timeout=8)
+        far = await check_spf(resolver, "2001:db8::1%2", f"a@{domain}", "h.test", timeout=8)
+    assert (near.result, far.result) == ("pass", "fail")
+
+
+async def test_spf_of_what_is_no_domain_name_is_none_without_a_lookup() -> None:
+    # Found by fuzz/fuzz_spf.py: an address-literal or one-label HELO (null sender)
+    # was looked up in DNS as a name; RFC 7208 §4.3 says "none", immediately.
+    with DnsServer() as server:
+        resolver = Resolver([server.address], timeout=1.0)
+        with trio.fail_after(15):
+            for helo in ("[192.0.2.10]", "[IPv6:2001:db8::1]", "localhost", "a..example"):
+                result = await check_spf(resolver, CLIENT, "", helo, timeout=8)
+                assert (result.result, result.identity) == ("none", "helo"), helo
+            result = await check_spf(resolver, CLIENT, "postmaster@localhost", "h.test", timeout=8)
+            assert result.result == "none"
+            assert server.queries == []
+            await check_spf(resolver, CLIENT, "", "helo.test", timeout=8)  # the control
+        assert server.queries
+
+
 # -- DMARC ---------------------------------------------------------------------------------
 
 

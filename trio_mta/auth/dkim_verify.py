@@ -78,7 +78,7 @@ def parse(message: bytes) -> Parsed | None:
     """The message split once for every check (dkimpy's parser); None if it cannot be."""
     try:
         headers, body = dkim.rfc822_parse(message)
-    except dkim.MessageFormatError:
+    except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
         return None
     return headers, body
 
@@ -152,6 +152,11 @@ def verify(
         if problem is not None:
             done("permerror", f"unusable key at {sig.key_name}: {problem}")
             continue
+        hashes = _key_hashes(record)
+        if hashes is not None and sig.algorithm.rpartition("-")[2].encode() not in hashes:
+            # RFC 6376 §6.1.2: the key's h= does not list a='s hash (dkimpy ignores h=).
+            done("permerror", f"key at {sig.key_name} does not allow {sig.algorithm}")
+            continue
         if checker is None:
             checker = dkim.DKIM(None, minkey=MIN_KEY_BITS, logger=_QUIET)
             # Only fields some h= names (and the signatures) can affect a hash; dkimpy
@@ -195,6 +200,18 @@ def _key_problem(record: bytes) -> str | None:
     except Exception as exc:  # KeyFormatError, binascii.Error, nacl's ValueError
         return str(exc) or type(exc).__name__
     return None
+
+
+@lru_cache(maxsize=1024)
+def _key_hashes(record: bytes) -> frozenset[bytes] | None:
+    """The hash algorithms a key record's ``h=`` allows (RFC 6376 §3.6.1), None for all."""
+    try:
+        value = parse_tag_value(record).get(b"h")
+    except InvalidTagValueList:
+        return None  # not reached: _key_problem refuses such a record first
+    if value is None:
+        return None
+    return frozenset(name.strip() for name in value.split(b":"))
 
 
 def _key_record(records: tuple[bytes, ...]) -> bytes | None:

@@ -1,11 +1,12 @@
 """DKIM signing (RFC 6376 §5, Ed25519 per RFC 8463) of mail our own users send.
 
-Canonicalisation, header selection and the signature's own folding are dkimpy's
-(``rfc822_parse``, ``CanonicalizationPolicy``, ``hash_headers``, ``fold``): that is
-where DKIM interoperability is won or lost, and dkimpy's output is what OpenDKIM
-and the large receivers have verified for years. Only the last step, the
-public-key operation on the digest, is done with ``cryptography`` (OpenSSL)
-instead of dkimpy's pure-Python RSA, which costs ~30 ms per RSA 2048 signature.
+Canonicalisation and header selection are dkimpy's (``rfc822_parse``,
+``CanonicalizationPolicy``, ``hash_headers``): that is where DKIM interoperability is
+won or lost, and dkimpy's output is what OpenDKIM and the large receivers have
+verified for years. The public-key operation on the digest is done with
+``cryptography`` (OpenSSL) instead of dkimpy's pure-Python RSA, which costs ~30 ms
+per RSA 2048 signature; and the signature field is folded here, since dkimpy's
+``fold`` can cut a header name of a long ``h=`` in two.
 
 One parse and one body hash serve every key: several ``[[dkim.sign]]`` entries for
 a domain (an RSA and an Ed25519 key) give several signatures for the price of one
@@ -104,7 +105,7 @@ class Signer:
             return b""
         try:
             headers, body = dkim.rfc822_parse(message)
-        except dkim.MessageFormatError:
+        except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
             return b""
         keys: list[DkimKey] = []
         for domain in from_domains(headers):
@@ -127,30 +128,67 @@ class Signer:
 def _signature(
     key: DkimKey, canonical: list[list[bytes]], include: list[bytes], body_hash: bytes, stamp: bytes
 ) -> bytes:
-    """One DKIM-Signature field, built the way dkimpy's ``DomainSigner.gen_header`` does."""
-    fields = [
-        (b"v", b"1"),
-        (b"a", key.dkim_algorithm),
-        (b"c", b"relaxed/relaxed"),
-        (b"d", key.domain.encode("ascii")),
-        (b"s", key.selector.encode("ascii")),
-        (b"t", stamp),
-        (b"h", b":".join(include)),
-        (b"bh", body_hash),
-        # A placeholder long enough that b= gets a line of its own when folded, so the
-        # real value later changes nothing before it (dkimpy does the same).
-        (b"b", b"0" * 60),
-    ]
-    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_NAME))
-    value = dkim.RE_BTAG.sub(b"\\1", value)  # b= empty while hashing (RFC 6376 §3.7)
+    """One DKIM-Signature field, hashed the way dkimpy's ``DomainSigner.gen_header`` does."""
+    tags = _fold_tags(
+        [
+            (b"v", b"1"),
+            (b"a", key.dkim_algorithm),
+            (b"c", b"relaxed/relaxed"),
+            (b"d", key.domain.encode("ascii")),
+            (b"s", key.selector.encode("ascii")),
+            (b"t", stamp),
+            (b"h", b":".join(include)),
+            (b"bh", body_hash),
+        ]
+    )
+    # b= last, on lines of its own: while hashing it is empty (RFC 6376 §3.7), and the
+    # real value then changes nothing before it.
     hasher = hashlib.sha256()
-    dkim.hash_headers(hasher, _RELAXED, canonical, include, (_NAME, b" " + value), None)
+    dkim.hash_headers(hasher, _RELAXED, canonical, include, (_NAME, tags + _b_tag(b"")), None)
     digest = hasher.digest()
     private = key.private
     if isinstance(private, rsa.RSAPrivateKey):
         signature = private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
     else:
         signature = private.sign(digest)  # RFC 8463 §3: Ed25519 over the SHA-256 digest
-    fields[-1] = (b"b", base64.b64encode(signature))
-    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(_NAME))
-    return _NAME + b": " + bytes(value)
+    return _NAME + b":" + tags + _b_tag(base64.b64encode(signature)) + b"\r\n"
+
+
+_WIDTH = 78  # RFC 5322 §2.1.1: lines of at most 78 characters
+
+
+def _fold_tags(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """``tag=value;`` for each field, folded only where RFC 6376 §3.5 allows white space:
+    between tags, and inside ``h=`` after a colon.
+
+    Not dkimpy's ``fold``: finding no space within 72 columns, it cuts there, which in a
+    long ``h=`` falls inside a header name (``mi\\r\\n me-version``). A verifier then reads
+    a name no field has, and the signature fails everywhere.
+    """
+    out = bytearray()
+    column = len(_NAME) + 1  # after "DKIM-Signature:"
+    for tag, value in fields:
+        words = [tag + b"=" + value + b";"]
+        if tag == b"h":
+            names = value.split(b":")
+            words = [name + b":" for name in names[:-1]] + [names[-1] + b";"]
+            words[0] = b"h=" + words[0]
+        for index, word in enumerate(words):
+            space = b" " if index == 0 else b""
+            if column + len(space) + len(word) > _WIDTH:
+                out += b"\r\n "
+                column = 1
+            else:
+                out += space
+                column += len(space)
+            out += word
+            column += len(word)
+    return bytes(out)
+
+
+def _b_tag(value: bytes) -> bytes:
+    """``b=`` on lines of its own, base64 cut anywhere (FWS may go between any two of its
+    characters)."""
+    text = b"b=" + value
+    width = _WIDTH - 1
+    return b"".join(b"\r\n " + text[i : i + width] for i in range(0, len(text), width))

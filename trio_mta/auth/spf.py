@@ -91,10 +91,18 @@ async def check_spf(
     Only evaluations whose every lookup found records are kept.
     """
     helo = helo or ""
+    # A link-local IPv6 peer comes as "fe80::1%eth0": the zone index (RFC 4007 §11) says
+    # which interface, it is not part of the address, and pyspf's parsing chokes on it.
+    client_ip = client_ip.partition("%")[0]
     identity = "mailfrom" if sender else "helo"
     domain = sender.rpartition("@")[2] if sender else helo
     if not domain:
         return SpfResult("none", identity, domain, "no domain to check")
+    labels = domain.removesuffix(".").split(".")
+    if domain.startswith("[") or len(labels) < 2 or not all(0 < len(x) < 64 for x in labels):
+        # RFC 7208 §4.3: "none" at once, no lookup (pyspf would ask DNS for a HELO of
+        # "[192.0.2.1]" or "localhost" as if they were names).
+        return SpfResult("none", identity, domain.lower(), "not a multi-label domain name")
     memo_key = (client_ip, sender.lower(), helo.lower())
     if memo is not None:
         kept = memo.get(memo_key)
@@ -165,6 +173,14 @@ def _one_pass(
     _local.lookup = lookup
     try:
         query = pyspf.query(i=client_ip, s=sender, h=helo, timeout=timeout)
+        if sender:
+            # pyspf splits the sender at its first "@", but a quoted local part may
+            # hold one too (RFC 5321 §4.1.2: ``"a@b"@example.org``); the domain is what
+            # follows the last (RFC 7208 §4.1), the one check_spf reports. Split at the
+            # first, a forger's ``"x@y"@victim.example`` checked ``y"@victim.example``:
+            # none instead of the victim's fail.
+            local, _, domain = sender.rpartition("@")
+            query.l, query.o, query.d = local or "postmaster", domain, domain
         result, _code, explanation = query.check()
         return str(result), str(explanation)
     except _NotFetched:
