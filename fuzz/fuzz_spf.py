@@ -229,6 +229,9 @@ def _client(token: str) -> str:
         return str(ipaddress.IPv4Address(zlib.crc32(token.encode("utf-8", "replace"))))
 
 
+MX_HOSTS = 10  # RFC 7208 §4.6.4: the most MX hosts one mx term looks up
+
+
 def _check_limits(where: str, result: str, queries: list[tuple[str, str]]) -> None:
     counts: dict[str, int] = {}
     for _name, qtype in set(queries):
@@ -240,7 +243,14 @@ def _check_limits(where: str, result: str, queries: list[tuple[str, str]]) -> No
     for q in _Recording.made:
         if q.lookups > _limit(result, pyspf.MAX_LOOKUP):
             raise AssertionError(f"{where}: {q.lookups} DNS-querying terms, result {result}")
-        if q.void_lookups > _limit(result, pyspf.MAX_VOID_LOOKUPS):
+        # One term can make several void lookups before pyspf checks the count (an
+        # mx whose hosts have no address: one each, at most 10 per RFC 7208 §4.6.4),
+        # so an evaluation that ended in permerror may pass the limit by that much;
+        # the distinct-query counts above still bound the DNS work.
+        void_limit = _limit(result, pyspf.MAX_VOID_LOOKUPS)
+        if result == "permerror":
+            void_limit = max(void_limit, pyspf.MAX_VOID_LOOKUPS + MX_HOSTS)
+        if q.void_lookups > void_limit:
             raise AssertionError(f"{where}: {q.void_lookups} void lookups, result {result}")
 
 
