@@ -41,7 +41,9 @@ def send_receipt(
     with smtplib.SMTP(host, port, local_hostname="shop.example", timeout=30) as client:
         if tls is not None:
             client.starttls(context=tls)
-        client.send_message(receipt(order_id, customer, total))
+        # The envelope recipient is the address as given: smtplib would otherwise read
+        # it back from To:, and email.utils unquotes a local part ("."@a becomes .@a).
+        client.send_message(receipt(order_id, customer, total), to_addrs=[customer])
 
 
 async def send_alert(text: str, *, host: str, port: int) -> None:
