@@ -105,50 +105,36 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
                     "with": "[relay]\ntrusted_networks = []\n"
                     f'[[milter]]\naddress = "{address}"\ntimeout = "60s"\n',
                 }
-                source = _write_source_file(workdir / f"{what}.eml", message)
-                _compare(
-                    a,
-                    server,
-                    workdir,
-                    inbound,
-                    what,
-                    sessions,
-                    source,
-                    variants,
-                    results,
-                    cpu_results,
-                    paired_results,
-                )
-                continue
-            algorithm = "ed25519" if what == "verify" else what
-            key_path = workdir / f"{what}.key"
-            key_path.unlink(missing_ok=True)
-            key_path.write_bytes(generate_pem(algorithm))  # type: ignore[arg-type]
-            key = load_key(key_path, DOMAIN, f"b{what}")
-            if what == "verify":
-                dns.add(f"{DOMAIN}.", "TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')
-                dns.add(f"_dmarc.{DOMAIN}.", "TXT", '"v=DMARC1; p=reject"')
-                record = f"v=DKIM1; k=ed25519; p={public_value(key)}"
-                dns.add(f"{key.selector}._domainkey.{DOMAIN}.", "TXT", f'"{record}"')
-                plain = _message(size)
-                message = _message(size, Signer([key]).sign(plain))
-                base = (
-                    "[relay]\ntrusted_networks = []\n"
-                    f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n'
-                )
-                variants = {
-                    "without": base + "[verify]\nspf = false\ndkim = false\ndmarc = false\n",
-                    "with": base + "[verify]\nspf = true\ndkim = true\ndmarc = true\n",
-                }
             else:
-                message = _message(size)
-                variants = {
-                    "without": "",
-                    "with": (
-                        f'[[dkim.sign]]\ndomain = "{DOMAIN}"\nselector = "{key.selector}"\n'
-                        f'key = "{key_path}"\n'
-                    ),
-                }
+                algorithm = "ed25519" if what == "verify" else what
+                key_path = workdir / f"{what}.key"
+                key_path.unlink(missing_ok=True)
+                key_path.write_bytes(generate_pem(algorithm))  # type: ignore[arg-type]
+                key = load_key(key_path, DOMAIN, f"b{what}")
+                if what == "verify":
+                    dns.add(f"{DOMAIN}.", "TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')
+                    dns.add(f"_dmarc.{DOMAIN}.", "TXT", '"v=DMARC1; p=reject"')
+                    record = f"v=DKIM1; k=ed25519; p={public_value(key)}"
+                    dns.add(f"{key.selector}._domainkey.{DOMAIN}.", "TXT", f'"{record}"')
+                    plain = _message(size)
+                    message = _message(size, Signer([key]).sign(plain))
+                    base = (
+                        "[relay]\ntrusted_networks = []\n"
+                        f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n'
+                    )
+                    variants = {
+                        "without": base + "[verify]\nspf = false\ndkim = false\ndmarc = false\n",
+                        "with": base + "[verify]\nspf = true\ndkim = true\ndmarc = true\n",
+                    }
+                else:
+                    message = _message(size)
+                    variants = {
+                        "without": "",
+                        "with": (
+                            f'[[dkim.sign]]\ndomain = "{DOMAIN}"\nselector = "{key.selector}"\n'
+                            f'key = "{key_path}"\n'
+                        ),
+                    }
             source = _write_source_file(workdir / f"{what}.eml", message)
             _compare(
                 a,
