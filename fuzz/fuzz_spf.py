@@ -72,8 +72,8 @@ IN = dns.rdataclass.IN
 LIMITS = {"TXT": 22, "MX": 10, "PTR": 1, "ADDRESS": 110}
 
 
-class _Recording(pyspf.query):  # type: ignore[misc]
-    """pyspf's query, remembered so its lookup counters can be read afterwards."""
+class _Recording(spf._Query):  # type: ignore[misc]
+    """Our pyspf query, remembered so its lookup counters can be read afterwards."""
 
     made: list[Any] = []
 
@@ -82,7 +82,7 @@ class _Recording(pyspf.query):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
 
-pyspf.query = _Recording  # _one_pass looks pyspf.query up at call time
+spf._Query = _Recording  # type: ignore[misc]  # _one_pass looks _Query up at call time
 
 
 def _key(name: str) -> str:

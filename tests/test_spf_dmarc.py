@@ -127,6 +127,28 @@ async def test_spf_void_lookup_limit(resolver: Resolver, dns_server: DnsServer) 
     assert await spf_of(resolver, two) == "pass"
 
 
+async def test_spf_explanation_lookups_are_not_void_lookups(
+    resolver: Resolver, dns_server: DnsServer
+) -> None:
+    """RFC 7208 §4.6.4 counts void lookups of terms; an explanation (§6.2) is no term.
+
+    pyspf expands ``exp=`` before the mechanisms and counted what ``%{p}`` found
+    nothing for: three PTR names without addresses used up the void limit, and the
+    record's own two voids then made a permerror of its pass (hypothesis found it).
+    """
+    domain = unique_domain("voidexp")
+    client = "192.0.2.77"
+    gone = [f"gone{i}.{domain}" for i in range(3)]
+    dns_server.add(f"keep.{domain}.", "A", "198.51.100.1")
+    for name in gone:
+        dns_server.add("77.2.0.192.in-addr.arpa.", "PTR", name + ".")
+    dns_server.add(f"why.{domain}.", "TXT", '"%{i} via %{p} is not allowed"')
+    voids = " ".join(f"a:{g}" for g in gone[:2])
+    dns_server.add(domain + ".", "TXT", f'"v=spf1 {voids} ip4:192.0.2.64/26 -all exp=why.{domain}"')
+    assert await spf_of(resolver, domain, client) == "pass"
+    assert await spf_of(resolver, domain, "192.0.2.10") == "fail"
+
+
 async def test_spf_checks_the_helo_name_for_the_null_sender(
     resolver: Resolver, dns_server: DnsServer
 ) -> None:

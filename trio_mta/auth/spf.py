@@ -60,6 +60,28 @@ class SpfResult:
     reason: str = ""
 
 
+class _Query(pyspf.query):  # type: ignore[misc]
+    """pyspf's query, with the explanation kept out of the lookup limits.
+
+    pyspf expands ``exp=`` as it parses the record, before any mechanism, and counts
+    what that expansion finds nothing for (``%{p}``'s PTR names without addresses)
+    against the void-lookup limit: a hostile or careless explanation could use it up
+    and turn the record's own pass or fail into a permerror. RFC 7208 §4.6.4 limits
+    the lookups of terms, and §6.2 says a failing explanation is as if there were
+    none, so its counts are put back.
+    """
+
+    lookups: int
+    void_lookups: int
+
+    def get_explanation(self, spec: str) -> str | None:
+        lookups, voids = self.lookups, self.void_lookups
+        try:
+            return pyspf.query.get_explanation(self, spec)  # type: ignore[no-any-return]
+        finally:
+            self.lookups, self.void_lookups = lookups, voids
+
+
 class _NotFetched(BaseException):
     """Raised through pyspf (a BaseException: pyspf catches Exception) to stop a pass."""
 
@@ -172,7 +194,7 @@ def _one_pass(
     """One synchronous pyspf evaluation against the answers fetched so far."""
     _local.lookup = lookup
     try:
-        query = pyspf.query(i=client_ip, s=sender, h=helo, timeout=timeout)
+        query = _Query(i=client_ip, s=sender, h=helo, timeout=timeout)
         if sender:
             # pyspf splits the sender at its first "@", but a quoted local part may
             # hold one too (RFC 5321 §4.1.2: ``"a@b"@example.org``); the domain is what
