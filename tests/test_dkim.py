@@ -15,6 +15,7 @@ import dkim
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
+from dkim.canonicalization import Relaxed as DkimpyRelaxed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.encoding import Base64Encoder
@@ -22,7 +23,7 @@ from nacl.encoding import Base64Encoder
 from trio_mta.auth import dkim_verify
 from trio_mta.auth.dkim_verify import KeyAnswer
 from trio_mta.auth.inbound import Verifier
-from trio_mta.auth.signing import SIGNED_HEADERS, Signer
+from trio_mta.auth.signing import SIGNED_HEADERS, Relaxed, Signer
 from trio_mta.config.loader import VerifyConfig
 from trio_mta.dns import Resolver
 
@@ -421,3 +422,25 @@ async def test_big_messages_are_signed_and_verified_off_the_event_loop(
         client_ip="192.0.2.1", sender="", helo="x.test"
     ).at_end_of_data(tampered)
     assert outcome.dkim is not None and [r.result for r in outcome.dkim] == ["fail"]
+
+
+# Bytes that matter to relaxed canonicalisation, and some that must be left alone.
+_CANON_BYTES = st.binary(max_size=300) | st.lists(
+    st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x0b", b"\x0c", b"a", b"\xff", b":"]),
+    max_size=60,
+).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    headers=st.lists(st.tuples(_CANON_BYTES, _CANON_BYTES), max_size=5),
+    body=_CANON_BYTES,
+)
+def test_relaxed_canonicalisation_is_dkimpys_byte_for_byte(
+    headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """The signer's skip-when-nothing-to-change canonicaliser gives what dkimpy's does,
+    which every verifier's view of our signatures rests on."""
+    expected = [[name, value] for name, value in DkimpyRelaxed.canonicalize_headers(headers)]
+    assert Relaxed.canonicalize_headers(headers) == expected
+    assert Relaxed.canonicalize_body(body) == DkimpyRelaxed.canonicalize_body(body)

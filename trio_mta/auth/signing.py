@@ -25,7 +25,7 @@ from email.utils import getaddresses
 import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import correct_empty_body, strip_trailing_lines
 
 from trio_mta.auth.keys import DkimKey
 
@@ -49,8 +49,42 @@ SIGNED_HEADERS = frozenset(
         b"content-transfer-encoding",
     }
 )
-_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _NAME = b"DKIM-Signature"
+
+_FOLD = re.compile(b"\r?\n")
+_WSP_RUN = re.compile(b"[\t ]+")
+_WSP_EOL = re.compile(b"[\t ]+\r\n")
+
+
+class Relaxed:
+    """RFC 6376 §3.4.2/§3.4.4 relaxed canonicalisation, byte for byte dkimpy's.
+
+    dkimpy's ``Relaxed`` runs two regular expressions per header field through
+    ``re.sub`` (a pattern-cache lookup each time), most of them on values with nothing
+    to change: at 1 KiB that was over half of an Ed25519 signature's cost. Here each
+    substitution runs only when its input holds what it would replace.
+    tests/test_dkim.py checks the two agree on arbitrary bytes.
+    """
+
+    @staticmethod
+    def canonicalize_headers(headers: Sequence[Sequence[bytes]]) -> list[list[bytes]]:
+        return [[name.lower().rstrip(), Relaxed.header_value(value)] for name, value in headers]
+
+    @staticmethod
+    def header_value(value: bytes) -> bytes:
+        if b"\n" in value:
+            value = _FOLD.sub(b"", value)
+        if b"\t" in value or b"  " in value:
+            value = _WSP_RUN.sub(b" ", value)
+        return value.strip() + b"\r\n"
+
+    @staticmethod
+    def canonicalize_body(body: bytes) -> bytes:
+        if b" \r\n" in body or b"\t\r\n" in body:
+            body = _WSP_EOL.sub(b"\r\n", body)
+        if b"\t" in body or b"  " in body:
+            body = _WSP_RUN.sub(b" ", body)
+        return correct_empty_body(strip_trailing_lines(body))  # type: ignore[no-any-return]
 
 
 # The common shapes, ``Name <local@domain>`` and ``local@domain``, without the cost of
@@ -116,9 +150,9 @@ class Signer:
             return b""
         include = [name.lower() for name, _ in headers if name.lower() in SIGNED_HEADERS]
         include.append(b"from")
-        body_hash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(body)).digest())
+        body_hash = base64.b64encode(hashlib.sha256(Relaxed.canonicalize_body(body)).digest())
         # Only fields named in h= enter the hash; canonicalising the rest is wasted work.
-        canonical = _RELAXED.canonicalize_headers(
+        canonical = Relaxed.canonicalize_headers(
             [h for h in headers if h[0].lower() in SIGNED_HEADERS]
         )
         stamp = str(int(time.time() if now is None else now)).encode("ascii")
@@ -144,7 +178,7 @@ def _signature(
     # b= last, on lines of its own: while hashing it is empty (RFC 6376 §3.7), and the
     # real value then changes nothing before it.
     hasher = hashlib.sha256()
-    dkim.hash_headers(hasher, _RELAXED, canonical, include, (_NAME, tags + _b_tag(b"")), None)
+    dkim.hash_headers(hasher, Relaxed, canonical, include, (_NAME, tags + _b_tag(b"")), None)
     digest = hasher.digest()
     private = key.private
     if isinstance(private, rsa.RSAPrivateKey):
