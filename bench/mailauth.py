@@ -15,10 +15,11 @@ one fixed 1 KiB message file (-F) over one connection per message:
 
 - a milter (issue 13, ``--rspamd``): loopback untrusted as an MX sees the internet
   (SPF, DKIM and DMARC checked in both runs against the loopback name server), the
-  same plain message, with or without ``[[milter]]`` pointing at a private rspamd (tests/milterd.py) set
-  up as a production one runs: one scanning proxy per core and hyperscan for its
-  regexes (the tests turn both down so that rspamd starts in seconds). The first
-  start compiles the hyperscan databases (minutes; kept in ~/.cache/trio-mta-bench/).
+  same plain message, with or without ``[[milter]]`` pointing at a private rspamd
+  (tests/milterd.py) set up as a production one runs: one scanning proxy per core
+  and hyperscan for its regexes (the tests turn both down so that rspamd starts in
+  seconds). The first start compiles the hyperscan databases (minutes; kept in
+  ~/.cache/trio-mta-bench/).
 
 The figure is delivered msg/s (until every message is in the Maildir), medians of R,
 and the median of the R paired ratios (each "with" run over the "without" run just
