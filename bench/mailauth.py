@@ -90,6 +90,11 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
     # The sender's SPF and DMARC records, for the runs that check them (--verify, --rspamd).
     dns.add(f"{DOMAIN}.", "TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')
     dns.add(f"_dmarc.{DOMAIN}.", "TXT", '"v=DMARC1; p=reject"')
+    # An untrusted client resolving against that server (never the machine's resolver).
+    untrusted = (
+        "[relay]\ntrusted_networks = []\n"
+        f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n'
+    )
     milters = contextlib.ExitStack()
     try:
         for what in comparisons:
@@ -105,16 +110,11 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
                     )
                 )
                 message = _message(size)
-                # As an MX sees it: an untrusted client, so SPF, DKIM and DMARC are checked
-                # in both runs, against records on the loopback name server (never the
-                # machine's resolver); the milter is the only difference.
-                base = (
-                    "[relay]\ntrusted_networks = []\n"
-                    f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n'
-                )
+                # As an MX sees it: SPF, DKIM and DMARC are checked in both runs; the
+                # milter is the only difference.
                 variants = {
-                    "without": base,
-                    "with": base + f'[[milter]]\naddress = "{address}"\ntimeout = "60s"\n',
+                    "without": untrusted,
+                    "with": untrusted + f'[[milter]]\naddress = "{address}"\ntimeout = "60s"\n',
                 }
             else:
                 algorithm = "ed25519" if what == "verify" else what
@@ -127,13 +127,10 @@ def run(a: argparse.Namespace, server: Any, workdir: Path, inbound: Any) -> int:
                     dns.add(f"{key.selector}._domainkey.{DOMAIN}.", "TXT", f'"{record}"')
                     plain = _message(size)
                     message = _message(size, Signer([key]).sign(plain))
-                    base = (
-                        "[relay]\ntrusted_networks = []\n"
-                        f'[dns]\nnameservers = ["{dns.address[0]}:{dns.address[1]}"]\n'
-                    )
                     variants = {
-                        "without": base + "[verify]\nspf = false\ndkim = false\ndmarc = false\n",
-                        "with": base + "[verify]\nspf = true\ndkim = true\ndmarc = true\n",
+                        "without": untrusted
+                        + "[verify]\nspf = false\ndkim = false\ndmarc = false\n",
+                        "with": untrusted + "[verify]\nspf = true\ndkim = true\ndmarc = true\n",
                     }
                 else:
                     message = _message(size)

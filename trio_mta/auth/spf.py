@@ -77,7 +77,7 @@ class _Query(pyspf.query):  # type: ignore[misc]
     def get_explanation(self, spec: str) -> str | None:
         lookups, voids = self.lookups, self.void_lookups
         try:
-            return pyspf.query.get_explanation(self, spec)  # type: ignore[no-any-return]
+            return super().get_explanation(spec)  # type: ignore[no-any-return]
         finally:
             self.lookups, self.void_lookups = lookups, voids
 
