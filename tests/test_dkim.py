@@ -444,3 +444,12 @@ def test_relaxed_canonicalisation_is_dkimpys_byte_for_byte(
     expected = [[name, value] for name, value in DkimpyRelaxed.canonicalize_headers(headers)]
     assert Relaxed.canonicalize_headers(headers) == expected
     assert Relaxed.canonicalize_body(body) == DkimpyRelaxed.canonicalize_body(body)
+
+
+def test_verification_canonicalises_with_the_checked_relaxed() -> None:
+    """dkimpy's verifier picks c=relaxed from its table: it must get the canonicaliser
+    the property test above holds to dkimpy's bytes, and still name it ``relaxed``."""
+    policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    assert policy.header_algorithm is Relaxed and policy.body_algorithm is Relaxed
+    assert policy.to_c_value() == b"relaxed/relaxed"
+    assert dkim.canonicalization.Relaxed is DkimpyRelaxed  # the reference stays dkimpy's

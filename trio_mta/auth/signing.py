@@ -66,6 +66,8 @@ class Relaxed:
     tests/test_dkim.py checks the two agree on arbitrary bytes.
     """
 
+    name = b"relaxed"  # what dkimpy's CanonicalizationPolicy reads back as the c= value
+
     @staticmethod
     def canonicalize_headers(headers: Sequence[Sequence[bytes]]) -> list[list[bytes]]:
         return [[name.lower().rstrip(), Relaxed.header_value(value)] for name, value in headers]
