@@ -1225,7 +1225,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rspamd",
         action="store_true",
         help="only the milter column: without and with a private rspamd as "
-        "[[milter]] (production-like: hyperscan, one proxy per core; bench/mailauth.py)",
+        "[[milter]] (production-like: hyperscan, one proxy per core; "
+        "reuse_connections = true, as docs/milters.md configures it; bench/mailauth.py)",
+    )
+    ap.add_argument(
+        "--rspamd-fresh",
+        action="store_true",
+        help="the milter column with reuse_connections = false: a new rspamd "
+        "connection for every SMTP session",
     )
     a = ap.parse_args(argv)
     q = a.quick
@@ -1277,7 +1284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="trio-mta-bench-"))
     server = TrioServer(workdir, a.port, a.log_level, a.workers, a.milter)
-    if a.dkim or a.verify or a.rspamd:
+    if a.dkim or a.verify or a.rspamd or a.rspamd_fresh:
         import mailauth  # bench/, the script's own folder, is on sys.path
 
         try:

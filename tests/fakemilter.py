@@ -19,7 +19,9 @@ def pkt(command: bytes, data: bytes = b"") -> bytes:
 @dataclass
 class FakeMilter:
     """Answers each command byte from ``replies`` (default continue); at EOM
-    sends ``eom_mods`` first. ``silent`` commands get no answer at all."""
+    sends ``eom_mods`` first. ``silent`` commands get no answer at all. SMFIC_QUIT_NC
+    gets no answer and the next session follows on the same connection, unless
+    ``close_on_quit_nc`` (a milter that does not keep connections) closes it."""
 
     replies: dict[bytes, bytes] = field(default_factory=dict)
     eom_mods: list[bytes] = field(default_factory=list)
@@ -27,6 +29,9 @@ class FakeMilter:
     silent: set[bytes] = field(default_factory=set)
     received: list[tuple[bytes, bytes]] = field(default_factory=list)
     port: int = 0
+    close_on_quit_nc: bool = False
+    connections: int = 0
+    open_connections: int = 0
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -42,6 +47,14 @@ class FakeMilter:
         ]
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.open_connections += 1
+        try:
+            await self._converse(stream)
+        finally:
+            self.open_connections -= 1
+
+    async def _converse(self, stream: trio.SocketStream) -> None:
         buf = b""
         async with stream:
             while True:
@@ -60,6 +73,10 @@ class FakeMilter:
                     continue
                 if command == b"Q":
                     return
+                if command == b"K":
+                    if self.close_on_quit_nc:
+                        return
+                    continue
                 if command in self.silent:
                     await trio.sleep_forever()
                 if command == b"E":

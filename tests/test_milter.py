@@ -25,7 +25,7 @@ MESSAGE = b"From: s@remote.test\r\nSubject: hello\r\nX-Old: one\r\nX-Old: two\r\
 
 
 async def _start(
-    nursery: trio.Nursery, make_config: Callable[..., Config], *milters: dict[str, str]
+    nursery: trio.Nursery, make_config: Callable[..., Config], *milters: dict[str, object]
 ) -> trio_mta.MTA:
     mta: trio_mta.MTA = await nursery.start(
         lambda task_status: trio_mta.serve(
@@ -257,10 +257,14 @@ async def test_large_spooled_body_is_streamed_in_chunks_and_rewritten(
         ({"address": "unix:relative.sock"}, '[[milter]][1].address: must be "unix:/absolute/path"'),
         ({"timeout": "5s"}, "[[milter]][1].address: missing"),
         ({"address": "127.0.0.1:11332", "timeout": "soon"}, "[[milter]][1].timeout:"),
+        (
+            {"address": "127.0.0.1:11332", "reuse_connections": "yes"},
+            "[[milter]][1].reuse_connections:",
+        ),
     ],
 )
 def test_milter_config_errors_name_the_key(
-    make_config: Callable[..., Config], milter: dict[str, str], message: str
+    make_config: Callable[..., Config], milter: dict[str, object], message: str
 ) -> None:
     with pytest.raises(trio_mta.config.ConfigError) as info:
         make_config(milter=[milter])

@@ -163,6 +163,28 @@ def test_eom_collects_modifications_until_the_verdict() -> None:
     assert [m.kind for m in verdict.modifications] == ["add_header", "delete_rcpt"]
 
 
+def test_only_a_clean_point_may_end_a_session_with_quit_nc() -> None:
+    """No answer owed and nothing unread: only then may the connection serve another
+    session (milter/pool.py); SMFIC_QUIT_NC keeps the negotiated options."""
+    milter = p.Milter()
+    assert not milter.idle  # not negotiated yet
+    milter = _negotiated(protocol=p.NR_HDR)
+    assert milter.idle
+    milter.stage("mail", b"<a@b>\0")
+    assert not milter.idle  # its verdict is owed
+    milter.receive_data(p.packet(b"c"))
+    assert isinstance(milter.next_event(), p.Verdict) and milter.idle
+    milter.stage("eom")
+    milter.receive_data(p.packet(b"h", b"A\0b\0"))
+    assert milter.next_event() is None and not milter.idle
+    assert milter.quit_nc() == p.packet(b"K")
+    assert milter.negotiated and milter.protocol == p.NR_HDR and milter.awaiting is None
+    milter.stage("connect", encoded=p.encode_connect("h", "127.0.0.1", 25))
+    milter.receive_data(p.packet(b"c"))
+    verdict = milter.next_event()
+    assert isinstance(verdict, p.Verdict) and verdict.modifications == ()
+
+
 def test_unknown_protocol_version_is_refused() -> None:
     milter = p.Milter()
     milter.optneg()

@@ -53,9 +53,9 @@ def rspamd_address(
 
 
 async def _serve(
-    nursery: trio.Nursery, make_config: Callable[..., Config], *addresses: str
+    nursery: trio.Nursery, make_config: Callable[..., Config], *addresses: str, reuse: bool = False
 ) -> trio_mta.MTA:
-    milters = [{"address": a, "timeout": "60s"} for a in addresses]
+    milters = [{"address": a, "timeout": "60s", "reuse_connections": reuse} for a in addresses]
     mta: trio_mta.MTA = await nursery.start(
         lambda task_status: trio_mta.serve(make_config(milter=milters), task_status=task_status)
     )
@@ -85,6 +85,31 @@ async def test_rspamd_adds_its_result_header_to_a_normal_message(
     assert msg["X-Spamd-Result"] is not None and "default:" in msg["X-Spamd-Result"]
     assert msg["X-Rspamd-Queue-Id"] is not None
     assert msg.get_payload().startswith("Hello Bob,")
+
+
+async def test_rspamd_scans_every_session_on_a_kept_connection(
+    nursery: trio.Nursery, make_config: Callable[..., Config], rspamd_address: str
+) -> None:
+    """rspamd honours SMFIC_QUIT_NC: after a clean message, GTUBE on the same milter
+    connection is still refused, and the next message still gets its own verdict."""
+    mta = await _serve(nursery, make_config, rspamd_address, reuse=True)
+    port = mta.address("smtp")[1]
+    root = mta.config.local.maildir_root
+    kept = mta.state.milter_pool
+    for n, (body, expected) in enumerate(
+        [("Hello Bob, first.", 250), (GTUBE, 554), ("Hello Bob, third.", 250)]
+    ):
+        code, _ = await trio.to_thread.run_sync(_send, port, _message(body))
+        assert code == expected, (n, code)
+        with trio.fail_after(10):  # handed back once the session is over
+            while kept.idle_count() != 1:
+                await trio.sleep(0.02)
+    paths = await wait_for_mail(root, "bob", count=2, timeout=30)
+    bodies = [email.message_from_bytes(p.read_bytes()) for p in paths]
+    assert sorted(m.get_payload().split(",")[1].strip() for m in bodies) == ["first.", "third."]
+    assert all("default:" in (m["X-Spamd-Result"] or "") for m in bodies)
+    assert len({m["X-Rspamd-Queue-Id"] for m in bodies}) == 2
+    assert kept.created == 1
 
 
 async def test_opendkim_signature_is_added_and_verifies(

@@ -441,20 +441,24 @@ async def _run(
             drains=drains,
             immediate=immediate,
         )
-        async with trio.open_nursery() as sessions:
-            async with trio.open_nursery() as accepting:
-                for b in bound:
-                    accepting.start_soon(accept_loop, b, state, sessions)
-                if worker is None:  # a supervised worker's parent announces the listeners
-                    for info in mta.listeners:
-                        address = format_host_port(info.host, info.port)
-                        log.event("smtpd.listening", mode=info.mode, address=address)
-                task_status.started(mta)
-                await mta._stop.wait()
-                log.event("mta.stopping", sessions=len(state.sessions))
-                accepting.cancel_scope.cancel()
-            state.begin_shutdown()
-            sessions.cancel_scope.deadline = trio.current_time() + state.shutdown_grace
+        try:
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as accepting:
+                    for b in bound:
+                        accepting.start_soon(accept_loop, b, state, sessions)
+                    if worker is None:  # a supervised worker's parent announces the listeners
+                        for info in mta.listeners:
+                            address = format_host_port(info.host, info.port)
+                            log.event("smtpd.listening", mode=info.mode, address=address)
+                    task_status.started(mta)
+                    await mta._stop.wait()
+                    log.event("mta.stopping", sessions=len(state.sessions))
+                    accepting.cancel_scope.cancel()
+                state.begin_shutdown()
+                sessions.cancel_scope.deadline = trio.current_time() + state.shutdown_grace
+        finally:
+            # Kept milter connections (milter/pool.py) close with the sessions that used them.
+            await state.milter_pool.aclose()
         services.cancel_scope.cancel()
     log.event("mta.stopped")
 

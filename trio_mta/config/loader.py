@@ -492,11 +492,12 @@ class _Loader:
             address = table.get("address", schema.milter_address, None)
             timeout = table.get("timeout", schema.positive_duration, 30.0)
             on_error = table.get("on_error", schema.choice(("tempfail", "accept")), "tempfail")
+            reuse = table.get("reuse_connections", schema.boolean, False)
             if table.raw("address") is None:
                 table.error("address", 'missing (write "host:port" or "unix:/path")')
             table.close()
             if address is not None:
-                milters.append(MilterSpec(address, timeout, on_error))
+                milters.append(MilterSpec(address, timeout, on_error, reuse))
         return tuple(milters)
 
     def _tls(self, table: Table) -> TlsConfig:

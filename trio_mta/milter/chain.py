@@ -10,6 +10,7 @@ ends, ``accept`` drops that milter and lets mail flow.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from trio_mta import log
 from trio_mta.milter import protocol as p
 from trio_mta.milter.client import MilterClient, MilterSpec, MilterUnavailable
 from trio_mta.milter.message import MilterMessage
+from trio_mta.milter.pool import MilterPool
 from trio_mta.smtp import Reply
 
 TEMPFAIL = Reply(451, "4.7.1", "Service unavailable - try again later")
@@ -59,8 +61,16 @@ class _Entry:
 
 
 class MilterChain:
-    def __init__(self, specs: tuple[MilterSpec, ...], macros: dict[str, str]) -> None:
-        self.entries = [_Entry(MilterClient(s)) for s in specs]
+    def __init__(
+        self,
+        specs: tuple[MilterSpec, ...],
+        macros: dict[str, str],
+        pool: MilterPool | None = None,
+    ) -> None:
+        self.specs = specs
+        self.pool = pool
+        self.entries: list[_Entry] = []  # filled by connect(), in the order configured
+        self._broken: list[MilterClient] = []  # failed: their sockets are closed at the end
         self.macros = dict(macros)
         self.session_reply: Reply | None = None  # a connect/helo verdict, given at MAIL
         self.needs_abort = False
@@ -75,6 +85,7 @@ class MilterChain:
             "milter.error", milter=spec.address, stage=stage, error=str(exc), on_error=spec.on_error
         )
         self.entries.remove(entry)
+        self._broken.append(entry.client)
         if spec.on_error == "accept":
             return None
         self.session_reply = TEMPFAIL
@@ -115,6 +126,9 @@ class MilterChain:
         return None
 
     async def connect(self, hostname: str, client_ip: str, client_port: int) -> None:
+        for spec in self.specs:
+            client = await self.pool.acquire(spec) if self.pool else MilterClient(spec)
+            self.entries.append(_Entry(client))
         for entry in list(self.entries):
             try:
                 await entry.client.open()
@@ -264,5 +278,18 @@ class MilterChain:
         return await client.exchange(proto.stage("eom", b"", macros))
 
     async def close(self) -> None:
-        for entry in self.entries:
-            await entry.client.close()
+        """QUIT each milter, or hand its connection back to the pool for the next session
+        (after an ABORT when a transaction was left open)."""
+        entries, self.entries = self.entries, []
+        for entry in entries:
+            client = entry.client
+            if self.pool is None:
+                await client.close()
+                continue
+            if self.needs_abort and not entry.done and client.spec.reuse_connections:
+                with contextlib.suppress(MilterUnavailable):
+                    await client.exchange(client.proto.abort())
+            await self.pool.release(client)
+        broken, self._broken = self._broken, []
+        for client in broken:
+            await client.discard()

@@ -26,6 +26,7 @@ class MilterSpec:
     address: str
     timeout: float = 30.0
     on_error: str = "tempfail"  # tempfail | accept
+    reuse_connections: bool = False  # end sessions with SMFIC_QUIT_NC and keep the socket
 
 
 class MilterUnavailable(Exception):
@@ -55,6 +56,9 @@ class MilterClient:
         self._pending: list[bytes] = []
 
     async def open(self) -> None:
+        """Connect and negotiate; a kept connection (milter/pool.py) is ready already."""
+        if self.stream is not None:
+            return
         target = self._target
         try:
             with trio.fail_after(self.spec.timeout):
@@ -103,11 +107,36 @@ class MilterClient:
             raise MilterUnavailable(f"connection lost: {exc or type(exc).__name__}") from exc
 
     async def close(self) -> None:
+        await self._end(self.proto.quit())
+
+    async def discard(self) -> None:
+        """Close the socket without a word: it is stale or the conversation is broken."""
+        await self._end(b"")
+
+    async def _end(self, last: bytes) -> None:
         stream, self.stream = self.stream, None
         if stream is None:
             return
         # Shielded: a session cancelled at shutdown still says QUIT and closes the socket.
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
-            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(b"".join(self._pending) + self.proto.quit())
+            if last:
+                with contextlib.suppress(
+                    OSError, trio.BrokenResourceError, trio.ClosedResourceError
+                ):
+                    await stream.send_all(b"".join(self._pending) + last)
             await stream.aclose()
+        self._pending = []
+
+    async def quit_for_reuse(self) -> bool:
+        """SMFIC_QUIT_NC, when the conversation is at a clean point (no answer owed, nothing
+        unread): the milter resets to just after negotiation. False: close it instead."""
+        stream = self.stream
+        if stream is None or not self.proto.idle:
+            return False
+        try:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1) as scope:
+                await stream.send_all(b"".join(self._pending) + self.proto.quit_nc())
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._pending = []
+        return not scope.cancelled_caught

@@ -112,6 +112,10 @@ class Decoder:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
+    @property
+    def empty(self) -> bool:
+        return not self._buffer
+
     def next_packet(self) -> Packet | None:
         buf = self._buffer
         if len(buf) < 4:
@@ -291,6 +295,19 @@ class Milter:
     def quit(self) -> bytes:
         self.awaiting = None
         return packet(b"Q")
+
+    def quit_nc(self) -> bytes:
+        """SMFIC_QUIT_NC: the session is over, another one follows on this connection
+        (starting at SMFIC_CONNECT; the negotiated options stay)."""
+        self.awaiting = None
+        self._mods = []
+        return packet(b"K")
+
+    @property
+    def idle(self) -> bool:
+        """Negotiated, no answer owed and nothing received unread: a clean point to
+        end the session on and start another."""
+        return self.negotiated and self.awaiting is None and self._decoder.empty
 
     # -- what comes back ----------------------------------------------------------
 

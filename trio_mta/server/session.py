@@ -25,6 +25,7 @@ from trio_mta.config import Config
 from trio_mta.metrics import Metrics
 from trio_mta.milter.apply import Accepted, run_milters
 from trio_mta.milter.chain import MilterChain
+from trio_mta.milter.pool import MilterPool
 from trio_mta.queue.bodies import MessageContent
 from trio_mta.queue.ids import new_queue_id
 from trio_mta.queue.spool import DEFAULT_THRESHOLD, Spool
@@ -87,6 +88,7 @@ class ServerState:
     shutting_down: bool = False
     sessions: set[Session] = field(default_factory=set)
     mail_auth: MailAuth | None = None  # DKIM signing, SPF/DKIM/DMARC checks (SPEC §9)
+    milter_pool: MilterPool = field(default_factory=MilterPool)  # kept milter connections
     # Bodies past spool_threshold go to files here as they arrive (queue/spool.py),
     # written by at most 8 worker threads at a time.
     spool_dir: Path = Path("spool")
@@ -659,6 +661,7 @@ class Session:
                     "{client_name}": "unknown",
                     "{client_port}": str(self.client_port),
                 },
+                self.state.milter_pool,
             )
             await self.milters.connect("unknown", self.client_ip, self.client_port)
 
