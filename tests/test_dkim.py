@@ -8,6 +8,7 @@ signing code) verify as pass; any change to a signed header or the body is a fai
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from nacl.encoding import Base64Encoder
 from trio_mta.auth import dkim_verify
 from trio_mta.auth.dkim_verify import KeyAnswer
 from trio_mta.auth.inbound import Verifier
-from trio_mta.auth.signing import SIGNED_HEADERS, Relaxed, Signer
+from trio_mta.auth.signing import (
+    SIGNED_HEADERS,
+    Relaxed,
+    Signer,
+    header_digest,
+    rfc822_parse,
+)
 from trio_mta.config.loader import VerifyConfig
 from trio_mta.dns import Resolver
 
@@ -444,6 +451,71 @@ def test_relaxed_canonicalisation_is_dkimpys_byte_for_byte(
     expected = [[name, value] for name, value in DkimpyRelaxed.canonicalize_headers(headers)]
     assert Relaxed.canonicalize_headers(headers) == expected
     assert Relaxed.canonicalize_body(body) == DkimpyRelaxed.canonicalize_body(body)
+
+
+def _outcome(parse: object, message: bytes) -> object:
+    try:
+        return parse(message)  # type: ignore[operator]
+    except (dkim.MessageFormatError, IndexError) as exc:
+        return type(exc), str(exc)
+
+
+# Messages as SMTP brings them (CRLF lines, a blank line, a body) and as it does not.
+_MESSAGE_LINES = st.lists(
+    st.sampled_from(
+        [
+            b"Subject: hi",
+            b"From: a@b.test",
+            b" folded",
+            b"\tfolded",
+            b"From mbox line",
+            b"no colon",
+            b"X-A:",
+            b":empty name",
+            b"",
+            b"body line ",
+            b"\r",
+            b"\xff:x",
+        ]
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    crlf=_MESSAGE_LINES.map(b"\r\n".join),
+    raw=_CANON_BYTES,
+    tail=st.sampled_from([b"", b"\r\n", b"\n", b"\r\n\r\n"]),
+)
+def test_message_parsing_is_dkimpys_byte_for_byte(crlf: bytes, raw: bytes, tail: bytes) -> None:
+    """The signer's and verifier's parser splits what SMTP brings without dkimpy's
+    line-by-line join; on any bytes it must give dkimpy's fields, body and errors."""
+    for message in (crlf + tail, raw, crlf + tail + raw):
+        assert _outcome(rfc822_parse, message) == _outcome(dkim.rfc822_parse, message)
+
+
+_NAMES = st.sampled_from([b"from", b"to", b"subject", b"date", b"x-a"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    fields=st.lists(st.tuples(_NAMES, _CANON_BYTES), max_size=8),
+    include=st.lists(_NAMES, max_size=10),
+    signature=_CANON_BYTES,
+)
+def test_signed_field_digest_is_dkimpys(
+    fields: list[tuple[bytes, bytes]], include: list[bytes], signature: bytes
+) -> None:
+    """Repeated names take the instances from the bottom up, missing ones (over-signing)
+    add nothing, and the signature field goes last without its CRLF: as dkimpy hashes."""
+    canonical = Relaxed.canonicalize_headers(fields)
+    while b"b=" in signature:  # b= is empty when the signer hashes: only ours at the end
+        signature = signature.replace(b"b=", b"")
+    value = b" v=1; h=" + b":".join(include) + b"; " + signature + b"; b="
+    expected = hashlib.sha256()
+    dkim.hash_headers(expected, Relaxed, canonical, include, (b"DKIM-Signature", value), None)
+    assert header_digest(canonical, include, value) == expected.digest()
 
 
 def test_verification_canonicalises_with_the_checked_relaxed() -> None:

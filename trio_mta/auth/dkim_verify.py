@@ -22,7 +22,7 @@ import dkim
 from dkim import canonicalization
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from trio_mta.auth.signing import Relaxed
+from trio_mta.auth.signing import Relaxed, rfc822_parse
 
 __all__ = [
     "DkimResult",
@@ -85,9 +85,9 @@ Parsed = tuple[list[list[bytes]], bytes]  # dkimpy's rfc822_parse: headers, body
 
 
 def parse(message: bytes) -> Parsed | None:
-    """The message split once for every check (dkimpy's parser); None if it cannot be."""
+    """The message split once for every check (as dkimpy's parser does); None if it cannot be."""
     try:
-        headers, body = dkim.rfc822_parse(message)
+        headers, body = rfc822_parse(message)
     except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
         return None
     return headers, body
