@@ -53,7 +53,6 @@ SIGNED_HEADERS = frozenset(
 )
 _NAME = b"DKIM-Signature"
 
-_FOLD = re.compile(b"\r?\n")
 _WSP_RUN = re.compile(b"[\t ]+")
 _WSP_EOL = re.compile(b"[\t ]+\r\n")
 
@@ -76,10 +75,14 @@ class Relaxed:
 
     @staticmethod
     def header_value(value: bytes) -> bytes:
+        # bytes.replace does what dkimpy's substitutions do (\r?\n removed, runs of
+        # tabs and spaces made one space) in a fraction of the time of re.sub.
         if b"\n" in value:
-            value = _FOLD.sub(b"", value)
-        if b"\t" in value or b"  " in value:
-            value = _WSP_RUN.sub(b" ", value)
+            value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+        if b"\t" in value:
+            value = value.replace(b"\t", b" ")
+        while b"  " in value:
+            value = value.replace(b"  ", b" ")
         return value.strip() + b"\r\n"
 
     @staticmethod
