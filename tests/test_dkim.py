@@ -378,6 +378,33 @@ async def test_verifier_fetches_keys_through_the_loopback_dns(
     assert "spf=" not in header and "dmarc=" not in header
 
 
+async def test_spf_and_dkim_waits_overlap_when_neither_is_cached(
+    dns_server: DnsServer, keydir: Path
+) -> None:
+    """A silent name server for both the sender's SPF record and the signature's key:
+    the check takes one DNS timeout, not two, and both come out temperror."""
+    domain = unique_domain("both")
+    key = make_key(keydir, domain, "s1", "ed25519")
+    dns_server.blackhole(f"{domain}.")
+    dns_server.blackhole(f"s1._domainkey.{domain}.")
+    signed = dkimpy_sign(
+        MESSAGE.replace(b"example.org", domain.encode()), key, canon=(b"relaxed", b"relaxed")
+    )
+    resolver = Resolver([dns_server.address], timeout=1.0)
+    verifier = Verifier(
+        VerifyConfig(dmarc=False), resolver, hostname="mx.example.test", dns_timeout=1.0
+    )
+    start = trio.current_time()
+    with trio.fail_after(10):
+        outcome = await verifier.begin(
+            client_ip="192.0.2.1", sender=f"a@{domain}", helo="x.test"
+        ).at_end_of_data(signed)
+    elapsed = trio.current_time() - start
+    assert outcome.spf is not None and outcome.spf.result == "temperror"
+    assert outcome.dkim is not None and [r.result for r in outcome.dkim] == ["temperror"]
+    assert 0.9 <= elapsed < 1.7, elapsed
+
+
 async def test_verifier_reports_no_signature_for_a_message_it_cannot_parse(
     dns_server: DnsServer,
 ) -> None:
