@@ -81,7 +81,7 @@ class DkimResult:
 _SIGNATURE = re.compile(rb"dkim-signature", re.IGNORECASE)
 
 
-Parsed = tuple[list[list[bytes]], bytes]  # dkimpy's rfc822_parse: headers, body
+Parsed = tuple[list[list[bytes]], bytes]  # rfc822_parse (dkimpy's shape): headers, body
 
 
 def parse(message: bytes) -> Parsed | None:
