@@ -30,6 +30,7 @@ class FakeMilter:
     received: list[tuple[bytes, bytes]] = field(default_factory=list)
     port: int = 0
     close_on_quit_nc: bool = False
+    close_on_reused_connect: bool = False  # the race: closes when the next session begins
     connections: int = 0
     open_connections: int = 0
 
@@ -56,6 +57,7 @@ class FakeMilter:
 
     async def _converse(self, stream: trio.SocketStream) -> None:
         buf = b""
+        quit_nc = False
         async with stream:
             while True:
                 while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
@@ -76,7 +78,10 @@ class FakeMilter:
                 if command == b"K":
                     if self.close_on_quit_nc:
                         return
+                    quit_nc = True
                     continue
+                if command == b"C" and quit_nc and self.close_on_reused_connect:
+                    return
                 if command in self.silent:
                     await trio.sleep_forever()
                 if command == b"E":

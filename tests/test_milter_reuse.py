@@ -87,6 +87,21 @@ async def test_a_milter_that_closes_kept_connections_costs_no_client_anything(
     assert _commands(fake).count(b"E") == 3
 
 
+async def test_a_kept_connection_closed_as_the_session_begins_is_replaced(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    """The milter closes the kept socket just as it gets the next CONNECT (after our
+    check found it fit): that session reconnects and its client still gets 250."""
+    fake = FakeMilter(close_on_reused_connect=True)
+    mta = await _start(nursery, make_config, await _reusing(nursery, fake))
+    for n in range(2):
+        assert (await _run(lambda: _send(mta.address("smtp")[1])))[-1][0] == 250
+        await _until(lambda n=n: _commands(fake).count(b"K") == n + 1)
+    await wait_for_mail(mta.config.local.maildir_root, "bob", count=2)
+    assert fake.connections == 2
+    assert _commands(fake).count(b"E") == 2
+
+
 async def test_a_transaction_left_open_is_aborted_before_the_connection_is_kept(
     nursery: trio.Nursery, make_config: Callable[..., Config]
 ) -> None:

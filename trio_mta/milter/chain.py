@@ -102,8 +102,7 @@ class MilterChain:
         """Run one stage on every active milter; the first refusal wins."""
         for entry in list(self._active()):
             try:
-                out = entry.client.proto.stage(stage, data, macros, encoded=encoded)
-                verdict = await entry.client.exchange(out)
+                verdict = await self._send_stage(entry, stage, data, macros, encoded)
             except (MilterUnavailable, p.MilterProtocolError) as exc:
                 failed = self._failed(entry, stage, exc)
                 if failed is not None:
@@ -124,6 +123,28 @@ class MilterChain:
                 )
                 return verdict
         return None
+
+    async def _send_stage(
+        self,
+        entry: _Entry,
+        stage: str,
+        data: bytes,
+        macros: dict[str, str] | None,
+        encoded: bytes | None,
+    ) -> p.Verdict:
+        client = entry.client
+        try:
+            return await client.exchange(client.proto.stage(stage, data, macros, encoded=encoded))
+        except MilterUnavailable:
+            if stage != "connect" or not client.kept:
+                raise
+        # A kept connection (milter/pool.py) the milter closed after the pool found it
+        # fit: nothing of this session has reached the milter yet, so once more, afresh.
+        log.event("milter.reconnect", milter=client.spec.address)
+        self._broken.append(client)
+        entry.client = client = MilterClient(client.spec)
+        await client.open()
+        return await client.exchange(client.proto.stage(stage, data, macros, encoded=encoded))
 
     async def connect(self, hostname: str, client_ip: str, client_port: int) -> None:
         for spec in self.specs:

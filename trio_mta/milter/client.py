@@ -54,6 +54,7 @@ class MilterClient:
         # Packets that get no answer (NR_* stages, macros, ABORT) wait here and go out
         # with the next packet that does: a message is a few writes, not one per header.
         self._pending: list[bytes] = []
+        self.kept = False  # handed out again by the pool: its milter may have just closed it
 
     async def open(self) -> None:
         """Connect and negotiate; a kept connection (milter/pool.py) is ready already."""

@@ -59,6 +59,7 @@ class MilterPool:
             while kept:
                 since, client = kept.pop()
                 if now - since < IDLE_MAX and not _unfit(client):
+                    client.kept = True
                     return client
                 await client.discard()
         self.created += 1
