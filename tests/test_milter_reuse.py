@@ -43,14 +43,26 @@ async def _until(condition: Callable[[], bool]) -> None:
             await trio.sleep(0.02)
 
 
+async def _sessions(
+    mta: trio_mta.MTA, fake: FakeMilter, count: int, code: int = 250, *, closed: bool = False
+) -> None:
+    """``count`` SMTP sessions one after the other, each answered ``code`` at its end and
+    handed back (QUIT_NC seen; with ``closed``, the milter has also dropped it)."""
+    for n in range(count):
+        assert (await _run(lambda: _send(mta.address("smtp")[1])))[-1][0] == code
+        await _until(
+            lambda n=n: (
+                _commands(fake).count(b"K") == n + 1 and not (closed and fake.open_connections)
+            )
+        )
+
+
 async def test_sessions_share_one_negotiated_connection(
     nursery: trio.Nursery, make_config: Callable[..., Config]
 ) -> None:
     fake = FakeMilter()
     mta = await _start(nursery, make_config, await _reusing(nursery, fake))
-    for n in range(3):
-        assert (await _run(lambda: _send(mta.address("smtp")[1])))[-1][0] == 250
-        await _until(lambda n=n: _commands(fake).count(b"K") == n + 1)
+    await _sessions(mta, fake, 3)
     await wait_for_mail(mta.config.local.maildir_root, "bob", count=3)
     commands = _commands(fake)
     assert fake.connections == 1
@@ -79,9 +91,7 @@ async def test_a_milter_that_closes_kept_connections_costs_no_client_anything(
     """The kept socket is found closed when the next session wants it: a new one is opened."""
     fake = FakeMilter(close_on_quit_nc=True)
     mta = await _start(nursery, make_config, await _reusing(nursery, fake))
-    for n in range(3):
-        assert (await _run(lambda: _send(mta.address("smtp")[1])))[-1][0] == 250
-        await _until(lambda n=n: _commands(fake).count(b"K") == n + 1 and not fake.open_connections)
+    await _sessions(mta, fake, 3, closed=True)
     await wait_for_mail(mta.config.local.maildir_root, "bob", count=3)
     assert fake.connections == 3
     assert _commands(fake).count(b"E") == 3
@@ -94,9 +104,7 @@ async def test_a_kept_connection_closed_as_the_session_begins_is_replaced(
     check found it fit): that session reconnects and its client still gets 250."""
     fake = FakeMilter(close_on_reused_connect=True)
     mta = await _start(nursery, make_config, await _reusing(nursery, fake))
-    for n in range(2):
-        assert (await _run(lambda: _send(mta.address("smtp")[1])))[-1][0] == 250
-        await _until(lambda n=n: _commands(fake).count(b"K") == n + 1)
+    await _sessions(mta, fake, 2)
     await wait_for_mail(mta.config.local.maildir_root, "bob", count=2)
     assert fake.connections == 2
     assert _commands(fake).count(b"E") == 2
@@ -131,9 +139,7 @@ async def test_a_refusing_milter_keeps_refusing_on_a_kept_connection(
 ) -> None:
     fake = FakeMilter(replies={b"E": b"r"})
     mta = await _start(nursery, make_config, await _reusing(nursery, fake))
-    for n in range(2):
-        assert (await _run(lambda: _send(mta.address("smtp")[1])))[-1][0] == 550
-        await _until(lambda n=n: _commands(fake).count(b"K") == n + 1)
+    await _sessions(mta, fake, 2, 550)
     assert fake.connections == 1
     await trio.sleep(0.3)
     assert new_files(mta.config.local.maildir_root, "bob") == []
