@@ -7,6 +7,8 @@ kept connection that went stale must never cost a client a 451.
 
 from __future__ import annotations
 
+import os
+import resource
 import smtplib
 from collections.abc import Callable
 
@@ -166,6 +168,33 @@ async def test_a_connection_idle_too_long_is_closed_not_reused(
     await pool.aclose()
     assert other.stream is None
     assert fake.connections == 2
+
+
+async def test_a_kept_connection_past_fd_setsize_is_still_reused(nursery: trio.Nursery) -> None:
+    """A busy MX holds thousands of sockets: a milter socket numbered past 1024 (where
+    select() gives up) must still be judged fit, or reuse silently stops."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"only {hard} file descriptors allowed")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fake = FakeMilter()
+    port = await nursery.start(fake.serve)
+    spec = MilterSpec(f"127.0.0.1:{port}", 2.0, "tempfail", True)
+    pool = MilterPool()
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = await pool.acquire(spec)
+        await client.open()
+        assert client.stream is not None and client.stream.socket.fileno() > 1024  # type: ignore[attr-defined]
+        await pool.release(client)
+        assert await pool.acquire(spec) is client
+        await pool.release(client)
+        await pool.aclose()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert fake.connections == 1
 
 
 async def test_shutdown_closes_kept_connections(

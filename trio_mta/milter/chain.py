@@ -65,7 +65,7 @@ class MilterChain:
         self,
         specs: tuple[MilterSpec, ...],
         macros: dict[str, str],
-        pool: MilterPool | None = None,
+        pool: MilterPool,
     ) -> None:
         self.specs = specs
         self.pool = pool
@@ -148,8 +148,7 @@ class MilterChain:
 
     async def connect(self, hostname: str, client_ip: str, client_port: int) -> None:
         for spec in self.specs:
-            client = await self.pool.acquire(spec) if self.pool else MilterClient(spec)
-            self.entries.append(_Entry(client))
+            self.entries.append(_Entry(await self.pool.acquire(spec)))
         for entry in list(self.entries):
             try:
                 await entry.client.open()
@@ -304,9 +303,6 @@ class MilterChain:
         entries, self.entries = self.entries, []
         for entry in entries:
             client = entry.client
-            if self.pool is None:
-                await client.close()
-                continue
             if self.needs_abort and not entry.done and client.spec.reuse_connections:
                 with contextlib.suppress(MilterUnavailable):
                     await client.exchange(client.proto.abort())

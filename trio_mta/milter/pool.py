@@ -28,16 +28,20 @@ MAX_IDLE_PER_MILTER = 64
 
 
 def _unfit(client: MilterClient) -> bool:
-    """Readable while idle: the milter closed the connection or broke the protocol."""
-    stream = client.stream
-    sock = getattr(stream, "socket", None)
+    """Readable while idle: the milter closed the connection or broke the protocol.
+
+    poll(), not select(): an MX with thousands of connections has descriptors past
+    select's FD_SETSIZE, where select() refuses and every kept connection would look
+    unfit."""
+    sock = getattr(client.stream, "socket", None)
     if sock is None:
         return True
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 class MilterPool:
@@ -70,13 +74,11 @@ class MilterPool:
         the conversation is at a clean point, else SMFIC_QUIT and closed."""
         spec = client.spec
         await self._expire()
+        if not spec.reuse_connections or self.closed:
+            await client.close()
+            return
         kept = self._idle.setdefault(spec, deque())
-        if (
-            self.closed
-            or not spec.reuse_connections
-            or len(kept) >= MAX_IDLE_PER_MILTER
-            or not await client.quit_for_reuse()
-        ):
+        if len(kept) >= MAX_IDLE_PER_MILTER or not await client.quit_for_reuse():
             await client.close()
             return
         kept.append((trio.current_time(), client))
